@@ -1,0 +1,1 @@
+"""opt_hooks: audit SAE features against first-order optimality conditions."""

@@ -1,0 +1,437 @@
+"""The audit of one SAE layer, in theory units: pass 1 -> plan -> pass 2 -> LayerResult.
+
+    audit = LayerAudit(atoms, bias, lam=...)
+    for x, z in audit_batches:            # audit tokens only
+        audit.update(x, z)
+    plan = audit.plan()                   # C1-C6 margins, every certificate built
+    for x, z, held in all_batches:        # audit and held-out tokens again
+        plan.update(x, z, held_out=held)
+    layer = plan.result()                 # opt_hooks.result.LayerResult
+
+Both stages are mergeable (`merge`, `state_dict`), so batches, resumed runs and distributed
+ranks combine exactly. Pure tensor code: no TransformerLens / SAE-Lens import.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from opt_hooks.result import CertificateCheck, FeatureRow, LayerResult, PairRow, TIER_RANK
+from opt_hooks.theory import certificates as certs
+from opt_hooks.theory import conditions as cond
+from opt_hooks.theory.accumulator import Accumulator
+from opt_hooks.theory.objective import residuals
+from opt_hooks.theory.stats import LayerStatistics, LayerStats
+
+AUDIT, HELD_OUT = 0, 1
+
+
+@dataclass
+class AuditOptions:
+    """Tolerances and sizes. Sizes are relative (dimensionless), see conditions.py."""
+
+    pair_rel_tol: float = 1e-6  # C2 margin must exceed this share of mu_j
+    c3_tol: float = 1e-5  # C3 size above which the decoder certificate is tried
+    c4_tol: float = 1e-3  # C4 size above which the code certificate counts (lam may be estimated)
+    c5_tol: float = 1e-5
+    max_pairs: int | None = 50_000  # most severe C2 pairs given certificates (None: all)
+    worst_k: int = 16  # worst-residual tokens kept for C6
+    top_tokens: int = 5  # top activations reported per flagged feature
+    scatter_pairs: int = 64  # flagged pairs that carry a scatter sample
+    scatter_points: int = 400
+
+
+class LayerAudit:
+    """Pass 1: lam-free statistics of one SAE over the audit tokens."""
+
+    def __init__(
+        self,
+        atoms: Tensor,
+        bias: Tensor,
+        *,
+        lam: float | None = None,
+        hook_name: str = "sae",
+        architecture: str = "standard",
+        scope: str = "L1 objective (exact)",
+        options: AuditOptions | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        if lam is not None and not (math.isfinite(lam) and lam >= 0):
+            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        self.atoms, self.bias, self.lam = atoms, bias, lam
+        self.hook_name, self.architecture, self.scope = hook_name, architecture, scope
+        self.options = options or AuditOptions()
+        self.meta = dict(meta or {})
+        self.stats = LayerStats(atoms, bias, worst_k=self.options.worst_k, keep_projections=lam is None)
+
+    def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None) -> None:
+        _check_batch(x, z, self.atoms)
+        self.stats.update(x, z, token_index)
+
+    def merge(self, other: "LayerAudit") -> "LayerAudit":
+        self.stats.merge(other.stats)
+        return self
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.stats.n_tokens)
+
+    def plan(self) -> "AuditPlan":
+        return AuditPlan(self, self.stats.compute())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stats": self.stats.state_dict(), "lam": self.lam}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stats.load_state_dict(state["stats"])
+
+
+class AuditPlan:
+    """The conditions evaluated on pass-1 statistics, and pass 2: every certificate's exact
+    change of L at each step of its ladder, on the audit and on the held-out tokens."""
+
+    def __init__(self, audit: LayerAudit, stats: LayerStatistics) -> None:
+        self.audit, self.stats, self.options = audit, stats, audit.options
+        self.atoms, self.bias = audit.atoms, audit.bias
+        self.lam_estimated = audit.lam is None
+        self.lam = cond.estimate_lam(stats.active_projections) if audit.lam is None else float(audit.lam)
+        self.floor = cond.c1_floor(stats)
+        self.pairs = cond.c2_pairs(stats, self.atoms, rel_tol=self.options.pair_rel_tol)
+        self.pairs_total = len(self.pairs.i)
+        self.decoder = cond.c3_decoder(stats, self.atoms)
+        self.bias_check = cond.c5_bias(stats)
+        self.spare = cond.c6_spare(stats, self.lam)
+        self.families = self._build_certificates()
+        self.state = _Pass2State(self.families, n_features=self.atoms.shape[0], device=self.atoms.device)
+
+    # -- certificates -----------------------------------------------------------------
+    def _build_certificates(self) -> dict[str, Any]:
+        st, dev, opts = self.stats, self.atoms.device, self.options
+        idx = lambda mask: torch.nonzero(mask.to(dev)).flatten()  # noqa: E731
+        families: dict[str, Any] = {}
+        floor_ids = idx(self.floor.violated)
+        families["C1"] = certs.FloorCertificates(floor_ids, self.floor.floor.to(dev)[floor_ids])
+        order = torch.argsort(self.pairs.margin / self.stats.mu.to(self.pairs.margin.device)[self.pairs.j], descending=True)
+        if opts.max_pairs is not None:
+            order = order[: opts.max_pairs]
+        self.pair_order = order
+        p = self.pairs
+        families["C2"] = certs.PairCertificates(
+            p.i[order].to(dev), p.j[order].to(dev), p.kind[order].to(dev), p.bound[order].to(dev), p.rho[order].to(dev)
+        )
+        alive = st.active_count > 0
+        decoder_ids = idx((self.decoder.size > opts.c3_tol) & alive)
+        grads = self.decoder.gradient.to(dev)[decoder_ids]
+        families["C3"] = certs.DecoderCertificates(decoder_ids, grads / grads.norm(dim=-1, keepdim=True))
+        code_ids = idx(alive)
+        scale = (st.sum_z / st.active_count.clamp(min=1)).to(dev)[code_ids]
+        families["C4"] = certs.CodeCertificates(code_ids, scale)
+        if self.bias_check.norm > 0:
+            families["C5"] = certs.BiasCertificate(self.bias_check.mean_residual.to(dev) / self.bias_check.norm, self.bias_check.norm)
+        dead_ids = idx(self.spare.dead)
+        worst = st.worst_rnorm.to(dev)
+        if len(dead_ids) and len(worst) and float(worst[0]) > 0:
+            usable = int((worst > 0).sum())
+            slot = torch.arange(len(dead_ids), device=dev) % usable  # dead feature t -> t-th worst token
+            vectors = st.worst_residual.to(dev)[slot]
+            families["C6"] = certs.SpareCertificates(dead_ids, vectors / worst[slot, None], worst[slot])
+        return families
+
+    # -- pass 2 -----------------------------------------------------------------------
+    def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None, held_out: Tensor | None = None) -> None:
+        """Add a batch of audit (held_out False) and held-out (True) tokens."""
+        _check_batch(x, z, self.atoms)
+        if x.shape[0] == 0:
+            return
+        if held_out is None:
+            held_out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        atoms, bias = self.atoms.to(compute), self.bias.to(compute)
+        x, z = x.to(compute), z.to(compute)
+        r = residuals(x, atoms, z, bias)
+        q = r @ atoms.T
+        for split, rows in ((AUDIT, ~held_out), (HELD_OUT, held_out)):
+            if not bool(rows.any()):
+                continue
+            zs, rs, qs = z[rows], r[rows], q[rows]
+            self.state.add_tokens(split, zs.shape[0], int((rs.norm(dim=-1) > self.lam / 2).sum()))
+            for name, family in self.families.items():
+                change, first = family.batch_change(zs, rs, qs, self.lam)
+                self.state.add(name, split, change, first)
+            if split == AUDIT:
+                self.state.add_gain(*self.families["C4"].gain_parts(zs, qs, self.lam))
+
+    def merge(self, other: "AuditPlan") -> "AuditPlan":
+        self.state.merge(other.state)
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state.load_state_dict(state)
+
+    # -- results ----------------------------------------------------------------------
+    def checks(self, name: str) -> list[CertificateCheck]:
+        """One CertificateCheck per certificate of a family: the largest step of its ladder
+        that lowers L on the audit tokens (the smallest step when none does)."""
+        family, st = self.families.get(name), self.state
+        if family is None:
+            return []
+        n_audit, n_held = int(st.n_tokens[AUDIT]), int(st.n_tokens[HELD_OUT])
+        change, first = getattr(st, f"{name}_change"), getattr(st, f"{name}_first")
+        descends = change[AUDIT] < 0  # (E, F)
+        chosen = torch.where(descends.any(0), descends.double().argmax(0), len(family.eps) - 1)
+        cols = torch.arange(change.shape[-1], device=change.device)
+        measured = (change[AUDIT, chosen, cols] / max(n_audit, 1)).tolist()
+        predicted = (first[AUDIT, chosen, cols] / max(n_audit, 1)).tolist()
+        held = (change[HELD_OUT, chosen, cols] / n_held).tolist() if n_held else [None] * len(cols)
+        eps = [family.eps[e] for e in chosen.tolist()]
+        return [
+            CertificateCheck(name, eps[k], predicted[k], measured[k], held[k], n_audit, n_held)
+            for k in range(len(cols))
+        ]
+
+    def result(self) -> LayerResult:
+        n_audit = int(self.state.n_tokens[AUDIT])
+        if n_audit != self.stats.n_tokens:
+            raise RuntimeError(
+                f"pass 2 saw {n_audit} audit tokens but pass 1 saw {self.stats.n_tokens}: "
+                "both passes must stream the same audit tokens"
+            )
+        return _LayerAssembler(self).assemble()
+
+
+class _Pass2State(Accumulator):
+    def __init__(self, families: dict[str, Any], n_features: int, device: torch.device) -> None:
+        super().__init__()
+        f64 = dict(dtype=torch.float64, device=device)
+        self.add_state("n_tokens", torch.zeros(2, dtype=torch.int64, device=device), "sum")
+        self.add_state("n_over_half_lam", torch.zeros(2, dtype=torch.int64, device=device), "sum")
+        for name, family in families.items():
+            shape = (2, len(family.eps), len(family))
+            self.add_state(f"{name}_change", torch.zeros(shape, **f64), "sum")
+            self.add_state(f"{name}_first", torch.zeros(shape, **f64), "sum")
+        width = len(families["C4"].features)
+        self.add_state("gain_active", torch.zeros(width, **f64), "sum")
+        self.add_state("gain_inactive", torch.zeros(width, **f64), "sum")
+
+    def add_tokens(self, split: int, n: int, n_over: int) -> None:
+        self.n_tokens[split] += n
+        self.n_over_half_lam[split] += n_over
+
+    def add(self, name: str, split: int, change: Tensor, first: Tensor) -> None:
+        getattr(self, f"{name}_change")[split] += change
+        getattr(self, f"{name}_first")[split] += first
+
+    def add_gain(self, active: Tensor, inactive: Tensor) -> None:
+        self.gain_active += active
+        self.gain_inactive += inactive
+
+
+class _LayerAssembler:
+    """Turns a finished plan into a LayerResult (rows, tiers, severities)."""
+
+    def __init__(self, plan: AuditPlan) -> None:
+        self.plan, self.stats, self.opts = plan, plan.stats, plan.options
+        self.checks = {name: plan.checks(name) for name in plan.families}
+        n_features = plan.atoms.shape[0]
+        self.conditions: list[dict[str, CertificateCheck]] = [{} for _ in range(n_features)]
+        self.severity = [0.0] * n_features
+
+    def _flag(self, feature: int, name: str, check: CertificateCheck, severity: float) -> None:
+        if check.tier == "satisfied":
+            return
+        current = self.conditions[feature].get(name)
+        if current is None or TIER_RANK[check.tier] < TIER_RANK[current.tier] or (
+            check.tier == current.tier and check.measured < current.measured
+        ):
+            self.conditions[feature][name] = check
+        self.severity[feature] = max(self.severity[feature], severity)
+
+    def assemble(self) -> LayerResult:
+        plan, st = self.plan, self.stats
+        mu = st.mu
+        fam = plan.families
+        for k, check in zip(fam["C1"].features.tolist(), self.checks["C1"]):
+            self._flag(k, "C1", check, float(plan.floor.floor[k] / max(mu[k].item(), 1e-300)))
+        for k, check in zip(fam["C3"].features.tolist(), self.checks["C3"]):
+            self._flag(k, "C3", check, float(plan.decoder.size[k]))
+        code = cond.c4_codes(plan.state.gain_active, plan.state.gain_inactive, st.active_count[fam["C4"].features.cpu()].to(plan.state.gain_active.device), st.n_tokens, plan.lam)
+        c4_gain = torch.zeros(len(mu), dtype=torch.float64)
+        c4_size = torch.zeros(len(mu), dtype=torch.float64)
+        c4_gain[fam["C4"].features.cpu()] = code.gain.cpu()
+        c4_size[fam["C4"].features.cpu()] = code.size.cpu()
+        for k, check in zip(fam["C4"].features.tolist(), self.checks["C4"]):
+            if c4_size[k] > self.opts.c4_tol:
+                self._flag(k, "C4", check, float(c4_size[k]))
+        layer_conditions = {"C5": self._c5(), "C6": self._c6()}
+        pairs = self._pairs()
+        rows = self._feature_rows(c4_gain, c4_size)
+        notes = []
+        if plan.pairs_total > len(plan.pair_order):
+            notes.append(
+                f"{plan.pairs_total} C2 pairs violated; certificates evaluated for the "
+                f"{len(plan.pair_order)} most severe (AuditOptions.max_pairs)"
+            )
+        return LayerResult(
+            hook_name=plan.audit.hook_name,
+            architecture=plan.audit.architecture,
+            scope=plan.audit.scope,
+            lam=plan.lam,
+            lam_estimated=plan.lam_estimated,
+            d_in=int(plan.atoms.shape[1]),
+            d_sae=int(plan.atoms.shape[0]),
+            n_tokens=st.n_tokens,
+            n_held_out=int(plan.state.n_tokens[HELD_OUT]),
+            features=rows,
+            pairs=pairs,
+            layer_conditions=layer_conditions,
+            dead_features=torch.nonzero(st.dead).flatten().tolist(),
+            notes=notes,
+            **{k: plan.audit.meta.get(k) for k in ("sae_id", "neuronpedia_id")},
+        )
+
+    def _pairs(self) -> list[PairRow]:
+        plan, st, p = self.plan, self.stats, self.plan.pairs
+        order = plan.pair_order.cpu()
+        rows: list[PairRow] = []
+        checks = self.checks["C2"]
+        mu = st.mu
+        for rank, k in enumerate(order.tolist()):
+            i, j = int(p.i[k]), int(p.j[k])
+            check = checks[rank]
+            count_i, count_j, co = int(p.count_i[k]), int(p.count_j[k]), int(p.co_count[k])
+            margin = float(p.margin[k])
+            row = PairRow(
+                i=i, j=j, kind="hierarchy" if int(p.kind[k]) > 0 else "complementary",
+                rho=float(p.rho[k]), bound=float(p.bound[k]), threshold=float(p.threshold[k]),
+                margin=margin, relative_margin=margin / float(mu[j]),
+                count_i=count_i, count_j=count_j, co_count=co,
+                p_j_without_i_upper=_upper_rate(count_j - co, count_j),
+                tier=check.tier, certificate=check,
+            )
+            rows.append(row)
+            severity = row.relative_margin
+            self._flag(i, "C2", check, severity)
+            self._flag(j, "C2", check, severity)
+        self._attach_scatter(rows)
+        rows.sort(key=lambda r: (TIER_RANK[r.tier], -r.relative_margin, r.i, r.j))
+        return rows
+
+    def _attach_scatter(self, rows: list[PairRow]) -> None:
+        codes = self.stats.codes
+        shown = sorted(rows, key=lambda r: (TIER_RANK[r.tier], -r.relative_margin))[: self.opts.scatter_pairs]
+        if not shown or codes is None or codes.n_tokens == 0:
+            return
+        feature_ids = sorted({f for r in shown for f in (r.i, r.j)})
+        dense = codes.columns(feature_ids)  # (N, F) float64
+        where = {f: c for c, f in enumerate(feature_ids)}
+        for row in shown:
+            zi, zj = dense[:, where[row.i]], dense[:, where[row.j]]
+            keep = _scatter_rows(zi, zj, self.opts.scatter_points)
+            row.sample_i, row.sample_j = zi[keep].tolist(), zj[keep].tolist()
+
+    def _c5(self) -> dict[str, Any]:
+        check = self.plan.bias_check
+        out: dict[str, Any] = {"size": check.size, "norm": check.norm, "tier": "satisfied", "certificate": None}
+        if "C5" in self.checks:
+            cert = self.checks["C5"][0]
+            out["certificate"] = cert
+            if check.size > self.opts.c5_tol:
+                out["tier"] = cert.tier
+        return _jsonable(out)
+
+    def _c6(self) -> dict[str, Any]:
+        spare, st = self.plan.spare, self.stats
+        out: dict[str, Any] = {
+            "n_dead": int(spare.dead.sum()),
+            "max_rnorm": spare.max_rnorm,
+            "threshold": spare.threshold,
+            "margin": spare.margin,
+            "n_over_threshold": int(self.plan.state.n_over_half_lam[AUDIT]),
+            "worst_tokens": st.worst_token.tolist(),
+            "worst_rnorms": st.worst_rnorm.tolist(),
+            "tier": "satisfied",
+            "certificate": None,
+        }
+        checks = self.checks.get("C6", [])
+        if checks and spare.violated:
+            best = min(checks, key=lambda c: (TIER_RANK[c.tier], c.measured))
+            out["certificate"], out["tier"] = best, best.tier
+            for k, check in zip(self.plan.families["C6"].features.tolist(), checks):
+                self._flag(k, "C6", check, spare.margin / max(spare.threshold, 1e-300))
+        return _jsonable(out)
+
+    def _feature_rows(self, c4_gain: Tensor, c4_size: Tensor) -> list[FeatureRow]:
+        st, plan = self.stats, self.plan
+        flagged = [k for k, c in enumerate(self.conditions) if c]
+        top: dict[int, tuple[list[float], list[int]]] = {}
+        if flagged and st.codes is not None and st.codes.n_tokens:
+            values, tokens = st.codes.top_tokens(torch.tensor(flagged), self.opts.top_tokens)
+            for row, k in enumerate(flagged):
+                keep = values[row] > 0
+                top[k] = (values[row][keep].tolist(), tokens[row][keep].tolist())
+        mu, floor = st.mu.tolist(), plan.floor.floor.tolist()
+        counts, maxima, sizes3 = st.active_count.tolist(), st.max_z.tolist(), plan.decoder.size.tolist()
+        gains, sizes4 = c4_gain.tolist(), c4_size.tolist()
+        rows = []
+        for k in range(len(mu)):
+            found = self.conditions[k]
+            names = sorted(found, key=lambda n: (TIER_RANK[found[n].tier], found[n].measured))
+            tier = found[names[0]].tier if names else "satisfied"
+            values, tokens = top.get(k, ([], []))
+            rows.append(
+                FeatureRow(
+                    id=k, tier=tier, conditions=names, active_count=counts[k], mean_code=mu[k],
+                    max_code=maxima[k], min_code=floor[k], c3_size=sizes3[k], c4_gain=gains[k],
+                    c4_size=sizes4[k], severity=self.severity[k], certificates=dict(found),
+                    top_tokens=tokens, top_values=values,
+                )
+            )
+        return rows
+
+
+def _scatter_rows(zi: Tensor, zj: Tensor, limit: int) -> Tensor:
+    """A deterministic, evenly spaced sample of tokens where i or j fires, plus a few where neither does."""
+    either = torch.nonzero((zi > 0) | (zj > 0)).flatten()
+    neither = torch.nonzero((zi == 0) & (zj == 0)).flatten()
+    take = lambda idx, n: idx[torch.linspace(0, len(idx) - 1, min(n, len(idx))).long()] if len(idx) else idx  # noqa: E731
+    return torch.cat([take(either, limit - limit // 10), take(neither, limit // 10)])
+
+
+def _upper_rate(failures: int, trials: int) -> float:
+    """95% upper bound on a rate: the rule of three when nothing failed, else Wilson's bound."""
+    if trials <= 0:
+        return 1.0
+    if failures == 0:
+        return min(1.0, 3.0 / trials)
+    z, p = 1.6448536269514722, failures / trials
+    centre = p + z * z / (2 * trials)
+    spread = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
+    return min(1.0, (centre + spread) / (1 + z * z / trials))
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    import dataclasses
+
+    return {k: (dataclasses.asdict(v) if isinstance(v, CertificateCheck) else v) for k, v in d.items()}
+
+
+def _check_batch(x: Tensor, z: Tensor, atoms: Tensor) -> None:
+    n_features, d = atoms.shape
+    if x.ndim != 2 or x.shape[1] != d:
+        raise ValueError(f"x must be (n, {d}) in the SAE's input space; got {tuple(x.shape)}")
+    if z.ndim != 2 or z.shape != (x.shape[0], n_features):
+        raise ValueError(f"z must be (n, {n_features}) codes for the same {x.shape[0]} tokens; got {tuple(z.shape)}")
+    if not (torch.isfinite(x).all() and torch.isfinite(z).all()):
+        raise ValueError(
+            "non-finite values (NaN or inf) in the SAE input or codes: no verdict can be computed "
+            "from them; find the offending tokens or skip them (audit(..., nonfinite='skip'))"
+        )
+    if bool((z < 0).any()):
+        raise ValueError("codes must be nonnegative (theory units: z = f * ||W_dec||)")

@@ -1,0 +1,1 @@
+"""Pure tensor maths of the optimality conditions (no TransformerLens / SAE-Lens imports)."""

@@ -1,0 +1,298 @@
+"""The conditions, certificates and engine against brute force and the exact objective."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from opt_hooks.engine import AuditOptions, LayerAudit
+from opt_hooks.theory import certificates as certs
+from opt_hooks.theory import conditions as cond
+from opt_hooks.theory.objective import objective, residuals
+from opt_hooks.theory.reference import fit_dictionary, nonneg_lasso
+from opt_hooks.theory.stats import LayerStats
+from planted import optimal_codes_and_bias, planted_hierarchy
+
+
+@pytest.fixture(scope="module")
+def hierarchy():
+    planted = planted_hierarchy()
+    z, bias = optimal_codes_and_bias(planted.x, planted.atoms, planted.lam)
+    return planted, z, bias
+
+
+@pytest.fixture(scope="module")
+def learned():
+    planted = planted_hierarchy()
+    atoms, z, bias = fit_dictionary(planted.x, 6, planted.lam, seed=1)
+    return planted, atoms, z, bias
+
+
+def run_engine(x, atoms, z, bias, lam, held=None, **options):
+    audit = LayerAudit(atoms, bias, lam=lam, options=AuditOptions(**options))
+    keep = torch.ones(len(x), dtype=torch.bool) if held is None else ~held
+    audit.update(x[keep], z[keep])
+    plan = audit.plan()
+    plan.update(x, z, held_out=held)
+    return plan, plan.result()
+
+
+def exact_change(family, k, eps, x, atoms, z, bias, lam):
+    """Apply certificate k of a family to full tensors and recompute L: the brute force."""
+    r = residuals(x, atoms, z, bias)
+    atoms2, z2, bias2 = family.apply(k, eps, atoms, z, bias, r, lam)
+    assert (z2 >= 0).all()
+    return objective(x, atoms2, z2, bias2, lam) - objective(x, atoms, z, bias, lam)
+
+
+def closed_form_change(family, x, atoms, z, bias, lam):
+    r = residuals(x, atoms, z, bias)
+    change, first = family.batch_change(z, r, r @ atoms.T, lam)
+    return change / len(x), first / len(x)
+
+
+# -- C2 on a planted strict hierarchy ----------------------------------------------------
+
+
+def test_planted_hierarchy_flags_exactly_parent_child(hierarchy):
+    planted, z, bias = hierarchy
+    stats = LayerStats(planted.atoms, bias)
+    stats.update(planted.x, z)
+    pairs = cond.c2_pairs(stats.compute(), planted.atoms)
+    assert list(zip(pairs.i.tolist(), pairs.j.tolist(), pairs.kind.tolist())) == [(0, 1, 1)]
+    assert float(pairs.bound[0]) == 0.0  # strict hierarchy: the child never fires alone
+    mu1 = float(z[:, 1].mean())
+    rho = float(planted.atoms[0] @ planted.atoms[1])
+    assert float(pairs.threshold[0]) == pytest.approx((1 - rho) * mu1, rel=1e-12)
+
+
+def test_hierarchy_certificate_matches_prediction_at_eps_1e_3(hierarchy):
+    planted, z, bias = hierarchy
+    x, atoms, lam = planted.x, planted.atoms, planted.lam
+    rho = float(atoms[0] @ atoms[1])
+    family = certs.PairCertificates(
+        torch.tensor([0]), torch.tensor([1]), torch.tensor([1]), torch.tensor([0.0], dtype=torch.float64),
+        torch.tensor([rho], dtype=torch.float64),
+    )
+    family.eps = (1e-3,)
+    measured = exact_change(family, 0, 1e-3, x, atoms, z, bias, lam)
+    predicted = -1e-3 * lam * (1 - rho) * float(z[:, 1].mean())
+    assert measured < 0
+    assert measured == pytest.approx(predicted, rel=0.02)
+    change, first = closed_form_change(family, x, atoms, z, bias, lam)
+    assert float(change[0, 0]) == pytest.approx(measured, rel=1e-9, abs=1e-15)
+    assert float(first[0, 0]) == pytest.approx(predicted, rel=1e-12)
+
+
+def test_engine_certifies_the_hierarchy_on_held_out_tokens(hierarchy):
+    planted, z, bias = hierarchy
+    held = torch.arange(len(z)) % 5 == 0
+    _, layer = run_engine(planted.x, planted.atoms, z, bias, planted.lam, held=held)
+    c2 = [(p.i, p.j, p.kind) for p in layer.pairs]
+    assert c2 == [(0, 1, "hierarchy")]
+    pair = layer.pairs[0]
+    assert pair.tier == "certified" and pair.certificate.held_out < 0
+    assert pair.co_count == pair.count_j and pair.p_j_without_i_upper == pytest.approx(3 / pair.count_j)
+    assert {0, 1} <= set(layer.flagged())
+    assert "C2" in layer.feature(1).conditions
+
+
+# -- a jointly learned local optimum -----------------------------------------------------
+
+
+def test_learned_optimum_satisfies_every_condition(learned):
+    planted, atoms, z, bias = learned
+    stats = LayerStats(atoms, bias)
+    stats.update(planted.x, z)
+    computed = stats.compute()
+    assert not cond.c1_floor(computed).violated.any()
+    assert len(cond.c2_pairs(computed, atoms).i) == 0
+    assert float(cond.c3_decoder(computed, atoms).size.max()) < 1e-6
+    assert cond.c5_bias(computed).size < 1e-6
+    r = residuals(planted.x, atoms, z, bias)
+    q = r @ atoms.T
+    family = certs.CodeCertificates(torch.arange(6), torch.ones(6, dtype=torch.float64))
+    on, off = family.gain_parts(z, q, planted.lam)
+    code = cond.c4_codes(on, off, (z > 0).sum(0), len(z), planted.lam)
+    assert float(code.size.max()) < 1e-6
+
+
+def test_engine_reports_learned_optimum_clean(learned):
+    planted, atoms, z, bias = learned
+    # every token audited: the dictionary is optimal for exactly these tokens
+    _, layer = run_engine(planted.x, atoms, z, bias, planted.lam)
+    assert layer.pairs == []
+    assert all(not {"C1", "C2", "C3", "C5"} & set(f.conditions) for f in layer.features)
+    assert layer.layer_conditions["C5"]["tier"] == "satisfied"
+
+
+# -- each condition: a violating case lowered by its certificate, a satisfied case not flagged
+
+
+def test_c1_dense_feature(hierarchy):
+    planted, z, bias = hierarchy
+    x, atoms, lam = planted.x, planted.atoms, planted.lam
+    z_dense = z.clone()
+    z_dense[:, 3] += 0.05  # feature 3 never switches off
+    x_dense = x + 0.05 * atoms[3]
+    stats = LayerStats(atoms, bias)
+    stats.update(x_dense, z_dense)
+    check = cond.c1_floor(stats.compute())
+    assert check.violated.tolist() == [False, False, False, True, False, False]
+    family = certs.FloorCertificates(torch.tensor([3]), check.floor[[3]])
+    measured = exact_change(family, 0, 1.0, x_dense, atoms, z_dense, bias, lam)
+    assert measured == pytest.approx(-lam * float(check.floor[3]), rel=1e-9)
+    change, _ = closed_form_change(family, x_dense, atoms, z_dense, bias, lam)
+    assert float(change[0, 0]) == pytest.approx(measured, rel=1e-9)
+    assert not cond.c1_floor(_stats(x, atoms, z, bias)).violated.any()
+
+
+def test_c3_rotated_atom(learned):
+    planted, atoms, z, bias = learned
+    x, lam = planted.x, planted.lam
+    tilted = atoms.clone()
+    tilted[2] = tilted[2] + 0.2 * tilted[4]
+    tilted[2] = tilted[2] / tilted[2].norm()
+    check = cond.c3_decoder(_stats(x, tilted, z, bias), tilted)
+    assert float(check.size[2]) > 1e-2
+    family = certs.DecoderCertificates(torch.tensor([2]), check.gradient[[2]] / check.norm[2])
+    measured = exact_change(family, 0, 1e-3, x, tilted, z, bias, lam)
+    assert measured < 0 and measured == pytest.approx(-2e-3 * float(check.norm[2]), rel=0.05)
+    change, _ = closed_form_change(family, x, tilted, z, bias, lam)
+    assert float(change[1, 0]) == pytest.approx(measured, rel=1e-8)
+    assert float(cond.c3_decoder(_stats(x, atoms, z, bias), atoms).size.max()) < 1e-6
+
+
+def test_c4_shrunk_codes(learned):
+    planted, atoms, z, bias = learned
+    x, lam = planted.x, planted.lam
+    shrunk = z * 0.8  # amortisation-style shrinkage: active atoms see more than lam/2
+    r = residuals(x, atoms, shrunk, bias)
+    family = certs.CodeCertificates(torch.arange(6), (shrunk.sum(0) / (shrunk > 0).sum(0)))
+    on, off = family.gain_parts(shrunk, r @ atoms.T, lam)
+    code = cond.c4_codes(on, off, (shrunk > 0).sum(0), len(x), lam)
+    assert float(code.size.min()) > 1e-2
+    for k in range(6):
+        measured = exact_change(family, k, 1e-3, x, atoms, shrunk, bias, lam)
+        predicted = -1e-3 * float(family.scale[k]) * float(code.gain[k])
+        assert measured < 0 and measured == pytest.approx(predicted, rel=0.05)
+    change, first = closed_form_change(family, x, atoms, shrunk, bias, lam)
+    assert float(change[1, 0]) == pytest.approx(exact_change(family, 0, 1e-3, x, atoms, shrunk, bias, lam), rel=1e-8)
+    assert torch.allclose(-first[1] / 1e-3 / family.scale, code.gain, rtol=1e-10)
+
+
+def test_c5_shifted_bias(learned):
+    planted, atoms, z, bias = learned
+    x, lam = planted.x, planted.lam
+    shifted = bias + 0.1
+    check = cond.c5_bias(_stats(x, atoms, z, shifted))
+    assert check.size > 1e-2
+    family = certs.BiasCertificate(check.mean_residual / check.norm, check.norm)
+    measured = exact_change(family, 0, 1e-3, x, atoms, z, shifted, lam)
+    assert measured == pytest.approx(-(2e-3 - 1e-6) * check.norm**2, rel=1e-9)
+    assert cond.c5_bias(_stats(x, atoms, z, bias)).size < 1e-6
+
+
+def test_c6_dead_feature_with_large_residual(learned):
+    planted, atoms, z, bias = learned
+    x, lam = planted.x, planted.lam
+    z_dead = z.clone()
+    z_dead[:, 5] = 0  # feature 5 killed: its tokens now carry large residuals
+    stats = _stats(x, atoms, z_dead, bias)
+    check = cond.c6_spare(stats, lam)
+    assert check.violated and check.dead.tolist() == [False] * 5 + [True]
+    worst = stats.worst_residual[0]
+    family = certs.SpareCertificates(torch.tensor([5]), (worst / worst.norm())[None], worst.norm()[None])
+    measured = exact_change(family, 0, 1e-3, x, atoms, z_dead, bias, lam)
+    assert measured < 0
+    change, _ = closed_form_change(family, x, atoms, z_dead, bias, lam)
+    assert float(change[1, 0]) == pytest.approx(measured, rel=1e-8)
+    # lam so large that lam/2 exceeds every residual: a dead feature is then allowed
+    assert not cond.c6_spare(stats, 4 * check.max_rnorm).violated
+
+
+def test_engine_marks_c6_and_dead_features(learned):
+    planted, atoms, z, bias = learned
+    z_dead = z.clone()
+    z_dead[:, 5] = 0
+    _, layer = run_engine(planted.x, atoms, z_dead, bias, planted.lam, held=torch.arange(len(z)) % 4 == 0)
+    assert layer.dead_features == [5]
+    assert layer.layer_conditions["C6"]["tier"] == "certified"
+    assert "C6" in layer.feature(5).conditions
+
+
+def test_lam_is_estimated_when_unknown(learned):
+    planted, atoms, z, bias = learned
+    audit = LayerAudit(atoms, bias, lam=None)
+    audit.update(planted.x, z)
+    plan = audit.plan()
+    assert plan.lam_estimated
+    assert plan.lam == pytest.approx(planted.lam, rel=1e-6)  # at an optimum every active <d,r> is lam/2
+
+
+# -- streaming: any split, any merge order ------------------------------------------------
+
+
+def _stats(x, atoms, z, bias):
+    stats = LayerStats(atoms, bias)
+    stats.update(x, z)
+    return stats.compute()
+
+
+def test_certificate_ladder_uses_largest_descending_step(hierarchy):
+    planted, z, bias = hierarchy
+    plan, layer = run_engine(planted.x, planted.atoms, z, bias, planted.lam)
+    assert layer.pairs[0].certificate.eps == certs.EPS_LADDER[0]
+    assert layer.pairs[0].certificate.held_out is None  # no held-out tokens given
+    assert layer.pairs[0].tier == "violated"
+
+
+def test_theory_modules_import_neither_library():
+    code = (
+        "import sys, opt_hooks.theory.stats, opt_hooks.theory.conditions, opt_hooks.theory.certificates, "
+        "opt_hooks.theory.pairs, opt_hooks.theory.reference, opt_hooks.engine\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('transformer_lens', 'sae_lens')]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_statistics_update_has_no_python_loop_over_tokens():
+    """The number of Python-level calls in one update must not grow with the batch size."""
+    gen = torch.Generator().manual_seed(0)
+    atoms = torch.nn.functional.normalize(torch.randn(32, 8, generator=gen), dim=1)
+    bias = torch.zeros(8)
+
+    def calls(n):
+        x = torch.randn(n, 8, generator=gen)
+        z = torch.relu(torch.randn(n, 32, generator=gen))
+        stats = LayerStats(atoms, bias)
+        plan_audit = LayerAudit(atoms, bias, lam=0.1)
+        plan_audit.update(x, z)
+        plan = plan_audit.plan()
+        counter = [0]
+
+        def profile(frame, event, arg):
+            if event == "call":
+                counter[0] += 1
+
+        sys.setprofile(profile)
+        try:
+            stats.update(x, z)
+            plan.update(x, z, held_out=torch.arange(n) % 3 == 0)
+        finally:
+            sys.setprofile(None)
+        return counter[0]
+
+    assert calls(2000) == calls(50)
+
+
+def test_certificates_never_make_codes_negative_or_nan(hierarchy):
+    planted, z, bias = hierarchy
+    _, layer = run_engine(planted.x, planted.atoms, z, bias, planted.lam)
+    for f in layer.features:
+        for check in f.certificates.values():
+            assert math.isfinite(check.measured) and math.isfinite(check.predicted)
