@@ -1,0 +1,250 @@
+"""Reading activations out of TransformerLens models through their HookPoints only.
+
+Supported models: HookedTransformer, sae_lens' HookedSAETransformer and TransformerBridge
+(also sae_lens' SAETransformerBridge). Nothing is monkeypatched: `ActivationTap` adds forward
+hooks with `HookPoint.add_hook` and removes exactly those on exit.
+
+SAEs spliced into the model with `model.add_sae(sae)` are read where sae_lens runs them:
+the SAE's input at `<hook>.hook_sae_input` and its codes at `<hook>.hook_sae_acts_post`, so
+the SAE is not run a second time (`CodeTap`).
+"""
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint, LensHandle
+
+from opt_hooks.adapters.sae import SAEView
+
+OnBatch = Callable[[str, torch.Tensor], None]
+OnCodes = Callable[[str, torch.Tensor, torch.Tensor], None]
+
+# TransformerBridge refuses stop_at_layer on models whose blocks live under these names.
+_BRIDGE_BLOCK_LISTS_WITHOUT_STOP = ("L_blocks", "H_blocks", "encoder_blocks", "decoder_blocks")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model wants its input tokens (cfg.device, else its first parameter's device)."""
+    device = getattr(getattr(model, "cfg", None), "device", None)
+    if device is not None:
+        return torch.device(device)
+    return next(model.parameters()).device
+
+
+def model_name(model: torch.nn.Module) -> str | None:
+    return getattr(getattr(model, "cfg", None), "model_name", None)
+
+
+def hook_point(model: torch.nn.Module, name: str) -> HookPoint:
+    """The HookPoint called `name`, aliases included (TransformerBridge), or a clear error."""
+    hooks = getattr(model, "hook_dict", None)
+    if hooks is None:
+        raise TypeError(
+            f"{type(model).__name__} has no HookPoints: pass a HookedTransformer, a "
+            "HookedSAETransformer or a TransformerBridge"
+        )
+    found = hooks.get(name)
+    if found is None and hasattr(model, "get_hook_point"):
+        # TransformerBridge resolves aliases (blocks.0.hook_resid_pre -> blocks.0.hook_in) here
+        # even where hook_dict leaves them out (SAETransformerBridge once an SAE is spliced in).
+        found = model.get_hook_point(name)
+    if isinstance(found, HookPoint):
+        return found
+    spliced = spliced_saes(model)
+    if name in spliced:
+        sae_input = spliced_hook_name(model, name, spliced[name], "hook_sae_input")
+        hint = f"an SAE is spliced in there; its input is {sae_input!r}"
+    else:
+        close = difflib.get_close_matches(name, list(hooks), n=5, cutoff=0.6)
+        hint = f"close matches: {', '.join(close)}" if close else "see model.hook_dict for the hook names"
+    raise ValueError(f"{name!r} is not a hook point of {model_name(model) or type(model).__name__}; {hint}")
+
+
+def spliced_saes(model: torch.nn.Module) -> dict[str, Any]:
+    """{hook_name: SAE} spliced in with model.add_sae (HookedSAETransformer, SAETransformerBridge)."""
+    return dict(getattr(model, "acts_to_saes", None) or {})
+
+
+def spliced_hook_name(model: torch.nn.Module, hook_name: str, sae: Any, internal: str) -> str:
+    """Name of a spliced SAE's own HookPoint, e.g. 'blocks.0.hook_resid_pre.hook_sae_acts_post'."""
+    if hasattr(model, "get_sae_hook_name"):  # SAETransformerBridge files them under the canonical name
+        return model.get_sae_hook_name(sae, internal)
+    return f"{hook_name}.{internal}"
+
+
+class ActivationTap:
+    """Context manager: calls `on_batch(hook_name, activations)` at the named hook points.
+
+    It fires during every forward pass inside the block (run_with_hooks, generate, the user's
+    own loops). Its hooks are permanent so that a `model.reset_hooks()` inside the block does
+    not silently end the tap; on exit exactly these hooks are removed, every other hook stays
+    as it was. The tap sees the value after the hooks registered before it.
+    """
+
+    def __init__(self, model: torch.nn.Module, hook_names: Iterable[str], on_batch: OnBatch):
+        self.model = model
+        self.hook_names = list(dict.fromkeys(hook_names))
+        self.on_batch = on_batch
+        self._added: list[tuple[HookPoint, LensHandle]] = []
+
+    def __enter__(self) -> ActivationTap:
+        points = [(name, hook_point(self.model, name)) for name in self.hook_names]
+        try:
+            for name, point in points:
+                point.add_hook(self._hook_for(name), dir="fwd", is_permanent=True)
+                self._added.append((point, point.fwd_hooks[-1]))  # add_hook appends its handle
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._remove()
+
+    def _hook_for(self, name: str) -> Callable[..., None]:
+        def tap(activations: torch.Tensor, hook: HookPoint) -> None:
+            self.on_batch(name, activations.detach())
+
+        return tap
+
+    def _remove(self) -> None:
+        for point, handle in reversed(self._added):
+            handle.hook.remove()
+            for i, candidate in enumerate(point.fwd_hooks):
+                if candidate is handle:
+                    del point.fwd_hooks[i]
+                    break
+        self._added.clear()
+
+
+class CodeTap:
+    """Context manager: calls `on_codes(hook_name, x, z)` (theory units) for every SAE.
+
+    `views` maps hook names to SAEViews (see `opt_hooks.adapters.sae.make_views`). An SAE that is
+    spliced into the model is read at its own hook_sae_input / hook_sae_acts_post; if another
+    SAE is spliced at the hook, the activations are read at that SAE's hook_sae_input (they
+    are the hook's activations) and encoded; otherwise the hook itself is tapped and encoded.
+    """
+
+    def __init__(self, model: torch.nn.Module, views: Mapping[str, SAEView], on_codes: OnCodes):
+        self.model = model
+        self.on_codes = on_codes
+        self._routes: dict[str, tuple[str, str]] = {}  # tapped name -> (view key, role)
+        spliced = spliced_saes(model)
+        for key, view in views.items():
+            own_splice = next((hook for hook, sae in spliced.items() if sae is view.sae), None)
+            if own_splice is not None:
+                self._routes[spliced_hook_name(model, own_splice, view.sae, "hook_sae_input")] = (key, "input")
+                self._routes[spliced_hook_name(model, own_splice, view.sae, "hook_sae_acts_post")] = (key, "codes")
+            elif view.hook_name in spliced:
+                other = spliced[view.hook_name]
+                self._routes[spliced_hook_name(model, view.hook_name, other, "hook_sae_input")] = (key, "acts")
+            else:
+                self._routes[view.hook_name] = (key, "acts")
+        self.views = dict(views)
+        self._pending_input: dict[str, torch.Tensor] = {}
+        self._tap = ActivationTap(model, self._routes, self._dispatch)
+
+    @property
+    def hook_names(self) -> list[str]:
+        """The hook points actually tapped (pass these to `forward_to_deepest`)."""
+        return list(self._routes)
+
+    def __enter__(self) -> CodeTap:
+        self._tap.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._pending_input.clear()
+        self._tap.__exit__(*exc_info)
+
+    def _dispatch(self, tapped_name: str, activations: torch.Tensor) -> None:
+        key, role = self._routes[tapped_name]
+        view = self.views[key]
+        if role == "acts":
+            self.on_codes(key, *view.encode(activations))
+        elif role == "input":  # hook_sae_input fires first, then hook_sae_acts_post
+            self._pending_input[key] = view.internal_input(activations)
+        else:
+            x = self._pending_input.pop(key)
+            self.on_codes(key, x, view.codes(activations))
+
+
+def stop_layer(hook_names: Iterable[str]) -> int | None:
+    """The `stop_at_layer` that still runs every named hook, None if one is outside the blocks."""
+    layers = [_block_index(name) for name in hook_names]
+    if not layers or any(layer is None for layer in layers):
+        return None
+    return max(layers) + 1  # stop_at_layer is exclusive: blocks 0 .. stop - 1 run
+
+
+@torch.no_grad()
+def forward_to_deepest(model: torch.nn.Module, tokens: torch.Tensor, hook_names: Iterable[str]) -> None:
+    """One forward pass of `tokens`, stopped after the deepest hooked block where possible.
+
+    HookedTransformer (and HookedSAETransformer) honour `stop_at_layer`. TransformerBridge
+    honours it on decoder models whose blocks are `blocks` (it raises for other block lists,
+    and encoder models such as BERT run to the end); otherwise the pass is a full one.
+    Hooks outside the blocks (embeddings, ln_final, unembed) also need a full pass.
+    """
+    tokens = tokens.to(model_device(model))
+    stop = stop_layer(hook_names)
+    if stop is not None and _supports_stop_at_layer(model):
+        model(tokens, stop_at_layer=stop, return_type=None)
+    else:
+        model(tokens, return_type=None)
+
+
+def check_attachment(
+    model: torch.nn.Module, views: Mapping[str, SAEView], *, allow_model_mismatch: bool = False
+) -> None:
+    """Fail early and clearly: unknown hook names, SAE widths that differ from the hook's width
+    (one-token probe through the same code path as the audit), and SAEs trained on another
+    model (a warning, silenced by allow_model_mismatch=True)."""
+    if not allow_model_mismatch:
+        name = model_name(model)
+        for key, view in views.items():
+            if view.model_name and name and not _same_model(view.model_name, name):
+                warnings.warn(
+                    f"{key}: the SAE was trained on {view.model_name!r} but the model is {name!r}; "
+                    "pass allow_model_mismatch=True if this is intended",
+                    UserWarning,
+                    stacklevel=2,
+                )
+    tap = CodeTap(model, views, on_codes=lambda key, x, z: None)
+    probe = torch.zeros((1, 1), dtype=torch.long)
+    with tap:
+        forward_to_deepest(model, probe, tap.hook_names)
+
+
+def _block_index(hook_name: str) -> int | None:
+    match = re.match(r"blocks\.(\d+)\.", hook_name)
+    return int(match.group(1)) if match else None
+
+
+def _supports_stop_at_layer(model: torch.nn.Module) -> bool:
+    if isinstance(model, HookedTransformer):
+        return True
+    return hasattr(model, "blocks") and not any(hasattr(model, name) for name in _BRIDGE_BLOCK_LISTS_WITHOUT_STOP)
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Names of one model: TransformerLens aliases ('gpt2-small' = 'gpt2') and hub paths
+    ('openai-community/gpt2' = 'gpt2') compare equal."""
+    return _canonical_model_name(a) == _canonical_model_name(b)
+
+
+def _canonical_model_name(name: str) -> str:
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        name = get_official_model_name(name)
+    except ValueError:
+        pass
+    return name.rsplit("/", 1)[-1].lower()

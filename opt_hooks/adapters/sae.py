@@ -1,0 +1,379 @@
+"""An SAE-Lens SAE seen in theory units (THEORY.md section 1, docs/ARCHITECTURE.md "Units").
+
+`SAEView` turns any supported sae_lens SAE (inference or training class) into the four things
+the engine works with, all in the SAE's own internal space:
+
+- x     (n, d): the activations after hook_z flattening and the SAE's run-time normalisation
+                (`run_time_activation_norm_fn_in`), before any b_dec subtraction;
+- atoms (K, d): W_dec rows scaled to unit norm;
+- z     (n, K): the codes that multiply those unit atoms in the SAE's own decode;
+- bias  (d,):   b_dec,
+
+so that r = x - bias - z @ atoms is exactly the SAE's reconstruction error before its output
+de-normalisation (`hook_sae_recons`). For every decoder except the TopK family with
+`rescale_acts_by_decoder_norm` this means z = sae.encode(...) * ||W_dec[i]||; the TopK
+family with that flag decodes `(f / ||W_dec||) @ W_dec`, so there z = f.
+
+Decisions documented here because they change results:
+
+- Zero-norm decoder rows have no direction. They are treated as dead features: atom 0, code 0
+  (their decoder contribution is 0 anyway) and they are listed in `notes`.
+- `normalize_activations` "expected_average_only_in" and "covariance_whitening" are not applied
+  by the SAE itself: sae_lens applies them outside the SAE while training and folds them into
+  the weights at the end (or `SAE.from_pretrained` folds the published scaling factor). An
+  SAE still carrying one of these modes is audited as it runs (`sae.encode` on raw
+  activations), with a warning.
+- lam: only the "standard" L1 penalty of sae_lens is the objective of THEORY.md. Its training
+  loss is `sum((x_hat - x)**2) + l1_coefficient * sum_i f_i * ||W_dec[i]||` per token (see
+  `StandardTrainingSAE.calculate_aux_loss`, lp_norm 1), so lam = l1_coefficient with no
+  rescaling. Gated SAEs put their L1 on the gate path (relu(pi_gate) * ||W_dec||), JumpReLU
+  on an L0 surrogate or tanh, the TopK family has no penalty: for those lam is unknown
+  (`lam_source` None) and the conditions that need lam are L1-surrogate statements.
+  If a published norm scaling factor c was folded into a standard SAE, its training lam maps
+  to lam / c in the folded units.
+- scope: a standard (ReLU) SAE with no training record is assumed to be L1-trained, which is
+  what sae_lens' "standard" architecture means, so its scope is exact; lam is then unknown
+  and estimated by the engine.
+- BatchTopK training SAEs pick codes per batch (top k * n_tokens over the whole batch), so
+  their codes depend on which tokens share a batch; the view encodes each batch as
+  `sae.encode` does and says so in `notes`.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from sae_lens import SAE
+from sae_lens.saes.transcoder import Transcoder
+
+SUPPORTED_ARCHITECTURES = ("standard", "gated", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk")
+
+_UNSUPPORTED_REASONS = {
+    "abstopk": "its codes can be negative, and the conditions are about nonnegative codes",
+    "matching_pursuit": "its codes come from an iterative pursuit on W_dec, not a fixed encoder, and can be negative",
+    "temporal": "its codes depend on earlier tokens through attention",
+}
+
+# Normalisation modes that sae_lens applies outside the SAE object (see module docstring).
+_EXTERNAL_NORMALISATION = ("expected_average_only_in", "covariance_whitening")
+
+EXACT_SCOPE = "L1 objective (exact)"
+
+
+class SAEView:
+    """One SAE in theory units. Reads the SAE on every call: it may still be training."""
+
+    def __init__(
+        self,
+        sae: SAE,
+        *,
+        hook_name: str | None = None,
+        lam: float | None = None,
+        release: str | None = None,
+        sae_id: str | None = None,
+    ):
+        _check_supported(sae)
+        self.sae = sae
+        metadata = sae.cfg.metadata
+        self.hook_name: str = hook_name or metadata.hook_name
+        if not self.hook_name:
+            raise ValueError(
+                f"the {type(sae).__name__} has no hook name (sae.cfg.metadata.hook_name is empty); "
+                "pass hook_name='blocks.0.hook_resid_pre' (the hook it was trained on), "
+                "or give the SAEs as {hook_name: sae}"
+            )
+        self.architecture: str = sae.cfg.architecture()
+        self.training_architecture: str | None = metadata.training_architecture
+        self.d_in: int = sae.cfg.d_in
+        self.d_sae: int = sae.cfg.d_sae
+        self.model_name: str | None = metadata.model_name
+        self.hook_head_index: int | None = metadata.hook_head_index
+        self.notes: list[str] = []
+
+        self.release, self.sae_id, self.neuronpedia_id, norm_factor = _pretrained_identity(
+            release, sae_id, metadata.neuronpedia_id
+        )
+        l1_coefficient, lp_norm = _l1_penalty(sae)
+        self.scope = self._scope(lp_norm)
+        self.lam, self.lam_source = self._lam(lam, l1_coefficient, norm_factor)
+        self._note_conditions()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        release: str,
+        sae_id: str,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        hook_name: str | None = None,
+        lam: float | None = None,
+    ) -> SAEView:
+        """Load with `SAE.from_pretrained` and remember release / sae_id (sae_lens does not)."""
+        sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
+        return cls(sae, hook_name=hook_name, lam=lam, release=release, sae_id=sae_id)
+
+    # ---- what the SAE is -------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.sae.W_dec.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of every returned tensor: float64 for a float64 SAE, float32 otherwise."""
+        return torch.float64 if self.sae.W_dec.dtype == torch.float64 else torch.float32
+
+    @property
+    def is_exact(self) -> bool:
+        return self.scope == EXACT_SCOPE
+
+    def decoder_norms(self) -> torch.Tensor:
+        """(K,) ||W_dec[i]||."""
+        with torch.no_grad():
+            return self.sae.W_dec.detach().to(self.dtype).norm(dim=1)
+
+    def dead_atoms(self) -> torch.Tensor:
+        """(K,) bool: decoder rows of norm 0, treated as dead features with atom 0."""
+        return self.decoder_norms() == 0
+
+    def atoms(self) -> torch.Tensor:
+        """(K, d) unit rows W_dec[i] / ||W_dec[i]||; a zero row stays 0."""
+        with torch.no_grad():
+            w_dec = self.sae.W_dec.detach().to(self.dtype)
+            norms = w_dec.norm(dim=1, keepdim=True)
+            return torch.where(norms > 0, w_dec / norms.clamp_min(torch.finfo(self.dtype).tiny), 0.0)
+
+    def bias(self) -> torch.Tensor:
+        """(d,) b_dec, the theory's bias b."""
+        return self.sae.b_dec.detach().to(self.dtype)
+
+    # ---- activations -> theory units -------------------------------------------------------
+
+    def encode(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hook activations of any leading shape -> (x (n, d), z (n, K)), flattened over tokens.
+
+        `acts` is what the hook carries: (..., d_in), or (..., n_heads, d_head) at hook_z.
+        Runs `sae.encode` (in the SAE's own dtype, under no_grad) and leaves no per-call
+        attribute behind on the SAE.
+        """
+        rows = self.rows(acts)
+        with torch.no_grad(), _no_state_left(self.sae):
+            # An inference hook_z SAE rearranges "... n_heads d_head -> ... (n_heads d_head)"
+            # itself; a singleton head axis makes that a no-op on rows that are already flat.
+            sae_in = rows[:, None, :] if self.sae.hook_z_reshaping_mode else rows
+            feature_acts = self.sae.encode(sae_in)
+        return self.internal_input(rows), self.codes(feature_acts)
+
+    def rows(self, acts: torch.Tensor) -> torch.Tensor:
+        """(n, d_in) rows the SAE reads from hook activations, on the SAE's device and dtype."""
+        d = self.d_in
+        if self.hook_head_index is not None and (acts.ndim >= 4 or acts.shape[-1] != d):
+            # An SAE trained on one head of hook_z/q/k/v (sae_lens' ActivationsStore selects it):
+            # (batch, pos, n_heads, d_head), or those heads flattened as a TransformerBridge gives them.
+            heads = acts if acts.ndim >= 4 else acts.unflatten(-1, (-1, d))
+            acts = heads[..., self.hook_head_index, :]
+        elif acts.ndim >= 3 and acts.shape[-1] != d and acts.shape[-2] * acts.shape[-1] == d:
+            acts = acts.flatten(-2)  # hook_z: (..., n_heads, d_head) -> (..., n_heads * d_head)
+        if acts.shape[-1] != d:
+            raise ValueError(
+                f"{self.hook_name}: the SAE has d_in={d} but the activations have width "
+                f"{acts.shape[-1]} (shape {tuple(acts.shape)}). The SAE was trained on another "
+                f"hook or model: attach it to a hook of width {d}, or use an SAE trained on "
+                "this hook of this model"
+            )
+        return acts.detach().reshape(-1, d).to(self.device, self.sae.dtype)
+
+    def internal_input(self, sae_input: torch.Tensor) -> torch.Tensor:
+        """(n, d) x from the SAE's input as seen at its `hook_sae_input` (before normalisation)."""
+        rows = sae_input.detach().reshape(-1, self.d_in).to(self.device, self.sae.dtype)
+        with torch.no_grad(), _no_state_left(self.sae):
+            return self.sae.run_time_activation_norm_fn_in(rows).to(self.dtype)
+
+    def codes(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        """(n, K) z from `sae.encode` output (or `hook_sae_acts_post`): theory-unit codes."""
+        if feature_acts.is_sparse:  # TopK training SAEs may return sparse COO codes
+            feature_acts = feature_acts.to_dense()
+        z = feature_acts.detach().reshape(-1, self.d_sae).to(self.dtype)
+        norms = self.decoder_norms()
+        if not getattr(self.sae.cfg, "rescale_acts_by_decoder_norm", False):
+            z = z * norms
+        return z.masked_fill(norms == 0, 0.0)
+
+    # ---- construction helpers --------------------------------------------------------------
+
+    def _scope(self, lp_norm: float | None) -> str:
+        trained_standard = self.training_architecture in (None, "standard")
+        if self.architecture == "standard" and trained_standard and lp_norm in (None, 1.0):
+            return EXACT_SCOPE
+        if self.architecture == "standard" and lp_norm not in (None, 1.0):
+            return f"L1 surrogate (standard, lp_norm={lp_norm:g})"
+        return f"L1 surrogate ({self.architecture})"
+
+    def _lam(
+        self, lam: float | None, l1_coefficient: float | None, norm_factor: float | None
+    ) -> tuple[float | None, str | None]:
+        if lam is not None:
+            if not (math.isfinite(lam) and lam >= 0):
+                raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+            return float(lam), "argument"
+        if l1_coefficient is None or not self.is_exact:
+            return None, None
+        if norm_factor is not None and self.sae.cfg.normalize_activations == "none":
+            self.notes.append(
+                f"lam = l1_coefficient / norm_scaling_factor = {l1_coefficient:g} / {norm_factor:g}: "
+                "SAE.from_pretrained folded the published scaling factor into the weights"
+            )
+            return l1_coefficient / norm_factor, "config"
+        return l1_coefficient, "config"
+
+    def _note_conditions(self) -> None:
+        n_dead_rows = int(self.dead_atoms().sum())
+        if n_dead_rows:
+            self.notes.append(
+                f"{n_dead_rows} decoder rows have norm 0: treated as dead features (atom 0, code 0)"
+            )
+        mode = self.sae.cfg.normalize_activations
+        if mode in _EXTERNAL_NORMALISATION:
+            message = (
+                f"{self.hook_name}: normalize_activations={mode!r} is applied outside the SAE by "
+                "sae_lens (during training) and has not been folded into these weights; the audit "
+                "sees the SAE as sae.encode runs it, on raw activations. Fold it first "
+                "(sae.fold_activation_norm_scaling_factor / sae.fold_activation_whitening) to audit "
+                "the SAE in the space it was trained in"
+            )
+            warnings.warn(message, UserWarning, stacklevel=3)
+            self.notes.append(message)
+        if self.architecture in ("batchtopk", "matryoshka_batchtopk"):
+            self.notes.append(
+                "BatchTopK codes are chosen per batch (top k * n_tokens over the whole batch), so "
+                "they depend on which tokens share a batch"
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"SAEView(hook_name={self.hook_name!r}, architecture={self.architecture!r}, "
+            f"d_in={self.d_in}, d_sae={self.d_sae}, scope={self.scope!r}, lam={self.lam!r})"
+        )
+
+
+def make_views(
+    saes: SAE | SAEView | Sequence[SAE | SAEView] | Mapping[str, SAE | SAEView],
+    hook_names: str | Sequence[str] | None = None,
+) -> dict[str, SAEView]:
+    """{hook_name: SAEView} from an SAE, a list of SAEs, or {hook_name: SAE}.
+
+    `hook_names` (one per SAE, only for the SAE / list forms) overrides the hook names the SAEs
+    carry in their metadata. Already-built SAEViews pass through unchanged.
+    """
+    if isinstance(saes, Mapping):
+        if hook_names is not None:
+            raise ValueError("hook_names is for an SAE or a list of SAEs; a dict already names its hooks")
+        pairs = [(name, sae) for name, sae in saes.items()]
+    else:
+        items = [saes] if isinstance(saes, (SAE, SAEView)) else list(saes)
+        if not items:
+            raise ValueError("no SAEs given")
+        names = [hook_names] if isinstance(hook_names, str) else hook_names
+        if names is not None and len(names) != len(items):
+            raise ValueError(f"{len(names)} hook_names for {len(items)} SAEs; give one per SAE")
+        pairs = list(zip(names or [None] * len(items), items))
+
+    views: dict[str, SAEView] = {}
+    for name, sae in pairs:
+        if isinstance(sae, SAEView):
+            if name is not None and name != sae.hook_name:
+                raise ValueError(f"SAEView for {sae.hook_name!r} given under the hook name {name!r}")
+            view = sae
+        elif isinstance(sae, SAE):
+            view = SAEView(sae, hook_name=name)
+        else:
+            raise TypeError(f"expected a sae_lens SAE, got {type(sae).__name__}")
+        if view.hook_name in views:
+            raise ValueError(
+                f"two SAEs for the hook {view.hook_name!r}: results are keyed by hook name, so "
+                "audit them in separate calls"
+            )
+        views[view.hook_name] = view
+    return views
+
+
+def _check_supported(sae: Any) -> None:
+    if not isinstance(sae, SAE):
+        raise TypeError(f"expected a sae_lens SAE, got {type(sae).__name__}")
+    if isinstance(sae, Transcoder):
+        raise ValueError(
+            f"{type(sae).__name__} is a transcoder: it reconstructs another hook "
+            "(hook_name_out) from its input, while the optimality conditions are about an "
+            "autoencoder reconstructing its own input. Transcoders are not supported"
+        )
+    architecture = sae.cfg.architecture()
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        reason = _UNSUPPORTED_REASONS.get(architecture, "it is not one of the architectures this adapter maps")
+        raise ValueError(
+            f"architecture {architecture!r} is not supported: {reason}. "
+            f"Supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
+def _l1_penalty(sae: SAE) -> tuple[float | None, float | None]:
+    """(l1_coefficient, lp_norm) of a standard L1 training penalty, from the config or metadata."""
+    if sae.cfg.architecture() != "standard":
+        return None, None
+    if hasattr(sae.cfg, "l1_coefficient"):  # a StandardTrainingSAE
+        return float(sae.cfg.l1_coefficient), float(sae.cfg.lp_norm)
+    details = sae.cfg.metadata.training_architecture_details or {}
+    l1_coefficient = details.get("l1_coefficient")
+    if l1_coefficient is None:
+        return None, None
+    return float(l1_coefficient), float(details.get("lp_norm", 1.0))
+
+
+def _pretrained_identity(
+    release: str | None, sae_id: str | None, neuronpedia_id: str | None
+) -> tuple[str | None, str | None, str | None, float | None]:
+    """(release, sae_id, neuronpedia_id, norm_scaling_factor) from sae_lens' pretrained directory.
+
+    sae_lens keeps none of these on the SAE it loads (a 6.x config even drops the neuronpedia id
+    that `from_pretrained` passes as an override), so: with release and sae_id, look them up;
+    with only a neuronpedia id in the metadata (older configs keep it), find its release.
+    """
+    if not (release and sae_id) and not neuronpedia_id:
+        return release, sae_id, neuronpedia_id, None
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    if release and sae_id:
+        entry = directory.get(release)
+        if entry is None or sae_id not in entry.saes_map:
+            return release, sae_id, neuronpedia_id, None
+        known_np = entry.neuronpedia_id.get(sae_id) or neuronpedia_id
+        return release, sae_id, known_np, entry.norm_scaling_factor.get(sae_id)
+    for entry in directory.values():
+        for candidate_id, candidate_np in entry.neuronpedia_id.items():
+            if candidate_np == neuronpedia_id:
+                return entry.release, candidate_id, neuronpedia_id, entry.norm_scaling_factor.get(candidate_id)
+    return release, sae_id, neuronpedia_id, None
+
+
+@contextmanager
+def _no_state_left(sae: SAE) -> Iterator[None]:
+    """Undo the plain attributes a call sets on the SAE.
+
+    sae_lens stores per-call state on the module: layer_norm keeps ln_mu / ln_std,
+    constant_norm_rescale keeps x_norm_coeff (normally deleted by decode), and an inference
+    hook_z SAE records d_head and swaps its reshape_fn_in on first use.
+    """
+    before = dict(sae.__dict__)
+    try:
+        yield
+    finally:
+        for name in [name for name in sae.__dict__ if name not in before]:
+            del sae.__dict__[name]
+        for name, value in before.items():
+            if sae.__dict__.get(name) is not value:
+                sae.__dict__[name] = value

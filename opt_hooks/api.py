@@ -1,0 +1,481 @@
+"""The public entry points: `audit`, `audit_activations`, `monitor` (see docs/API.md).
+
+Each drives one `engine.LayerAudit` per SAE through the two passes of docs/ARCHITECTURE.md.
+Held-out tokens are whole windows (rows of a forward pass; single rows for
+`audit_activations`), spread evenly: window w is held out when floor((w+1) h) > floor(w h).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from opt_hooks.adapters import CodeTap, SAEView, check_attachment, forward_to_deepest, make_views, model_device
+from opt_hooks.adapters.data import as_tokenizer, special_token_mask, token_windows
+from opt_hooks.adapters.model import model_name
+from opt_hooks.engine import AuditOptions, AuditPlan, LayerAudit
+from opt_hooks.result import AuditResult
+
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+def held_out_windows(first: int, count: int, share: float) -> Tensor:
+    """Bool (count,): which of windows first .. first+count-1 are held out (evenly spaced)."""
+    w = torch.arange(first, first + count, dtype=torch.float64)
+    return torch.floor((w + 1) * share) > torch.floor(w * share)
+
+
+def _check_share(held_out: float) -> None:
+    if not (0 <= held_out < 1):
+        raise ValueError(f"held_out is a share of the tokens in [0, 1), got {held_out!r}")
+
+
+# -- routing codes into the engine ----------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    """What the current forward pass is about: per-position flags, flattened like x and z."""
+
+    token_index: Tensor  # (n,) global token index
+    keep: Tensor  # (n,) False for special tokens
+    held: Tensor  # (n,) True for held-out tokens
+    window: Tensor  # (n,) window index, for error messages
+
+
+class _Router:
+    """Receives (hook, x, z) from the tap and feeds pass 1 or pass 2 of every layer."""
+
+    def __init__(self, views: Mapping[str, SAEView], lam: float | Mapping[str, float] | None,
+                 options: AuditOptions | None, nonfinite: str) -> None:
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        self.views, self.nonfinite = dict(views), nonfinite
+        self.audits = {key: _layer_audit(key, view, _lam_for(lam, key, view), options) for key, view in views.items()}
+        self.plans: dict[str, AuditPlan] | None = None
+        self.batch: _Batch | None = None
+        self.skipped = {key: 0 for key in views}
+
+    def on_codes(self, key: str, x: Tensor, z: Tensor) -> None:
+        batch = self.batch
+        if batch is None or len(batch.token_index) != x.shape[0]:
+            raise RuntimeError(
+                f"{key}: the tap delivered {x.shape[0]} rows but the batch has "
+                f"{0 if batch is None else len(batch.token_index)} tokens"
+            )
+        device = x.device
+        keep = batch.keep.to(device) & self._finite_rows(key, x, z, batch)
+        index, held = batch.token_index.to(device), batch.held.to(device)
+        if self.plans is None:
+            rows = keep & ~held
+            self.audits[key].update(x[rows], z[rows], index[rows])
+        else:
+            self.plans[key].update(x[keep], z[keep], index[keep], held_out=held[keep])
+
+    def _finite_rows(self, key: str, x: Tensor, z: Tensor, batch: _Batch) -> Tensor:
+        finite = torch.isfinite(x).all(1) & torch.isfinite(z).all(1)
+        if bool(finite.all()):
+            return finite
+        bad = int(torch.nonzero(~finite)[0])
+        if self.nonfinite == "raise":
+            raise FloatingPointError(
+                f"{key}: non-finite activation or code (NaN/inf) at token {int(batch.token_index[bad])} "
+                f"(window {int(batch.window[bad])}); no verdict is computed from NaN. "
+                "Pass nonfinite='skip' to leave such tokens out (they are counted in the report)"
+            )
+        if self.plans is None:  # count once, in pass 1
+            self.skipped[key] += int((~finite & batch.keep.to(finite.device) & ~batch.held.to(finite.device)).sum())
+        return finite
+
+    def start_pass_two(self) -> None:
+        self.plans = {key: audit.plan() for key, audit in self.audits.items()}
+
+    def result(self, meta: dict[str, Any]) -> AuditResult:
+        layers = {}
+        for key, plan in (self.plans or {}).items():
+            layer = plan.result()
+            layer.notes.extend(self.views[key].notes)
+            if self.skipped[key]:
+                layer.notes.append(f"{self.skipped[key]} audit tokens with non-finite values were skipped")
+            layers[key] = layer
+        return AuditResult(layers=layers, meta=meta)
+
+
+def _layer_audit(key: str, view: SAEView, lam: float | None, options: AuditOptions | None) -> LayerAudit:
+    meta = {"sae_id": view.sae_id, "neuronpedia_id": view.neuronpedia_id, "release": view.release}
+    return LayerAudit(
+        view.atoms(), view.bias(), lam=lam, hook_name=key, architecture=view.architecture,
+        scope=view.scope, options=options, meta=meta,
+    )
+
+
+def _lam_for(lam: float | Mapping[str, float] | None, key: str, view: SAEView) -> float | None:
+    if isinstance(lam, Mapping):
+        return lam.get(key, view.lam)
+    return view.lam if lam is None else float(lam)
+
+
+# -- audit: text through a model -----------------------------------------------------------
+
+
+def audit(
+    model: Any,
+    saes: Any,
+    dataset: Any,
+    n_tokens: int = 1_000_000,
+    batch_size: int = 16,
+    context_size: int = 128,
+    held_out: float = 0.1,
+    device: str | torch.device | None = None,
+    *,
+    hook_names: Any = None,
+    lam: float | Mapping[str, float] | None = None,
+    text_column: str | None = None,
+    split: str = "train",
+    prepend_bos: bool = True,
+    include_special_tokens: bool = False,
+    allow_model_mismatch: bool = False,
+    nonfinite: str = "raise",
+    options: AuditOptions | None = None,
+    progress: bool = True,
+) -> AuditResult:
+    """Stream `n_tokens` tokens of `dataset` through `model` and audit every SAE.
+
+    `saes`: an SAE, a list of SAEs, or {hook_name: SAE}; each SAE's hook point is
+    `sae.cfg.metadata.hook_name` unless `hook_names` overrides it. A share `held_out` of the
+    windows is kept out of the statistics and used to confirm certificates. `lam` overrides
+    the L1 coefficient (one number, or {hook_name: lam}); by default it is read from the SAE's
+    training configuration, else estimated. Special tokens (BOS, padding, ...) are left out
+    unless `include_special_tokens`. `nonfinite="skip"` leaves out tokens with NaN/inf values
+    (counted in the report) instead of stopping.
+    """
+    _check_share(held_out)
+    device = _place(model, saes, device)
+    views = make_views(saes, hook_names)
+    check_attachment(model, views, allow_model_mismatch=allow_model_mismatch)
+    started = time.perf_counter()
+    windows = torch.cat(list(token_windows(
+        dataset, model, context_size, n_tokens=n_tokens, batch_size=batch_size,
+        text_column=text_column, prepend_bos=prepend_bos, split=split,
+    )))
+    specials = None if include_special_tokens else _special_tokens(windows, model)
+    held = held_out_windows(0, len(windows), held_out)
+    router = _Router(views, lam, options, nonfinite)
+    timings = {}
+    with CodeTap(model, views, router.on_codes) as tap:
+        tick = time.perf_counter()
+        _stream_windows(model, tap, router, windows, specials, held, batch_size, only_audit=True,
+                        desc="pass 1/2: statistics", progress=progress)
+        timings["pass1_s"] = time.perf_counter() - tick
+        router.start_pass_two()
+        tick = time.perf_counter()
+        _stream_windows(model, tap, router, windows, specials, held, batch_size, only_audit=False,
+                        desc="pass 2/2: certificates", progress=progress)
+        timings["pass2_s"] = time.perf_counter() - tick
+    meta = {
+        "model": model_name(model),
+        "dataset": _describe(dataset),
+        "n_tokens": int(windows.numel()),
+        "context_size": int(windows.shape[1]) if windows.ndim == 2 else context_size,
+        "batch_size": batch_size,
+        "held_out": held_out,
+        "device": str(device),
+        "include_special_tokens": include_special_tokens,
+        "seconds": {**timings, "total_s": time.perf_counter() - started},
+        **_versions(),
+    }
+    result = router.result(meta)
+    result.token_texts = _token_texts(result, windows, model)
+    return result
+
+
+def _stream_windows(model, tap, router: _Router, windows: Tensor, specials: Tensor | None, held: Tensor,
+                    batch_size: int, *, only_audit: bool, desc: str, progress: bool) -> None:
+    chosen = torch.nonzero(~held).flatten() if only_audit else torch.arange(len(windows))
+    context = windows.shape[1]
+    for start in _progress(range(0, len(chosen), batch_size), desc, progress, total_items=len(chosen), step=batch_size):
+        rows = chosen[start:start + batch_size]
+        tokens = windows[rows]
+        positions = torch.arange(context)
+        router.batch = _Batch(
+            token_index=(rows[:, None] * context + positions).flatten(),
+            keep=(torch.ones_like(tokens, dtype=torch.bool) if specials is None else ~specials[rows]).flatten(),
+            held=held[rows][:, None].expand(-1, context).flatten(),
+            window=rows[:, None].expand(-1, context).flatten(),
+        )
+        forward_to_deepest(model, tokens, tap.hook_names)
+    router.batch = None
+
+
+def _special_tokens(windows: Tensor, model: Any) -> Tensor | None:
+    """Special-token positions; None for a model without a tokenizer (ids given directly,
+    where no token is known to be special)."""
+    try:
+        tokenizer = as_tokenizer(model)
+    except ValueError:
+        return None
+    return special_token_mask(windows, tokenizer)
+
+
+def _place(model: Any, saes: Any, device: str | torch.device | None) -> torch.device:
+    """Resolve the device; an explicit one moves the model and the SAEs there."""
+    if device is None:
+        return model_device(model)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but CUDA is not available here; use device='cpu' (or None)")
+    model.to(device)
+    for sae in _sae_objects(saes):
+        sae.to(device)
+    return device
+
+
+def _sae_objects(saes: Any) -> list[Any]:
+    if isinstance(saes, Mapping):
+        return list(saes.values())
+    if isinstance(saes, (list, tuple)):
+        return list(saes)
+    return [saes]
+
+
+def _token_texts(result: AuditResult, windows: Tensor, model: Any, before: int = 12, after: int = 4) -> dict[int, str]:
+    """Context snippets for the top tokens of flagged features and the worst residuals."""
+    wanted: set[int] = set()
+    for layer in result.layers.values():
+        for f in layer.features:
+            if f.tier != "satisfied":
+                wanted.update(f.top_tokens)
+        wanted.update(layer.layer_conditions.get("C6", {}).get("worst_tokens", []))
+    try:
+        tokenizer = as_tokenizer(model)
+    except ValueError:
+        return {}
+    context = windows.shape[1]
+    texts = {}
+    for token in sorted(wanted):
+        row, pos = divmod(token, context)
+        ids = windows[row]
+        left = tokenizer.decode(ids[max(0, pos - before):pos].tolist())
+        mid = tokenizer.decode(ids[pos:pos + 1].tolist())
+        right = tokenizer.decode(ids[pos + 1:pos + 1 + after].tolist())
+        texts[token] = f"{left}[[{mid}]]{right}"
+    return texts
+
+
+# -- audit_activations: activations the user already has ------------------------------------
+
+
+def audit_activations(
+    saes: Any,
+    batches: Any,
+    held_out: float = 0.1,
+    *,
+    hook_names: Any = None,
+    lam: float | Mapping[str, float] | None = None,
+    nonfinite: str = "raise",
+    options: AuditOptions | None = None,
+    progress: bool = False,
+) -> AuditResult:
+    """Audit SAEs on activations you already have (cached activations, sae_lens.synthetic, ...).
+
+    `batches`: a tensor (n, d_in), an iterable of such tensors that can be iterated twice (a
+    list, a DataLoader), a zero-argument callable returning a fresh iterable, or
+    {hook_name: one of those}. A bare SAE gets the key "sae". Rows are tokens; a share
+    `held_out` of them (evenly spaced) confirms the certificates.
+    """
+    _check_share(held_out)
+    if not isinstance(saes, (Mapping, list, tuple)) and hook_names is None and not isinstance(batches, Mapping):
+        hook_names = ["sae"]
+    views = make_views(saes, hook_names)
+    sources = _sources(views, batches)
+    router = _Router(views, lam, options, nonfinite)
+    for pass_two in (False, True):
+        if pass_two:
+            router.start_pass_two()
+        for key, source in sources.items():
+            seen = 0
+            desc = f"{key}: pass {2 if pass_two else 1}/2"
+            for acts in _progress(_iterate(source, key), desc, progress):
+                x, z = views[key].encode(acts)
+                n = x.shape[0]
+                index = torch.arange(seen, seen + n)
+                router.batch = _Batch(index, torch.ones(n, dtype=torch.bool), held_out_windows(seen, n, held_out), index)
+                router.on_codes(key, x, z)
+                seen += n
+            if seen == 0:
+                raise ValueError(f"{key}: the activation batches are empty; nothing to audit")
+    router.batch = None
+    return router.result({"source": "activations", "held_out": held_out, **_versions()})
+
+
+def _sources(views: Mapping[str, SAEView], batches: Any) -> dict[str, Any]:
+    if isinstance(batches, Mapping):
+        missing = sorted(set(views) - set(batches))
+        if missing:
+            raise ValueError(f"no activation batches for {missing}; batches has keys {sorted(batches)}")
+        return {key: batches[key] for key in views}
+    if len(views) != 1:
+        raise ValueError(
+            f"{len(views)} SAEs but one stream of batches: pass batches as {{hook_name: batches}} for {sorted(views)}"
+        )
+    return {next(iter(views)): batches}
+
+
+def _iterate(source: Any, key: str) -> Iterator[Tensor]:
+    if isinstance(source, Tensor):
+        yield source
+        return
+    if callable(source):
+        source = source()
+    if iter(source) is source:
+        raise TypeError(
+            f"{key}: the audit reads the activations twice (statistics, then certificates), but a "
+            "one-shot iterator or generator was given; pass a list, a tensor, or a zero-argument "
+            "function that returns a fresh iterator"
+        )
+    for acts in source:
+        if not isinstance(acts, Tensor):
+            raise TypeError(f"{key}: activation batches must be tensors (n, d_in), got {type(acts).__name__}")
+        yield acts
+
+
+# -- monitor: the user's own forward passes --------------------------------------------------
+
+
+class Monitor:
+    """Accumulates during whatever forward passes run inside `with monitor(model, saes):`.
+
+    It keeps each SAE's inputs and sparse codes it saw (on the CPU) so that `result()` can
+    measure the certificates exactly; on exit the model's hooks are exactly as before.
+    """
+
+    def __init__(self, model: Any, saes: Any, *, held_out: float = 0.1, hook_names: Any = None,
+                 lam: float | Mapping[str, float] | None = None, include_special_tokens: bool = False,
+                 nonfinite: str = "raise", options: AuditOptions | None = None) -> None:
+        _check_share(held_out)
+        self.model, self.held_out = model, held_out
+        self.views = make_views(saes, hook_names)
+        check_attachment(model, self.views)
+        self.include_special_tokens = include_special_tokens
+        self.router = _Router(self.views, lam, options, nonfinite)
+        self.seen: dict[str, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {key: [] for key in self.views}
+        self._tap = CodeTap(model, self.views, self._on_codes)
+        self._input_handle = None
+        self._windows = self._tokens = 0
+        self._pending: _Batch | None = None
+        self._consumed = set()
+
+    def __enter__(self) -> "Monitor":
+        # A forward pre-hook on the token embedding (attached, removed on exit) sees the token
+        # ids of every forward pass, generate()'s steps included, so special tokens and windows
+        # are known as in `audit`. Models without an `embed` module are hooked at the top.
+        embed = getattr(self.model, "embed", None)
+        target = embed if isinstance(embed, torch.nn.Module) else self.model
+        self._input_handle = target.register_forward_pre_hook(self._on_input, with_kwargs=True)
+        self._tap.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._tap.__exit__(*exc_info)
+        if self._input_handle is not None:
+            self._input_handle.remove()
+            self._input_handle = None
+
+    def _on_input(self, module: Any, args: tuple, kwargs: dict) -> None:
+        tokens = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(tokens, (str, list)) and hasattr(module, "to_tokens"):
+            tokens = module.to_tokens(tokens)
+        if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.int32, torch.int64):
+            self._pending = None  # embeddings or other inputs: positions counted from the codes
+            return
+        tokens = tokens.cpu().reshape(-1, tokens.shape[-1])
+        rows, context = tokens.shape
+        windows = torch.arange(self._windows, self._windows + rows)
+        specials = None if self.include_special_tokens else _special_tokens(tokens, self.model)
+        keep = torch.ones_like(tokens, dtype=torch.bool) if specials is None else ~specials
+        self._pending = _Batch(
+            token_index=torch.arange(self._tokens, self._tokens + rows * context),
+            keep=keep.flatten(),
+            held=held_out_windows(self._windows, rows, self.held_out)[:, None].expand(-1, context).flatten(),
+            window=windows[:, None].expand(-1, context).flatten(),
+        )
+        self._windows += rows
+        self._tokens += rows * context
+        self._consumed: set[str] = set()
+
+    def _on_codes(self, key: str, x: Tensor, z: Tensor) -> None:
+        batch = self._pending
+        if batch is None or len(batch.token_index) != x.shape[0] or key in self._consumed:
+            batch = self._rows_as_windows(x.shape[0])  # no token ids seen for this pass
+        else:
+            self._consumed.add(key)
+        self.router.batch = batch
+        self.router.on_codes(key, x, z)
+        keep = batch.keep.to(x.device) & torch.isfinite(x).all(1) & torch.isfinite(z).all(1)
+        self.seen[key].append((x[keep].cpu(), z[keep].to_sparse().cpu(), batch.token_index[keep.cpu()], batch.held[keep.cpu()]))
+
+    def _rows_as_windows(self, n: int) -> _Batch:
+        index = torch.arange(self._tokens, self._tokens + n)
+        batch = _Batch(index, torch.ones(n, dtype=torch.bool), held_out_windows(self._windows, n, self.held_out), index)
+        self._windows += n
+        self._tokens += n
+        return batch
+
+    def result(self) -> AuditResult:
+        """The audit of every token seen so far (callable any number of times)."""
+        results = {}
+        for key, audit in self.router.audits.items():
+            if audit.n_tokens == 0:
+                raise ValueError(f"{key}: the monitor has seen no audit tokens yet; run a forward pass first")
+            plan = audit.plan()
+            for x, z, index, held in self.seen[key]:
+                device = audit.atoms.device
+                plan.update(x.to(device), z.to_dense().to(device), index.to(device), held_out=held.to(device))
+            layer = plan.result()
+            layer.notes.extend(self.views[key].notes)
+            results[key] = layer
+        meta = {"model": model_name(self.model), "source": "monitor", "n_tokens": self._tokens,
+                "held_out": self.held_out, **_versions()}
+        return AuditResult(layers=results, meta=meta)
+
+
+def monitor(model: Any, saes: Any, **kwargs: Any) -> Monitor:
+    """`with monitor(model, saes) as mon: ...; mon.result()` — see `Monitor`."""
+    return Monitor(model, saes, **kwargs)
+
+
+# -- small helpers ---------------------------------------------------------------------------
+
+
+def _progress(items: Iterable, desc: str, enabled: bool, total_items: int | None = None, step: int = 1) -> Iterable:
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    total = None if total_items is None else math.ceil(total_items / step)
+    return tqdm(items, desc=desc, total=total, leave=False)
+
+
+def _describe(dataset: Any) -> str:
+    if isinstance(dataset, str):
+        return dataset
+    if isinstance(dataset, (list, tuple)):
+        return f"{len(dataset)} in-memory documents"
+    return type(dataset).__name__
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("opt_hooks", "torch", "transformer_lens", "sae_lens"):
+        try:
+            out[f"{package}_version"] = version(package.replace("_", "-"))
+        except PackageNotFoundError:
+            out[f"{package}_version"] = "unknown"
+    return out
