@@ -6,21 +6,36 @@
 
 See docs/API.md for the public surface and docs/THEORY.md for the conditions.
 """
-from opt_hooks.api import Monitor, audit, audit_activations, monitor
-from opt_hooks.engine import AuditOptions
-from opt_hooks.result import AuditResult, CertificateCheck, FeatureRow, LayerResult, PairRow
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AuditOptions",
-    "AuditResult",
-    "CertificateCheck",
-    "FeatureRow",
-    "LayerResult",
-    "Monitor",
-    "PairRow",
-    "audit",
-    "audit_activations",
-    "monitor",
-]
+# Names are resolved on first use, so that `import opt_hooks.theory` (pure tensor maths)
+# does not import TransformerLens and SAE-Lens through this package.
+_EXPORTS = {
+    "audit": "opt_hooks.api",
+    "audit_activations": "opt_hooks.api",
+    "monitor": "opt_hooks.api",
+    "Monitor": "opt_hooks.api",
+    "AuditOptions": "opt_hooks.engine",
+    "AuditResult": "opt_hooks.result",
+    "CertificateCheck": "opt_hooks.result",
+    "FeatureRow": "opt_hooks.result",
+    "LayerResult": "opt_hooks.result",
+    "PairRow": "opt_hooks.result",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'opt_hooks' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

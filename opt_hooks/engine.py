@@ -24,7 +24,7 @@ from opt_hooks.result import CertificateCheck, FeatureRow, LayerResult, PairRow,
 from opt_hooks.theory import certificates as certs
 from opt_hooks.theory import conditions as cond
 from opt_hooks.theory.accumulator import Accumulator
-from opt_hooks.theory.objective import residuals
+from opt_hooks.theory.objective import compute_dtype, residuals
 from opt_hooks.theory.stats import LayerStatistics, LayerStats
 
 AUDIT, HELD_OUT = 0, 1
@@ -60,8 +60,10 @@ class LayerAudit:
         options: AuditOptions | None = None,
         meta: dict[str, Any] | None = None,
     ) -> None:
-        if lam is not None and not (math.isfinite(lam) and lam >= 0):
-            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        if lam is not None:
+            cond.check_lam(lam)
+        if not (torch.isfinite(atoms).all() and torch.isfinite(bias).all()):
+            raise ValueError(f"{hook_name}: non-finite values (NaN or inf) in the SAE's decoder or b_dec")
         self.atoms, self.bias, self.lam = atoms, bias, lam
         self.hook_name, self.architecture, self.scope = hook_name, architecture, scope
         self.options = options or AuditOptions()
@@ -69,7 +71,7 @@ class LayerAudit:
         self.stats = LayerStats(atoms, bias, worst_k=self.options.worst_k, keep_projections=lam is None)
 
     def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None) -> None:
-        _check_batch(x, z, self.atoms)
+        _check_batch(x, z, self.atoms, token_index)
         self.stats.update(x, z, token_index)
 
     def merge(self, other: "LayerAudit") -> "LayerAudit":
@@ -81,6 +83,11 @@ class LayerAudit:
         return int(self.stats.n_tokens)
 
     def plan(self) -> "AuditPlan":
+        if self.n_tokens == 0:
+            raise ValueError(
+                f"{self.hook_name}: no audit tokens were seen (none streamed, or all skipped as "
+                "special or non-finite); nothing to audit"
+            )
         return AuditPlan(self, self.stats.compute())
 
     def state_dict(self) -> dict[str, Any]:
@@ -126,7 +133,9 @@ class AuditPlan:
         alive = st.active_count > 0
         decoder_ids = idx((self.decoder.size > opts.c3_tol) & alive)
         grads = self.decoder.gradient.to(dev)[decoder_ids]
-        families["C3"] = certs.DecoderCertificates(decoder_ids, grads / grads.norm(dim=-1, keepdim=True))
+        families["C3"] = certs.DecoderCertificates(
+            decoder_ids, self.atoms[decoder_ids], grads / grads.norm(dim=-1, keepdim=True)
+        )
         code_ids = idx(alive)
         scale = (st.sum_z / st.active_count.clamp(min=1)).to(dev)[code_ids]
         families["C4"] = certs.CodeCertificates(code_ids, scale)
@@ -144,12 +153,14 @@ class AuditPlan:
     # -- pass 2 -----------------------------------------------------------------------
     def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None, held_out: Tensor | None = None) -> None:
         """Add a batch of audit (held_out False) and held-out (True) tokens."""
-        _check_batch(x, z, self.atoms)
-        if x.shape[0] == 0:
-            return
+        _check_batch(x, z, self.atoms, token_index)
         if held_out is None:
             held_out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if held_out.shape != (x.shape[0],) or held_out.dtype != torch.bool:
+            raise ValueError(f"held_out must be a bool mask ({x.shape[0]},); got {held_out.dtype} {tuple(held_out.shape)}")
+        if x.shape[0] == 0:
+            return
+        compute = compute_dtype(x, z, self.bias)
         atoms, bias = self.atoms.to(compute), self.bias.to(compute)
         x, z = x.to(compute), z.to(compute)
         r = residuals(x, atoms, z, bias)
@@ -422,12 +433,14 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (dataclasses.asdict(v) if isinstance(v, CertificateCheck) else v) for k, v in d.items()}
 
 
-def _check_batch(x: Tensor, z: Tensor, atoms: Tensor) -> None:
+def _check_batch(x: Tensor, z: Tensor, atoms: Tensor, token_index: Tensor | None) -> None:
     n_features, d = atoms.shape
     if x.ndim != 2 or x.shape[1] != d:
         raise ValueError(f"x must be (n, {d}) in the SAE's input space; got {tuple(x.shape)}")
     if z.ndim != 2 or z.shape != (x.shape[0], n_features):
         raise ValueError(f"z must be (n, {n_features}) codes for the same {x.shape[0]} tokens; got {tuple(z.shape)}")
+    if token_index is not None and token_index.shape != (x.shape[0],):
+        raise ValueError(f"token_index must be ({x.shape[0]},), one index per token; got {tuple(token_index.shape)}")
     if not (torch.isfinite(x).all() and torch.isfinite(z).all()):
         raise ValueError(
             "non-finite values (NaN or inf) in the SAE input or codes: no verdict can be computed "

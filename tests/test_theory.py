@@ -158,7 +158,7 @@ def test_c3_rotated_atom(learned):
     tilted[2] = tilted[2] / tilted[2].norm()
     check = cond.c3_decoder(_stats(x, tilted, z, bias), tilted)
     assert float(check.size[2]) > 1e-2
-    family = certs.DecoderCertificates(torch.tensor([2]), check.gradient[[2]] / check.norm[2])
+    family = certs.DecoderCertificates(torch.tensor([2]), tilted[[2]], check.gradient[[2]] / check.norm[2])
     measured = exact_change(family, 0, 1e-3, x, tilted, z, bias, lam)
     assert measured < 0 and measured == pytest.approx(-2e-3 * float(check.norm[2]), rel=0.05)
     change, _ = closed_form_change(family, x, tilted, z, bias, lam)

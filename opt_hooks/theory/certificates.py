@@ -57,6 +57,11 @@ class PairCertificates:
     (complementary, T = m) is the mirror image. With s = kind:
         d_j <- normalise(d_j + s eps (d_i - rho d_j)),  z_i <- max(z_i - s eps (z_j - T), 0),
         z_j <- z_j (1 + s eps rho),                    b <- b - s eps T d_i.
+
+    For a hierarchy, a token where j is off changes by exactly lam eps T (z_i grows by eps T,
+    the bias shift cancels it in the reconstruction), so only the tokens where j fires are
+    gathered: the work per batch is the number of (pair, token where j fires), not pairs x
+    tokens. Complementary pairs (rare: j is on wherever i is off) are evaluated densely.
     """
 
     i: Tensor  # (P,)
@@ -66,22 +71,54 @@ class PairCertificates:
     rho: Tensor  # (P,)
     condition = "C2"
     eps = EPS_LADDER
-    chunk: int = 4096
+    chunk_elements: int = 1 << 22  # bound on gathered (pair, token) elements per step
 
     def __len__(self) -> int:
         return len(self.i)
 
     def batch_change(self, z: Tensor, r: Tensor, q: Tensor, lam: float) -> tuple[Tensor, Tensor]:
-        parts = [self._chunk_change(z, q, lam, sl) for sl in _chunks(len(self.i), self.chunk)]
-        if not parts:
-            empty = torch.zeros(len(self.eps), 0, dtype=torch.float64, device=z.device)
-            return empty, empty
-        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+        shape = (len(self.eps), len(self.i))
+        change = torch.zeros(shape, dtype=torch.float64, device=z.device)
+        first = torch.zeros(shape, dtype=torch.float64, device=z.device)
+        hierarchy = torch.nonzero(self.kind > 0).flatten()
+        complementary = torch.nonzero(self.kind < 0).flatten()
+        if len(hierarchy):
+            self._hierarchy_change(z, q, lam, hierarchy, change, first)
+        for sl in _chunks(len(complementary), max(1, self.chunk_elements // max(z.shape[0], 1))):
+            pairs = complementary[sl]
+            rows = torch.arange(z.shape[0], device=z.device)[:, None].expand(-1, len(pairs))
+            ch, fi = self._token_changes(z, q, lam, rows, pairs[None, :].expand_as(rows))
+            change[:, pairs] += ch.sum(1)
+            first[:, pairs] += fi.sum(1)
+        return change, first
 
-    def _chunk_change(self, z: Tensor, q: Tensor, lam: float, sl: slice) -> tuple[Tensor, Tensor]:
-        i, j = self.i[sl], self.j[sl]
-        zi, zj, qi, qj = z[:, i].double(), z[:, j].double(), q[:, i].double(), q[:, j].double()
-        s, t, rho = self.kind[sl].double(), self.bound[sl].double(), self.rho[sl].double()
+    def _hierarchy_change(self, z: Tensor, q: Tensor, lam: float, pairs: Tensor, change: Tensor, first: Tensor) -> None:
+        n_tokens, n_features = z.shape
+        token, feature = torch.nonzero(z > 0, as_tuple=True)
+        by_feature = torch.argsort(feature, stable=True)
+        token = token[by_feature]
+        count = torch.bincount(feature, minlength=n_features)
+        start = torch.cumsum(count, 0) - count
+        eps = torch.tensor(self.eps, dtype=torch.float64, device=z.device)[:, None]
+        t = self.bound[pairs].double()
+        j_off = (n_tokens - count[self.j[pairs]]).double()
+        change[:, pairs] += lam * eps * t * j_off  # tokens where j is off, in closed form
+        first[:, pairs] += lam * eps * t * j_off
+        per_pair = count[self.j[pairs]]
+        for sl in _chunks_by_total(per_pair, self.chunk_elements):
+            chunk_pairs, lengths = pairs[sl], per_pair[sl]
+            owner = torch.repeat_interleave(torch.arange(len(chunk_pairs), device=z.device), lengths)
+            offset = torch.arange(int(lengths.sum()), device=z.device) - (torch.cumsum(lengths, 0) - lengths)[owner]
+            rows = token[start[self.j[chunk_pairs]][owner] + offset]
+            ch, fi = self._token_changes(z, q, lam, rows, chunk_pairs[owner])
+            change.index_add_(1, chunk_pairs, torch.zeros_like(change[:, :len(chunk_pairs)]).index_add_(1, owner, ch))
+            first.index_add_(1, chunk_pairs, torch.zeros_like(first[:, :len(chunk_pairs)]).index_add_(1, owner, fi))
+
+    def _token_changes(self, z: Tensor, q: Tensor, lam: float, rows: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact and first-order change of loss_n for each (token row, pair), every eps: (E, ...)."""
+        i, j = self.i[pairs], self.j[pairs]
+        zi, zj, qi, qj = z[rows, i].double(), z[rows, j].double(), q[rows, i].double(), q[rows, j].double()
+        s, t, rho = self.kind[pairs].double(), self.bound[pairs].double(), self.rho[pairs].double()
         changes, firsts = [], []
         for eps in self.eps:
             nu = torch.sqrt(1 + eps**2 * (1 - rho**2))
@@ -90,9 +127,8 @@ class PairCertificates:
             alpha = -s * eps * t + dzi + zj_new * s * eps / nu  # new recon - old, along d_i
             beta = zj_new * (1 - s * eps * rho) / nu - zj  # and along d_j
             change = -2 * (alpha * qi + beta * qj) + alpha**2 + beta**2 + 2 * alpha * beta * rho
-            change = change + lam * (dzi + zj_new - zj)
-            changes.append(change.sum(0))
-            firsts.append((lam * s * eps * (t - (1 - rho) * zj)).sum(0))
+            changes.append(change + lam * (dzi + zj_new - zj))
+            firsts.append(lam * s * eps * (t - (1 - rho) * zj))
         return torch.stack(changes), torch.stack(firsts)
 
     def apply(self, k: int, eps: float, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
@@ -108,9 +144,14 @@ class PairCertificates:
 
 @dataclass
 class DecoderCertificates:
-    """C3: rotate d_i towards its tangent gradient u_i = g_i / ||g_i||, codes fixed."""
+    """C3: rotate d_i towards its tangent gradient u_i = g_i / ||g_i||, codes fixed.
+
+    With codes fixed the change is a function of sums: sum_n [-2 z_in <r_n, D_i> + z_in^2 ||D_i||^2]
+    = -2 <sum_n z_in r_n, D_i> + ||D_i||^2 sum_n z_in^2, with D_i = d_i' - d_i.
+    """
 
     features: Tensor  # (F,)
+    atom: Tensor  # (F, d) d_i
     direction: Tensor  # (F, d) unit, orthogonal to d_i
     condition = "C3"
     eps = EPS_LADDER
@@ -119,15 +160,16 @@ class DecoderCertificates:
         return len(self.features)
 
     def batch_change(self, z: Tensor, r: Tensor, q: Tensor, lam: float) -> tuple[Tensor, Tensor]:
-        zi, qi = z[:, self.features].double(), q[:, self.features].double()
-        ru = (r @ self.direction.to(r.dtype).T).double()
+        zr = (z.T @ r)[self.features].double()  # (F, d) sum_n z_in r_n
+        z2 = (z.double() ** 2).sum(0)[self.features]
+        along_atom = (zr * self.atom.double()).sum(-1)
+        along_direction = (zr * self.direction.double()).sum(-1)
         changes, firsts = [], []
         for eps in self.eps:
             nu = math.sqrt(1 + eps**2)
-            r_dot_step = qi * (1 / nu - 1) + eps * ru / nu  # <r, d_i' - d_i>
-            step_sq = 2 - 2 / nu  # ||d_i' - d_i||^2
-            changes.append((-2 * zi * r_dot_step + zi**2 * step_sq).sum(0))
-            firsts.append((-2 * eps * zi * ru).sum(0))
+            zr_dot_step = along_atom * (1 / nu - 1) + eps * along_direction / nu
+            changes.append(-2 * zr_dot_step + (2 - 2 / nu) * z2)
+            firsts.append(-2 * eps * along_direction)
         return torch.stack(changes), torch.stack(firsts)
 
     def apply(self, k: int, eps: float, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
@@ -156,24 +198,28 @@ class CodeCertificates:
 
     def gain_parts(self, z: Tensor, q: Tensor, lam: float) -> tuple[Tensor, Tensor]:
         """(sum over active of |2q - lam|, sum over inactive of (2q - lam)_+), per feature."""
-        zi, excess = z[:, self.features], 2 * q[:, self.features] - lam
-        active = zi > 0
+        excess = 2 * q - lam
+        active = z > 0
         on = torch.where(active, excess.abs(), 0).sum(0, dtype=torch.float64)
         off = torch.where(active, 0, excess.clamp(min=0)).sum(0, dtype=torch.float64)
-        return on, off
+        return on[self.features], off[self.features]
 
     def batch_change(self, z: Tensor, r: Tensor, q: Tensor, lam: float) -> tuple[Tensor, Tensor]:
-        zi, qi = z[:, self.features], q[:, self.features]
-        excess = 2 * qi - lam
-        active = zi > 0
-        direction = torch.where(active, torch.sign(excess), (excess > 0).to(zi.dtype))
-        slope = torch.where(active, excess.abs(), excess.clamp(min=0))
+        # Whole (n, K) matrices, then the certificates' columns: a column gather would copy
+        # nearly all of them anyway (every live feature has a certificate).
+        excess = 2 * q - lam
+        active = z > 0
+        direction = torch.where(active, torch.sign(excess), (excess > 0).to(z.dtype))
+        slope = torch.where(active, excess.abs(), excess.clamp(min=0)).sum(0, dtype=torch.float64)
+        scale = torch.zeros(z.shape[1], dtype=z.dtype, device=z.device)
+        scale[self.features] = self.scale.to(z.dtype)
         changes, firsts = [], []
         for eps in self.eps:
-            step = eps * self.scale.to(zi.dtype)
-            dz = (zi + step * direction).clamp(min=0) - zi
-            changes.append((-2 * dz * qi + dz**2 + lam * dz).sum(0, dtype=torch.float64))
-            firsts.append(-(step * slope).sum(0, dtype=torch.float64))
+            step = eps * scale
+            dz = (z + step * direction).clamp(min=0) - z
+            change = (dz * (lam - 2 * q + dz)).sum(0, dtype=torch.float64)
+            changes.append(change[self.features])
+            firsts.append(-(eps * scale.double() * slope)[self.features])
         return torch.stack(changes), torch.stack(firsts)
 
     def apply(self, k: int, eps: float, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
@@ -244,3 +290,13 @@ class SpareCertificates:
 
 def _chunks(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _chunks_by_total(lengths: Tensor, budget: int) -> list[slice]:
+    """Consecutive slices of `lengths` whose sums stay near `budget` (one item may exceed it)."""
+    ends = torch.cumsum(lengths, 0)
+    total = int(ends[-1]) if len(ends) else 0
+    marks = torch.arange(budget, max(total, budget), budget, device=lengths.device)
+    cuts = torch.unique(torch.searchsorted(ends, marks, right=True)).tolist()
+    bounds = [0, *[c for c in cuts if 0 < c < len(ends)], len(ends)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
