@@ -88,7 +88,10 @@ class LayerAudit:
                 f"{self.hook_name}: no audit tokens were seen (none streamed, or all skipped as "
                 "special or non-finite); nothing to audit"
             )
-        return AuditPlan(self, self.stats.compute())
+        try:
+            return AuditPlan(self, self.stats.compute())
+        except ValueError as error:  # e.g. lam cannot be estimated: say which SAE
+            raise ValueError(f"{self.hook_name}: {error}") from error
 
     def state_dict(self) -> dict[str, Any]:
         return {"stats": self.stats.state_dict(), "lam": self.lam}
@@ -273,8 +276,10 @@ class _LayerAssembler:
         for k, check in zip(fam["C3"].features.tolist(), self.checks["C3"]):
             self._flag(k, "C3", check, float(plan.decoder.size[k]))
         code = cond.c4_codes(plan.state.gain_active, plan.state.gain_inactive, st.active_count[fam["C4"].features.cpu()].to(plan.state.gain_active.device), st.n_tokens, plan.lam)
-        c4_gain = torch.zeros(len(mu), dtype=torch.float64)
-        c4_size = torch.zeros(len(mu), dtype=torch.float64)
+        # NaN (None in the rows): not evaluated. C4's certificates need an active feature's
+        # mean code as their scale, so dead features are left to C6.
+        c4_gain = torch.full((len(mu),), math.nan, dtype=torch.float64)
+        c4_size = torch.full((len(mu),), math.nan, dtype=torch.float64)
         c4_gain[fam["C4"].features.cpu()] = code.gain.cpu()
         c4_size[fam["C4"].features.cpu()] = code.size.cpu()
         for k, check in zip(fam["C4"].features.tolist(), self.checks["C4"]):
@@ -346,6 +351,8 @@ class _LayerAssembler:
             zi, zj = dense[:, where[row.i]], dense[:, where[row.j]]
             keep = _scatter_rows(zi, zj, self.opts.scatter_points)
             row.sample_i, row.sample_j = zi[keep].tolist(), zj[keep].tolist()
+            on_a_i = zj[zi == 0]  # z_j where i is off: A_i is non-empty for every C2 pair
+            row.hull_min, row.hull_max = float(on_a_i.min()), float(on_a_i.max())
 
     def _c5(self) -> dict[str, Any]:
         check = self.plan.bias_check
@@ -389,7 +396,7 @@ class _LayerAssembler:
                 top[k] = (values[row][keep].tolist(), tokens[row][keep].tolist())
         mu, floor = st.mu.tolist(), plan.floor.floor.tolist()
         counts, maxima, sizes3 = st.active_count.tolist(), st.max_z.tolist(), plan.decoder.size.tolist()
-        gains, sizes4 = c4_gain.tolist(), c4_size.tolist()
+        gains, sizes4 = ([None if math.isnan(v) else v for v in t.tolist()] for t in (c4_gain, c4_size))
         rows = []
         for k in range(len(mu)):
             found = self.conditions[k]

@@ -14,6 +14,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# pytest -n 2 on 2 cores: one torch thread per worker, or the two oversubscribe each other.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_cfg():

@@ -1,0 +1,53 @@
+"""Reports of an AuditResult.
+
+- report.json: `AuditResult.to_dict()`, described by `schema.json` (JSON Schema 2020-12);
+- report.html: one self-contained page, works offline (`html.render_html`);
+- terminal summary: `terminal.render_summary`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from opt_hooks.report.html import render_html
+from opt_hooks.report.terminal import render_summary
+from opt_hooks.result import AuditResult, atomic_write_text, dumps
+
+REPORT_JSON = "report.json"
+REPORT_HTML = "report.html"
+SCHEMA_FILE = Path(__file__).resolve().parent / "schema.json"
+
+__all__ = [
+    "REPORT_HTML", "REPORT_JSON", "check_out_dir", "load_schema", "render_html", "render_summary", "write_report",
+]
+
+
+def load_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of report.json."""
+    return json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+
+
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an output folder that holds anything unless `overwrite`; return it as a Path."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"output path {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"output folder {out_dir} is not empty; pass overwrite=True (CLI: --overwrite) to replace its report"
+        )
+    return out_dir
+
+
+def write_report(result: AuditResult, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write out_dir/report.json and out_dir/report.html, each atomically; return out_dir.
+
+    Other files in out_dir are left alone; with overwrite=False the folder must be empty or absent.
+    """
+    out_dir = check_out_dir(out_dir, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / REPORT_JSON, dumps(result))
+    atomic_write_text(out_dir / REPORT_HTML, render_html(result))
+    return out_dir

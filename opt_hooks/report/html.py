@@ -1,0 +1,361 @@
+"""report.html: one self-contained page for an AuditResult (inline CSS, JS and SVG; no network).
+
+Page layout: overview (what the tiers mean, tier and condition counts per layer, run facts),
+then one section per layer: facts and scope, size distributions of C3 and C4, layer-wide
+conditions (C5, C6), a sortable table of flagged features, the flagged pairs (table and the
+paper's scatter figure) and the top-activating contexts of the most severe features.
+Long lists are cut to the most severe entries; report.json always has everything.
+"""
+from __future__ import annotations
+
+import json
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from opt_hooks.report import neuronpedia
+from opt_hooks.report.svg import condition_grid, fmt, histogram, pair_scatter, tier_bars
+from opt_hooks.result import CONDITIONS, TIER_RANK, AuditResult, CertificateCheck, FeatureRow, LayerResult, PairRow
+
+HERE = Path(__file__).resolve().parent
+MAX_FEATURE_ROWS = 500  # per layer, most severe first
+MAX_PAIR_ROWS = 500
+MAX_SCATTERS = 12
+MAX_CONTEXT_FEATURES = 12
+MAX_LISTED_DEAD = 60
+
+TIER_TEXT = {
+    "certified": "a certificate (a concrete change of the SAE) lowers the objective on the audit tokens "
+    "and on held-out tokens it was not built from: the feature is provably not optimal",
+    "violated": "the certificate lowers the objective on the audit tokens only (no held-out confirmation)",
+    "satisfied": "no condition is broken beyond floating-point margin",
+}
+SURROGATE_NOTE = (
+    "This SAE was not trained with an L1 penalty: C1, C2, C4 and C6 are the conditions of the L1 "
+    "surrogate objective, not proofs about its own objective. C3 and C5 hold for every architecture."
+)
+
+
+def render_html(result: AuditResult) -> str:
+    layers = list(result.layers.values())
+    sections = [_layer_section(k, layer, result.token_texts) for k, layer in enumerate(layers)]
+    style = (HERE / "report.css").read_text(encoding="utf-8")
+    script = (HERE / "report.js").read_text(encoding="utf-8")
+    title = f"opt_hooks audit: {_model_name(result)}"
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>{escape(title)}</title><style>{style}</style></head>",
+            '<body data-report-status="loading">',
+            '<pre id="js-errors"></pre>',
+            f"<h1>{escape(title)}</h1>",
+            _nav(layers),
+            _overview(result, layers),
+            *sections,
+            _footer(),
+            f"<script>{script}</script>",
+            "</body></html>",
+        ]
+    )
+
+
+def _model_name(result: AuditResult) -> str:
+    return str(result.meta.get("model") or "SAE optimality report")
+
+
+def _nav(layers: list[LayerResult]) -> str:
+    links = ['<a href="#overview">overview</a>']
+    links += [f'<a href="#layer-{k}">{escape(layer.hook_name)}</a>' for k, layer in enumerate(layers)]
+    return f"<nav>{' '.join(links)}</nav>"
+
+
+def _overview(result: AuditResult, layers: list[LayerResult]) -> str:
+    names = [layer.hook_name for layer in layers]
+    tiers = tier_bars(list(zip(names, (layer.tier_counts() for layer in layers))))
+    grid = condition_grid(list(zip(names, (layer.condition_counts() for layer in layers))), list(CONDITIONS))
+    tier_items = "".join(
+        f'<li><span class="badge {t}">{t}</span> {escape(text)}</li>' for t, text in TIER_TEXT.items()
+    )
+    condition_items = "".join(f"<li><b>{c}</b> {escape(text)}</li>" for c, text in CONDITIONS.items())
+    return (
+        '<section id="overview"><h2>Overview</h2>'
+        "<p>Each SAE feature is checked against first-order optimality conditions of the sparse "
+        "dictionary-learning objective. A broken condition comes with a certificate: a direction "
+        "that lowers the objective, applied and measured.</p>"
+        f'<ul class="tiers">{tier_items}</ul>'
+        f'<div class="plots"><div class="card"><h3>Features per tier</h3>{tiers}</div>'
+        f'<div class="card"><h3>Flagged per condition (C2: pairs; C5, C6: 0 or 1)</h3>{grid}'
+        f'<ul class="muted">{condition_items}</ul></div></div>'
+        f"<h3>Run</h3>{_facts(_flatten(result.meta))}</section>"
+    )
+
+
+def _flatten(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = []
+    for key, value in meta.items():
+        if isinstance(value, dict):
+            rows += [(f"{key}.{k}", _plain(v)) for k, v in value.items()]
+        else:
+            rows.append((key, _plain(value)))
+    return rows
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return fmt(value, 4)
+    return escape(value if isinstance(value, str) else json.dumps(value))
+
+
+def _context(text: str) -> str:
+    """A token's context snippet with the token itself highlighted.
+
+    The API marks the token as "left[[token]]right"; the left part is longer (more tokens)
+    and more likely to contain a literal "[[" (code), so the last "[[" is taken as the marker.
+    """
+    left, marker, rest = text.rpartition("[[")
+    token, closing, right = rest.partition("]]")
+    if not (marker and closing):
+        return escape(text)
+    return f"{escape(left)}<mark>{escape(token)}</mark>{escape(right)}"
+
+
+def _facts(rows: list[tuple[str, str]]) -> str:
+    """A definition list of (label, value as HTML) rows."""
+    items = "".join(f"<dt>{escape(label)}</dt><dd>{value}</dd>" for label, value in rows)
+    return f'<dl class="facts">{items}</dl>'
+
+
+def _layer_section(k: int, layer: LayerResult, texts: dict[int, str]) -> str:
+    dead = set(layer.dead_features)
+    live = [f for f in layer.features if f.id not in dead]
+    histograms = histogram([f.c3_size for f in live], "C3 size (decoder stationarity)", lo=0.0, hi=1.0)
+    histograms += histogram([f.c4_size for f in live if f.c4_size is not None], "C4 size (code optimality)")
+    parts = [
+        f'<section class="layer" id="layer-{k}"><h2>{escape(layer.hook_name)}</h2>',
+        f'<p class="scope">Scope: {escape(layer.scope)}</p>',
+        "" if layer.scope.startswith("L1 objective") else f'<p class="note">{escape(SURROGATE_NOTE)}</p>',
+        _facts(_layer_facts(layer)),
+        *[f'<p class="note">{escape(note)}</p>' for note in layer.notes],
+        f'<div class="plots"><div class="card">{histograms}</div></div>',
+        _layer_conditions(layer, texts),
+        _feature_table(layer),
+        _pair_section(layer),
+        _contexts(layer, texts),
+        "</section>",
+    ]
+    return "\n".join(parts)
+
+
+def _layer_facts(layer: LayerResult) -> list[tuple[str, str]]:
+    if layer.lam_estimated:
+        lam_source = "estimated from the data (2 x median of &lt;d_i, r_n&gt; over active codes)"
+    else:
+        lam_source = "the SAE's training l1 coefficient"
+    dead = layer.dead_features
+    dead_text = f"{len(dead):,}" + (f": {', '.join(map(str, dead[:MAX_LISTED_DEAD]))}" if dead else "")
+    if len(dead) > MAX_LISTED_DEAD:
+        dead_text += f" ... (+{len(dead) - MAX_LISTED_DEAD:,})"
+    rows = [
+        ("architecture", escape(layer.architecture)),
+        ("features", f"{layer.d_sae:,} on d_in = {layer.d_in:,}"),
+        ("lam", f"{fmt(layer.lam, 4)}: {lam_source}"),
+        ("tokens", f"{layer.n_tokens:,} audit + {layer.n_held_out:,} held-out"),
+        ("dead features", dead_text),
+    ]
+    if layer.sae_id:
+        rows.append(("SAE id", escape(layer.sae_id)))
+    if layer.neuronpedia_id:
+        url = neuronpedia.sae_url(layer.neuronpedia_id)
+        rows.append(("Neuronpedia", f'<a href="{escape(url)}">{escape(layer.neuronpedia_id)}</a>'))
+    return rows
+
+
+def _certificate_text(check: CertificateCheck | None) -> str:
+    if check is None:
+        return "none"
+    if check.held_out is None:
+        held = "no held-out tokens"
+    else:
+        held = f"{fmt(check.held_out)} on {check.n_held_out:,} held-out"
+    return (
+        f"{check.condition} step {fmt(check.eps)}: predicted {fmt(check.predicted)}, "
+        f"measured {fmt(check.measured)} on {check.n_audit:,} audit, {held}"
+    )
+
+
+def _badge(tier: str) -> str:
+    return f'<td class="text" data-v="{TIER_RANK[tier]}"><span class="badge {tier}">{tier}</span></td>'
+
+
+def _num(value: float | int | None, tooltip: str | None = None) -> str:
+    """A numeric cell sorted by its exact value; `tooltip` shows on hover (dotted underline)."""
+    key = "" if value is None else repr(value)
+    shown = f'<abbr title="{escape(tooltip)}">{fmt(value)}</abbr>' if tooltip else fmt(value)
+    return f'<td data-v="{key}">{shown}</td>'
+
+
+def _header(*columns: str | tuple[str, str]) -> str:
+    """A sortable table's header row. A column is a label (numbers) or (label, kind): "text"
+    sorts alphabetically, "badge" is a tier sorted by rank."""
+    cells = []
+    for column in columns:
+        label, kind = column if isinstance(column, tuple) else (column, "num")
+        if kind == "text":
+            cells.append(f'<th class="text">{label}</th>')
+        else:
+            cells.append(f'<th class="{"text" if kind == "badge" else "num"}" data-type="num">{label}</th>')
+    return f"<tr>{''.join(cells)}</tr>"
+
+
+def _more(hidden: int, what: str) -> str:
+    return f'<p class="muted">{hidden:,} more {what} in report.json.</p>' if hidden > 0 else ""
+
+
+def _feature_link(layer: LayerResult, feature: int) -> str:
+    if not layer.neuronpedia_id:
+        return str(feature)
+    return f'<a href="{escape(neuronpedia.feature_url(layer.neuronpedia_id, feature))}">{feature}</a>'
+
+
+def _layer_conditions(layer: LayerResult, texts: dict[int, str]) -> str:
+    rows = []
+    for name, entry in layer.layer_conditions.items():
+        details = ", ".join(
+            f"{key} {fmt(value) if isinstance(value, (int, float)) else escape(str(value))}"
+            for key, value in entry.items()
+            if key not in ("tier", "certificate") and not isinstance(value, list)
+        )
+        certificate = entry.get("certificate")
+        check = CertificateCheck(**certificate) if certificate else None
+        rows.append(
+            f'<tr><td class="text"><b>{escape(name)}</b> {escape(CONDITIONS.get(name, ""))}</td>'
+            f'{_badge(entry.get("tier", "satisfied"))}<td class="text">{details}</td>'
+            f'<td class="text">{escape(_certificate_text(check))}</td></tr>'
+        )
+    worst = _worst_tokens(layer.layer_conditions.get("C6", {}), texts)
+    header = "".join(f'<th class="text">{name}</th>' for name in ("condition", "tier", "values", "certificate"))
+    return (
+        f"<h3>Layer conditions</h3><table><thead><tr>{header}</tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>{worst}"
+    )
+
+
+def _worst_tokens(c6: dict[str, Any], texts: dict[int, str]) -> str:
+    """C6 names the tokens with the largest residuals: where a dead feature's atom should go."""
+    tokens, norms = c6.get("worst_tokens", []), c6.get("worst_rnorms", [])
+    if not tokens:
+        return ""
+    items = "".join(
+        f'<div class="context"><b>||r|| = {fmt(norm)}</b>  {_context(texts.get(token, f"token #{token}"))}</div>'
+        for token, norm in zip(tokens, norms)
+    )
+    summary = "Largest residuals (C6: where a dead atom would lower the objective)"
+    return f"<details><summary>{summary}</summary>{items}</details>"
+
+
+def _feature_table(layer: LayerResult) -> str:
+    flagged = layer.flagged()
+    shown = [layer.feature(i) for i in flagged[:MAX_FEATURE_ROWS]]
+    header = _header(
+        "feature", ("tier", "badge"), ("conditions", "text"), "active tokens", "mean z (μ)", "max z", "min z",
+        "C3 size", "C4 size", "severity", "best held-out dL",
+    )
+    rows = "".join(_feature_row(layer, f) for f in shown)
+    more = _more(len(flagged) - len(shown), "flagged features")
+    return (
+        f"<h3>Flagged features ({len(flagged):,} of {layer.d_sae:,})</h3>"
+        f'<table class="sortable features"><thead>{header}</thead><tbody>{rows}</tbody></table>{more}'
+    )
+
+
+def _feature_row(layer: LayerResult, f: FeatureRow) -> str:
+    held = [c.held_out for c in f.certificates.values() if c is not None and c.held_out is not None]
+    certificates = "\n".join(_certificate_text(c) for c in f.certificates.values())
+    return (
+        f'<tr><td data-v="{f.id}">{_feature_link(layer, f.id)}</td>{_badge(f.tier)}'
+        f'<td class="text">{escape(" ".join(f.conditions))}</td>{_num(f.active_count)}{_num(f.mean_code)}'
+        f"{_num(f.max_code)}{_num(f.min_code)}{_num(f.c3_size)}{_num(f.c4_size)}{_num(f.severity)}"
+        f"{_num(min(held) if held else None, certificates)}</tr>"
+    )
+
+
+def _pair_sort_key(pair: PairRow) -> tuple[int, float, int, int]:
+    return (TIER_RANK[pair.tier], -pair.relative_margin, pair.i, pair.j)
+
+
+def _pair_section(layer: LayerResult) -> str:
+    if not layer.pairs:
+        return "<h3>Flagged pairs (C2)</h3><p>No pair breaks C2.</p>"
+    pairs = sorted(layer.pairs, key=_pair_sort_key)
+    header = _header(
+        "i", "j", ("kind", "text"), "ρ", "bound (M or m)", "(1 − ρ) μ_j", "margin / μ_j", "i active", "j active",
+        "both", "P(j without i) &le;", ("tier", "badge"), "held-out dL",
+    )
+    rows = "".join(_pair_row(layer, p) for p in pairs[:MAX_PAIR_ROWS])
+    more = _more(len(pairs) - MAX_PAIR_ROWS, "pairs")
+    plotted = [p for p in pairs if p.sample_i and p.hull_min is not None and p.hull_max is not None]
+    figures = "".join(_pair_figure(p) for p in plotted[:MAX_SCATTERS])
+    return (
+        f"<h3>Flagged pairs (C2): {len(pairs):,}</h3>"
+        '<p class="muted">hierarchy: j (child) essentially never fires without i (parent): the maximum M '
+        "of z_j where i is off lies below (1 − ρ) μ_j. complementary: the minimum m of z_j where i is off "
+        "lies above it.</p>"
+        f'<table class="sortable pairs"><thead>{header}</thead><tbody>{rows}</tbody></table>{more}'
+        f'<div class="pairs-grid">{figures}</div>'
+    )
+
+
+def _pair_row(layer: LayerResult, p: PairRow) -> str:
+    held = p.certificate.held_out if p.certificate else None
+    return (
+        f'<tr><td data-v="{p.i}">{_feature_link(layer, p.i)}</td><td data-v="{p.j}">{_feature_link(layer, p.j)}</td>'
+        f'<td class="text">{p.kind}</td>{_num(p.rho)}{_num(p.bound)}{_num(p.threshold)}{_num(p.relative_margin)}'
+        f"{_num(p.count_i)}{_num(p.count_j)}{_num(p.co_count)}{_num(p.p_j_without_i_upper)}{_badge(p.tier)}"
+        f"{_num(held, _certificate_text(p.certificate))}</tr>"
+    )
+
+
+def _pair_figure(p: PairRow) -> str:
+    hull = (p.hull_min, p.hull_max)
+    plot = pair_scatter(p.sample_i, p.sample_j, p.threshold, hull, p.rho, (str(p.i), str(p.j)), p.kind)
+    if p.kind == "hierarchy":
+        finding = f"max z_j where i is off = {fmt(p.bound)} &lt; (1 − ρ) μ_j = {fmt(p.threshold)}"
+    else:
+        finding = f"min z_j where i is off = {fmt(p.bound)} &gt; (1 − ρ) μ_j = {fmt(p.threshold)}"
+    evidence = (
+        f"j = {p.j} active on {p.count_j:,} tokens, i = {p.i} on {p.co_count:,} of them; "
+        f"P(j fires without i) &le; {fmt(p.p_j_without_i_upper)} (95%)"
+    )
+    return (
+        f"<figure>{plot}<figcaption><span class=\"badge {p.tier}\">{p.tier}</span> {finding}. {evidence}. "
+        f"{escape(_certificate_text(p.certificate))}</figcaption></figure>"
+    )
+
+
+def _contexts(layer: LayerResult, texts: dict[int, str]) -> str:
+    blocks = []
+    for feature_id in layer.flagged()[:MAX_CONTEXT_FEATURES]:
+        f = layer.feature(feature_id)
+        if not f.top_tokens:
+            continue
+        lines = "".join(
+            f'<div class="context"><b>{fmt(value)}</b>  {_context(texts.get(token, f"token #{token}"))}</div>'
+            for token, value in zip(f.top_tokens, f.top_values)
+        )
+        blocks.append(
+            f"<h4>feature {_feature_link(layer, f.id)} <span class=\"badge {f.tier}\">{f.tier}</span> "
+            f"{escape(' '.join(f.conditions))}</h4>{lines}"
+        )
+    if not blocks:
+        return ""
+    return "<h3>Top-activating contexts of the most severe features</h3>" + "".join(blocks)
+
+
+def _footer() -> str:
+    return (
+        '<footer class="muted"><p>Generated by opt_hooks. The conditions and certificates are those '
+        "of THEORY.md (first-order optimality of the L1 dictionary-learning objective). Sizes are "
+        "dimensionless; dL is the exact change of the mean objective when a certificate is applied.</p></footer>"
+    )

@@ -1,0 +1,385 @@
+"""report/: report.json against its schema, report.html (content, and in headless Chromium),
+the terminal summary, Neuronpedia links. Renderers run on a hand-made AuditResult, so these
+tests need no model and no audit."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from opt_hooks.report import REPORT_HTML, REPORT_JSON, load_schema, render_html, render_summary, write_report
+from opt_hooks.report.neuronpedia import feature_url, sae_url
+from opt_hooks.result import SCHEMA_VERSION, AuditResult, CertificateCheck, FeatureRow, LayerResult, PairRow
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+HOSTILE_TEXT = "x = '<script>alert(1)</script>' & done"  # must come out escaped
+
+
+def _check(condition: str, measured: float, held_out: float | None) -> CertificateCheck:
+    n_held_out = 100 if held_out is not None else 0
+    return CertificateCheck(condition, 1e-3, measured * 1.01, measured, held_out, 900, n_held_out)
+
+
+def _feature(k: int, tier: str = "satisfied", conditions: tuple[str, ...] = (), **extra) -> FeatureRow:
+    checks = {c: _check(c, -1e-4 * (k + 1), -9e-5 if tier == "certified" else 2e-6) for c in conditions}
+    row = dict(
+        id=k, tier=tier, conditions=list(conditions), active_count=40 + k, mean_code=0.1 + 0.01 * k,
+        max_code=2.0 + k / 10, min_code=0.0, c3_size=0.02 * (k % 7), c4_gain=1e-4 * k, c4_size=0.05 * k,
+        severity=float(k) if conditions else 0.0, certificates=checks,
+        top_tokens=[k, k + 100] if conditions else [], top_values=[2.0, 1.5] if conditions else [],
+    )
+    return FeatureRow(**{**row, **extra})
+
+
+def _pair(i: int, j: int, kind: str, tier: str) -> PairRow:
+    zi = [0.0] * 30 + [0.5 + 0.05 * n for n in range(40)]
+    if kind == "hierarchy":  # j never fires without i: on A_i (zi == 0) z_j stays at 0
+        zj = [0.0] * 30 + [0.2 + 0.03 * n for n in range(40)]
+        bound, threshold, hull = 0.0, 0.45, (0.0, 0.0)
+    else:  # j is always well on when i is off
+        zj = [1.0 + 0.02 * n for n in range(30)] + [0.1 * (n % 3) for n in range(40)]
+        bound, threshold, hull = 1.0, 0.6, (1.0, 1.58)
+    return PairRow(
+        i=i, j=j, kind=kind, rho=0.31, bound=bound, threshold=threshold, margin=abs(threshold - bound),
+        relative_margin=0.8, count_i=40, count_j=40, co_count=40, p_j_without_i_upper=3 / 40, tier=tier,
+        certificate=_check("C2", -2e-4, -1e-4 if tier == "certified" else 1e-5),
+        sample_i=zi, sample_j=zj, hull_min=hull[0], hull_max=hull[1],
+    )
+
+
+def _layer(hook: str, neuronpedia_id: str | None, exact: bool) -> LayerResult:
+    features = [_feature(k) for k in range(24)]
+    features[3] = _feature(3, "certified", ("C2", "C4"))
+    features[7] = _feature(7, "certified", ("C3",))
+    features[11] = _feature(11, "violated", ("C4",))
+    features[12] = _feature(12, "violated", ("C1",), min_code=0.04)
+    features[20] = _feature(  # dead: no codes, C3 size 0/0
+        20, active_count=0, mean_code=0.0, max_code=0.0, c3_size=math.nan, c4_size=None, c4_gain=None
+    )
+    c5 = {"size": 2e-6, "norm": 1e-7, "tier": "satisfied", "certificate": None}
+    c6 = {
+        "n_dead": 1, "max_rnorm": 3.2, "threshold": 0.02, "margin": 3.18, "n_over_threshold": 812,
+        "worst_tokens": [5, 300], "worst_rnorms": [3.2, 2.9], "tier": "certified",
+        "certificate": json.loads(json.dumps(_check("C6", -3e-3, -2e-3).__dict__)),
+    }
+    return LayerResult(
+        hook_name=hook, architecture="standard" if exact else "topk",
+        scope="L1 objective (exact)" if exact else "L1 surrogate (topk)",
+        lam=0.04, lam_estimated=not exact, d_in=16, d_sae=24, n_tokens=900, n_held_out=100,
+        features=features, pairs=[_pair(3, 5, "hierarchy", "certified"), _pair(9, 3, "complementary", "violated")],
+        layer_conditions={"C5": c5, "C6": c6}, sae_id=hook, neuronpedia_id=neuronpedia_id,
+        dead_features=[20], notes=["a note about this layer"],
+    )
+
+
+def make_result() -> AuditResult:
+    """Two layers (one exact, one L1 surrogate), every tier, both pair kinds, C5/C6, a dead feature."""
+    layers = {
+        "blocks.0.hook_resid_pre": _layer("blocks.0.hook_resid_pre", "gpt2-small/0-res-jb", exact=True),
+        "blocks.1.hook_resid_pre": _layer("blocks.1.hook_resid_pre", None, exact=False),
+    }
+    texts = {k: f"context of token {k}: the [[dog]] barks" for k in (3, 7, 11, 12, 103, 107, 111, 112, 300)}
+    texts[5] = HOSTILE_TEXT
+    return AuditResult(layers=layers, meta={"model": "test-model", "n_tokens": 1000}, token_texts=texts)
+
+
+@pytest.fixture
+def result() -> AuditResult:
+    return make_result()
+
+
+# ---- report.json -------------------------------------------------------------------------
+
+
+def test_report_json_matches_schema(result, tmp_path):
+    out = write_report(result, tmp_path / "out")
+    schema = load_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    report = json.loads((out / REPORT_JSON).read_text())
+    jsonschema.Draft202012Validator(schema).validate(report)
+    assert report["layers"]["blocks.0.hook_resid_pre"]["features"][20]["c3_size"] is None  # NaN -> null
+
+
+def test_schema_version_is_the_one_results_write():
+    assert load_schema()["properties"]["schema_version"]["const"] == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize(
+    "break_it",
+    [
+        lambda r: r.update(schema_version="0.9"),
+        lambda r: r["layers"]["blocks.0.hook_resid_pre"]["features"][3].update(tier="bogus"),
+        lambda r: r["layers"]["blocks.0.hook_resid_pre"]["pairs"][0].pop("threshold"),
+        lambda r: r["layers"]["blocks.0.hook_resid_pre"]["pairs"][0].update(kind="sibling"),
+        lambda r: r["layers"]["blocks.1.hook_resid_pre"].update(scope="exact"),
+        lambda r: r["layers"]["blocks.1.hook_resid_pre"].update(unknown_field=1),
+        lambda r: r["token_texts"].update(abc="not a token index"),
+    ],
+)
+def test_schema_rejects_broken_reports(result, break_it):
+    report = json.loads(json.dumps(result.to_dict()))
+    validator = jsonschema.Draft202012Validator(load_schema())
+    validator.validate(report)
+    broken = copy.deepcopy(report)
+    break_it(broken)
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate(broken)
+
+
+def test_report_round_trips_through_json(result, tmp_path):
+    out = write_report(result, tmp_path / "out")
+    again = AuditResult.from_dict(json.loads((out / REPORT_JSON).read_text()))
+    assert again.layers["blocks.0.hook_resid_pre"].pairs[1].hull_max == 1.58
+    assert render_summary(again) == render_summary(result)
+
+
+# ---- the output folder --------------------------------------------------------------------
+
+
+def test_write_report_refuses_a_folder_in_use(result, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_report(result, out)
+    write_report(result, out, overwrite=True)
+    # no temporary files left behind
+    assert sorted(p.name for p in out.iterdir()) == sorted(["notes.txt", REPORT_JSON, REPORT_HTML])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError):
+        write_report(result, tmp_path / "file", overwrite=True)
+
+
+def test_save_writes_both_files(result, tmp_path):
+    assert result.save(tmp_path / "saved") == tmp_path / "saved"
+    assert (tmp_path / "saved" / REPORT_HTML).stat().st_size > 10_000
+
+
+# ---- report.html content -----------------------------------------------------------------
+
+
+def test_html_is_self_contained_and_complete(result):
+    page = render_html(result)
+    # offline: no external scripts, styles, images or fonts; links only to Neuronpedia pages
+    assert not re.search(r"<(link|img|iframe)\b|\bsrc=|@import|url\(", page)
+    assert set(re.findall(r'href="(https?://[^/"]+)', page)) == {"https://www.neuronpedia.org"}
+    for hook in result.layers:
+        assert hook in page
+    assert page.count('<table class="sortable features">') == 2
+    assert page.count('<table class="sortable pairs">') == 2
+    assert page.count("class=\"threshold\"") == 4  # one scatter per flagged pair, threshold line drawn
+    assert "hierarchy: ρ = 0.31" in page and "[1, 1.58]" in page  # rho stated, hull interval marked
+    assert "L1 surrogate (topk)" in page and "not proofs about its own objective" in page
+    assert "context of token 103: the <mark>dog</mark> barks" in page  # top contexts, token marked
+    assert HOSTILE_TEXT not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert page.count('data-report-status="loading"') == 1
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("the [[dog]] barks", "the <mark>dog</mark> barks"),
+        ("x = a[[0]] + b[[i]] [[)]]\n", "x = a[[0]] + b[[i]] <mark>)</mark>\n"),  # code before the token
+        ("no marker <here>", "no marker &lt;here&gt;"),
+    ],
+)
+def test_context_snippets_mark_the_token(text, shown):
+    from opt_hooks.report.html import _context
+
+    assert _context(text) == shown
+
+
+def test_html_feature_table_lists_flagged_features_most_severe_first(result):
+    page = render_html(result)
+    table = page.split('<table class="sortable features">')[1].split("</table>")[0]
+    ids = re.findall(r'<tr><td data-v="(\d+)">', table)
+    assert ids == ["7", "3", "12", "11"]  # certified before violated, then by severity
+    assert 'href="https://www.neuronpedia.org/gpt2-small/0-res-jb/7"' in table
+
+
+def test_pair_plot_marks_hull_and_threshold_in_data_coordinates(result):
+    from opt_hooks.report.svg import pair_scatter
+
+    svg = pair_scatter(
+        [0.0, 1.0], [0.0, 2.0], threshold=1.0, hull=(0.0, 0.5), rho=0.2, labels=("1", "2"), kind="hierarchy"
+    )
+    threshold_y = float(re.search(r'y1="([\d.]+)" x2="[\d.]+" y2="[\d.]+" class="threshold"', svg).group(1))
+    hull = re.search(r'y1="([\d.]+)" x2="[\d.]+" y2="([\d.]+)" class="hull"', svg)
+    low_y, high_y = float(hull.group(1)), float(hull.group(2))
+    assert low_y > high_y > threshold_y  # SVG y grows downwards: the hull lies below the threshold
+
+
+def test_engine_pairs_carry_what_the_pair_figure_needs():
+    """End to end from the engine: a planted hierarchy (feature 1 fires only with feature 0)
+    is flagged, and its row has the scatter sample and the exact hull the figure draws."""
+    import torch
+
+    from opt_hooks.engine import LayerAudit
+
+    gen = torch.Generator().manual_seed(0)
+    n, d, k = 3000, 16, 6
+    atoms = torch.randn(k, d, generator=gen, dtype=torch.float64)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    z = torch.zeros(n, k, dtype=torch.float64)
+    firing = {0: torch.rand(n, generator=gen) < 0.3}
+    firing[1] = firing[0] & (torch.rand(n, generator=gen) < 0.5)
+    firing.update({f: torch.rand(n, generator=gen) < 0.2 for f in range(2, k)})
+    for f, on in firing.items():
+        z[on, f] = 1 + 0.2 * torch.rand(int(on.sum()), generator=gen, dtype=torch.float64)
+    bias = 0.1 * torch.randn(d, generator=gen, dtype=torch.float64)
+    x = bias + z @ atoms + 0.01 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    held = torch.arange(n) % 10 == 0
+    audit = LayerAudit(atoms, bias, lam=0.2, hook_name="planted")
+    audit.update(x[~held], z[~held])
+    plan = audit.plan()
+    plan.update(x, z, held_out=held)
+    layer = plan.result()
+
+    pair = next(p for p in layer.pairs if (p.i, p.j) == (0, 1))
+    assert pair.kind == "hierarchy" and pair.sample_i
+    assert (pair.hull_min, pair.hull_max) == (0.0, 0.0)  # z_1 is 0 wherever feature 0 is off
+    page = render_html(AuditResult(layers={"planted": layer}))
+    assert 'class="hull"' in page and "hierarchy: ρ = " in page
+
+
+# ---- terminal ----------------------------------------------------------------------------
+
+
+def test_terminal_summary_has_one_block_per_layer(result):
+    text = render_summary(result)
+    assert text.splitlines()[0].startswith("opt_hooks audit: 2 layer(s), 8 flagged feature(s), 4 certified")
+    for hook in result.layers:
+        assert f"-- {hook} " in text
+    assert "lam         0.04 (estimated from the data)" in text
+    assert "tiers       certified 2  violated 2  satisfied 20  (dead 1)" in text
+    assert "C2 2  C3 1  C4 2  C5 satisfied  C6 certified" in text
+    assert "3 -> 5 hierarchy (certified)" in text
+    assert text.index("#7 ") < text.index("#3 ") < text.index("#12 ")
+
+
+# ---- Neuronpedia -------------------------------------------------------------------------
+
+
+def test_neuronpedia_links_from_the_sae_lens_registry():
+    # The yaml as shipped; found without importing sae_lens, parsed with libyaml (seconds, not a minute).
+    registry_file = Path(importlib.util.find_spec("sae_lens").origin).parent / "pretrained_saes.yaml"
+    registry = yaml.load(registry_file.read_text(), Loader=yaml.CSafeLoader)
+    ids = {
+        (release, sae["id"]): sae["neuronpedia"]
+        for release, entry in registry.items()
+        for sae in entry["saes"]
+        if sae.get("neuronpedia")
+    }
+    assert len(ids) > 1000
+    np_id = ids[("gpt2-small-res-jb", "blocks.8.hook_resid_pre")]
+    assert feature_url(np_id, 1234) == "https://www.neuronpedia.org/gpt2-small/8-res-jb/1234"
+    for np_id in ids.values():  # every registry id has the "<model>/<sae>" form links are built from
+        assert re.fullmatch(r"https://www\.neuronpedia\.org/[^/]+/[^/]+/0", feature_url(np_id, 0)), np_id
+    np_id = ids[("gpt2-small-res-jb", "blocks.0.hook_resid_pre")]
+    assert sae_url(np_id) == "https://www.neuronpedia.org/gpt2-small/0-res-jb"
+    with pytest.raises(ValueError, match="<model>/<sae>"):
+        feature_url("gpt2-small-res-jb", 3)
+
+
+# ---- report.html in a real browser -------------------------------------------------------
+
+
+def _chromium(tmp_path: Path, page: Path, *mode: str) -> subprocess.CompletedProcess:
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("chromium is required in CI to render report.html")
+        pytest.skip("chromium not installed")
+    command = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--enable-logging=stderr", "--v=0",
+        *mode, page.as_uri(),
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=90, cwd=tmp_path)
+
+
+def test_html_runs_without_script_errors_and_sorts(result, tmp_path):
+    # Append a probe that clicks the "feature" header of the first feature table twice
+    # (ascending, then descending) and records the row order, for --dump-dom to show.
+    probe = """<script>
+      var table = document.querySelector("table.features"), header = table.tHead.rows[0].cells[0];
+      function order() {
+        var rows = Array.prototype.slice.call(table.tBodies[0].rows);
+        return rows.map(function (r) { return r.cells[0].textContent; }).join(",");
+      }
+      header.click(); var up = order(); header.click();
+      document.body.setAttribute("data-probe", up + "|" + order());
+    </script>"""
+    page = tmp_path / REPORT_HTML
+    page.write_text(render_html(result).replace("</body>", probe + "</body>"))
+    run = _chromium(tmp_path, page, "--dump-dom")
+    dom = run.stdout
+    assert 'data-report-status="ready"' in dom, run.stderr[-3000:]
+    assert re.search(r'<pre id="js-errors"></pre>', dom)
+    assert 'data-probe="3,7,11,12|12,11,7,3"' in dom
+    assert "Uncaught" not in run.stderr, run.stderr[-3000:]
+
+
+def test_html_screenshot_shows_the_report(result, tmp_path):
+    page = tmp_path / REPORT_HTML
+    page.write_text(render_html(result))
+    run = _chromium(tmp_path, page, "--screenshot=shot.png", "--window-size=1200,900", "--hide-scrollbars")
+    shot = tmp_path / "shot.png"
+    assert shot.exists(), run.stderr[-3000:]
+    width, height, pixels = _decode_png(shot.read_bytes())
+    assert (width, height) == (1200, 900)
+    colours = {pixels[k : k + 3] for k in range(0, len(pixels), 3 * 7)}  # every 7th pixel
+    assert len(colours) > 50  # text, badges and plots, not a blank page
+    tier_red = bytes((0xC0, 0x39, 0x2B))  # the certified colour of the tier bars in view
+    assert tier_red in {pixels[k : k + 3] for k in range(0, len(pixels), 3)}
+
+
+def _decode_png(data: bytes) -> tuple[int, int, bytes]:
+    """(width, height, RGB bytes) of an 8-bit RGB or RGBA, non-interlaced PNG."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        chunks.setdefault(kind, []).append(data[pos + 8 : pos + 8 + length])
+        pos += 12 + length
+    width, height, depth, colour_type, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"][0])
+    assert depth == 8 and colour_type in (2, 6) and interlace == 0
+    channels = 3 if colour_type == 2 else 4
+    raw = zlib.decompress(b"".join(chunks[b"IDAT"]))
+    stride = width * channels
+    previous = bytearray(stride)
+    rgb = bytearray()
+    for row in range(height):
+        start = row * (stride + 1)
+        kind, line = raw[start], bytearray(raw[start + 1 : start + 1 + stride])
+        for x in range(stride):
+            left = line[x - channels] if x >= channels else 0
+            up, corner = previous[x], previous[x - channels] if x >= channels else 0
+            if kind == 1:
+                line[x] = (line[x] + left) & 255
+            elif kind == 2:
+                line[x] = (line[x] + up) & 255
+            elif kind == 3:
+                line[x] = (line[x] + (left + up) // 2) & 255
+            elif kind == 4:
+                p = left + up - corner
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
+                line[x] = (line[x] + (left if pa <= pb and pa <= pc else up if pb <= pc else corner)) & 255
+        previous = line
+        if channels == 3:
+            rgb += line
+        else:
+            rgb += b"".join(bytes(line[k : k + 3]) for k in range(0, stride, 4))
+    return width, height, bytes(rgb)
