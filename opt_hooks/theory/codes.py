@@ -1,0 +1,250 @@
+"""The audit tokens' nonzero codes, kept exactly and mergeable (THEORY.md section 4).
+
+The pair condition C2 needs, for every ordered pair of features, the extremes of z_j over the
+tokens where i is off. Those are settled from the sparse code matrix itself (see
+`opt_hooks.theory.pairs`), so pass 1 keeps every nonzero code of every audit token.
+
+`SparseCodes` streams batches in the spirit of torchmetrics' `Metric`: `update` stores one
+chunk per batch (no concatenation per update), `merge` adopts another partial state's chunks,
+and `compute` returns one canonical `CSR` with rows sorted by global token index. Because the
+result only depends on the set of (token, row) pairs, merging partial states in any order or
+streaming with any batch split gives exactly the same CSR.
+
+Rows without any nonzero are tokens too (every feature is off there): they are kept as empty
+rows, so `n_tokens` is the number of rows ever updated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value
+class CSR:
+    """Codes z (N tokens x K features) in compressed sparse row form, one row per token.
+
+    Rows are sorted by `token_index` (ascending, no duplicates) and columns ascending within
+    each row, so the flat keys `row * K + col` are strictly increasing. Treat as immutable.
+    """
+
+    token_index: Tensor  # (N,) int64, ascending: global token index of each row
+    crow: Tensor  # (N + 1,) int64: row r holds entries crow[r] .. crow[r + 1] - 1
+    col: Tensor  # (nnz,) int32: feature index of each entry
+    val: Tensor  # (nnz,) float32 or float64: the nonzero code value
+    n_features: int
+
+    @property
+    def n_tokens(self) -> int:
+        return self.token_index.numel()
+
+    @property
+    def nnz(self) -> int:
+        return self.col.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.crow.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.token_index, self.crow, self.col, self.val))
+
+    def to(self, device: torch.device | str) -> "CSR":
+        return CSR(*(t.to(device) for t in (self.token_index, self.crow, self.col, self.val)), self.n_features)
+
+    def row_ids(self) -> Tensor:
+        """(nnz,) int64: the row (position in `token_index`) of every entry."""
+        rows = torch.arange(self.n_tokens, device=self.device)
+        return torch.repeat_interleave(rows, self.crow.diff())
+
+    def counts(self) -> Tensor:
+        """(K,) int64: number of tokens where each feature is active."""
+        return torch.bincount(self.col.long(), minlength=self.n_features)
+
+    def top_tokens(self, feature_ids: Tensor | Sequence[int], k: int) -> tuple[Tensor, Tensor]:
+        """The k strongest tokens of each requested feature, strongest first.
+
+        Returns (values (F, k) float64, token_index (F, k) int64). Equal values are ordered by
+        ascending token index. A feature with fewer than k active tokens is padded with value 0
+        and token index -1.
+        """
+        slots, inverse, n_slots = self._slots(feature_ids)
+        entry_slot = slots[self.col.long()]
+        picked = (entry_slot >= 0).nonzero().squeeze(1)
+        slot, value = entry_slot[picked], self.val[picked].double()
+        token = self.token_index[self.row_ids()[picked]]
+        # Entries come in row order (ascending token); two stable sorts then order each
+        # feature's entries by value, descending, ties by ascending token.
+        by_value = torch.argsort(value, descending=True, stable=True)
+        order = by_value[torch.argsort(slot[by_value], stable=True)]
+        slot, value, token = slot[order], value[order], token[order]
+        first = torch.searchsorted(slot, torch.arange(n_slots, device=self.device))
+        rank = torch.arange(slot.numel(), device=self.device) - first[slot]
+        keep = rank < k
+        values = torch.zeros(n_slots, k, dtype=torch.float64, device=self.device)
+        tokens = torch.full((n_slots, k), -1, dtype=torch.int64, device=self.device)
+        values[slot[keep], rank[keep]] = value[keep]
+        tokens[slot[keep], rank[keep]] = token[keep]
+        return values[inverse], tokens[inverse]
+
+    def columns(self, feature_ids: Tensor | Sequence[int]) -> Tensor:
+        """Dense (N, F) float64 codes of the requested features, rows in `token_index` order."""
+        slots, inverse, n_slots = self._slots(feature_ids)
+        entry_slot = slots[self.col.long()]
+        picked = (entry_slot >= 0).nonzero().squeeze(1)
+        dense = torch.zeros(self.n_tokens, n_slots, dtype=torch.float64, device=self.device)
+        dense[self.row_ids()[picked], entry_slot[picked]] = self.val[picked].double()
+        return dense[:, inverse]
+
+    def _slots(self, feature_ids: Tensor | Sequence[int]) -> tuple[Tensor, Tensor, int]:
+        """Map each feature to its slot among the distinct requested ones (-1: not requested).
+
+        Returns (slots (K,), inverse (F,), number of slots): requested feature f is slot inverse[f].
+        """
+        ids = torch.as_tensor(feature_ids, dtype=torch.int64, device=self.device).reshape(-1)
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.n_features):
+            raise IndexError(f"feature ids must lie in [0, {self.n_features})")
+        distinct, inverse = torch.unique(ids, return_inverse=True)
+        slots = torch.full((self.n_features,), -1, dtype=torch.int64, device=self.device)
+        slots[distinct] = torch.arange(distinct.numel(), device=self.device)
+        return slots, inverse, distinct.numel()
+
+
+class SparseCodes:
+    """Mergeable store of nonzero codes: `update` per batch, `merge`, then `compute()` -> CSR.
+
+    Values keep float64 when the codes arrive in float64 and are stored as float32 otherwise
+    (exact for float16 / bfloat16 / float32 inputs). Chunks stay on the device their batch came
+    from; `compute` gathers them on `device` (default: the device of the first update, else CPU).
+    """
+
+    def __init__(self, d_sae: int, device: torch.device | str | None = None) -> None:
+        self.n_features = d_sae
+        self.device = torch.device(device) if device is not None else None
+        self._chunks: list[CSR] = []
+        self._computed: CSR | None = None  # the last compute() result, while it is the only chunk
+
+    def update(self, z: Tensor, token_index: Tensor) -> None:
+        """Add a batch: z (n, K) nonnegative codes, token_index (n,) their global token indices."""
+        if z.ndim != 2 or z.shape[1] != self.n_features:
+            raise ValueError(f"z must be (n, {self.n_features}); got {tuple(z.shape)}")
+        if token_index.shape != (z.shape[0],):
+            raise ValueError(f"token_index must be ({z.shape[0]},); got {tuple(token_index.shape)}")
+        if z.shape[0] == 0:
+            return
+        if self.device is None:
+            self.device = z.device
+        active = z != 0
+        rows, cols = active.nonzero(as_tuple=True)  # row-major: columns ascending within a row
+        value_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        crow = torch.zeros(z.shape[0] + 1, dtype=torch.int64, device=z.device)
+        crow[1:] = active.sum(1).cumsum(0)
+        self._chunks.append(
+            CSR(
+                token_index=token_index.to(device=z.device, dtype=torch.int64),
+                crow=crow,
+                col=cols.to(torch.int32),
+                val=z[rows, cols].to(value_dtype),
+                n_features=self.n_features,
+            )
+        )
+
+    def merge(self, other: "SparseCodes") -> "SparseCodes":
+        """Adopt another partial state's codes (in place); the other state is left unchanged."""
+        if not isinstance(other, SparseCodes) or other.n_features != self.n_features:
+            raise ValueError("can only merge SparseCodes with the same number of features")
+        self._chunks.extend(other._chunks)
+        if self.device is None:
+            self.device = other.device
+        return self
+
+    def compute(self) -> CSR:
+        """One CSR with rows sorted by token index. Consolidates the stored chunks into it."""
+        if len(self._chunks) == 1 and self._chunks[0] is self._computed:
+            return self._computed
+        device = self.device or torch.device("cpu")
+        chunks = [c.to(device) for c in self._chunks] or [_empty_csr(self.n_features, device)]
+        merged = _concatenate_rows(chunks)
+        canonical = _sort_rows(merged, torch.argsort(merged.token_index, stable=True))
+        if canonical.n_tokens and (canonical.token_index.diff() == 0).any():
+            raise ValueError("a token index was updated twice; token indices must be unique")
+        # Keeping the result as the only chunk holds one copy and makes repeated compute() free.
+        self._chunks = [canonical]
+        self._computed = canonical
+        return canonical
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(c.n_tokens for c in self._chunks)
+
+    @property
+    def nnz(self) -> int:
+        return sum(c.nnz for c in self._chunks)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self._chunks)
+
+    def top_tokens(self, feature_ids: Tensor | Sequence[int], k: int) -> tuple[Tensor, Tensor]:
+        """See `CSR.top_tokens`."""
+        return self.compute().top_tokens(feature_ids, k)
+
+    def columns(self, feature_ids: Tensor | Sequence[int]) -> Tensor:
+        """See `CSR.columns`."""
+        return self.compute().columns(feature_ids)
+
+    def state_dict(self) -> dict[str, Any]:
+        csr = self.compute()
+        return {
+            "n_features": torch.tensor(self.n_features),
+            "token_index": csr.token_index.cpu(),
+            "crow": csr.crow.cpu(),
+            "col": csr.col.cpu(),
+            "val": csr.val.cpu(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["n_features"]) != self.n_features:
+            raise ValueError(f"state has {int(state['n_features'])} features, expected {self.n_features}")
+        csr = CSR(state["token_index"], state["crow"], state["col"], state["val"], self.n_features)
+        self._chunks = [csr.to(self.device)] if self.device is not None else [csr]
+
+
+def _empty_csr(n_features: int, device: torch.device) -> CSR:
+    return CSR(
+        token_index=torch.zeros(0, dtype=torch.int64, device=device),
+        crow=torch.zeros(1, dtype=torch.int64, device=device),
+        col=torch.zeros(0, dtype=torch.int32, device=device),
+        val=torch.zeros(0, dtype=torch.float32, device=device),
+        n_features=n_features,
+    )
+
+
+def _concatenate_rows(chunks: list[CSR]) -> CSR:
+    """Stack the chunks' rows in the given order (values promoted to the widest dtype)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    row_lengths = torch.cat([c.crow.diff() for c in chunks])
+    crow = torch.zeros(row_lengths.numel() + 1, dtype=torch.int64, device=row_lengths.device)
+    crow[1:] = row_lengths.cumsum(0)
+    return CSR(
+        token_index=torch.cat([c.token_index for c in chunks]),
+        crow=crow,
+        col=torch.cat([c.col for c in chunks]),
+        val=torch.cat([c.val for c in chunks]),
+        n_features=chunks[0].n_features,
+    )
+
+
+def _sort_rows(csr: CSR, order: Tensor) -> CSR:
+    """Permute whole rows: new row r is old row order[r]."""
+    lengths = csr.crow.diff()[order]
+    crow = torch.zeros_like(csr.crow)
+    crow[1:] = lengths.cumsum(0)
+    new_row = torch.repeat_interleave(torch.arange(order.numel(), device=order.device), lengths)
+    offset_in_row = torch.arange(csr.nnz, device=order.device) - crow[new_row]
+    source = csr.crow[order][new_row] + offset_in_row
+    return CSR(csr.token_index[order], crow, csr.col[source], csr.val[source], csr.n_features)
