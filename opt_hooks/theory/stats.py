@@ -2,8 +2,8 @@
 
 `LayerStats.update(x, z, token_index)` takes one batch in theory units (see
 docs/ARCHITECTURE.md) and keeps only sums, counts, minima, maxima, the worst residuals and
-the sparse codes. Per-batch products run in `compute_dtype` (float32, or float64 when the
-input is float64); every accumulator is float64 or int64.
+the sparse codes. Per-batch products run in `objective.compute_dtype` (float32, or float64
+when the input is float64 or too large for float32); every accumulator is float64 or int64.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from opt_hooks.theory.accumulator import Accumulator
 from opt_hooks.theory.codes import CSR, SparseCodes
-from opt_hooks.theory.objective import residuals
+from opt_hooks.theory.objective import compute_dtype, residuals
 
 
 @dataclass
@@ -83,7 +83,7 @@ class LayerStats(Accumulator):
         self.add_state("sum_rnorm", torch.zeros((), **f64), "sum")
         self.add_state("sum_rnorm2", torch.zeros((), **f64), "sum")
         self.worst = WorstResiduals(worst_k, d, dev)
-        self.codes = SparseCodes(n_features) if keep_codes else None
+        self.codes = SparseCodes(n_features, device=dev) if keep_codes else None
         self.projections: list[Tensor] | None = [] if keep_projections else None
         self._next_token = 0
 
@@ -95,7 +95,7 @@ class LayerStats(Accumulator):
         self._next_token = max(self._next_token, int(token_index.max()) + 1) if n else self._next_token
         if n == 0:
             return
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        compute = compute_dtype(x, z, self.bias)
         atoms, bias = self.atoms.to(compute), self.bias.to(compute)
         xc, zc = x.to(compute), z.to(compute)
         r = residuals(xc, atoms, zc, bias)
@@ -117,7 +117,7 @@ class LayerStats(Accumulator):
             self.codes.update(z, token_index)
         if self.projections is not None:
             active = zc != 0
-            self.projections.append((r @ atoms.T)[active].float().cpu())
+            self.projections.append((r @ atoms.T)[active].cpu())  # compute dtype: float32 could overflow
 
     def _merge_extra(self, other: "LayerStats") -> None:
         self.worst.merge(other.worst)
@@ -151,21 +151,43 @@ class LayerStats(Accumulator):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["worst"] = self.worst.state_dict()
-        state["codes"] = self.codes.state_dict() if self.codes is not None else None
-        state["projections"] = None if self.projections is None else list(self.projections)
-        state["next_token"] = self._next_token
-        return state
+        return {**super().state_dict(), **self.unreduced_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.worst.load_state_dict(state["worst"])
+        self.merge_unreduced([state])
+
+    def unreduced_state(self) -> dict[str, Any]:
+        """The parts that no sum, min or max combines (worst residuals, sparse codes, lam
+        projections), on the CPU: distributed ranks exchange these whole and all-reduce the rest."""
+        return {
+            "worst": self.worst.state_dict(),
+            "codes": self.codes.state_dict() if self.codes is not None else None,
+            "projections": None if self.projections is None else [p.cpu() for p in self.projections],
+            "next_token": self._next_token,
+        }
+
+    def merge_unreduced(self, states: list[dict[str, Any]]) -> None:
+        """Replace those parts with the merge of `states` (`unreduced_state()`s of partial
+        statistics, this one's included if it counts): exactly what `merge` makes of them."""
+        n_features, d = self.atoms.shape
+        self.worst = WorstResiduals(self.worst_k, d, self.atoms.device)
         if self.codes is not None:
-            self.codes.load_state_dict(state["codes"])
+            self.codes = SparseCodes(n_features, device=self.codes.device)
         if self.projections is not None:
-            self.projections = list(state["projections"])
-        self._next_token = int(state["next_token"])
+            self.projections = []
+        self._next_token = 0
+        for state in states:
+            worst = WorstResiduals(self.worst_k, d, self.atoms.device)
+            worst.load_state_dict(state["worst"])
+            self.worst.merge(worst)
+            if self.codes is not None:
+                codes = SparseCodes(n_features)
+                codes.load_state_dict(state["codes"])
+                self.codes.merge(codes)
+            if self.projections is not None:
+                self.projections.extend(state["projections"])
+            self._next_token = max(self._next_token, int(state["next_token"]))
 
 
 class WorstResiduals:
