@@ -3,10 +3,14 @@
 Each drives one `engine.LayerAudit` per SAE through the two passes of docs/ARCHITECTURE.md.
 Held-out tokens are whole windows (rows of a forward pass; single rows for
 `audit_activations`), spread evenly: window w is held out when floor((w+1) h) > floor(w h).
+Under an initialised torch.distributed process group (torchrun), `audit` and
+`audit_activations` split the windows across ranks and every rank returns the single-process
+result (opt_hooks/distributed.py); `monitor` stays local to its process.
 """
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +22,8 @@ from torch import Tensor
 from opt_hooks.adapters import CodeTap, SAEView, check_attachment, forward_to_deepest, make_views, model_device
 from opt_hooks.adapters.data import as_tokenizer, special_token_mask, token_windows
 from opt_hooks.adapters.model import model_name
+from opt_hooks.checkpoint import Position, RunCheckpoint, audit_fingerprint
+from opt_hooks.distributed import current_ranks, merge_pass_one, merge_pass_two, sum_over_ranks
 from opt_hooks.engine import AuditOptions, AuditPlan, LayerAudit
 from opt_hooks.result import AuditResult
 
@@ -60,6 +66,7 @@ class _Router:
         self.plans: dict[str, AuditPlan] | None = None
         self.batch: _Batch | None = None
         self.skipped = {key: 0 for key in views}
+        self.ranks = current_ranks()  # under torchrun: this rank streams its share of the windows
 
     def on_codes(self, key: str, x: Tensor, z: Tensor) -> None:
         batch = self.batch
@@ -94,6 +101,37 @@ class _Router:
 
     def start_pass_two(self) -> None:
         self.plans = {key: audit.plan() for key, audit in self.audits.items()}
+
+    def merge_ranks(self) -> None:
+        """After each pass under torch.distributed: combine every rank's partial state of that
+        pass, so that every rank holds one process's (see opt_hooks.distributed)."""
+        if not self.ranks.split:
+            return
+        if self.plans is None:
+            for audit in self.audits.values():
+                merge_pass_one(audit)
+            self.skipped = {key: sum_over_ranks(count) for key, count in self.skipped.items()}
+        else:
+            for plan in self.plans.values():
+                merge_pass_two(plan)
+
+    def state_dict(self, pass_number: int) -> dict[str, Any]:
+        """The mergeable state of one pass (what a checkpoint of that pass holds)."""
+        if pass_number == 1:
+            return {"audits": {key: a.state_dict() for key, a in self.audits.items()}, "skipped": dict(self.skipped)}
+        return {"plans": {key: plan.state_dict() for key, plan in self.plans.items()}}
+
+    def load_state_dict(self, pass_number: int, state: dict[str, Any]) -> None:
+        """Pass 1's state first: pass 2's plans are rebuilt from it before their sums are loaded."""
+        if pass_number == 1:
+            for key, audit in self.audits.items():
+                audit.load_state_dict(state["audits"][key])
+            self.skipped = dict(state["skipped"])
+        else:  # as after a streamed pass 1: combine the ranks' statistics, then plan
+            self.merge_ranks()
+            self.start_pass_two()
+            for key, plan in self.plans.items():
+                plan.load_state_dict(state["plans"][key])
 
     def result(self, meta: dict[str, Any]) -> AuditResult:
         layers = {}
@@ -143,6 +181,9 @@ def audit(
     nonfinite: str = "raise",
     options: AuditOptions | None = None,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
 ) -> AuditResult:
     """Stream `n_tokens` tokens of `dataset` through `model` and audit every SAE.
 
@@ -153,8 +194,14 @@ def audit(
     training configuration, else estimated. Special tokens (BOS, padding, ...) are left out
     unless `include_special_tokens`. `nonfinite="skip"` leaves out tokens with NaN/inf values
     (counted in the report) instead of stopping.
+
+    Long runs: with `checkpoint_dir`, the state is saved there atomically at the end of each
+    pass and every `checkpoint_every` tokens; `resume=True` continues from it (the same call,
+    dataset and SAEs) and gives exactly the uninterrupted result. See opt_hooks/checkpoint.py.
     """
     _check_share(held_out)
+    if checkpoint_dir is None and (resume or checkpoint_every is not None):
+        raise ValueError("resume and checkpoint_every need checkpoint_dir, the folder of the checkpoints")
     device = _place(model, saes, device)
     views = make_views(saes, hook_names)
     check_attachment(model, views, allow_model_mismatch=allow_model_mismatch)
@@ -166,16 +213,37 @@ def audit(
     specials = None if include_special_tokens else _special_tokens(windows, model)
     held = held_out_windows(0, len(windows), held_out)
     router = _Router(views, lam, options, nonfinite)
-    timings = {}
+    progress = progress and router.ranks.rank == 0
+    checkpoint, position = None, Position(1, 0)
+    if checkpoint_dir is not None:
+        fingerprint = audit_fingerprint(
+            model=model_name(model), saes=router.audits, windows=windows, options=options,
+            dataset=_describe(dataset), n_tokens=n_tokens, batch_size=batch_size, context_size=context_size,
+            held_out=held_out, include_special_tokens=include_special_tokens, nonfinite=nonfinite,
+            rank=router.ranks.rank, world_size=router.ranks.world_size,
+        )
+        if router.ranks.split:  # every rank checkpoints its own partial state
+            checkpoint_dir = os.path.join(checkpoint_dir, f"rank{router.ranks.rank}")
+        checkpoint = RunCheckpoint(checkpoint_dir, fingerprint, checkpoint_every, router.state_dict)
+        position = checkpoint.restore(router.load_state_dict, resume=resume)
+    timings = {}  # of this process's work only, on a resumed run
     with CodeTap(model, views, router.on_codes) as tap:
         tick = time.perf_counter()
-        _stream_windows(model, tap, router, windows, specials, held, batch_size, only_audit=True,
-                        desc="pass 1/2: statistics", progress=progress)
+        if position.pass_number == 1:
+            _stream_windows(model, tap, router, windows, specials, held, batch_size, only_audit=True,
+                            desc="pass 1/2: statistics", progress=progress,
+                            first=position.windows_done, checkpoint=checkpoint)
+            router.merge_ranks()
+            router.start_pass_two()
+            position = Position(2, 0)
+            if checkpoint is not None:
+                checkpoint.reach(position)
         timings["pass1_s"] = time.perf_counter() - tick
-        router.start_pass_two()
         tick = time.perf_counter()
         _stream_windows(model, tap, router, windows, specials, held, batch_size, only_audit=False,
-                        desc="pass 2/2: certificates", progress=progress)
+                        desc="pass 2/2: certificates", progress=progress,
+                        first=position.windows_done, checkpoint=checkpoint)
+        router.merge_ranks()
         timings["pass2_s"] = time.perf_counter() - tick
     meta = {
         "model": model_name(model),
@@ -195,10 +263,15 @@ def audit(
 
 
 def _stream_windows(model, tap, router: _Router, windows: Tensor, specials: Tensor | None, held: Tensor,
-                    batch_size: int, *, only_audit: bool, desc: str, progress: bool) -> None:
+                    batch_size: int, *, only_audit: bool, desc: str, progress: bool,
+                    first: int = 0, checkpoint: RunCheckpoint | None = None) -> None:
+    """Stream the pass's windows from its `first` one on (a resumed run skips those done)."""
     chosen = torch.nonzero(~held).flatten() if only_audit else torch.arange(len(windows))
+    chosen = chosen[router.ranks.own(chosen)]
     context = windows.shape[1]
-    for start in _progress(range(0, len(chosen), batch_size), desc, progress, total_items=len(chosen), step=batch_size):
+    pass_number = 1 if only_audit else 2
+    batches = range(first, len(chosen), batch_size)
+    for start in _progress(batches, desc, progress, total_items=len(chosen) - first, step=batch_size):
         rows = chosen[start:start + batch_size]
         tokens = windows[rows]
         positions = torch.arange(context)
@@ -209,7 +282,11 @@ def _stream_windows(model, tap, router: _Router, windows: Tensor, specials: Tens
             window=rows[:, None].expand(-1, context).flatten(),
         )
         forward_to_deepest(model, tokens, tap.hook_names)
+        if checkpoint is not None:
+            checkpoint.after_batch(Position(pass_number, start + len(rows)), tokens.numel())
     router.batch = None
+    if checkpoint is not None:
+        checkpoint.reach(Position(pass_number, len(chosen)))
 
 
 def _special_tokens(windows: Tensor, model: Any) -> Tensor | None:
@@ -301,14 +378,19 @@ def audit_activations(
             seen = 0
             desc = f"{key}: pass {2 if pass_two else 1}/2"
             for acts in _progress(_iterate(source, key), desc, progress):
-                x, z = views[key].encode(acts)
-                n = x.shape[0]
-                index = torch.arange(seen, seen + n)
-                router.batch = _Batch(index, torch.ones(n, dtype=torch.bool), held_out_windows(seen, n, held_out), index)
+                rows = views[key].rows(acts)  # (n, d_in), one row per token, as encode reads them
+                index = torch.arange(seen, seen + len(rows))
+                held = held_out_windows(seen, len(rows), held_out)
+                seen += len(rows)
+                if router.ranks.split:  # this rank's rows only (each row is a window here)
+                    mine = router.ranks.own(index)
+                    rows, index, held = rows[mine.to(rows.device)], index[mine], held[mine]
+                x, z = views[key].encode(rows)
+                router.batch = _Batch(index, torch.ones(len(index), dtype=torch.bool), held, index)
                 router.on_codes(key, x, z)
-                seen += n
             if seen == 0:
                 raise ValueError(f"{key}: the activation batches are empty; nothing to audit")
+        router.merge_ranks()
     router.batch = None
     return router.result({"source": "activations", "held_out": held_out, **_versions()})
 
@@ -331,8 +413,8 @@ def _iterate(source: Any, key: str) -> Iterator[Tensor]:
         yield source
         return
     if callable(source):
-        source = source()
-    if iter(source) is source:
+        source = source()  # a fresh iterable for every pass: a generator is fine here
+    elif iter(source) is source:
         raise TypeError(
             f"{key}: the audit reads the activations twice (statistics, then certificates), but a "
             "one-shot iterator or generator was given; pass a list, a tensor, or a zero-argument "
@@ -367,8 +449,9 @@ class Monitor:
         self._tap = CodeTap(model, self.views, self._on_codes)
         self._input_handle = None
         self._windows = self._tokens = 0
-        self._pending: _Batch | None = None
-        self._consumed = set()
+        self._pending_tokens: Tensor | None = None  # ids seen at the embedding, not yet numbered
+        self._batch: _Batch | None = None  # the current forward pass
+        self._consumed: set[str] = set()  # SAEs that already saw the current pass
 
     def __enter__(self) -> "Monitor":
         # A forward pre-hook on the token embedding (attached, removed on exit) sees the token
@@ -391,40 +474,44 @@ class Monitor:
         if isinstance(tokens, (str, list)) and hasattr(module, "to_tokens"):
             tokens = module.to_tokens(tokens)
         if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.int32, torch.int64):
-            self._pending = None  # embeddings or other inputs: positions counted from the codes
+            self._pending_tokens = None  # embeddings or other inputs: positions counted from the codes
             return
-        tokens = tokens.cpu().reshape(-1, tokens.shape[-1])
-        rows, context = tokens.shape
-        windows = torch.arange(self._windows, self._windows + rows)
-        specials = None if self.include_special_tokens else _special_tokens(tokens, self.model)
-        keep = torch.ones_like(tokens, dtype=torch.bool) if specials is None else ~specials
-        self._pending = _Batch(
-            token_index=torch.arange(self._tokens, self._tokens + rows * context),
-            keep=keep.flatten(),
-            held=held_out_windows(self._windows, rows, self.held_out)[:, None].expand(-1, context).flatten(),
-            window=windows[:, None].expand(-1, context).flatten(),
-        )
-        self._windows += rows
-        self._tokens += rows * context
-        self._consumed: set[str] = set()
+        self._pending_tokens = tokens.cpu().reshape(-1, tokens.shape[-1])
 
     def _on_codes(self, key: str, x: Tensor, z: Tensor) -> None:
-        batch = self._pending
-        if batch is None or len(batch.token_index) != x.shape[0] or key in self._consumed:
-            batch = self._rows_as_windows(x.shape[0])  # no token ids seen for this pass
-        else:
-            self._consumed.add(key)
+        batch = self._batch
+        if batch is None or key in self._consumed or len(batch.token_index) != x.shape[0]:
+            batch = self._start_pass(x.shape[0])
+        self._consumed.add(key)
         self.router.batch = batch
         self.router.on_codes(key, x, z)
         keep = batch.keep.to(x.device) & torch.isfinite(x).all(1) & torch.isfinite(z).all(1)
         self.seen[key].append((x[keep].cpu(), z[keep].to_sparse().cpu(), batch.token_index[keep.cpu()], batch.held[keep.cpu()]))
 
-    def _rows_as_windows(self, n: int) -> _Batch:
-        index = torch.arange(self._tokens, self._tokens + n)
-        batch = _Batch(index, torch.ones(n, dtype=torch.bool), held_out_windows(self._windows, n, self.held_out), index)
-        self._windows += n
+    def _start_pass(self, n: int) -> _Batch:
+        """Number the n tokens of a new forward pass, when its codes first arrive.
+
+        Token ids are numbered here, not at the embedding: generate() embeds every sampled
+        token, the last one too, which no pass ever reads. The ids embedded since the last
+        pass are this pass's when their count is n; otherwise (embeddings passed in, a
+        generate() without KV cache re-reading the whole sequence) every row is a window.
+        """
+        pending, self._pending_tokens = self._pending_tokens, None
+        tokens = pending if pending is not None and pending.numel() == n else None
+        rows, context = (n, 1) if tokens is None else tokens.shape
+        specials = None if tokens is None or self.include_special_tokens else _special_tokens(tokens, self.model)
+        keep = torch.ones(n, dtype=torch.bool) if specials is None else ~specials.flatten()
+        windows = torch.arange(self._windows, self._windows + rows)
+        self._batch = _Batch(
+            token_index=torch.arange(self._tokens, self._tokens + n),
+            keep=keep,
+            held=held_out_windows(self._windows, rows, self.held_out).repeat_interleave(context),
+            window=windows.repeat_interleave(context),
+        )
+        self._windows += rows
         self._tokens += n
-        return batch
+        self._consumed = set()
+        return self._batch
 
     def result(self) -> AuditResult:
         """The audit of every token seen so far (callable any number of times)."""
