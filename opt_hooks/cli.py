@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import os
 import random
 import re
 import shlex
@@ -417,6 +418,8 @@ def run_report(args: argparse.Namespace, argv: list[str]) -> int:
 
     start = time.perf_counter()
     out = args.out or default_out(args)
+    if not is_writer():  # under torchrun only rank 0 writes; the others stream their share
+        return audit_share(args)
     check_out_dir(out, args.overwrite)  # before anything slow happens
     # Imported only now (torch, TransformerLens, SAE-Lens take seconds): --help, usage errors
     # and a refused --out answer at once.
@@ -464,6 +467,23 @@ def run_report(args: argparse.Namespace, argv: list[str]) -> int:
     return EXIT_OK
 
 
+def is_writer() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def audit_share(args: argparse.Namespace) -> int:
+    """A non-zero torchrun rank: the same audit call (the API splits the windows by rank and
+    merges the states), no output of its own."""
+    from opt_hooks.api import audit
+
+    device = resolve_device(args.device)
+    with library_prints(True):
+        inputs = embedded_inputs(args, device) if uses_embedded(args) else user_inputs(args, device)
+        audit(inputs.model, inputs.saes, inputs.dataset, n_tokens=inputs.n_tokens, batch_size=args.batch_size,
+              context_size=args.context_size, held_out=args.held_out, device=None, progress=False)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -471,7 +491,10 @@ def main(argv: list[str] | None = None) -> int:
     report_argv = argv[argv.index("report") + 1 :]
     try:
         check_flags(args)
-        return run_report(args, report_argv)
+        from opt_hooks.distributed import process_group_from_env
+
+        with process_group_from_env(args.device):
+            return run_report(args, report_argv)
     except UsageError as error:
         print(f"opt-hooks report: error: {error} (see opt-hooks report --help)", file=sys.stderr)
         return EXIT_USAGE

@@ -18,9 +18,14 @@ NCCL, set each rank's CUDA device first (`torch.cuda.set_device(local_rank)`).
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -71,3 +76,21 @@ def _gather(value: Any) -> list[Any]:
     values: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
+
+
+@contextmanager
+def process_group_from_env(device: str | None) -> Iterator[Ranks]:
+    """Under torchrun (WORLD_SIZE > 1): join the default process group for the block, with
+    NCCL on CUDA (each rank on cuda:LOCAL_RANK) and gloo otherwise; a no-op without torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1 or dist.is_initialized():
+        yield current_ranks()
+        return
+    on_cuda = (device or "").startswith("cuda") or (device is None and torch.cuda.is_available())
+    if on_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if on_cuda else "gloo", init_method="env://", timeout=timedelta(minutes=30))
+    try:
+        yield current_ranks()
+    finally:
+        dist.destroy_process_group()

@@ -195,10 +195,33 @@ def forward_to_deepest(model: torch.nn.Module, tokens: torch.Tensor, hook_names:
     """
     tokens = tokens.to(model_device(model))
     stop = stop_layer(hook_names)
-    if stop is not None and _supports_stop_at_layer(model):
-        model(tokens, stop_at_layer=stop, return_type=None)
-    else:
-        model(tokens, return_type=None)
+    try:
+        if stop is not None and _supports_stop_at_layer(model):
+            model(tokens, stop_at_layer=stop, return_type=None)
+        else:
+            model(tokens, return_type=None)
+    except RuntimeError as error:  # torch.OutOfMemoryError is one
+        explained = explain_out_of_memory(error, tokens)
+        if explained is None:
+            raise
+        raise explained from error
+
+
+def explain_out_of_memory(error: RuntimeError, tokens: torch.Tensor) -> torch.OutOfMemoryError | None:
+    """An OutOfMemoryError that says what to change, for an out-of-memory error raised by the
+    forward pass of `tokens` (the model and every SAE's encode); None for any other error."""
+    message = str(error)
+    # CUDA and MPS say "out of memory"; the CPU allocator says "can't allocate memory".
+    if not isinstance(error, torch.OutOfMemoryError) and not any(
+        words in message for words in ("out of memory", "can't allocate memory")
+    ):
+        return None
+    n_windows, context = tokens.shape[0], tokens.shape[-1]
+    return torch.OutOfMemoryError(
+        f"out of memory on {tokens.device} in the forward pass of {n_windows} windows x {context} tokens "
+        "(model and SAE encoders). Lower batch_size (CLI: --batch-size) to fit it, or context_size, "
+        f"or audit fewer SAEs at a time. The error was: {message.splitlines()[0] if message else type(error).__name__}"
+    )
 
 
 def check_attachment(

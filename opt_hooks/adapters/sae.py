@@ -86,6 +86,12 @@ class SAEView:
                 "pass hook_name='blocks.0.hook_resid_pre' (the hook it was trained on), "
                 "or give the SAEs as {hook_name: sae}"
             )
+        broken = [name for name, parameter in sae.named_parameters() if not bool(torch.isfinite(parameter).all())]
+        if broken:
+            raise ValueError(
+                f"{self.hook_name}: the SAE's {', '.join(broken)} hold NaN or inf values, so no verdict "
+                "about it can be computed; check the SAE file (a diverged training run?)"
+            )
         self.architecture: str = sae.cfg.architecture()
         self.training_architecture: str | None = metadata.training_architecture
         self.d_in: int = sae.cfg.d_in

@@ -6,6 +6,7 @@ Certificates for the violations live in `certificates.py`; the pair engine behin
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,17 +66,33 @@ def c4_codes(gain_active: Tensor, gain_inactive: Tensor, active_count: Tensor, n
 
     G4_i = (1/N)[sum_{z_in>0} |2<d_i,r_n> - lam| + sum_{z_in=0} max(0, 2<d_i,r_n> - lam)].
     """
+    check_lam(lam)
     n = max(n_tokens, 1)
     gain = (gain_active + gain_inactive) / n
     share = active_count.clamp(min=1).double() / n
-    return CodeCheck(gain=gain, size=gain / (lam * share) if lam > 0 else torch.full_like(gain, float("inf")))
+    return CodeCheck(gain=gain, size=gain / (lam * share))
+
+
+def check_lam(lam: float) -> None:
+    """The conditions are statements about the L1 objective with lam > 0: at lam = 0 the
+    reconstruction-preserving directions of C1 and C2 change nothing and C4 / C6 have no scale."""
+    if not (math.isfinite(lam) and lam > 0):
+        raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
 
 
 def estimate_lam(active_projections: Tensor) -> float:
     """lam_hat = 2 * median of <d_i, r_n> over active (n, i) (THEORY.md C4)."""
     if active_projections.numel() == 0:
         raise ValueError("cannot estimate lam: no feature was active on any audit token; pass lam=")
-    return 2 * float(active_projections.double().median())
+    estimate = 2 * float(active_projections.double().median())
+    if not estimate > 0:
+        # Active atoms of an L1 optimum see +lam/2 of residual; a median at or below 0 means the
+        # codes are not shrunk L1 codes at all, and no lam describes them.
+        raise ValueError(
+            f"cannot estimate lam: 2 * median <d_i, r_n> over active codes is {estimate:.3g}, not "
+            "positive (the SAE does not look L1-trained on these tokens); pass lam="
+        )
+    return estimate
 
 
 @dataclass
@@ -105,6 +122,7 @@ class SpareCheck:
 
 def c6_spare(stats: LayerStatistics, lam: float, *, rel_tol: float = 1e-6) -> SpareCheck:
     """C6: while any feature is dead, every residual norm must be at most lam / 2."""
+    check_lam(lam)
     dead = stats.dead
     max_rnorm = float(stats.worst_rnorm[0]) if stats.worst_rnorm.numel() else 0.0
     threshold = lam / 2

@@ -15,6 +15,26 @@ def normalise_atoms(decoder: Tensor) -> tuple[Tensor, Tensor]:
     return decoder / safe[:, None], norms
 
 
+# Largest input magnitude whose squares, summed over millions of terms, stay far from overflow
+# in float32 (max 3.4e38) and float64 (max 1.8e308).
+FLOAT32_SAFE_MAGNITUDE = 1e12
+FLOAT64_SAFE_MAGNITUDE = 1e100
+
+
+def compute_dtype(x: Tensor, z: Tensor, bias: Tensor) -> torch.dtype:
+    """dtype of a batch's products: float32, or float64 when the input is float64 or so large
+    that squared norms would overflow float32. Inputs too large even for float64 are refused."""
+    magnitude = max((float(t.abs().amax()) for t in (x, z, bias) if t.numel()), default=0.0)
+    if magnitude > FLOAT64_SAFE_MAGNITUDE:
+        raise ValueError(
+            f"activations, codes or bias of magnitude {magnitude:.3g} overflow the statistics even in "
+            "float64; rescale them"
+        )
+    if x.dtype == torch.float64 or magnitude > FLOAT32_SAFE_MAGNITUDE:
+        return torch.float64
+    return torch.float32
+
+
 def residuals(x: Tensor, atoms: Tensor, z: Tensor, bias: Tensor) -> Tensor:
     """r_n = x_n - b - sum_i z_in d_i, in the dtype of the inputs."""
     return x - bias - z @ atoms
