@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -120,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed of every random generator (default 0)")
     run.add_argument("--out", type=Path, metavar="FOLDER", help="output folder (default reports/<name>)")
     run.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing report files")
+    run.add_argument(
+        "--checkpoint-every", type=parse_count, metavar="N",
+        help="save the audit's state to <out>/checkpoint every N tokens (e.g. 1M); it is also saved after each pass",
+    )
+    run.add_argument(
+        "--resume", action="store_true",
+        help="continue an interrupted run from <out>/checkpoint (give the same flags again)",
+    )
     run.add_argument(
         "--fail-on", choices=("certified", "violated"),
         help="exit 3 when anything reaches this tier (violated includes certified)",
@@ -361,11 +370,11 @@ def seed_everything(seed: int) -> None:
 
 
 @contextmanager
-def run_log(out: Path, quiet: bool) -> Iterator[None]:
+def run_log(out: Path, quiet: bool, append: bool = False) -> Iterator[None]:
     """While the run lasts: run.log gets opt_hooks's messages down to DEBUG (tracebacks
     included) and every library's INFO and warnings; the console gets opt_hooks's INFO and
     warnings (only errors with --quiet). Logging is left as it was found afterwards."""
-    file_handler = logging.FileHandler(out / RUN_LOG, mode="w", encoding="utf-8")
+    file_handler = logging.FileHandler(out / RUN_LOG, mode="a" if append else "w", encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.ERROR if quiet else logging.INFO)
@@ -420,15 +429,17 @@ def run_report(args: argparse.Namespace, argv: list[str]) -> int:
     out = args.out or default_out(args)
     if not is_writer():  # under torchrun only rank 0 writes; the others stream their share
         return audit_share(args)
-    check_out_dir(out, args.overwrite)  # before anything slow happens
+    check_out_dir(out, args.overwrite or args.resume)  # before anything slow happens
     # Imported only now (torch, TransformerLens, SAE-Lens take seconds): --help, usage errors
     # and a refused --out answer at once.
     from opt_hooks.api import audit
 
     out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:  # --overwrite of an earlier run: its checkpoint is not this run's
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     # The embedded model's matrices are tiny (width 64): extra threads only add synchronisation,
     # which turns into minutes of spinning when other processes share the cores.
-    with run_log(out, args.quiet), torch_threads(1 if uses_embedded(args) else None):
+    with run_log(out, args.quiet, append=args.resume), torch_threads(1 if uses_embedded(args) else None):
         try:
             command = shlex.join(["opt-hooks", "report", *argv])
             log.debug("command: %s", command)
@@ -443,10 +454,12 @@ def run_report(args: argparse.Namespace, argv: list[str]) -> int:
                     inputs.model, inputs.saes, inputs.dataset, n_tokens=inputs.n_tokens, batch_size=args.batch_size,
                     context_size=args.context_size, held_out=args.held_out, device=None,
                     progress=not args.quiet,  # the API's own tqdm bars; the CLI adds none
+                    checkpoint_dir=out / CHECKPOINT_DIR, checkpoint_every=args.checkpoint_every, resume=args.resume,
                 )
             seconds = time.perf_counter() - start
             result.meta["run"] = {**inputs.facts, "command": command, "seed": args.seed, "seconds": round(seconds, 1)}
             write_report(result, out, overwrite=True)  # the folder was checked above; run.log is ours
+            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # every nonzero code: can be gigabytes
             summary = render_summary(result)
             log.debug("summary:\n%s", summary)
             log.info("report written in %.1f s: %s", seconds, out / REPORT_HTML)
@@ -467,6 +480,9 @@ def run_report(args: argparse.Namespace, argv: list[str]) -> int:
     return EXIT_OK
 
 
+CHECKPOINT_DIR = "checkpoint"  # inside --out; each torchrun rank keeps its own subfolder
+
+
 def is_writer() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -480,7 +496,9 @@ def audit_share(args: argparse.Namespace) -> int:
     with library_prints(True):
         inputs = embedded_inputs(args, device) if uses_embedded(args) else user_inputs(args, device)
         audit(inputs.model, inputs.saes, inputs.dataset, n_tokens=inputs.n_tokens, batch_size=args.batch_size,
-              context_size=args.context_size, held_out=args.held_out, device=None, progress=False)
+              context_size=args.context_size, held_out=args.held_out, device=None, progress=False,
+              checkpoint_dir=(args.out or default_out(args)) / CHECKPOINT_DIR,
+              checkpoint_every=args.checkpoint_every, resume=args.resume)
     return EXIT_OK
 
 
