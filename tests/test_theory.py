@@ -12,7 +12,7 @@ from opt_hooks.engine import AuditOptions, LayerAudit
 from opt_hooks.theory import certificates as certs
 from opt_hooks.theory import conditions as cond
 from opt_hooks.theory.objective import objective, residuals
-from opt_hooks.theory.reference import fit_dictionary, nonneg_lasso
+from opt_hooks.theory.reference import fit_dictionary
 from opt_hooks.theory.stats import LayerStats
 from planted import optimal_codes_and_bias, planted_hierarchy
 
