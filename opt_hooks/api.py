@@ -25,7 +25,7 @@ from opt_hooks.adapters.model import model_name
 from opt_hooks.checkpoint import Position, RunCheckpoint, audit_fingerprint
 from opt_hooks.distributed import current_ranks, merge_pass_one, merge_pass_two, sum_over_ranks
 from opt_hooks.engine import AuditOptions, AuditPlan, LayerAudit
-from opt_hooks.result import AuditResult
+from opt_hooks.result import AuditResult, LayerResult
 
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -134,14 +134,16 @@ class _Router:
                 plan.load_state_dict(state["plans"][key])
 
     def result(self, meta: dict[str, Any]) -> AuditResult:
-        layers = {}
-        for key, plan in (self.plans or {}).items():
-            layer = plan.result()
-            layer.notes.extend(self.views[key].notes)
-            if self.skipped[key]:
-                layer.notes.append(f"{self.skipped[key]} audit tokens with non-finite values were skipped")
-            layers[key] = layer
+        layers = {key: self.layer_result(key, plan) for key, plan in (self.plans or {}).items()}
         return AuditResult(layers=layers, meta=meta)
+
+    def layer_result(self, key: str, plan: AuditPlan) -> LayerResult:
+        """A finished plan's LayerResult, with the SAE's caveats and the skipped-token count."""
+        layer = plan.result()
+        layer.notes.extend(self.views[key].notes)
+        if self.skipped[key]:
+            layer.notes.append(f"{self.skipped[key]} audit tokens with non-finite values were skipped")
+        return layer
 
 
 def _layer_audit(key: str, view: SAEView, lam: float | None, options: AuditOptions | None) -> LayerAudit:
@@ -523,9 +525,7 @@ class Monitor:
             for x, z, index, held in self.seen[key]:
                 device = audit.atoms.device
                 plan.update(x.to(device), z.to_dense().to(device), index.to(device), held_out=held.to(device))
-            layer = plan.result()
-            layer.notes.extend(self.views[key].notes)
-            results[key] = layer
+            results[key] = self.router.layer_result(key, plan)
         meta = {"model": model_name(self.model), "source": "monitor", "n_tokens": self._tokens,
                 "held_out": self.held_out, **_versions()}
         return AuditResult(layers=results, meta=meta)
