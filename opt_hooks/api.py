@@ -80,14 +80,21 @@ class _Router:
         index, held = batch.token_index.to(device), batch.held.to(device)
         if self.plans is None:
             rows = keep & ~held
-            self.audits[key].update(x[rows], z[rows], index[rows])
+            if bool(rows.all()):  # no copy of the (n, K) codes when every row is kept
+                self.audits[key].update(x, z, index)
+            else:
+                self.audits[key].update(x[rows], z[rows], index[rows])
         else:
-            self.plans[key].update(x[keep], z[keep], index[keep], held_out=held[keep])
+            plan = self.plans[key]
+            rows = keep if plan.needs_audit_tokens else keep & held
+            if bool(rows.any()):
+                plan.update(x[rows], z[rows], index[rows], held_out=held[rows])
 
     def _finite_rows(self, key: str, x: Tensor, z: Tensor, batch: _Batch) -> Tensor:
+        z_min, z_max = z.aminmax() if z.numel() else (z.new_zeros(()), z.new_zeros(()))  # NaN propagates
+        if bool(torch.isfinite(x).all() and torch.isfinite(z_min) and torch.isfinite(z_max)):
+            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         finite = torch.isfinite(x).all(1) & torch.isfinite(z).all(1)
-        if bool(finite.all()):
-            return finite
         bad = int(torch.nonzero(~finite)[0])
         if self.nonfinite == "raise":
             raise FloatingPointError(
@@ -101,6 +108,12 @@ class _Router:
 
     def start_pass_two(self) -> None:
         self.plans = {key: audit.plan() for key, audit in self.audits.items()}
+
+    @property
+    def pass_two_windows(self) -> str:
+        """Which windows pass 2 streams: the held-out ones, or all of them when some SAE's lam
+        was estimated (its C4 terms need the audit tokens again, see opt_hooks/engine.py)."""
+        return "all" if any(plan.needs_audit_tokens for plan in self.plans.values()) else "held"
 
     def merge_ranks(self) -> None:
         """After each pass under torch.distributed: combine every rank's partial state of that
@@ -228,25 +241,31 @@ def audit(
             checkpoint_dir = os.path.join(checkpoint_dir, f"rank{router.ranks.rank}")
         checkpoint = RunCheckpoint(checkpoint_dir, fingerprint, checkpoint_every, router.state_dict)
         position = checkpoint.restore(router.load_state_dict, resume=resume)
-    timings = {}  # of this process's work only, on a resumed run
+    timings: dict[str, float] = {}  # of this process's work only, on a resumed run
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = now - clock[0]
+        clock[0] = now
+
     with CodeTap(model, views, router.on_codes) as tap:
-        tick = time.perf_counter()
         if position.pass_number == 1:
-            _stream_windows(model, tap, router, windows, specials, held, batch_size, only_audit=True,
+            _stream_windows(model, tap, router, windows, specials, held, batch_size, which="audit",
                             desc="pass 1/2: statistics", progress=progress,
                             first=position.windows_done, checkpoint=checkpoint)
+            lap("pass1_s")
             router.merge_ranks()
             router.start_pass_two()
             position = Position(2, 0)
             if checkpoint is not None:
                 checkpoint.reach(position)
-        timings["pass1_s"] = time.perf_counter() - tick
-        tick = time.perf_counter()
-        _stream_windows(model, tap, router, windows, specials, held, batch_size, only_audit=False,
-                        desc="pass 2/2: certificates", progress=progress,
+            lap("plan_s")
+        _stream_windows(model, tap, router, windows, specials, held, batch_size, which=router.pass_two_windows,
+                        desc="pass 2/2: held-out tokens", progress=progress,
                         first=position.windows_done, checkpoint=checkpoint)
         router.merge_ranks()
-        timings["pass2_s"] = time.perf_counter() - tick
+        lap("pass2_s")
     meta = {
         "model": model_name(model),
         "dataset": _describe(dataset),
@@ -256,22 +275,25 @@ def audit(
         "held_out": held_out,
         "device": str(device),
         "include_special_tokens": include_special_tokens,
-        "seconds": {**timings, "total_s": time.perf_counter() - started},
+        "seconds": timings,
         **_versions(),
     }
     result = router.result(meta)
     result.token_texts = _token_texts(result, windows, model)
+    lap("result_s")
+    timings["total_s"] = time.perf_counter() - started
     return result
 
 
 def _stream_windows(model, tap, router: _Router, windows: Tensor, specials: Tensor | None, held: Tensor,
-                    batch_size: int, *, only_audit: bool, desc: str, progress: bool,
+                    batch_size: int, *, which: str, desc: str, progress: bool,
                     first: int = 0, checkpoint: RunCheckpoint | None = None) -> None:
-    """Stream the pass's windows from its `first` one on (a resumed run skips those done)."""
-    chosen = torch.nonzero(~held).flatten() if only_audit else torch.arange(len(windows))
+    """Stream the pass's windows ("audit", "held" or "all") from its `first` one on (a resumed
+    run skips those done)."""
+    chosen = {"audit": ~held, "held": held, "all": torch.ones_like(held)}[which].nonzero().flatten()
     chosen = chosen[router.ranks.own(chosen)]
     context = windows.shape[1]
-    pass_number = 1 if only_audit else 2
+    pass_number = 1 if which == "audit" else 2
     batches = range(first, len(chosen), batch_size)
     for start in _progress(batches, desc, progress, total_items=len(chosen) - first, step=batch_size):
         rows = chosen[start:start + batch_size]
@@ -384,9 +406,12 @@ def audit_activations(
                 index = torch.arange(seen, seen + len(rows))
                 held = held_out_windows(seen, len(rows), held_out)
                 seen += len(rows)
-                if router.ranks.split:  # this rank's rows only (each row is a window here)
-                    mine = router.ranks.own(index)
-                    rows, index, held = rows[mine.to(rows.device)], index[mine], held[mine]
+                mine = router.ranks.own(index)  # this rank's rows only (each row is a window here)
+                if pass_two and not router.plans[key].needs_audit_tokens:
+                    mine &= held  # pass 1 already measured the audit rows
+                if not bool(mine.any()):
+                    continue
+                rows, index, held = rows[mine.to(rows.device)], index[mine], held[mine]
                 x, z = views[key].encode(rows)
                 router.batch = _Batch(index, torch.ones(len(index), dtype=torch.bool), held, index)
                 router.on_codes(key, x, z)
@@ -523,6 +548,8 @@ class Monitor:
                 raise ValueError(f"{key}: the monitor has seen no audit tokens yet; run a forward pass first")
             plan = audit.plan()
             for x, z, index, held in self.seen[key]:
+                if not (plan.needs_audit_tokens or bool(held.any())):
+                    continue
                 device = audit.atoms.device
                 plan.update(x.to(device), z.to_dense().to(device), index.to(device), held_out=held.to(device))
             results[key] = self.router.layer_result(key, plan)

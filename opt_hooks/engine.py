@@ -3,10 +3,17 @@
     audit = LayerAudit(atoms, bias, lam=...)
     for x, z in audit_batches:            # audit tokens only
         audit.update(x, z)
-    plan = audit.plan()                   # C1-C6 margins, every certificate built
-    for x, z, held in all_batches:        # audit and held-out tokens again
-        plan.update(x, z, held_out=held)
+    plan = audit.plan()                   # C1-C6 margins, every certificate built and
+                                          # measured on the audit tokens from pass 1's state
+    for x, z, held in pass_two_batches:   # held-out tokens (and, when lam was estimated,
+        plan.update(x, z, held_out=held)  # the audit tokens again: plan.needs_audit_tokens)
     layer = plan.result()                 # opt_hooks.result.LayerResult
+
+Pass 1 keeps the sparse codes with each active <d_i, r_n>, so every certificate's exact
+change on the audit tokens is a closed form of its state (see theory/certificates.py): the
+data is streamed once, plus the held-out share. Only C4's inactive terms need lam on every
+(token, feature); with lam known they are summed in pass 1, with lam estimated (known only
+once pass 1 is done) pass 2 streams the audit tokens again for them.
 
 Both stages are mergeable (`merge`, `state_dict`), so batches, resumed runs and distributed
 ranks combine exactly. Pure tensor code: no TransformerLens / SAE-Lens import.
@@ -24,10 +31,7 @@ from opt_hooks.result import CertificateCheck, FeatureRow, LayerResult, PairRow,
 from opt_hooks.theory import certificates as certs
 from opt_hooks.theory import conditions as cond
 from opt_hooks.theory.accumulator import Accumulator
-from opt_hooks.theory.objective import compute_dtype, residuals
-from opt_hooks.theory.stats import LayerStatistics, LayerStats
-
-AUDIT, HELD_OUT = 0, 1
+from opt_hooks.theory.stats import LamTotals, LayerStatistics, LayerStats, TokenBatch
 
 
 @dataclass
@@ -68,7 +72,7 @@ class LayerAudit:
         self.hook_name, self.architecture, self.scope = hook_name, architecture, scope
         self.options = options or AuditOptions()
         self.meta = dict(meta or {})
-        self.stats = LayerStats(atoms, bias, worst_k=self.options.worst_k, keep_projections=lam is None)
+        self.stats = LayerStats(atoms, bias, lam=lam, worst_k=self.options.worst_k)
 
     def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None) -> None:
         _check_batch(x, z, self.atoms, token_index)
@@ -101,8 +105,9 @@ class LayerAudit:
 
 
 class AuditPlan:
-    """The conditions evaluated on pass-1 statistics, and pass 2: every certificate's exact
-    change of L at each step of its ladder, on the audit and on the held-out tokens."""
+    """The conditions evaluated on pass-1 statistics, and every certificate's exact change of
+    L at each step of its ladder: on the audit tokens from pass 1's state, on the held-out
+    tokens in pass 2."""
 
     def __init__(self, audit: LayerAudit, stats: LayerStatistics) -> None:
         self.audit, self.stats, self.options = audit, stats, audit.options
@@ -116,7 +121,11 @@ class AuditPlan:
         self.bias_check = cond.c5_bias(stats)
         self.spare = cond.c6_spare(stats, self.lam)
         self.families = self._build_certificates()
-        self.state = _Pass2State(self.families, n_features=self.atoms.shape[0], device=self.atoms.device)
+        # lam estimated: C4's inactive terms and the C6 count are summed over the audit tokens
+        # in pass 2, with the estimate
+        self.needs_audit_tokens = stats.lam_totals is None
+        self.state = _Pass2State(self.families, self.atoms.shape[0], self.atoms.device, self.needs_audit_tokens)
+        self._audit_changes: dict[str, tuple[Tensor, Tensor]] | None = None
 
     # -- certificates -----------------------------------------------------------------
     def _build_certificates(self) -> dict[str, Any]:
@@ -155,29 +164,27 @@ class AuditPlan:
 
     # -- pass 2 -----------------------------------------------------------------------
     def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None, held_out: Tensor | None = None) -> None:
-        """Add a batch of audit (held_out False) and held-out (True) tokens."""
+        """Add a batch of held-out tokens (held_out True) and, when `needs_audit_tokens`, audit
+        tokens (False; otherwise they are ignored: pass 1's state already measured them)."""
         _check_batch(x, z, self.atoms, token_index)
         if held_out is None:
             held_out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         if held_out.shape != (x.shape[0],) or held_out.dtype != torch.bool:
             raise ValueError(f"held_out must be a bool mask ({x.shape[0]},); got {held_out.dtype} {tuple(held_out.shape)}")
-        if x.shape[0] == 0:
+        rows = held_out if not self.needs_audit_tokens else torch.ones_like(held_out)
+        if not bool(rows.any()):
             return
-        compute = compute_dtype(x, z, self.bias)
-        atoms, bias = self.atoms.to(compute), self.bias.to(compute)
-        x, z = x.to(compute), z.to(compute)
-        r = residuals(x, atoms, z, bias)
-        q = r @ atoms.T
-        for split, rows in ((AUDIT, ~held_out), (HELD_OUT, held_out)):
-            if not bool(rows.any()):
-                continue
-            zs, rs, qs = z[rows], r[rows], q[rows]
-            self.state.add_tokens(split, zs.shape[0], int((rs.norm(dim=-1) > self.lam / 2).sum()))
+        x, z, held_out = x[rows], z[rows], held_out[rows]
+        if bool(held_out.any()):
+            tokens = TokenBatch.from_tokens(x[held_out], z[held_out], self.atoms, self.bias, self.lam)
+            self.state.add_held_out(tokens.n_tokens)
             for name, family in self.families.items():
-                change, first = family.batch_change(zs, rs, qs, self.lam)
-                self.state.add(name, split, change, first)
-            if split == AUDIT:
-                self.state.add_gain(*self.families["C4"].gain_parts(zs, qs, self.lam))
+                self.state.add(name, family.token_change(tokens, self.lam)[0])
+        audit = ~held_out
+        if self.needs_audit_tokens and bool(audit.any()):
+            tokens = TokenBatch.from_tokens(x[audit], z[audit], self.atoms, self.bias, self.lam)
+            totals = tokens.totals
+            self.state.add_audit_terms(tokens.n_tokens, totals.over_count, totals.over_excess, totals.n_over_half_lam)
 
     def merge(self, other: "AuditPlan") -> "AuditPlan":
         self.state.merge(other.state)
@@ -190,20 +197,40 @@ class AuditPlan:
         self.state.load_state_dict(state)
 
     # -- results ----------------------------------------------------------------------
+    def lam_totals(self) -> LamTotals:
+        """The lam statistics of the audit tokens: from pass 1 when lam was known, else pass 2's."""
+        if self.stats.lam_totals is not None:
+            return self.stats.lam_totals
+        st = self.state
+        return LamTotals(
+            lam=self.lam, n_tokens=int(st.n_audit), over_count=st.over_count.clone(),
+            over_excess=st.over_excess.clone(), n_over_half_lam=int(st.n_over_half_lam),
+        )
+
+    def audit_changes(self, name: str) -> tuple[Tensor, Tensor]:
+        """A family's exact and first-order changes of sum_n loss_n on the audit tokens, (E, F)."""
+        if self._audit_changes is None:
+            totals = self.lam_totals()
+            self._audit_changes = {
+                key: family.audit_change(self.stats, totals, self.lam) for key, family in self.families.items()
+            }
+        return self._audit_changes[name]
+
     def checks(self, name: str) -> list[CertificateCheck]:
         """One CertificateCheck per certificate of a family: the largest step of its ladder
         that lowers L on the audit tokens (the smallest step when none does)."""
         family, st = self.families.get(name), self.state
         if family is None:
             return []
-        n_audit, n_held = int(st.n_tokens[AUDIT]), int(st.n_tokens[HELD_OUT])
-        change, first = getattr(st, f"{name}_change"), getattr(st, f"{name}_first")
-        descends = change[AUDIT] < 0  # (E, F)
+        n_audit, n_held = self.stats.n_tokens, int(st.n_held_out)
+        change, first = self.audit_changes(name)
+        held_change = getattr(st, f"{name}_change")
+        descends = change < 0  # (E, F)
         chosen = torch.where(descends.any(0), descends.double().argmax(0), len(family.eps) - 1)
         cols = torch.arange(change.shape[-1], device=change.device)
-        measured = (change[AUDIT, chosen, cols] / max(n_audit, 1)).tolist()
-        predicted = (first[AUDIT, chosen, cols] / max(n_audit, 1)).tolist()
-        held = (change[HELD_OUT, chosen, cols] / n_held).tolist() if n_held else [None] * len(cols)
+        measured = (change[chosen, cols] / max(n_audit, 1)).tolist()
+        predicted = (first[chosen, cols] / max(n_audit, 1)).tolist()
+        held = (held_change[chosen, cols.to(held_change.device)] / n_held).tolist() if n_held else [None] * len(cols)
         eps = [family.eps[e] for e in chosen.tolist()]
         return [
             CertificateCheck(name, eps[k], predicted[k], measured[k], held[k], n_audit, n_held)
@@ -211,40 +238,42 @@ class AuditPlan:
         ]
 
     def result(self) -> LayerResult:
-        n_audit = int(self.state.n_tokens[AUDIT])
-        if n_audit != self.stats.n_tokens:
+        if self.needs_audit_tokens and int(self.state.n_audit) != self.stats.n_tokens:
             raise RuntimeError(
-                f"pass 2 saw {n_audit} audit tokens but pass 1 saw {self.stats.n_tokens}: "
-                "both passes must stream the same audit tokens"
+                f"pass 2 saw {int(self.state.n_audit)} audit tokens but pass 1 saw {self.stats.n_tokens}: "
+                "with lam estimated, pass 2 must stream the same audit tokens again"
             )
         return _LayerAssembler(self).assemble()
 
 
 class _Pass2State(Accumulator):
-    def __init__(self, families: dict[str, Any], n_features: int, device: torch.device) -> None:
+    """Pass 2's sums: the certificates' changes on the held-out tokens and, with lam
+    estimated, the lam statistics of the audit tokens."""
+
+    def __init__(self, families: dict[str, Any], n_features: int, device: torch.device, audit_terms: bool) -> None:
         super().__init__()
         f64 = dict(dtype=torch.float64, device=device)
-        self.add_state("n_tokens", torch.zeros(2, dtype=torch.int64, device=device), "sum")
-        self.add_state("n_over_half_lam", torch.zeros(2, dtype=torch.int64, device=device), "sum")
+        count = dict(dtype=torch.int64, device=device)
+        self.add_state("n_held_out", torch.zeros((), **count), "sum")
         for name, family in families.items():
-            shape = (2, len(family.eps), len(family))
-            self.add_state(f"{name}_change", torch.zeros(shape, **f64), "sum")
-            self.add_state(f"{name}_first", torch.zeros(shape, **f64), "sum")
-        width = len(families["C4"].features)
-        self.add_state("gain_active", torch.zeros(width, **f64), "sum")
-        self.add_state("gain_inactive", torch.zeros(width, **f64), "sum")
+            self.add_state(f"{name}_change", torch.zeros(len(family.eps), len(family), **f64), "sum")
+        if audit_terms:
+            self.add_state("n_audit", torch.zeros((), **count), "sum")
+            self.add_state("over_count", torch.zeros(n_features, **count), "sum")
+            self.add_state("over_excess", torch.zeros(n_features, **f64), "sum")
+            self.add_state("n_over_half_lam", torch.zeros((), **count), "sum")
 
-    def add_tokens(self, split: int, n: int, n_over: int) -> None:
-        self.n_tokens[split] += n
-        self.n_over_half_lam[split] += n_over
+    def add_held_out(self, n: int) -> None:
+        self.n_held_out += n
 
-    def add(self, name: str, split: int, change: Tensor, first: Tensor) -> None:
-        getattr(self, f"{name}_change")[split] += change
-        getattr(self, f"{name}_first")[split] += first
+    def add(self, name: str, change: Tensor) -> None:
+        getattr(self, f"{name}_change").add_(change)
 
-    def add_gain(self, active: Tensor, inactive: Tensor) -> None:
-        self.gain_active += active
-        self.gain_inactive += inactive
+    def add_audit_terms(self, n: int, over_count: Tensor, over_excess: Tensor, n_over: int) -> None:
+        self.n_audit += n
+        self.over_count += over_count
+        self.over_excess += over_excess
+        self.n_over_half_lam += n_over
 
 
 class _LayerAssembler:
@@ -275,7 +304,9 @@ class _LayerAssembler:
             self._flag(k, "C1", check, float(plan.floor.floor[k] / max(mu[k].item(), 1e-300)))
         for k, check in zip(fam["C3"].features.tolist(), self.checks["C3"]):
             self._flag(k, "C3", check, float(plan.decoder.size[k]))
-        code = cond.c4_codes(plan.state.gain_active, plan.state.gain_inactive, st.active_count[fam["C4"].features.cpu()].to(plan.state.gain_active.device), st.n_tokens, plan.lam)
+        code_features = fam["C4"].features
+        gain_active, gain_inactive = fam["C4"].audit_gain(st, plan.lam_totals(), plan.lam)
+        code = cond.c4_codes(gain_active, gain_inactive, st.active_count.to(code_features.device)[code_features], st.n_tokens, plan.lam)
         # NaN (None in the rows): not evaluated. C4's certificates need an active feature's
         # mean code as their scale, so dead features are left to C6.
         c4_gain = torch.full((len(mu),), math.nan, dtype=torch.float64)
@@ -303,7 +334,7 @@ class _LayerAssembler:
             d_in=int(plan.atoms.shape[1]),
             d_sae=int(plan.atoms.shape[0]),
             n_tokens=st.n_tokens,
-            n_held_out=int(plan.state.n_tokens[HELD_OUT]),
+            n_held_out=int(plan.state.n_held_out),
             features=rows,
             pairs=pairs,
             layer_conditions=layer_conditions,
@@ -371,7 +402,7 @@ class _LayerAssembler:
             "max_rnorm": spare.max_rnorm,
             "threshold": spare.threshold,
             "margin": spare.margin,
-            "n_over_threshold": int(self.plan.state.n_over_half_lam[AUDIT]),
+            "n_over_threshold": self.plan.lam_totals().n_over_half_lam,
             "worst_tokens": st.worst_token.tolist(),
             "worst_rnorms": st.worst_rnorm.tolist(),
             "tier": "satisfied",
@@ -448,10 +479,11 @@ def _check_batch(x: Tensor, z: Tensor, atoms: Tensor, token_index: Tensor | None
         raise ValueError(f"z must be (n, {n_features}) codes for the same {x.shape[0]} tokens; got {tuple(z.shape)}")
     if token_index is not None and token_index.shape != (x.shape[0],):
         raise ValueError(f"token_index must be ({x.shape[0]},), one index per token; got {tuple(token_index.shape)}")
-    if not (torch.isfinite(x).all() and torch.isfinite(z).all()):
+    z_min, z_max = z.aminmax() if z.numel() else (torch.zeros(()), torch.zeros(()))  # one pass; NaN propagates
+    if not (torch.isfinite(x).all() and torch.isfinite(z_min) and torch.isfinite(z_max)):
         raise ValueError(
             "non-finite values (NaN or inf) in the SAE input or codes: no verdict can be computed "
             "from them; find the offending tokens or skip them (audit(..., nonfinite='skip'))"
         )
-    if bool((z < 0).any()):
+    if z_min < 0:
         raise ValueError("codes must be nonnegative (theory units: z = f * ||W_dec||)")

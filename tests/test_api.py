@@ -286,20 +286,25 @@ def batch_shapes(n_windows: int) -> list[tuple[int, int]]:
     return [(min(BATCH, n_windows - start), CONTEXT) for start in range(0, n_windows, BATCH)]
 
 
-def test_two_saes_on_two_layers_share_every_forward_pass(tiny_model, windows, sae1, sae2):
+@pytest.mark.parametrize("estimated", [False, True], ids=["lam known", "one lam estimated"])
+def test_two_saes_on_two_layers_share_every_forward_pass(tiny_model, windows, sae1, sae2, estimated):
     passes: list[tuple[int, ...]] = []
     handle = tiny_model.embed.register_forward_hook(lambda module, args, output: passes.append(tuple(args[0].shape)))
+    saes = {HOOK1: sae1, HOOK2: sae2}
+    lams = {HOOK1: None, HOOK2: SAEView(sae2).lam} if estimated else None
     try:
-        result = audit_tokens(tiny_model, [sae1, sae2], windows)
+        result = audit_tokens(tiny_model, saes, windows, lam=lams)
     finally:
         handle.remove()
     held = held_out_windows(N_WINDOWS, HELD_OUT)
     n_audit = int((~held).sum())
-    # A one-token probe (check_attachment), pass 1 over the audit windows, pass 2 over all.
-    assert passes == [(1, 1), *batch_shapes(n_audit), *batch_shapes(N_WINDOWS)]
+    # A one-token probe (check_attachment), pass 1 over the audit windows, pass 2 over the
+    # held-out windows; over all windows when a lam must be estimated first.
+    assert passes == [(1, 1), *batch_shapes(n_audit), *batch_shapes(N_WINDOWS if estimated else int(held.sum()))]
     for hook in (HOOK1, HOOK2):
         layer = result.layers[hook]
         assert (layer.n_tokens, layer.n_held_out) == (n_audit * CONTEXT, int(held.sum()) * CONTEXT)
+        assert layer.lam_estimated == (estimated and hook == HOOK1)
 
 
 # ---- monitor -------------------------------------------------------------------------------

@@ -194,7 +194,7 @@ def test_plan_without_audit_tokens_is_refused():
 @given(cases())
 def test_condition_functions_are_finite(case):
     assume(case.x.shape[0] > 0)
-    stats = LayerStats(case.atoms, case.bias, keep_projections=True)
+    stats = LayerStats(case.atoms, case.bias)
     if magnitude(case) > FLOAT64_SAFE_MAGNITUDE:
         with pytest.raises(ValueError, match="overflow"):
             stats.update(case.x, case.z)

@@ -13,7 +13,7 @@ from opt_hooks.theory import certificates as certs
 from opt_hooks.theory import conditions as cond
 from opt_hooks.theory.objective import objective, residuals
 from opt_hooks.theory.reference import fit_dictionary
-from opt_hooks.theory.stats import LayerStats
+from opt_hooks.theory.stats import LayerStats, TokenBatch
 from planted import optimal_codes_and_bias, planted_hierarchy
 
 
@@ -48,9 +48,15 @@ def exact_change(family, k, eps, x, atoms, z, bias, lam):
     return objective(x, atoms2, z2, bias2, lam) - objective(x, atoms, z, bias, lam)
 
 
+def g4_parts(z, q, lam):
+    """Brute force: (sum over active of |2q - lam|, sum over inactive of (2q - lam)_+) per feature."""
+    excess = (2 * q - lam).double()
+    active = z > 0
+    return torch.where(active, excess.abs(), 0).sum(0), torch.where(active, 0, excess.clamp(min=0)).sum(0)
+
+
 def closed_form_change(family, x, atoms, z, bias, lam):
-    r = residuals(x, atoms, z, bias)
-    change, first = family.batch_change(z, r, r @ atoms.T, lam)
+    change, first = family.token_change(TokenBatch.from_tokens(x, z, atoms, bias, lam), lam)
     return change / len(x), first / len(x)
 
 
@@ -114,8 +120,7 @@ def test_learned_optimum_satisfies_every_condition(learned):
     assert cond.c5_bias(computed).size < 1e-6
     r = residuals(planted.x, atoms, z, bias)
     q = r @ atoms.T
-    family = certs.CodeCertificates(torch.arange(6), torch.ones(6, dtype=torch.float64))
-    on, off = family.gain_parts(z, q, planted.lam)
+    on, off = g4_parts(z, q, planted.lam)
     code = cond.c4_codes(on, off, (z > 0).sum(0), len(z), planted.lam)
     assert float(code.size.max()) < 1e-6
 
@@ -172,7 +177,7 @@ def test_c4_shrunk_codes(learned):
     shrunk = z * 0.8  # amortisation-style shrinkage: active atoms see more than lam/2
     r = residuals(x, atoms, shrunk, bias)
     family = certs.CodeCertificates(torch.arange(6), (shrunk.sum(0) / (shrunk > 0).sum(0)))
-    on, off = family.gain_parts(shrunk, r @ atoms.T, lam)
+    on, off = g4_parts(shrunk, r @ atoms.T, lam)
     code = cond.c4_codes(on, off, (shrunk > 0).sum(0), len(x), lam)
     assert float(code.size.min()) > 1e-2
     for k in range(6):

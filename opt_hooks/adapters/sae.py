@@ -208,7 +208,8 @@ class SAEView:
         norms = self.decoder_norms()
         if not getattr(self.sae.cfg, "rescale_acts_by_decoder_norm", False):
             z = z * norms
-        return z.masked_fill(norms == 0, 0.0)
+        dead = norms == 0
+        return z.masked_fill(dead, 0.0) if bool(dead.any()) else z
 
     # ---- construction helpers --------------------------------------------------------------
 

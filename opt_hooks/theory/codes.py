@@ -35,6 +35,9 @@ class CSR:
     col: Tensor  # (nnz,) int32: feature index of each entry
     val: Tensor  # (nnz,) float32 or float64: the nonzero code value
     n_features: int
+    # (nnz,) optional per-entry companion value, permuted with the entries (the engine keeps
+    # <d_i, r_n> of every active (n, i) here: C4's active terms and the C2 certificates need it)
+    aux: Tensor | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -48,12 +51,33 @@ class CSR:
     def device(self) -> torch.device:
         return self.crow.device
 
+    def _arrays(self) -> list[Tensor]:
+        return [t for t in (self.token_index, self.crow, self.col, self.val, self.aux) if t is not None]
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.token_index, self.crow, self.col, self.val))
+        return sum(t.numel() * t.element_size() for t in self._arrays())
 
     def to(self, device: torch.device | str) -> "CSR":
-        return CSR(*(t.to(device) for t in (self.token_index, self.crow, self.col, self.val)), self.n_features)
+        aux = None if self.aux is None else self.aux.to(device)
+        return CSR(*(t.to(device) for t in (self.token_index, self.crow, self.col, self.val)), self.n_features, aux)
+
+    def entry_of(self, rows: Tensor, features: Tensor) -> Tensor:
+        """Position of entry (row, feature) in the entry arrays, -1 where that code is zero.
+
+        Flat keys row * K + col are strictly increasing, so one binary search finds each."""
+        keys = self.row_ids() * self.n_features + self.col.long()
+        wanted = rows.long() * self.n_features + features.long()
+        where = torch.searchsorted(keys, wanted).clamp(max=max(self.nnz - 1, 0))
+        found = (keys[where] == wanted) if self.nnz else torch.zeros_like(wanted, dtype=torch.bool)
+        return torch.where(found, where, -1)
+
+    def by_feature(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(order, start, count): entries of feature f are order[start[f] : start[f] + count[f]],
+        in ascending row order."""
+        order = torch.argsort(self.col, stable=True)
+        count = self.counts()
+        return order, torch.cumsum(count, 0) - count, count
 
     def row_ids(self) -> Tensor:
         """(nnz,) int64: the row (position in `token_index`) of every entry."""
@@ -133,22 +157,29 @@ class SparseCodes:
             raise ValueError(f"z must be (n, {self.n_features}); got {tuple(z.shape)}")
         if token_index.shape != (z.shape[0],):
             raise ValueError(f"token_index must be ({z.shape[0]},); got {tuple(token_index.shape)}")
-        if z.shape[0] == 0:
+        rows, cols = (z != 0).nonzero(as_tuple=True)  # row-major: columns ascending within a row
+        self.add_entries(token_index, rows, cols, z[rows, cols])
+
+    def add_entries(self, token_index: Tensor, rows: Tensor, cols: Tensor, values: Tensor,
+                    aux: Tensor | None = None) -> None:
+        """Add a batch given as its nonzero entries in row-major order (as `nonzero` lists
+        them): rows index into token_index (n,), the batch's global token indices."""
+        n = token_index.shape[0]
+        if n == 0:
             return
         if self.device is None:
-            self.device = z.device
-        active = z != 0
-        rows, cols = active.nonzero(as_tuple=True)  # row-major: columns ascending within a row
-        value_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-        crow = torch.zeros(z.shape[0] + 1, dtype=torch.int64, device=z.device)
-        crow[1:] = active.sum(1).cumsum(0)
+            self.device = token_index.device
+        value_dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+        crow = torch.zeros(n + 1, dtype=torch.int64, device=rows.device)
+        crow[1:] = torch.bincount(rows, minlength=n).cumsum(0)
         self._chunks.append(
             CSR(
-                token_index=token_index.to(device=z.device, dtype=torch.int64),
+                token_index=token_index.to(device=rows.device, dtype=torch.int64),
                 crow=crow,
                 col=cols.to(torch.int32),
-                val=z[rows, cols].to(value_dtype),
+                val=values.to(value_dtype),
                 n_features=self.n_features,
+                aux=None if aux is None else aux.to(value_dtype),
             )
         )
 
@@ -198,18 +229,21 @@ class SparseCodes:
 
     def state_dict(self) -> dict[str, Any]:
         csr = self.compute()
-        return {
+        state = {
             "n_features": torch.tensor(self.n_features),
             "token_index": csr.token_index.cpu(),
             "crow": csr.crow.cpu(),
             "col": csr.col.cpu(),
             "val": csr.val.cpu(),
         }
+        if csr.aux is not None:
+            state["aux"] = csr.aux.cpu()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["n_features"]) != self.n_features:
             raise ValueError(f"state has {int(state['n_features'])} features, expected {self.n_features}")
-        csr = CSR(state["token_index"], state["crow"], state["col"], state["val"], self.n_features)
+        csr = CSR(state["token_index"], state["crow"], state["col"], state["val"], self.n_features, state.get("aux"))
         self._chunks = [csr.to(self.device)] if self.device is not None else [csr]
 
 
@@ -236,6 +270,7 @@ def _concatenate_rows(chunks: list[CSR]) -> CSR:
         col=torch.cat([c.col for c in chunks]),
         val=torch.cat([c.val for c in chunks]),
         n_features=chunks[0].n_features,
+        aux=None if any(c.aux is None for c in chunks) else torch.cat([c.aux for c in chunks]),
     )
 
 
@@ -247,4 +282,5 @@ def _sort_rows(csr: CSR, order: Tensor) -> CSR:
     new_row = torch.repeat_interleave(torch.arange(order.numel(), device=order.device), lengths)
     offset_in_row = torch.arange(csr.nnz, device=order.device) - crow[new_row]
     source = csr.crow[order][new_row] + offset_in_row
-    return CSR(csr.token_index[order], crow, csr.col[source], csr.val[source], csr.n_features)
+    aux = None if csr.aux is None else csr.aux[source]
+    return CSR(csr.token_index[order], crow, csr.col[source], csr.val[source], csr.n_features, aux)

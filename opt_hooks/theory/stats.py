@@ -7,6 +7,7 @@ when the input is float64 or too large for float32); every accumulator is float6
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,23 @@ from torch import Tensor
 
 from opt_hooks.theory.accumulator import Accumulator
 from opt_hooks.theory.codes import CSR, SparseCodes
-from opt_hooks.theory.objective import compute_dtype, residuals
+from opt_hooks.theory.objective import compute_dtype
+
+
+@dataclass
+class LamTotals:
+    """The statistics that need lam (THEORY.md section 4), over the tokens they were summed on."""
+
+    lam: float
+    n_tokens: int
+    over_count: Tensor  # (K,) int64: inactive tokens where <d_i, r_n> > lam / 2
+    over_excess: Tensor  # (K,) float64: sum of <d_i, r_n> - lam / 2 over those tokens
+    n_over_half_lam: int  # tokens with ||r_n|| > lam / 2
+
+    @property
+    def inactive_gain(self) -> Tensor:
+        """(K,) sum over inactive tokens of max(0, 2 <d_i, r_n> - lam): C4's inactive terms."""
+        return 2 * self.over_excess
 
 
 @dataclass
@@ -36,8 +53,8 @@ class LayerStatistics:
     worst_rnorm: Tensor  # (k,) largest ||r_n||, descending
     worst_token: Tensor  # (k,) their token indices
     worst_residual: Tensor  # (k, d) their residual vectors
-    codes: CSR | None
-    active_projections: Tensor | None  # <d_i, r_n> over active (n, i), for the lam estimate
+    codes: CSR | None  # with codes.aux = <d_i, r_n> of every entry
+    lam_totals: LamTotals | None  # when lam was known while streaming
 
     @property
     def mu(self) -> Tensor:
@@ -48,18 +65,135 @@ class LayerStatistics:
     def dead(self) -> Tensor:
         return self.active_count == 0
 
+    @property
+    def active_projections(self) -> Tensor:
+        """<d_i, r_n> over every active (n, i): the lam estimate and C4's active terms."""
+        if self.codes is None or self.codes.aux is None:
+            return torch.zeros(0, dtype=torch.float64)
+        return self.codes.aux
+
+
+class SparseBatch:
+    """One batch of codes as its nonzero entries, found once and shared by every statistic."""
+
+    def __init__(self, z: Tensor) -> None:
+        self.n_tokens, self.n_features = z.shape
+        self.rows, self.cols = z.nonzero(as_tuple=True)  # row-major
+        self.values = z[self.rows, self.cols]
+        self.crow = torch.zeros(self.n_tokens + 1, dtype=torch.int64, device=z.device)
+        self.crow[1:] = torch.bincount(self.rows, minlength=self.n_tokens).cumsum(0)
+
+    def matrix(self, dtype: torch.dtype) -> Tensor:
+        """The codes as a sparse CSR tensor (n, K)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(
+                self.crow, self.cols, self.values.to(dtype), (self.n_tokens, self.n_features), check_invariants=False
+            )
+
+    def transposed(self, dtype: torch.dtype) -> Tensor:
+        """The codes transposed, (K, n), as a sparse CSR tensor: z^T products cost nnz x d."""
+        order = torch.argsort(self.cols, stable=True)
+        crow = torch.zeros(self.n_features + 1, dtype=torch.int64, device=self.cols.device)
+        crow[1:] = torch.bincount(self.cols, minlength=self.n_features).cumsum(0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(
+                crow, self.rows[order], self.values[order].to(dtype), (self.n_features, self.n_tokens),
+                check_invariants=False,
+            )
+
+    def per_feature(self, values: Tensor, reduce: str = "sum") -> Tensor:
+        """(K,) float64 reduction of one value per entry over each feature's entries."""
+        if reduce == "sum":
+            out = torch.zeros(self.n_features, dtype=torch.float64, device=values.device)
+            return out.index_add_(0, self.cols, values.double())
+        fill = float("inf") if reduce == "amin" else float("-inf")
+        out = torch.full((self.n_features,), fill, dtype=torch.float64, device=values.device)
+        return out.scatter_reduce_(0, self.cols, values.double(), reduce=reduce, include_self=True)
+
+    def projections(self, r: Tensor, atoms: Tensor) -> Tensor:
+        """<d_i, r_n> at every entry, computed at the entries only (a sampled product)."""
+        if self.values.numel() == 0:
+            return torch.zeros(0, dtype=r.dtype, device=r.device)
+        pattern = self.matrix(r.dtype)
+        return torch.sparse.sampled_addmm(pattern, r, atoms.T, beta=0.0).values()
+
+
+def lam_terms(r: Tensor, atoms: Tensor, lam: float, batch: SparseBatch, projections: Tensor,
+              chunk_elements: int = 1 << 21) -> tuple[Tensor, Tensor, int]:
+    """One batch's lam statistics: per feature, the count of inactive tokens where
+    <d_i, r_n> > lam / 2 and the sum of <d_i, r_n> - lam / 2 over them; and the number of
+    tokens with ||r_n|| > lam / 2. `projections` are <d_i, r_n> at the batch's active entries.
+
+    The (K, n) products are formed a block of features at a time, small enough to stay in
+    cache while they are reduced, summed over every token, and the active entries' share is
+    then taken out: no (n, K) matrix or inactive mask is ever built."""
+    half = lam / 2
+    n_features = atoms.shape[0]
+    count = torch.empty(n_features, dtype=torch.int64, device=r.device)
+    excess = torch.empty(n_features, dtype=torch.float64, device=r.device)
+    step = max(1, chunk_elements // max(r.shape[0], 1))
+    for start in range(0, n_features, step):
+        q = atoms[start:start + step] @ r.T  # (k, n)
+        count[start:start + step] = (q > half).sum(1)
+        excess[start:start + step] = q.sub_(half).relu_().sum(1).double()
+    over = projections > half
+    count -= torch.bincount(batch.cols[over], minlength=n_features)
+    excess -= torch.zeros_like(excess).index_add_(0, batch.cols[over], (projections[over] - half).double())
+    return count, excess.clamp(min=0), int((r.norm(dim=-1) > half).sum())
+
+
+@dataclass
+class TokenBatch:
+    """A batch of tokens as the certificates read them (held-out tokens in pass 2): codes,
+    residuals, the codes' nonzero entries with <d_i, r_n> at each, and the lam terms."""
+
+    z: Tensor  # (n, K) in the compute dtype
+    r: Tensor  # (n, d)
+    atoms: Tensor  # (K, d) in the compute dtype
+    entries: SparseBatch
+    projections: Tensor  # (nnz,) <d_i, r_n> at the entries
+    totals: LamTotals
+
+    @classmethod
+    def from_tokens(cls, x: Tensor, z: Tensor, atoms: Tensor, bias: Tensor, lam: float) -> "TokenBatch":
+        entries = SparseBatch(z)
+        compute = compute_dtype(x, entries.values, bias)
+        atoms = atoms.to(compute)
+        r = x.to(compute) - bias.to(compute) - entries.matrix(compute) @ atoms
+        projections = entries.projections(r, atoms)
+        over_count, over_excess, n_over = lam_terms(r, atoms, lam, entries, projections)
+        totals = LamTotals(lam=lam, n_tokens=x.shape[0], over_count=over_count, over_excess=over_excess,
+                           n_over_half_lam=n_over)
+        return cls(z.to(compute), r, atoms, entries, projections, totals)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.z.shape[0]
+
+    def q(self, features: Tensor) -> Tensor:
+        """(n, F) <d_i, r_n> for the requested features only."""
+        return self.r @ self.atoms[features].T
+
 
 class LayerStats(Accumulator):
-    """Streaming pass-1 statistics for one SAE (K features, d input dimensions)."""
+    """Streaming pass-1 statistics for one SAE (K features, d input dimensions).
+
+    Per batch the costs are one scan of the (n, K) codes for their nonzeros and products over
+    those nonzeros (nnz x d), except for the lam statistics: C4's inactive terms need
+    <d_i, r_n> for every feature and token, one dense (n, K) product, computed when `lam` is
+    given (else the engine collects them on a second look once lam is estimated).
+    """
 
     def __init__(
         self,
         atoms: Tensor,
         bias: Tensor,
         *,
+        lam: float | None = None,
         worst_k: int = 16,
         keep_codes: bool = True,
-        keep_projections: bool = False,
     ) -> None:
         super().__init__()
         if atoms.ndim != 2 or bias.shape != atoms.shape[1:]:
@@ -68,8 +202,9 @@ class LayerStats(Accumulator):
             )
         n_features, d = atoms.shape
         dev = atoms.device
-        self.atoms, self.bias = atoms, bias
+        self.atoms, self.bias, self.lam = atoms, bias, lam
         self.worst_k = worst_k
+        self._cast: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         f64 = dict(dtype=torch.float64, device=dev)
         self.add_state("n_tokens", torch.zeros((), dtype=torch.int64, device=dev), "sum")
         self.add_state("active_count", torch.zeros(n_features, dtype=torch.int64, device=dev), "sum")
@@ -82,10 +217,19 @@ class LayerStats(Accumulator):
         self.add_state("sum_r", torch.zeros(d, **f64), "sum")
         self.add_state("sum_rnorm", torch.zeros((), **f64), "sum")
         self.add_state("sum_rnorm2", torch.zeros((), **f64), "sum")
+        if lam is not None:
+            self.add_state("over_count", torch.zeros(n_features, dtype=torch.int64, device=dev), "sum")
+            self.add_state("over_excess", torch.zeros(n_features, **f64), "sum")
+            self.add_state("n_over_half_lam", torch.zeros((), dtype=torch.int64, device=dev), "sum")
         self.worst = WorstResiduals(worst_k, d, dev)
         self.codes = SparseCodes(n_features, device=dev) if keep_codes else None
-        self.projections: list[Tensor] | None = [] if keep_projections else None
         self._next_token = 0
+
+    def cast(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(atoms, bias) in a compute dtype, converted once."""
+        if dtype not in self._cast:
+            self._cast[dtype] = (self.atoms.to(dtype), self.bias.to(dtype))
+        return self._cast[dtype]
 
     def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None) -> None:
         """Add a batch: x (n, d) internal inputs, z (n, K) codes in theory units."""
@@ -95,42 +239,51 @@ class LayerStats(Accumulator):
         self._next_token = max(self._next_token, int(token_index.max()) + 1) if n else self._next_token
         if n == 0:
             return
-        compute = compute_dtype(x, z, self.bias)
-        atoms, bias = self.atoms.to(compute), self.bias.to(compute)
-        xc, zc = x.to(compute), z.to(compute)
-        r = residuals(xc, atoms, zc, bias)
+        batch = SparseBatch(z)
+        compute = compute_dtype(x, batch.values, self.bias)  # the nonzeros bound |z| as well
+        atoms, bias = self.cast(compute)
+        r = x.to(compute) - bias - batch.matrix(compute) @ atoms
         rnorm = r.norm(dim=-1)
-        z64 = zc.double()
+        values = batch.values.double()
+        count = torch.bincount(batch.cols, minlength=batch.n_features)
         self.n_tokens += n
-        self.active_count += (zc != 0).sum(0)
-        self.sum_z += z64.sum(0)
-        self.sum_z2 += (z64 * z64).sum(0)
-        self.min_z = torch.minimum(self.min_z, z64.amin(0))
-        self.max_z = torch.maximum(self.max_z, z64.amax(0))
-        self.sum_z_rnorm += (zc.T @ rnorm).double()
-        self.sum_z_r += (zc.T @ r).double()
-        self.sum_r += r.double().sum(0)
-        self.sum_rnorm += rnorm.double().sum()
+        self.active_count += count
+        moments = torch.stack([values, values * values, values * rnorm[batch.rows].double()], 1)
+        sums = torch.zeros(batch.n_features, 3, dtype=torch.float64, device=z.device).index_add_(0, batch.cols, moments)
+        self.sum_z += sums[:, 0]
+        self.sum_z2 += sums[:, 1]
+        self.sum_z_rnorm += sums[:, 2]
+        # min over all tokens: 0 unless the feature fired on every token of the batch
+        batch_min = torch.where(count == n, batch.per_feature(values, "amin"), 0.0)
+        self.min_z = torch.minimum(self.min_z, batch_min)
+        self.max_z = torch.maximum(self.max_z, batch.per_feature(values, "amax").clamp(min=0))
+        self.sum_z_r += (batch.transposed(compute) @ r).double()
+        self.sum_r += r.sum(0, dtype=torch.float64)
+        self.sum_rnorm += rnorm.sum(dtype=torch.float64)
         self.sum_rnorm2 += (rnorm.double() ** 2).sum()
-        self.worst.update(rnorm.double(), token_index.to(x.device), r.double())
+        self.worst.update(rnorm.double(), token_index.to(x.device), r)
+        projections = batch.projections(r, atoms)
+        if self.lam is not None:
+            over_count, over_excess, n_over = lam_terms(r, atoms, self.lam, batch, projections)
+            self.over_count += over_count
+            self.over_excess += over_excess
+            self.n_over_half_lam += n_over
         if self.codes is not None:
-            self.codes.update(z, token_index)
-        if self.projections is not None:
-            active = zc != 0
-            self.projections.append((r @ atoms.T)[active].cpu())  # compute dtype: float32 could overflow
+            self.codes.add_entries(token_index, batch.rows, batch.cols, batch.values, projections)
 
     def _merge_extra(self, other: "LayerStats") -> None:
         self.worst.merge(other.worst)
         if self.codes is not None:
             self.codes.merge(other.codes)
-        if self.projections is not None:
-            self.projections.extend(other.projections)
         self._next_token = max(self._next_token, other._next_token)
 
     def compute(self) -> LayerStatistics:
-        projections = None
-        if self.projections is not None:
-            projections = torch.cat(self.projections) if self.projections else torch.zeros(0)
+        lam_totals = None
+        if self.lam is not None:
+            lam_totals = LamTotals(
+                lam=float(self.lam), n_tokens=int(self.n_tokens), over_count=self.over_count.clone(),
+                over_excess=self.over_excess.clone(), n_over_half_lam=int(self.n_over_half_lam),
+            )
         return LayerStatistics(
             n_tokens=int(self.n_tokens),
             active_count=self.active_count.clone(),
@@ -147,7 +300,7 @@ class LayerStats(Accumulator):
             worst_token=self.worst.tokens.clone(),
             worst_residual=self.worst.vectors.clone(),
             codes=self.codes.compute() if self.codes is not None else None,
-            active_projections=projections,
+            lam_totals=lam_totals,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -158,12 +311,11 @@ class LayerStats(Accumulator):
         self.merge_unreduced([state])
 
     def unreduced_state(self) -> dict[str, Any]:
-        """The parts that no sum, min or max combines (worst residuals, sparse codes, lam
+        """The parts that no sum, min or max combines (worst residuals, sparse codes with their
         projections), on the CPU: distributed ranks exchange these whole and all-reduce the rest."""
         return {
             "worst": self.worst.state_dict(),
             "codes": self.codes.state_dict() if self.codes is not None else None,
-            "projections": None if self.projections is None else [p.cpu() for p in self.projections],
             "next_token": self._next_token,
         }
 
@@ -174,8 +326,6 @@ class LayerStats(Accumulator):
         self.worst = WorstResiduals(self.worst_k, d, self.atoms.device)
         if self.codes is not None:
             self.codes = SparseCodes(n_features, device=self.codes.device)
-        if self.projections is not None:
-            self.projections = []
         self._next_token = 0
         for state in states:
             worst = WorstResiduals(self.worst_k, d, self.atoms.device)
@@ -185,8 +335,6 @@ class LayerStats(Accumulator):
                 codes = SparseCodes(n_features)
                 codes.load_state_dict(state["codes"])
                 self.codes.merge(codes)
-            if self.projections is not None:
-                self.projections.extend(state["projections"])
             self._next_token = max(self._next_token, int(state["next_token"]))
 
 
@@ -200,10 +348,14 @@ class WorstResiduals:
         self.vectors = torch.zeros(0, d, dtype=torch.float64, device=device)
 
     def update(self, values: Tensor, tokens: Tensor, vectors: Tensor) -> None:
+        if 0 < self.k < len(values):  # only the batch's top k (ties at the k-th value included) can stay
+            kth = torch.topk(values, self.k).values[-1]
+            keep = values >= kth
+            values, tokens, vectors = values[keep], tokens[keep], vectors[keep]
         self._keep_top(
             torch.cat([self.values, values]),
             torch.cat([self.tokens, tokens.to(self.tokens.device)]),
-            torch.cat([self.vectors, vectors]),
+            torch.cat([self.vectors, vectors.double()]),
         )
 
     def merge(self, other: "WorstResiduals") -> None:
