@@ -24,7 +24,7 @@ from opt_hooks.adapters.data import as_tokenizer, special_token_mask, token_wind
 from opt_hooks.adapters.model import model_name
 from opt_hooks.checkpoint import Position, RunCheckpoint, audit_fingerprint
 from opt_hooks.distributed import current_ranks, merge_pass_one, merge_pass_two, sum_over_ranks
-from opt_hooks.engine import AuditOptions, AuditPlan, LayerAudit
+from opt_hooks.engine import AuditOptions, AuditPlan, LamCalibration, LayerAudit
 from opt_hooks.result import AuditResult, LayerResult
 
 NONFINITE_POLICIES = ("raise", "skip")
@@ -61,12 +61,49 @@ class _Router:
                  options: AuditOptions | None, nonfinite: str) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        self.views, self.nonfinite = dict(views), nonfinite
+        self.views, self.nonfinite, self.options = dict(views), nonfinite, options
         self.audits = {key: _layer_audit(key, view, _lam_for(lam, key, view), options) for key, view in views.items()}
+        self.calibrations: dict[str, LamCalibration] = {}  # while unknown lams are being estimated
+        self.replay: dict[str, list[tuple[Tensor, Tensor, Tensor]]] | None = None  # codes seen meanwhile
+        self.lam_notes: dict[str, str] = {}
         self.plans: dict[str, AuditPlan] | None = None
         self.batch: _Batch | None = None
         self.skipped = {key: 0 for key in views}
         self.ranks = current_ranks()  # under torchrun: this rank streams its share of the windows
+
+    @property
+    def calibration_tokens(self) -> int:
+        return (self.options or AuditOptions()).lam_calibration_tokens
+
+    def start_calibration(self) -> bool:
+        """Estimate every unknown lam before pass 1 (see engine.LamCalibration); False if none is."""
+        self.calibrations = {
+            key: LamCalibration(audit.atoms, audit.bias, key) for key, audit in self.audits.items() if audit.lam is None
+        }
+        if self.calibrations:
+            self.replay = {key: [] for key in self.audits}
+        return bool(self.calibrations)
+
+    def finish_calibration(self) -> None:
+        """Rebuild each calibrated SAE's pass-1 state with its estimated lam."""
+        for key, calibration in self.calibrations.items():
+            old = self.audits[key]
+            self.audits[key] = LayerAudit(
+                old.atoms, old.bias, lam=calibration.compute(), lam_estimated=True, hook_name=key,
+                architecture=old.architecture, scope=old.scope, options=old.options, meta=old.meta,
+            )
+            self.lam_notes[key] = (
+                f"lam estimated before pass 1 as 2 x median <d_i, r_n> over the "
+                f"{calibration.n_codes} active codes of the first {calibration.n_tokens} audit tokens"
+            )
+        self.calibrations = {}
+
+    def replay_calibration(self) -> None:
+        """Feed pass 1 the calibration windows' codes (this rank's share): not streamed twice."""
+        for key, batches in (self.replay or {}).items():
+            for x, z, index in batches:
+                self.audits[key].update(x, z.to_dense(), index)
+        self.replay = None
 
     def on_codes(self, key: str, x: Tensor, z: Tensor) -> None:
         batch = self.batch
@@ -78,7 +115,13 @@ class _Router:
         device = x.device
         keep = batch.keep.to(device) & self._finite_rows(key, x, z, batch)
         index, held = batch.token_index.to(device), batch.held.to(device)
-        if self.plans is None:
+        if self.replay is not None:  # calibrating: estimate, and keep this rank's rows for pass 1
+            rows = keep & ~held
+            if key in self.calibrations:
+                self.calibrations[key].update(x[rows], z[rows])
+            mine = rows & self.ranks.own(batch.window.to(device))
+            self.replay[key].append((x[mine], z[mine].to_sparse(), index[mine]))
+        elif self.plans is None:
             rows = keep & ~held
             if bool(rows.all()):  # no copy of the (n, K) codes when every row is kept
                 self.audits[key].update(x, z, index)
@@ -102,8 +145,9 @@ class _Router:
                 f"(window {int(batch.window[bad])}); no verdict is computed from NaN. "
                 "Pass nonfinite='skip' to leave such tokens out (they are counted in the report)"
             )
-        if self.plans is None:  # count once, in pass 1
-            self.skipped[key] += int((~finite & batch.keep.to(finite.device) & ~batch.held.to(finite.device)).sum())
+        if self.plans is None:  # count once, before pass 2, on the rank that owns the window
+            counted = batch.keep & ~batch.held & self.ranks.own(batch.window)
+            self.skipped[key] += int((~finite & counted.to(finite.device)).sum())
         return finite
 
     def start_pass_two(self) -> None:
@@ -154,6 +198,8 @@ class _Router:
         """A finished plan's LayerResult, with the SAE's caveats and the skipped-token count."""
         layer = plan.result()
         layer.notes.extend(self.views[key].notes)
+        if key in self.lam_notes:
+            layer.notes.append(self.lam_notes[key])
         if self.skipped[key]:
             layer.notes.append(f"{self.skipped[key]} audit tokens with non-finite values were skipped")
         return layer
@@ -239,8 +285,6 @@ def audit(
         )
         if router.ranks.split:  # every rank checkpoints its own partial state
             checkpoint_dir = os.path.join(checkpoint_dir, f"rank{router.ranks.rank}")
-        checkpoint = RunCheckpoint(checkpoint_dir, fingerprint, checkpoint_every, router.state_dict)
-        position = checkpoint.restore(router.load_state_dict, resume=resume)
     timings: dict[str, float] = {}  # of this process's work only, on a resumed run
     clock = [time.perf_counter()]
 
@@ -250,6 +294,20 @@ def audit(
         clock[0] = now
 
     with CodeTap(model, views, router.on_codes) as tap:
+        calibrated = 0  # this rank's pass-1 windows already streamed while estimating lam
+        if router.start_calibration():  # on every rank alike: all of them get the same lam
+            chosen = _stream_windows(model, tap, router, windows, specials, held, batch_size, which="calibration",
+                                     desc="estimating lam", progress=progress)
+            calibrated = int(router.ranks.own(chosen).sum())
+            router.finish_calibration()
+        if checkpoint_dir is not None:
+            checkpoint = RunCheckpoint(checkpoint_dir, fingerprint, checkpoint_every, router.state_dict)
+            position = checkpoint.restore(router.load_state_dict, resume=resume)
+        if position == Position(1, 0):
+            router.replay_calibration()
+            position = Position(1, calibrated)
+        router.replay = None
+        lap("calibration_s")
         if position.pass_number == 1:
             _stream_windows(model, tap, router, windows, specials, held, batch_size, which="audit",
                             desc="pass 1/2: statistics", progress=progress,
@@ -287,12 +345,16 @@ def audit(
 
 def _stream_windows(model, tap, router: _Router, windows: Tensor, specials: Tensor | None, held: Tensor,
                     batch_size: int, *, which: str, desc: str, progress: bool,
-                    first: int = 0, checkpoint: RunCheckpoint | None = None) -> None:
-    """Stream the pass's windows ("audit", "held" or "all") from its `first` one on (a resumed
-    run skips those done)."""
-    chosen = {"audit": ~held, "held": held, "all": torch.ones_like(held)}[which].nonzero().flatten()
-    chosen = chosen[router.ranks.own(chosen)]
+                    first: int = 0, checkpoint: RunCheckpoint | None = None) -> Tensor:
+    """Stream the pass's windows ("audit", "held" or "all"; "calibration": the first audit
+    windows holding `router.calibration_tokens`, on every rank) from its `first` one on (a
+    resumed run skips those done). Returns the pass's windows."""
     context = windows.shape[1]
+    chosen = {"held": held, "all": torch.ones_like(held)}.get(which, ~held).nonzero().flatten()
+    if which == "calibration":
+        chosen = chosen[: -(-router.calibration_tokens // context)]
+    else:
+        chosen = chosen[router.ranks.own(chosen)]
     pass_number = 1 if which == "audit" else 2
     batches = range(first, len(chosen), batch_size)
     for start in _progress(batches, desc, progress, total_items=len(chosen) - first, step=batch_size):
@@ -311,6 +373,7 @@ def _stream_windows(model, tap, router: _Router, windows: Tensor, specials: Tens
     router.batch = None
     if checkpoint is not None:
         checkpoint.reach(Position(pass_number, len(chosen)))
+    return chosen
 
 
 def _special_tokens(windows: Tensor, model: Any) -> Tensor | None:
@@ -395,6 +458,11 @@ def audit_activations(
     views = make_views(saes, hook_names)
     sources = _sources(views, batches)
     router = _Router(views, lam, options, nonfinite)
+    if router.start_calibration():  # every rank alike, from the first audit rows
+        for key in router.calibrations:
+            _calibrate_on_rows(router, views[key], key, sources[key], held_out)
+        router.finish_calibration()
+        router.replay = None  # pass 1 reads those rows again: activations cost no forward pass
     for pass_two in (False, True):
         if pass_two:
             router.start_pass_two()
@@ -420,6 +488,25 @@ def audit_activations(
         router.merge_ranks()
     router.batch = None
     return router.result({"source": "activations", "held_out": held_out, **_versions()})
+
+
+def _calibrate_on_rows(router: _Router, view: SAEView, key: str, source: Any, held_out: float) -> None:
+    """Feed one SAE's lam calibration the first `router.calibration_tokens` audit rows."""
+    seen = audit_seen = 0
+    for acts in _iterate(source, key):
+        rows = view.rows(acts)
+        held = held_out_windows(seen, len(rows), held_out)
+        index = torch.arange(seen, seen + len(rows))
+        seen += len(rows)
+        take = ~held & (audit_seen + torch.cumsum((~held).long(), 0) <= router.calibration_tokens)
+        audit_seen += int((~held).sum())
+        if bool(take.any()):
+            x, z = view.encode(rows[take.to(rows.device)])
+            router.batch = _Batch(index[take], torch.ones(int(take.sum()), dtype=torch.bool), held[take], index[take])
+            router.on_codes(key, x, z)
+        if audit_seen >= router.calibration_tokens:
+            break
+    router.batch = None
 
 
 def _sources(views: Mapping[str, SAEView], batches: Any) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from opt_hooks.result import CertificateCheck, FeatureRow, LayerResult, PairRow,
 from opt_hooks.theory import certificates as certs
 from opt_hooks.theory import conditions as cond
 from opt_hooks.theory.accumulator import Accumulator
-from opt_hooks.theory.stats import LamTotals, LayerStatistics, LayerStats, TokenBatch
+from opt_hooks.theory.stats import LamTotals, LayerStatistics, LayerStats, TokenBatch, residuals_at_entries
 
 
 @dataclass
@@ -43,6 +43,7 @@ class AuditOptions:
     c4_tol: float = 1e-3  # C4 size above which the code certificate counts (lam may be estimated)
     c5_tol: float = 1e-5
     max_pairs: int | None = 50_000  # most severe C2 pairs given certificates (None: all)
+    lam_calibration_tokens: int = 16_384  # audit tokens whose active <d_i, r_n> estimate an unknown lam
     worst_k: int = 16  # worst-residual tokens kept for C6
     top_tokens: int = 5  # top activations reported per flagged feature
     scatter_pairs: int = 64  # flagged pairs that carry a scatter sample
@@ -58,6 +59,7 @@ class LayerAudit:
         bias: Tensor,
         *,
         lam: float | None = None,
+        lam_estimated: bool = False,
         hook_name: str = "sae",
         architecture: str = "standard",
         scope: str = "L1 objective (exact)",
@@ -66,6 +68,9 @@ class LayerAudit:
     ) -> None:
         if lam is not None:
             cond.check_lam(lam)
+        # lam None: estimated from every audit token once pass 1 is done (pass 2 then streams
+        # them again); lam_estimated: lam was estimated beforehand (`LamCalibration`)
+        self.lam_estimated = lam is None or lam_estimated
         if not (torch.isfinite(atoms).all() and torch.isfinite(bias).all()):
             raise ValueError(f"{hook_name}: non-finite values (NaN or inf) in the SAE's decoder or b_dec")
         self.atoms, self.bias, self.lam = atoms, bias, lam
@@ -101,7 +106,40 @@ class LayerAudit:
         return {"stats": self.stats.state_dict(), "lam": self.lam}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["lam"] is None) != (self.lam is None):
+            raise ValueError(f"{self.hook_name}: the state was streamed with lam = {state['lam']!r}, not {self.lam!r}")
+        # a resumed run keeps the lam it was streamed with (a calibrated one may differ in its
+        # last bits when recomputed on another device)
+        self.lam = self.stats.lam = state["lam"]
         self.stats.load_state_dict(state["stats"])
+
+
+class LamCalibration:
+    """An unknown lam estimated before pass 1 (THEORY.md C4): lam_hat = 2 * median of
+    <d_i, r_n> over the active (n, i) of the calibration tokens, the first audit tokens.
+
+    Known before pass 1, lam_hat lets C4's inactive terms be summed in pass 1 itself, so the
+    audit tokens are streamed once. The calibration tokens are audit tokens like any other."""
+
+    def __init__(self, atoms: Tensor, bias: Tensor, hook_name: str = "sae") -> None:
+        self.atoms, self.bias, self.hook_name = atoms, bias, hook_name
+        self.projections: list[Tensor] = []
+        self.n_tokens = 0
+
+    @property
+    def n_codes(self) -> int:
+        return sum(len(p) for p in self.projections)
+
+    def update(self, x: Tensor, z: Tensor) -> None:
+        _check_batch(x, z, self.atoms, None)
+        self.projections.append(residuals_at_entries(x, z, self.atoms, self.bias)[3])
+        self.n_tokens += x.shape[0]
+
+    def compute(self) -> float:
+        try:
+            return cond.estimate_lam(torch.cat(self.projections) if self.projections else torch.zeros(0))
+        except ValueError as error:
+            raise ValueError(f"{self.hook_name}: {error}") from error
 
 
 class AuditPlan:
@@ -112,7 +150,7 @@ class AuditPlan:
     def __init__(self, audit: LayerAudit, stats: LayerStatistics) -> None:
         self.audit, self.stats, self.options = audit, stats, audit.options
         self.atoms, self.bias = audit.atoms, audit.bias
-        self.lam_estimated = audit.lam is None
+        self.lam_estimated = audit.lam_estimated
         self.lam = cond.estimate_lam(stats.active_projections) if audit.lam is None else float(audit.lam)
         self.floor = cond.c1_floor(stats)
         self.pairs = cond.c2_pairs(stats, self.atoms, rel_tol=self.options.pair_rel_tol)

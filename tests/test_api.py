@@ -293,14 +293,18 @@ def test_two_saes_on_two_layers_share_every_forward_pass(tiny_model, windows, sa
     saes = {HOOK1: sae1, HOOK2: sae2}
     lams = {HOOK1: None, HOOK2: SAEView(sae2).lam} if estimated else None
     try:
-        result = audit_tokens(tiny_model, saes, windows, lam=lams)
+        result = audit_tokens(tiny_model, saes, windows, lam=lams,
+                              options=oh.AuditOptions(lam_calibration_tokens=BATCH * CONTEXT))
     finally:
         handle.remove()
     held = held_out_windows(N_WINDOWS, HELD_OUT)
     n_audit = int((~held).sum())
-    # A one-token probe (check_attachment), pass 1 over the audit windows, pass 2 over the
-    # held-out windows; over all windows when a lam must be estimated first.
-    assert passes == [(1, 1), *batch_shapes(n_audit), *batch_shapes(N_WINDOWS if estimated else int(held.sum()))]
+    calibration = BATCH if estimated else 0
+    # A one-token probe (check_attachment); with a lam to estimate, the first audit windows
+    # (whose codes also serve pass 1); pass 1 over the other audit windows; pass 2 over the
+    # held-out windows. Every forward pass feeds both SAEs.
+    assert passes == [(1, 1), *batch_shapes(calibration), *batch_shapes(n_audit - calibration),
+                      *batch_shapes(int(held.sum()))]
     for hook in (HOOK1, HOOK2):
         layer = result.layers[hook]
         assert (layer.n_tokens, layer.n_held_out) == (n_audit * CONTEXT, int(held.sum()) * CONTEXT)
@@ -522,3 +526,20 @@ def test_bf16_model_keeps_float64_statistics_and_finite_verdicts(tiny_model_cfg,
     values = list(floats(dataclasses.asdict(layer)))
     assert values and all(math.isfinite(v) for v in values)
     assert layer.n_tokens > 0 and layer.tier_counts()["satisfied"] < layer.d_sae
+
+
+def test_unknown_lam_is_estimated_on_the_first_audit_windows_then_streamed_once(tiny_model, windows, sae1):
+    """lam_hat = 2 median <d_i, r_n> over the active codes of the first audit windows; the
+    audit with it equals the audit given that lam (the calibration windows' codes feed pass 1)."""
+    options = oh.AuditOptions(lam_calibration_tokens=2 * BATCH * CONTEXT)
+    estimated = audit_tokens(tiny_model, {HOOK1: sae1}, windows, lam={HOOK1: None}, options=options).layers[HOOK1]
+    first = list(audit_batches(tiny_model, windows, HOOK1))[:2]  # the first 2 * BATCH audit windows
+    expected = brute_force(sae1, first)
+    active = expected.z > 0
+    lam_hat = 2 * float((expected.r @ expected.atoms.T)[active].median())
+    assert estimated.lam_estimated and estimated.lam == pytest.approx(lam_hat, rel=1e-5)
+    assert f"the first {2 * BATCH * CONTEXT} audit tokens" in estimated.notes[-1]
+    given = audit_tokens(tiny_model, {HOOK1: sae1}, windows, lam={HOOK1: estimated.lam}, options=options).layers[HOOK1]
+    assert not given.lam_estimated
+    assert [dataclasses.asdict(f) for f in estimated.features] == [dataclasses.asdict(f) for f in given.features]
+    assert [dataclasses.asdict(p) for p in estimated.pairs] == [dataclasses.asdict(p) for p in given.pairs]

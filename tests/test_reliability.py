@@ -24,6 +24,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 import opt_hooks as oh
 from opt_hooks.adapters.model import explain_out_of_memory
 from opt_hooks.checkpoint import atomic_torch_save
+from opt_hooks.engine import AuditOptions
 from test_fuzz import non_finite_numbers
 
 HOOK = "blocks.1.hook_resid_pre"
@@ -262,7 +263,8 @@ def test_other_runtime_errors_pass_through_unchanged():
 
 
 def audit_run(checkpoint_dir=None, *, resume=False, stop_after_passes=None, seconds_per_pass=0.0, **changes):
-    """The reference run: 4 pass-1 and 5 pass-2 forward passes of 4 windows, after one probe.
+    """The reference run, forward passes of 4 windows after one probe: one estimating lam (its
+    codes are pass 1's too), 3 more for pass 1, one for pass 2 (the held-out windows).
 
     `stop_after_passes` interrupts it (an exception from inside the model) once that many
     forward passes ran; `seconds_per_pass` slows every forward pass down without changing it.
@@ -277,7 +279,8 @@ def audit_run(checkpoint_dir=None, *, resume=False, stop_after_passes=None, seco
             raise KeyboardInterrupt
 
     model.blocks[0].register_forward_hook(interfere)
-    options = dict(checkpoint_dir=checkpoint_dir, resume=resume)
+    options = dict(checkpoint_dir=checkpoint_dir, resume=resume,
+                   options=AuditOptions(lam_calibration_tokens=BATCH * CONTEXT))
     if checkpoint_dir is not None:
         options["checkpoint_every"] = 2 * BATCH * CONTEXT  # every second batch
     sae = tiny_sae(seed=changes.pop("sae_seed", 0))
@@ -301,7 +304,7 @@ def test_checkpointing_does_not_change_the_result(tmp_path, uninterrupted):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pass1.pt", "pass2.pt"]  # no temporary files left
 
 
-@pytest.mark.parametrize("stop_after_passes", [1 + 3, 1 + 4 + 3], ids=["in pass 1", "in pass 2"])
+@pytest.mark.parametrize("stop_after_passes", [1 + 3, 1 + 1 + 3], ids=["in pass 1", "in pass 2"])
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, uninterrupted, stop_after_passes):
     with pytest.raises(KeyboardInterrupt):
         audit_run(tmp_path, stop_after_passes=stop_after_passes)
@@ -349,7 +352,7 @@ def rank_worker(rank: int, init_file: str, out_dir: str) -> None:
                             timeout=timedelta(seconds=60))
     try:
         try:  # each rank streams 2 pass-1 and 3 pass-2 batches; checkpoints every second batch
-            audit_run(f"{out_dir}/checkpoint", stop_after_passes=1 + 2 + 2)
+            audit_run(f"{out_dir}/checkpoint", stop_after_passes=1 + 1 + 2)
         except KeyboardInterrupt:
             pass
         runs = [comparable(audit_run(f"{out_dir}/checkpoint", resume=True)), comparable(audit_run())]

@@ -144,6 +144,16 @@ def lam_terms(r: Tensor, atoms: Tensor, lam: float, batch: SparseBatch, projecti
     return count, excess.clamp(min=0), int((r.norm(dim=-1) > half).sum())
 
 
+def residuals_at_entries(x: Tensor, z: Tensor, atoms: Tensor, bias: Tensor) -> tuple[SparseBatch, Tensor, Tensor, Tensor]:
+    """(entries, atoms in the compute dtype, r, <d_i, r_n> at the entries) of one batch: the
+    nonzeros found once, the reconstruction and projections computed over them only."""
+    entries = SparseBatch(z)
+    compute = compute_dtype(x, entries.values, bias)  # the nonzeros bound |z| as well
+    atoms = atoms.to(compute)
+    r = x.to(compute) - bias.to(compute) - entries.matrix(compute) @ atoms
+    return entries, atoms, r, entries.projections(r, atoms)
+
+
 @dataclass
 class TokenBatch:
     """A batch of tokens as the certificates read them (held-out tokens in pass 2): codes,
@@ -158,15 +168,11 @@ class TokenBatch:
 
     @classmethod
     def from_tokens(cls, x: Tensor, z: Tensor, atoms: Tensor, bias: Tensor, lam: float) -> "TokenBatch":
-        entries = SparseBatch(z)
-        compute = compute_dtype(x, entries.values, bias)
-        atoms = atoms.to(compute)
-        r = x.to(compute) - bias.to(compute) - entries.matrix(compute) @ atoms
-        projections = entries.projections(r, atoms)
+        entries, atoms, r, projections = residuals_at_entries(x, z, atoms, bias)
         over_count, over_excess, n_over = lam_terms(r, atoms, lam, entries, projections)
         totals = LamTotals(lam=lam, n_tokens=x.shape[0], over_count=over_count, over_excess=over_excess,
                            n_over_half_lam=n_over)
-        return cls(z.to(compute), r, atoms, entries, projections, totals)
+        return cls(z.to(r.dtype), r, atoms, entries, projections, totals)
 
     @property
     def n_tokens(self) -> int:
@@ -204,7 +210,6 @@ class LayerStats(Accumulator):
         dev = atoms.device
         self.atoms, self.bias, self.lam = atoms, bias, lam
         self.worst_k = worst_k
-        self._cast: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         f64 = dict(dtype=torch.float64, device=dev)
         self.add_state("n_tokens", torch.zeros((), dtype=torch.int64, device=dev), "sum")
         self.add_state("active_count", torch.zeros(n_features, dtype=torch.int64, device=dev), "sum")
@@ -225,12 +230,6 @@ class LayerStats(Accumulator):
         self.codes = SparseCodes(n_features, device=dev) if keep_codes else None
         self._next_token = 0
 
-    def cast(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(atoms, bias) in a compute dtype, converted once."""
-        if dtype not in self._cast:
-            self._cast[dtype] = (self.atoms.to(dtype), self.bias.to(dtype))
-        return self._cast[dtype]
-
     def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None) -> None:
         """Add a batch: x (n, d) internal inputs, z (n, K) codes in theory units."""
         n = x.shape[0]
@@ -239,10 +238,7 @@ class LayerStats(Accumulator):
         self._next_token = max(self._next_token, int(token_index.max()) + 1) if n else self._next_token
         if n == 0:
             return
-        batch = SparseBatch(z)
-        compute = compute_dtype(x, batch.values, self.bias)  # the nonzeros bound |z| as well
-        atoms, bias = self.cast(compute)
-        r = x.to(compute) - bias - batch.matrix(compute) @ atoms
+        batch, atoms, r, projections = residuals_at_entries(x, z, self.atoms, self.bias)
         rnorm = r.norm(dim=-1)
         values = batch.values.double()
         count = torch.bincount(batch.cols, minlength=batch.n_features)
@@ -257,12 +253,11 @@ class LayerStats(Accumulator):
         batch_min = torch.where(count == n, batch.per_feature(values, "amin"), 0.0)
         self.min_z = torch.minimum(self.min_z, batch_min)
         self.max_z = torch.maximum(self.max_z, batch.per_feature(values, "amax").clamp(min=0))
-        self.sum_z_r += (batch.transposed(compute) @ r).double()
+        self.sum_z_r += (batch.transposed(r.dtype) @ r).double()
         self.sum_r += r.sum(0, dtype=torch.float64)
         self.sum_rnorm += rnorm.sum(dtype=torch.float64)
         self.sum_rnorm2 += (rnorm.double() ** 2).sum()
         self.worst.update(rnorm.double(), token_index.to(x.device), r)
-        projections = batch.projections(r, atoms)
         if self.lam is not None:
             over_count, over_excess, n_over = lam_terms(r, atoms, self.lam, batch, projections)
             self.over_count += over_count
