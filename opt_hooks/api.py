@@ -252,7 +252,8 @@ def audit(
     `sae.cfg.metadata.hook_name` unless `hook_names` overrides it. A share `held_out` of the
     windows is kept out of the statistics and used to confirm certificates. `lam` overrides
     the L1 coefficient (one number, or {hook_name: lam}); by default it is read from the SAE's
-    training configuration, else estimated. Special tokens (BOS, padding, ...) are left out
+    training configuration, else estimated on the first audit windows before pass 1
+    (`AuditOptions.lam_calibration_tokens`). Special tokens (BOS, padding, ...) are left out
     unless `include_special_tokens`. `nonfinite="skip"` leaves out tokens with NaN/inf values
     (counted in the report) instead of stopping.
 

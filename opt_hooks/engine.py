@@ -12,8 +12,9 @@
 Pass 1 keeps the sparse codes with each active <d_i, r_n>, so every certificate's exact
 change on the audit tokens is a closed form of its state (see theory/certificates.py): the
 data is streamed once, plus the held-out share. Only C4's inactive terms need lam on every
-(token, feature); with lam known they are summed in pass 1, with lam estimated (known only
-once pass 1 is done) pass 2 streams the audit tokens again for them.
+(token, feature), so they are summed in pass 1 when lam is known. The API estimates an unknown
+lam beforehand on the first audit windows (`LamCalibration`); a LayerAudit given lam=None
+estimates it on every audit token after pass 1 and its plan then needs the audit tokens again.
 
 Both stages are mergeable (`merge`, `state_dict`), so batches, resumed runs and distributed
 ranks combine exactly. Pure tensor code: no TransformerLens / SAE-Lens import.

@@ -30,16 +30,20 @@ from opt_hooks.adapters import forward_to_deepest
 
 PRESETS = {
     # gpt2-small with an SAE of the gpt2-small-res-jb release's width at blocks.8.hook_resid_pre
-    "gpt2-small": dict(layers=12, d_model=768, d_sae=24576, hook_layers=[8], vocab=50257),
+    "gpt2-small": dict(layers=12, d_model=768, d_head=64, d_mlp=3072, d_sae=24576, hook_layers=[8], vocab=50257),
+    # Gemma-2-2B's block shapes (d_model 2304, 8 heads of 256, d_mlp 9216; plain attention and a
+    # smaller vocabulary to fit CPU memory) with a 16k SAE at layer 12, as in Gemma Scope
+    "gemma-2-2b-blocks": dict(layers=13, d_model=2304, d_head=256, d_mlp=9216, d_sae=16384, hook_layers=[12],
+                              vocab=32000),
     # a model so small that the SAEs dominate: the least favourable case for the ratio
-    "tiny": dict(layers=4, d_model=256, d_sae=4096, hook_layers=[1, 3], vocab=8192),
+    "tiny": dict(layers=4, d_model=256, d_head=64, d_mlp=1024, d_sae=4096, hook_layers=[1, 3], vocab=8192),
 }
 
 
 def build(args: argparse.Namespace, windows: torch.Tensor) -> tuple[HookedTransformer, list[StandardSAE]]:
     cfg = HookedTransformerConfig(
-        n_layers=args.layers, d_model=args.d_model, n_ctx=args.context, d_head=64,
-        n_heads=max(1, args.d_model // 64), d_mlp=4 * args.d_model, d_vocab=args.vocab,
+        n_layers=args.layers, d_model=args.d_model, n_ctx=args.context, d_head=args.d_head,
+        n_heads=max(1, args.d_model // args.d_head), d_mlp=args.d_mlp, d_vocab=args.vocab,
         act_fn="gelu", seed=0, device=args.device, dtype=getattr(torch, args.dtype),
     )
     model = HookedTransformer(cfg).eval()
@@ -98,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--layers", type=int)
     parser.add_argument("--d-model", type=int)
+    parser.add_argument("--d-head", type=int)
+    parser.add_argument("--d-mlp", type=int)
     parser.add_argument("--d-sae", type=int)
     parser.add_argument("--hook-layers", type=int, nargs="+")
     parser.add_argument("--vocab", type=int)
@@ -124,17 +130,18 @@ def main(argv: list[str] | None = None) -> None:
     l0 = sum(f.active_count for f in layer.features) / layer.n_tokens
     bare_rate = n / bare
     s, e = known.meta["seconds"], estimated.meta["seconds"]
+    streamed = lambda t: t["calibration_s"] + t["pass1_s"] + t["pass2_s"]  # noqa: E731
     rows = [
         ("bare pass (forward + encode)", n, bare),
         ("pass 1: audit windows, statistics", layer.n_tokens, s["pass1_s"]),
         ("pass 2: held-out windows", layer.n_held_out, s["pass2_s"]),
-        ("streaming, both passes (lam known)", n, s["pass1_s"] + s["pass2_s"]),
+        ("streaming, both passes (lam known)", n, streamed(s)),
         ("whole audit, lam known", n, known_total),
-        ("streaming, lam estimated (audit windows twice)", n, e["pass1_s"] + e["pass2_s"]),
+        ("streaming, lam estimated first", n, streamed(e)),
         ("whole audit, lam estimated", n, estimated_total),
     ]
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {device_name}; model d_model={args.d_model} layers={args.layers}; {len(saes)} SAE(s) "
+    print(f"device: {device_name}; preset {args.preset}: model d_model={args.d_model} layers={args.layers}; {len(saes)} SAE(s) "
           f"d_sae={args.d_sae} at layers {args.hook_layers}, measured L0 {l0:.0f}; {n} tokens, "
           f"batch {args.batch_size} x {args.context}\n")
     print("| stage | tokens | seconds | tokens/s | / bare |")

@@ -112,13 +112,13 @@ class PairCertificates:
         first = torch.zeros(shape, dtype=torch.float64, device=self.i.device)
         codes = codes.to(self.i.device)
         order, start, count = codes.by_feature()
-        row_of = codes.row_ids()
+        row_of, keys = codes.row_ids(), codes.keys()
         all_pairs = torch.arange(len(self.i), device=self.i.device)
         hierarchy = self.kind > 0
         self._closed_form_j_off(hierarchy, stats.n_tokens - count[self.j].double(), lam, change, first)
 
         def lookup(rows: Tensor, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            entry = codes.entry_of(rows, features)
+            entry = codes.entry_of(rows, features, keys)
             on = entry >= 0
             safe = entry.clamp(min=0)
             return on, torch.where(on, codes.val[safe].double(), 0.0), torch.where(on, codes.aux[safe].double(), 0.0)
@@ -276,6 +276,7 @@ class CodeCertificates:
     scale: Tensor  # (F,) typical active code of the feature
     condition = "C4"
     eps = EPS_LADDER
+    chunk_elements: int = 1 << 22  # active entries handled at once
 
     def __len__(self) -> int:
         return len(self.features)
@@ -306,28 +307,29 @@ class CodeCertificates:
         return out.index_add_(0, slots.clamp(min=0), torch.where(slots >= 0, values, 0.0))
 
     def _gain(self, cols: Tensor, q: Tensor, totals: LamTotals, lam: float) -> tuple[Tensor, Tensor]:
-        active = self._per_certificate(self._slots(cols), (2 * q.double() - lam).abs())
+        active = torch.zeros(len(self), dtype=torch.float64, device=q.device)
+        for sl in _chunks(len(cols), self.chunk_elements):
+            active += self._per_certificate(self._slots(cols[sl]), (2 * q[sl].double() - lam).abs())
         return active, totals.inactive_gain.to(active.device)[self.features]
 
     def _change(self, cols: Tensor, z: Tensor, q: Tensor, totals: LamTotals, lam: float) -> tuple[Tensor, Tensor]:
         """From the active entries (feature, z, <d_i, r_n>) and the inactive tokens' lam terms."""
-        z, q = z.double(), q.double()
-        slots = self._slots(cols)
         scale = self.scale.double().to(z.device)
-        entry_scale = torch.where(slots >= 0, scale[slots.clamp(min=0)], 0.0)
-        direction = torch.sign(2 * q - lam)
+        active = torch.zeros(len(self.eps), len(self), dtype=torch.float64, device=z.device)
+        for sl in _chunks(len(cols), self.chunk_elements):  # bounded memory at any number of codes
+            slots, zc, qc = self._slots(cols[sl]), z[sl].double(), q[sl].double()
+            entry_scale = torch.where(slots >= 0, scale[slots.clamp(min=0)], 0.0)
+            direction = torch.sign(2 * qc - lam)
+            for e, eps in enumerate(self.eps):
+                dz = (zc + eps * entry_scale * direction).clamp(min=0) - zc
+                active[e] += self._per_certificate(slots, dz * (lam - 2 * qc + dz))
         active_gain, inactive_gain = self._gain(cols, q, totals, lam)
         over_count = totals.over_count.to(z.device)[self.features].double()
         over_excess = totals.over_excess.to(z.device)[self.features]
-        changes, firsts = [], []
-        for eps in self.eps:
-            dz = (z + eps * entry_scale * direction).clamp(min=0) - z
-            step = eps * scale
-            # inactive tokens with q > lam/2: dz = step, so the change is step^2 - 2 step (q - lam/2)
-            inactive = step**2 * over_count - 2 * step * over_excess
-            changes.append(self._per_certificate(slots, dz * (lam - 2 * q + dz)) + inactive)
-            firsts.append(-step * (active_gain + inactive_gain))
-        return torch.stack(changes), torch.stack(firsts)
+        steps = torch.tensor(self.eps, dtype=torch.float64, device=z.device)[:, None] * scale
+        # inactive tokens with q > lam/2: dz = step, so the change is step^2 - 2 step (q - lam/2)
+        change = active + steps**2 * over_count - 2 * steps * over_excess
+        return change, -steps * (active_gain + inactive_gain)
 
     def apply(self, k: int, eps: float, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
         i = int(self.features[k])

@@ -62,11 +62,14 @@ class CSR:
         aux = None if self.aux is None else self.aux.to(device)
         return CSR(*(t.to(device) for t in (self.token_index, self.crow, self.col, self.val)), self.n_features, aux)
 
-    def entry_of(self, rows: Tensor, features: Tensor) -> Tensor:
-        """Position of entry (row, feature) in the entry arrays, -1 where that code is zero.
+    def keys(self) -> Tensor:
+        """(nnz,) int64 flat keys row * K + col: strictly increasing."""
+        return self.row_ids() * self.n_features + self.col.long()
 
-        Flat keys row * K + col are strictly increasing, so one binary search finds each."""
-        keys = self.row_ids() * self.n_features + self.col.long()
+    def entry_of(self, rows: Tensor, features: Tensor, keys: Tensor | None = None) -> Tensor:
+        """Position of entry (row, feature) in the entry arrays, -1 where that code is zero:
+        one binary search in the flat keys (pass `keys()` when looking up many times)."""
+        keys = self.keys() if keys is None else keys
         wanted = rows.long() * self.n_features + features.long()
         where = torch.searchsorted(keys, wanted).clamp(max=max(self.nnz - 1, 0))
         found = (keys[where] == wanted) if self.nnz else torch.zeros_like(wanted, dtype=torch.bool)
