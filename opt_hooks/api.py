@@ -64,7 +64,7 @@ class _Router:
         self.views, self.nonfinite, self.options = dict(views), nonfinite, options
         self.audits = {key: _layer_audit(key, view, _lam_for(lam, key, view), options) for key, view in views.items()}
         self.calibrations: dict[str, LamCalibration] = {}  # while unknown lams are being estimated
-        self.replay: dict[str, list[tuple[Tensor, Tensor, Tensor]]] | None = None  # codes seen meanwhile
+        self.replay: dict[str, list[tuple[Tensor, ...]]] | None = None  # codes seen meanwhile
         self.lam_notes: dict[str, str] = {}
         self.plans: dict[str, AuditPlan] | None = None
         self.batch: _Batch | None = None
@@ -101,8 +101,10 @@ class _Router:
     def replay_calibration(self) -> None:
         """Feed pass 1 the calibration windows' codes (this rank's share): not streamed twice."""
         for key, batches in (self.replay or {}).items():
-            for x, z, index in batches:
-                self.audits[key].update(x, z.to_dense(), index)
+            for x, nonzero, values, index in batches:
+                z = values.new_zeros(x.shape[0], self.audits[key].atoms.shape[0])
+                z[nonzero] = values
+                self.audits[key].update(x, z, index)
         self.replay = None
 
     def on_codes(self, key: str, x: Tensor, z: Tensor) -> None:
@@ -120,7 +122,12 @@ class _Router:
             if key in self.calibrations:
                 self.calibrations[key].update(x[rows], z[rows])
             mine = rows & self.ranks.own(batch.window.to(device))
-            self.replay[key].append((x[mine], z[mine].to_sparse(), index[mine]))
+            if bool(mine.all()):
+                x_mine, z_mine, index_mine = x, z, index
+            else:
+                x_mine, z_mine, index_mine = x[mine], z[mine], index[mine]
+            nonzero = z_mine.nonzero(as_tuple=True)  # the codes kept sparse until pass 1 reads them
+            self.replay[key].append((x_mine, nonzero, z_mine[nonzero], index_mine))
         elif self.plans is None:
             rows = keep & ~held
             if bool(rows.all()):  # no copy of the (n, K) codes when every row is kept

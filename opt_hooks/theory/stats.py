@@ -120,27 +120,34 @@ class SparseBatch:
         return torch.sparse.sampled_addmm(pattern, r, atoms.T, beta=0.0).values()
 
 
-def lam_terms(r: Tensor, atoms: Tensor, lam: float, batch: SparseBatch, projections: Tensor,
+def lam_terms(r: Tensor, atoms: Tensor, lam: float, batch: SparseBatch,
               chunk_elements: int = 1 << 21) -> tuple[Tensor, Tensor, int]:
     """One batch's lam statistics: per feature, the count of inactive tokens where
     <d_i, r_n> > lam / 2 and the sum of <d_i, r_n> - lam / 2 over them; and the number of
-    tokens with ||r_n|| > lam / 2. `projections` are <d_i, r_n> at the batch's active entries.
+    tokens with ||r_n|| > lam / 2.
 
     The (K, n) products are formed a block of features at a time, small enough to stay in
-    cache while they are reduced, summed over every token, and the active entries' share is
-    then taken out: no (n, K) matrix or inactive mask is ever built."""
+    cache while they are reduced, summed over every token; the active entries' share is read
+    from the same block and taken out, so each token is counted on one side exactly. No
+    (n, K) matrix or inactive mask is ever built."""
     half = lam / 2
     n_features = atoms.shape[0]
     count = torch.empty(n_features, dtype=torch.int64, device=r.device)
     excess = torch.empty(n_features, dtype=torch.float64, device=r.device)
+    by_feature = torch.argsort(batch.cols, stable=True)
+    cols, rows = batch.cols[by_feature], batch.rows[by_feature]
     step = max(1, chunk_elements // max(r.shape[0], 1))
-    for start in range(0, n_features, step):
-        q = atoms[start:start + step] @ r.T  # (k, n)
-        count[start:start + step] = (q > half).sum(1)
-        excess[start:start + step] = q.sub_(half).relu_().sum(1).double()
-    over = projections > half
-    count -= torch.bincount(batch.cols[over], minlength=n_features)
-    excess -= torch.zeros_like(excess).index_add_(0, batch.cols[over], (projections[over] - half).double())
+    starts = torch.arange(0, n_features, step, device=r.device)
+    bounds = torch.searchsorted(cols, torch.cat([starts, starts.new_tensor([n_features])])).tolist()
+    for block, start in enumerate(starts.tolist()):
+        stop = min(start + step, n_features)
+        over = (atoms[start:stop] @ r.T).sub_(half).relu_()  # (k, n): q - lam/2 where positive
+        entries = slice(bounds[block], bounds[block + 1])
+        active = over[cols[entries] - start, rows[entries]]
+        local = cols[entries] - start
+        count[start:stop] = (over > 0).sum(1) - torch.bincount(local[active > 0], minlength=stop - start)
+        taken = torch.zeros(stop - start, dtype=torch.float64, device=r.device).index_add_(0, local, active.double())
+        excess[start:stop] = over.sum(1, dtype=torch.float64) - taken
     return count, excess.clamp(min=0), int((r.norm(dim=-1) > half).sum())
 
 
@@ -169,7 +176,7 @@ class TokenBatch:
     @classmethod
     def from_tokens(cls, x: Tensor, z: Tensor, atoms: Tensor, bias: Tensor, lam: float) -> "TokenBatch":
         entries, atoms, r, projections = residuals_at_entries(x, z, atoms, bias)
-        over_count, over_excess, n_over = lam_terms(r, atoms, lam, entries, projections)
+        over_count, over_excess, n_over = lam_terms(r, atoms, lam, entries)
         totals = LamTotals(lam=lam, n_tokens=x.shape[0], over_count=over_count, over_excess=over_excess,
                            n_over_half_lam=n_over)
         return cls(z.to(r.dtype), r, atoms, entries, projections, totals)
@@ -259,7 +266,7 @@ class LayerStats(Accumulator):
         self.sum_rnorm2 += (rnorm.double() ** 2).sum()
         self.worst.update(rnorm.double(), token_index.to(x.device), r)
         if self.lam is not None:
-            over_count, over_excess, n_over = lam_terms(r, atoms, self.lam, batch, projections)
+            over_count, over_excess, n_over = lam_terms(r, atoms, self.lam, batch)
             self.over_count += over_count
             self.over_excess += over_excess
             self.n_over_half_lam += n_over
