@@ -315,7 +315,7 @@ def audit(
             router.replay_calibration()
             position = Position(1, calibrated)
         router.replay = None
-        lap("calibration_s")
+        lap("setup_s")  # lam calibration and checkpoint restore
         if position.pass_number == 1:
             _stream_windows(model, tap, router, windows, specials, held, batch_size, which="audit",
                             desc="pass 1/2: statistics", progress=progress,

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     l0 = sum(f.active_count for f in layer.features) / layer.n_tokens
     bare_rate = n / bare
     s, e = known.meta["seconds"], estimated.meta["seconds"]
-    streamed = lambda t: t["calibration_s"] + t["pass1_s"] + t["pass2_s"]  # noqa: E731
+    streamed = lambda t: t["setup_s"] + t["pass1_s"] + t["pass2_s"]  # noqa: E731
     rows = [
         ("bare pass (forward + encode)", n, bare),
         ("pass 1: audit windows, statistics", layer.n_tokens, s["pass1_s"]),
