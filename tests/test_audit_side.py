@@ -129,3 +129,17 @@ def test_estimated_lam_sums_its_terms_on_a_second_look():
         short = audit.plan()
         short.update(x[:10], z[:10])
         short.result()
+
+
+def test_held_out_codes_of_a_feature_dead_on_the_audit_tokens():
+    """No live feature, so no C4 certificate; the held-out tokens' codes must not break pass 2."""
+    atoms = torch.nn.functional.normalize(torch.tensor([[0.6, -0.1, -0.8]]), dim=1)
+    x = torch.tensor([[0.1, 0.0, 0.1], [0.2, 0.1, -0.3]])
+    z = torch.tensor([[0.0], [0.5]])
+    audit = LayerAudit(atoms, torch.zeros(3), lam=1.0)
+    audit.update(x[:1], z[:1])
+    plan = audit.plan()
+    assert len(plan.families["C4"]) == 0
+    plan.update(x, z, held_out=torch.tensor([False, True]))
+    layer = plan.result()
+    assert layer.n_held_out == 1 and layer.dead_features == [0]

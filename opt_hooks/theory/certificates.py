@@ -308,12 +308,15 @@ class CodeCertificates:
 
     def _gain(self, cols: Tensor, q: Tensor, totals: LamTotals, lam: float) -> tuple[Tensor, Tensor]:
         active = torch.zeros(len(self), dtype=torch.float64, device=q.device)
-        for sl in _chunks(len(cols), self.chunk_elements):
+        for sl in _chunks(len(cols), self.chunk_elements) if len(self) else []:
             active += self._per_certificate(self._slots(cols[sl]), (2 * q[sl].double() - lam).abs())
         return active, totals.inactive_gain.to(active.device)[self.features]
 
     def _change(self, cols: Tensor, z: Tensor, q: Tensor, totals: LamTotals, lam: float) -> tuple[Tensor, Tensor]:
         """From the active entries (feature, z, <d_i, r_n>) and the inactive tokens' lam terms."""
+        if len(self) == 0:  # no live feature on the audit tokens (the held-out ones may have codes)
+            empty = torch.zeros(len(self.eps), 0, dtype=torch.float64, device=z.device)
+            return empty, empty.clone()
         scale = self.scale.double().to(z.device)
         active = torch.zeros(len(self.eps), len(self), dtype=torch.float64, device=z.device)
         for sl in _chunks(len(cols), self.chunk_elements):  # bounded memory at any number of codes
