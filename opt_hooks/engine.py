@@ -31,8 +31,7 @@ from torch import Tensor
 from opt_hooks.result import CertificateCheck, FeatureRow, LayerResult, PairRow, TIER_RANK
 from opt_hooks.theory import certificates as certs
 from opt_hooks.theory import conditions as cond
-from opt_hooks.theory.accumulator import Accumulator
-from opt_hooks.theory.stats import LamTotals, LayerStatistics, LayerStats, TokenBatch, residuals_at_entries
+from opt_hooks.theory.stats import LamStatistics, LamTotals, LayerStatistics, LayerStats, TokenBatch, residuals_at_entries
 
 
 @dataclass
@@ -222,8 +221,9 @@ class AuditPlan:
         audit = ~held_out
         if self.needs_audit_tokens and bool(audit.any()):
             tokens = TokenBatch.from_tokens(x[audit], z[audit], self.atoms, self.bias, self.lam)
+            self.state.n_audit += tokens.n_tokens
             totals = tokens.totals
-            self.state.add_audit_terms(tokens.n_tokens, totals.over_count, totals.over_excess, totals.n_over_half_lam)
+            self.state.add_lam_terms(totals.over_count, totals.over_excess, totals.n_over_half_lam)
 
     def merge(self, other: "AuditPlan") -> "AuditPlan":
         self.state.merge(other.state)
@@ -238,13 +238,7 @@ class AuditPlan:
     # -- results ----------------------------------------------------------------------
     def lam_totals(self) -> LamTotals:
         """The lam statistics of the audit tokens: from pass 1 when lam was known, else pass 2's."""
-        if self.stats.lam_totals is not None:
-            return self.stats.lam_totals
-        st = self.state
-        return LamTotals(
-            lam=self.lam, n_tokens=int(st.n_audit), over_count=st.over_count.clone(),
-            over_excess=st.over_excess.clone(), n_over_half_lam=int(st.n_over_half_lam),
-        )
+        return self.stats.lam_totals if self.stats.lam_totals is not None else self.state.lam_totals()
 
     def audit_changes(self, name: str) -> tuple[Tensor, Tensor]:
         """A family's exact and first-order changes of sum_n loss_n on the audit tokens, (E, F)."""
@@ -285,34 +279,24 @@ class AuditPlan:
         return _LayerAssembler(self).assemble()
 
 
-class _Pass2State(Accumulator):
+class _Pass2State(LamStatistics):
     """Pass 2's sums: the certificates' changes on the held-out tokens and, with lam
     estimated, the lam statistics of the audit tokens."""
 
     def __init__(self, families: dict[str, Any], n_features: int, device: torch.device, audit_terms: bool) -> None:
         super().__init__()
-        f64 = dict(dtype=torch.float64, device=device)
-        count = dict(dtype=torch.int64, device=device)
-        self.add_state("n_held_out", torch.zeros((), **count), "sum")
+        self.add_state("n_held_out", torch.zeros((), dtype=torch.int64, device=device), "sum")
         for name, family in families.items():
-            self.add_state(f"{name}_change", torch.zeros(len(family.eps), len(family), **f64), "sum")
+            self.add_state(f"{name}_change", torch.zeros(len(family.eps), len(family), dtype=torch.float64, device=device), "sum")
         if audit_terms:
-            self.add_state("n_audit", torch.zeros((), **count), "sum")
-            self.add_state("over_count", torch.zeros(n_features, **count), "sum")
-            self.add_state("over_excess", torch.zeros(n_features, **f64), "sum")
-            self.add_state("n_over_half_lam", torch.zeros((), **count), "sum")
+            self.add_state("n_audit", torch.zeros((), dtype=torch.int64, device=device), "sum")
+            self.add_lam_states(n_features, device)
 
     def add_held_out(self, n: int) -> None:
         self.n_held_out += n
 
     def add(self, name: str, change: Tensor) -> None:
         getattr(self, f"{name}_change").add_(change)
-
-    def add_audit_terms(self, n: int, over_count: Tensor, over_excess: Tensor, n_over: int) -> None:
-        self.n_audit += n
-        self.over_count += over_count
-        self.over_excess += over_excess
-        self.n_over_half_lam += n_over
 
 
 class _LayerAssembler:

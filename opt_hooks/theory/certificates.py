@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from opt_hooks.theory.codes import SparseBatch
 from opt_hooks.theory.stats import LamTotals, LayerStatistics, TokenBatch
 
 EPS_LADDER = (1e-2, 1e-3, 1e-4)
@@ -154,16 +155,13 @@ class PairCertificates:
         change = torch.zeros(shape, dtype=torch.float64, device=z.device)
         first = torch.zeros(shape, dtype=torch.float64, device=z.device)
         hierarchy = self.kind > 0
-        j_count = (z[:, self.j] > 0).sum(0).double() if len(self.i) else torch.zeros(0, dtype=torch.float64)
-        self._closed_form_j_off(hierarchy, z.shape[0] - j_count.to(z.device), lam, change, first)
+        codes = SparseBatch(z)  # nonnegative codes: the nonzeros are the active entries
+        order, start, count = codes.by_feature
+        self._closed_form_j_off(hierarchy, z.shape[0] - count[self.j].double(), lam, change, first)
         # hierarchy pairs: the tokens where j fires; complementary pairs: every token
-        token, feature = torch.nonzero(z > 0, as_tuple=True)
-        by_feature = torch.argsort(feature, stable=True)
-        count = torch.bincount(feature, minlength=z.shape[1])
-        start = torch.cumsum(count, 0) - count
         pairs_h = torch.nonzero(hierarchy).flatten()
-        for pairs, entries in _entries_of(self.j, pairs_h, by_feature, start, count, self.chunk_elements):
-            rows = token[entries]
+        for pairs, entries in _entries_of(self.j, pairs_h, order, start, count, self.chunk_elements):
+            rows = codes.rows[entries]
             self._add(change, first, pairs, *self._dense_token_changes(z, q, rows, pairs, lam))
         complementary = torch.nonzero(~hierarchy).flatten()
         for sl in _chunks(len(complementary), max(1, self.chunk_elements // max(z.shape[0], 1))):

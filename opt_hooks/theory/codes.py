@@ -15,6 +15,8 @@ rows, so `n_tokens` is the number of rows ever updated.
 """
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -78,9 +80,7 @@ class CSR:
     def by_feature(self) -> tuple[Tensor, Tensor, Tensor]:
         """(order, start, count): entries of feature f are order[start[f] : start[f] + count[f]],
         in ascending row order."""
-        order = torch.argsort(self.col, stable=True)
-        count = self.counts()
-        return order, torch.cumsum(count, 0) - count, count
+        return _by_feature(self.col, self.n_features)
 
     def row_ids(self) -> Tensor:
         """(nnz,) int64: the row (position in `token_index`) of every entry."""
@@ -140,6 +140,59 @@ class CSR:
         return slots, inverse, distinct.numel()
 
 
+class SparseBatch:
+    """One batch of codes as its nonzero entries, found once and shared by every statistic."""
+
+    def __init__(self, z: Tensor) -> None:
+        self.n_tokens, self.n_features = z.shape
+        self.rows, self.cols = z.nonzero(as_tuple=True)  # row-major: columns ascending within a row
+        self.values = z[self.rows, self.cols]
+        self.crow = torch.zeros(self.n_tokens + 1, dtype=torch.int64, device=z.device)
+        self.crow[1:] = torch.bincount(self.rows, minlength=self.n_tokens).cumsum(0)
+
+    @functools.cached_property
+    def by_feature(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(order, start, count): entries of feature f are order[start[f] : start[f] + count[f]],
+        in ascending row order (as `CSR.by_feature`)."""
+        return _by_feature(self.cols, self.n_features)
+
+    def matrix(self, dtype: torch.dtype) -> Tensor:
+        """The codes as a sparse CSR tensor (n, K)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(
+                self.crow, self.cols, self.values.to(dtype), (self.n_tokens, self.n_features), check_invariants=False
+            )
+
+    def transposed(self, dtype: torch.dtype) -> Tensor:
+        """The codes transposed, (K, n), as a sparse CSR tensor: z^T products cost nnz x d."""
+        order, _, count = self.by_feature
+        crow = torch.zeros(self.n_features + 1, dtype=torch.int64, device=self.cols.device)
+        crow[1:] = count.cumsum(0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(
+                crow, self.rows[order], self.values[order].to(dtype), (self.n_features, self.n_tokens),
+                check_invariants=False,
+            )
+
+    def per_feature(self, values: Tensor, reduce: str = "sum") -> Tensor:
+        """(K,) float64 reduction of one value per entry over each feature's entries."""
+        if reduce == "sum":
+            out = torch.zeros(self.n_features, dtype=torch.float64, device=values.device)
+            return out.index_add_(0, self.cols, values.double())
+        fill = float("inf") if reduce == "amin" else float("-inf")
+        out = torch.full((self.n_features,), fill, dtype=torch.float64, device=values.device)
+        return out.scatter_reduce_(0, self.cols, values.double(), reduce=reduce, include_self=True)
+
+    def projections(self, r: Tensor, atoms: Tensor) -> Tensor:
+        """<d_i, r_n> at every entry, computed at the entries only (a sampled product)."""
+        if self.values.numel() == 0:
+            return torch.zeros(0, dtype=r.dtype, device=r.device)
+        pattern = self.matrix(r.dtype)
+        return torch.sparse.sampled_addmm(pattern, r, atoms.T, beta=0.0).values()
+
+
 class SparseCodes:
     """Mergeable store of nonzero codes: `update` per batch, `merge`, then `compute()` -> CSR.
 
@@ -160,27 +213,22 @@ class SparseCodes:
             raise ValueError(f"z must be (n, {self.n_features}); got {tuple(z.shape)}")
         if token_index.shape != (z.shape[0],):
             raise ValueError(f"token_index must be ({z.shape[0]},); got {tuple(token_index.shape)}")
-        rows, cols = (z != 0).nonzero(as_tuple=True)  # row-major: columns ascending within a row
-        self.add_entries(token_index, rows, cols, z[rows, cols])
+        self.add(token_index, SparseBatch(z))
 
-    def add_entries(self, token_index: Tensor, rows: Tensor, cols: Tensor, values: Tensor,
-                    aux: Tensor | None = None) -> None:
-        """Add a batch given as its nonzero entries in row-major order (as `nonzero` lists
-        them): rows index into token_index (n,), the batch's global token indices."""
-        n = token_index.shape[0]
-        if n == 0:
+    def add(self, token_index: Tensor, batch: SparseBatch, aux: Tensor | None = None) -> None:
+        """Add a batch given as its nonzero entries: token_index (n,) their global token
+        indices, `aux` one companion value per entry (see `CSR.aux`)."""
+        if batch.n_tokens == 0:
             return
         if self.device is None:
             self.device = token_index.device
-        value_dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
-        crow = torch.zeros(n + 1, dtype=torch.int64, device=rows.device)
-        crow[1:] = torch.bincount(rows, minlength=n).cumsum(0)
+        value_dtype = torch.float64 if batch.values.dtype == torch.float64 else torch.float32
         self._chunks.append(
             CSR(
-                token_index=token_index.to(device=rows.device, dtype=torch.int64),
-                crow=crow,
-                col=cols.to(torch.int32),
-                val=values.to(value_dtype),
+                token_index=token_index.to(device=batch.crow.device, dtype=torch.int64),
+                crow=batch.crow,
+                col=batch.cols.to(torch.int32),
+                val=batch.values.to(value_dtype),
                 n_features=self.n_features,
                 aux=None if aux is None else aux.to(value_dtype),
             )
@@ -248,6 +296,13 @@ class SparseCodes:
             raise ValueError(f"state has {int(state['n_features'])} features, expected {self.n_features}")
         csr = CSR(state["token_index"], state["crow"], state["col"], state["val"], self.n_features, state.get("aux"))
         self._chunks = [csr.to(self.device)] if self.device is not None else [csr]
+
+
+def _by_feature(cols: Tensor, n_features: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(order, start, count) of entries grouped by feature, each group in entry order."""
+    order = torch.argsort(cols, stable=True)
+    count = torch.bincount(cols.long(), minlength=n_features)
+    return order, torch.cumsum(count, 0) - count, count
 
 
 def _empty_csr(n_features: int, device: torch.device) -> CSR:

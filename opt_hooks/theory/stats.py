@@ -7,7 +7,6 @@ when the input is float64 or too large for float32); every accumulator is float6
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 from torch import Tensor
 
 from opt_hooks.theory.accumulator import Accumulator
-from opt_hooks.theory.codes import CSR, SparseCodes
+from opt_hooks.theory.codes import CSR, SparseBatch, SparseCodes
 from opt_hooks.theory.objective import compute_dtype
 
 
@@ -23,8 +22,6 @@ from opt_hooks.theory.objective import compute_dtype
 class LamTotals:
     """The statistics that need lam (THEORY.md section 4), over the tokens they were summed on."""
 
-    lam: float
-    n_tokens: int
     over_count: Tensor  # (K,) int64: inactive tokens where <d_i, r_n> > lam / 2
     over_excess: Tensor  # (K,) float64: sum of <d_i, r_n> - lam / 2 over those tokens
     n_over_half_lam: int  # tokens with ||r_n|| > lam / 2
@@ -73,53 +70,6 @@ class LayerStatistics:
         return self.codes.aux
 
 
-class SparseBatch:
-    """One batch of codes as its nonzero entries, found once and shared by every statistic."""
-
-    def __init__(self, z: Tensor) -> None:
-        self.n_tokens, self.n_features = z.shape
-        self.rows, self.cols = z.nonzero(as_tuple=True)  # row-major
-        self.values = z[self.rows, self.cols]
-        self.crow = torch.zeros(self.n_tokens + 1, dtype=torch.int64, device=z.device)
-        self.crow[1:] = torch.bincount(self.rows, minlength=self.n_tokens).cumsum(0)
-
-    def matrix(self, dtype: torch.dtype) -> Tensor:
-        """The codes as a sparse CSR tensor (n, K)."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(
-                self.crow, self.cols, self.values.to(dtype), (self.n_tokens, self.n_features), check_invariants=False
-            )
-
-    def transposed(self, dtype: torch.dtype) -> Tensor:
-        """The codes transposed, (K, n), as a sparse CSR tensor: z^T products cost nnz x d."""
-        order = torch.argsort(self.cols, stable=True)
-        crow = torch.zeros(self.n_features + 1, dtype=torch.int64, device=self.cols.device)
-        crow[1:] = torch.bincount(self.cols, minlength=self.n_features).cumsum(0)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(
-                crow, self.rows[order], self.values[order].to(dtype), (self.n_features, self.n_tokens),
-                check_invariants=False,
-            )
-
-    def per_feature(self, values: Tensor, reduce: str = "sum") -> Tensor:
-        """(K,) float64 reduction of one value per entry over each feature's entries."""
-        if reduce == "sum":
-            out = torch.zeros(self.n_features, dtype=torch.float64, device=values.device)
-            return out.index_add_(0, self.cols, values.double())
-        fill = float("inf") if reduce == "amin" else float("-inf")
-        out = torch.full((self.n_features,), fill, dtype=torch.float64, device=values.device)
-        return out.scatter_reduce_(0, self.cols, values.double(), reduce=reduce, include_self=True)
-
-    def projections(self, r: Tensor, atoms: Tensor) -> Tensor:
-        """<d_i, r_n> at every entry, computed at the entries only (a sampled product)."""
-        if self.values.numel() == 0:
-            return torch.zeros(0, dtype=r.dtype, device=r.device)
-        pattern = self.matrix(r.dtype)
-        return torch.sparse.sampled_addmm(pattern, r, atoms.T, beta=0.0).values()
-
-
 def lam_terms(r: Tensor, atoms: Tensor, lam: float, batch: SparseBatch,
               chunk_elements: int = 1 << 21) -> tuple[Tensor, Tensor, int]:
     """One batch's lam statistics: per feature, the count of inactive tokens where
@@ -134,7 +84,7 @@ def lam_terms(r: Tensor, atoms: Tensor, lam: float, batch: SparseBatch,
     n_features = atoms.shape[0]
     count = torch.empty(n_features, dtype=torch.int64, device=r.device)
     excess = torch.empty(n_features, dtype=torch.float64, device=r.device)
-    by_feature = torch.argsort(batch.cols, stable=True)
+    by_feature = batch.by_feature[0]
     cols, rows = batch.cols[by_feature], batch.rows[by_feature]
     step = max(1, chunk_elements // max(r.shape[0], 1))
     starts = torch.arange(0, n_features, step, device=r.device)
@@ -176,10 +126,7 @@ class TokenBatch:
     @classmethod
     def from_tokens(cls, x: Tensor, z: Tensor, atoms: Tensor, bias: Tensor, lam: float) -> "TokenBatch":
         entries, atoms, r, projections = residuals_at_entries(x, z, atoms, bias)
-        over_count, over_excess, n_over = lam_terms(r, atoms, lam, entries)
-        totals = LamTotals(lam=lam, n_tokens=x.shape[0], over_count=over_count, over_excess=over_excess,
-                           n_over_half_lam=n_over)
-        return cls(z.to(r.dtype), r, atoms, entries, projections, totals)
+        return cls(z.to(r.dtype), r, atoms, entries, projections, LamTotals(*lam_terms(r, atoms, lam, entries)))
 
     @property
     def n_tokens(self) -> int:
@@ -190,7 +137,24 @@ class TokenBatch:
         return self.r @ self.atoms[features].T
 
 
-class LayerStats(Accumulator):
+class LamStatistics(Accumulator):
+    """An accumulator that may also sum the lam statistics (`lam_terms`) of its tokens."""
+
+    def add_lam_states(self, n_features: int, device: torch.device) -> None:
+        self.add_state("over_count", torch.zeros(n_features, dtype=torch.int64, device=device), "sum")
+        self.add_state("over_excess", torch.zeros(n_features, dtype=torch.float64, device=device), "sum")
+        self.add_state("n_over_half_lam", torch.zeros((), dtype=torch.int64, device=device), "sum")
+
+    def add_lam_terms(self, over_count: Tensor, over_excess: Tensor, n_over_half_lam: int) -> None:
+        self.over_count += over_count
+        self.over_excess += over_excess
+        self.n_over_half_lam += n_over_half_lam
+
+    def lam_totals(self) -> LamTotals:
+        return LamTotals(self.over_count.clone(), self.over_excess.clone(), int(self.n_over_half_lam))
+
+
+class LayerStats(LamStatistics):
     """Streaming pass-1 statistics for one SAE (K features, d input dimensions).
 
     Per batch the costs are one scan of the (n, K) codes for their nonzeros and products over
@@ -230,9 +194,7 @@ class LayerStats(Accumulator):
         self.add_state("sum_rnorm", torch.zeros((), **f64), "sum")
         self.add_state("sum_rnorm2", torch.zeros((), **f64), "sum")
         if lam is not None:
-            self.add_state("over_count", torch.zeros(n_features, dtype=torch.int64, device=dev), "sum")
-            self.add_state("over_excess", torch.zeros(n_features, **f64), "sum")
-            self.add_state("n_over_half_lam", torch.zeros((), dtype=torch.int64, device=dev), "sum")
+            self.add_lam_states(n_features, dev)
         self.worst = WorstResiduals(worst_k, d, dev)
         self.codes = SparseCodes(n_features, device=dev) if keep_codes else None
         self._next_token = 0
@@ -266,12 +228,9 @@ class LayerStats(Accumulator):
         self.sum_rnorm2 += (rnorm.double() ** 2).sum()
         self.worst.update(rnorm.double(), token_index.to(x.device), r)
         if self.lam is not None:
-            over_count, over_excess, n_over = lam_terms(r, atoms, self.lam, batch)
-            self.over_count += over_count
-            self.over_excess += over_excess
-            self.n_over_half_lam += n_over
+            self.add_lam_terms(*lam_terms(r, atoms, self.lam, batch))
         if self.codes is not None:
-            self.codes.add_entries(token_index, batch.rows, batch.cols, batch.values, projections)
+            self.codes.add(token_index, batch, projections)
 
     def _merge_extra(self, other: "LayerStats") -> None:
         self.worst.merge(other.worst)
@@ -280,12 +239,6 @@ class LayerStats(Accumulator):
         self._next_token = max(self._next_token, other._next_token)
 
     def compute(self) -> LayerStatistics:
-        lam_totals = None
-        if self.lam is not None:
-            lam_totals = LamTotals(
-                lam=float(self.lam), n_tokens=int(self.n_tokens), over_count=self.over_count.clone(),
-                over_excess=self.over_excess.clone(), n_over_half_lam=int(self.n_over_half_lam),
-            )
         return LayerStatistics(
             n_tokens=int(self.n_tokens),
             active_count=self.active_count.clone(),
@@ -302,7 +255,7 @@ class LayerStats(Accumulator):
             worst_token=self.worst.tokens.clone(),
             worst_residual=self.worst.vectors.clone(),
             codes=self.codes.compute() if self.codes is not None else None,
-            lam_totals=lam_totals,
+            lam_totals=None if self.lam is None else self.lam_totals(),
         )
 
     def state_dict(self) -> dict[str, Any]:
