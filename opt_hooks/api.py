@@ -88,14 +88,19 @@ class _Router:
         """Rebuild each calibrated SAE's pass-1 state with its estimated lam."""
         for key, calibration in self.calibrations.items():
             old = self.audits[key]
+            try:
+                lam, unavailable = calibration.compute(), None
+            except ValueError as error:  # the lam-free conditions are audited all the same
+                lam, unavailable = None, str(error)
             self.audits[key] = LayerAudit(
-                old.atoms, old.bias, lam=calibration.compute(), lam_estimated=True, hook_name=key,
-                architecture=old.architecture, scope=old.scope, options=old.options, meta=old.meta,
+                old.atoms, old.bias, lam=lam, lam_estimated=lam is not None, lam_unavailable=unavailable,
+                hook_name=key, architecture=old.architecture, scope=old.scope, options=old.options, meta=old.meta,
             )
-            self.lam_notes[key] = (
-                f"lam estimated before pass 1 as 2 x median <d_i, r_n> over the "
-                f"{calibration.n_codes} active codes of the first {calibration.n_tokens} audit tokens"
-            )
+            if lam is not None:
+                self.lam_notes[key] = (
+                    f"lam estimated before pass 1 as 2 x median <d_i, r_n> over the "
+                    f"{calibration.n_codes} active codes of the first {calibration.n_tokens} audit tokens"
+                )
         self.calibrations = {}
 
     def replay_calibration(self) -> None:

@@ -22,10 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from opt_hooks.policy import VerdictPolicy
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FINDINGS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 RUN_LOG = "run.log"
 DEFAULT_TOKENS = 1_000_000  # as opt_hooks.audit; the embedded default uses its own, smaller count
 LAYER_TEMPLATE = "{layer}"
+POLICY = VerdictPolicy()  # the verdict defaults the flags show
 
 log = logging.getLogger("opt_hooks.cli")
 
@@ -53,10 +56,13 @@ examples:
   --dataset defaults to the bundled text corpus (Python documentation).
 
 tiers (of each feature, C2 pair and layer-wide condition):
-  certified  a certificate (a concrete change of the SAE) lowers the objective on the audited
-             tokens and on held-out tokens it was not built from: provably not optimal
-  violated   the certificate lowers the objective on the audited tokens only
-  satisfied  no condition is broken beyond floating-point margin
+  certified  a certificate (a fixed change of the SAE, chosen on the audit tokens) lowers the
+             objective on held-out tokens, significantly (Bonferroni over the layer's
+             certificates, --alpha) and materially (--min-share of the feature's value,
+             --min-layer-share of the layer's L): provably not optimal, by an amount that matters
+  violated   it lowers the objective on the audit tokens, but held out not significantly or
+             not materially (the report says which)
+  satisfied  no certificate lowers the objective on the audit tokens
   Standard (L1) SAEs get exact statements; TopK, JumpReLU, gated, Matryoshka SAEs are judged
   by the L1 surrogate's conditions, labelled "L1 surrogate" (C3 and C5 hold for all).
 
@@ -134,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 3 when anything reaches this tier (violated includes certified)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bars and no summary; errors only")
+    verdicts = report.add_argument_group("verdicts (THEORY.md section 3)")
+    verdicts.add_argument("--alpha", type=float, default=POLICY.alpha, metavar="A",
+                          help=f"significance level per layer, Bonferroni-corrected (default {POLICY.alpha:g})")
+    verdicts.add_argument("--min-share", type=float, default=POLICY.min_share, metavar="S",
+                          help=f"materiality: held-out gain / the feature's value (default {POLICY.min_share:g})")
+    verdicts.add_argument("--min-layer-share", type=float, default=POLICY.min_layer_share, metavar="S",
+                          help=f"materiality of layer findings: gain / held-out L (default {POLICY.min_layer_share:g})")
     return parser
 
 
@@ -212,10 +225,20 @@ def check_flags(args: argparse.Namespace) -> None:
     for flag, value in (("--batch-size", args.batch_size), ("--context-size", args.context_size)):
         if value < 1:
             raise UsageError(f"{flag} must be positive, got {value}")
+    try:
+        audit_options(args)
+    except ValueError as error:
+        raise UsageError(f"--alpha / --min-share / --min-layer-share: {error}") from error
     if args.sae_id:
         args.sae_id = expand(args.sae_id, args.layers, "--sae-id")
     if args.sae_path:
         args.sae_path = expand(args.sae_path, args.layers, "--sae-path")
+
+
+def audit_options(args: argparse.Namespace) -> Any:
+    from opt_hooks.engine import AuditOptions
+
+    return AuditOptions(alpha=args.alpha, min_share=args.min_share, min_layer_share=args.min_layer_share)
 
 
 def embedded_inputs(args: argparse.Namespace, device: str) -> Inputs:
@@ -452,7 +475,7 @@ def run_report(args: argparse.Namespace, argv: list[str]) -> int:
             with library_prints(args.quiet):
                 result = audit(  # device=None: the model and SAEs were loaded on `device` already
                     inputs.model, inputs.saes, inputs.dataset, n_tokens=inputs.n_tokens, batch_size=args.batch_size,
-                    context_size=args.context_size, held_out=args.held_out, device=None,
+                    context_size=args.context_size, held_out=args.held_out, device=None, options=audit_options(args),
                     progress=not args.quiet,  # the API's own tqdm bars; the CLI adds none
                     checkpoint_dir=out / CHECKPOINT_DIR, checkpoint_every=args.checkpoint_every, resume=args.resume,
                 )
@@ -497,6 +520,7 @@ def audit_share(args: argparse.Namespace) -> int:
         inputs = embedded_inputs(args, device) if uses_embedded(args) else user_inputs(args, device)
         audit(inputs.model, inputs.saes, inputs.dataset, n_tokens=inputs.n_tokens, batch_size=args.batch_size,
               context_size=args.context_size, held_out=args.held_out, device=None, progress=False,
+              options=audit_options(args),
               checkpoint_dir=(args.out or default_out(args)) / CHECKPOINT_DIR,
               checkpoint_every=args.checkpoint_every, resume=args.resume)
     return EXIT_OK

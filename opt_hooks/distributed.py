@@ -10,7 +10,8 @@ streaming all windows would hold:
   no reduction combines (sparse codes, worst residuals, lam-estimate projections) by
   all_gather_object, merged as batches are, so the codes come out identical to one process's.
   Every rank then keeps all audit tokens' codes: the pair condition C2 needs them all.
-- pass 2 (`merge_pass_two`): an AuditPlan's sums by all_reduce.
+- pass 2 (`merge_pass_two`): an AuditPlan's sums by all_reduce, its code-gap sample (the
+  lowest-indexed held-out tokens) gathered and merged.
 
 Counts, minima and maxima are then exactly a single process's, and so are the codes; float
 sums differ only in the order of additions. The collectives run on the default group; with
@@ -63,8 +64,10 @@ def merge_pass_one(audit: LayerAudit) -> None:
 
 
 def merge_pass_two(plan: AuditPlan) -> None:
-    """Combine every rank's pass-2 sums of this SAE, in place, on every rank."""
+    """Combine every rank's pass-2 state of this SAE, in place, on every rank: its sums by
+    all_reduce, the code gap's token sample by all_gather_object."""
     plan.state.all_reduce()
+    plan.state.merge_unreduced(_gather(plan.state.unreduced_state()))
 
 
 def sum_over_ranks(count: int) -> int:

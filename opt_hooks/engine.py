@@ -28,26 +28,43 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from opt_hooks.result import CertificateCheck, FeatureRow, LayerResult, PairRow, TIER_RANK
+from opt_hooks import policy as pol
+from opt_hooks.policy import MIN_LAYER_SHARE, MIN_SHARE, MIN_TOUCHED, VerdictPolicy
+from opt_hooks.result import CertificateCheck, FeatureRow, LayerResult, PairRow
 from opt_hooks.theory import certificates as certs
 from opt_hooks.theory import conditions as cond
+from opt_hooks.theory.lasso import exact_codes
+from opt_hooks.theory.objective import token_losses
 from opt_hooks.theory.stats import LamStatistics, LamTotals, LayerStatistics, LayerStats, TokenBatch, residuals_at_entries
 
 
 @dataclass
 class AuditOptions:
-    """Tolerances and sizes. Sizes are relative (dimensionless), see conditions.py."""
+    """Tolerances, sizes and the verdict policy's settings (opt_hooks/policy.py)."""
 
     pair_rel_tol: float = 1e-6  # C2 margin must exceed this share of mu_j
     c3_tol: float = 1e-5  # C3 size above which the decoder certificate is tried
-    c4_tol: float = 1e-3  # C4 size above which the code certificate counts (lam may be estimated)
-    c5_tol: float = 1e-5
-    max_pairs: int | None = 50_000  # most severe C2 pairs given certificates (None: all)
+    c5_tol: float = 1e-5  # C5 size above which the bias certificate is tried
+    max_pairs: int | None = 50_000  # C2 pairs given certificates, largest margin first (None: all)
     lam_calibration_tokens: int = 16_384  # audit tokens whose active <d_i, r_n> estimate an unknown lam
-    worst_k: int = 16  # worst-residual tokens kept for C6
+    worst_k: int = 256  # worst-residual tokens kept for C6 (its certificate codes tokens beyond the 256th largest ||r||)
     top_tokens: int = 5  # top activations reported per flagged feature
     scatter_pairs: int = 64  # flagged pairs that carry a scatter sample
     scatter_points: int = 400
+    alpha: float = 0.05  # significance level of every layer's verdicts (Bonferroni over its certificates)
+    min_share: float = MIN_SHARE  # materiality: held-out gain / the feature's value
+    min_layer_share: float = MIN_LAYER_SHARE  # materiality of layer findings: gain / held-out L
+    min_touched: int = MIN_TOUCHED  # held-out tokens a certificate must change to be certified
+    code_gap_tokens: int = 512  # held-out tokens of the code gap's exact lasso solve
+    code_gap_max_iter: int = 300  # FISTA iterations of that solve, at most
+    code_gap_tol: float = 1e-7  # relative change of its objective at which the solve stops
+
+    def __post_init__(self) -> None:
+        self.policy  # noqa: B018 -- bad settings are refused before any token is streamed
+
+    @property
+    def policy(self) -> VerdictPolicy:
+        return VerdictPolicy(self.alpha, self.min_share, self.min_layer_share, self.min_touched)
 
 
 class LayerAudit:
@@ -60,6 +77,7 @@ class LayerAudit:
         *,
         lam: float | None = None,
         lam_estimated: bool = False,
+        lam_unavailable: str | None = None,
         hook_name: str = "sae",
         architecture: str = "standard",
         scope: str = "L1 objective (exact)",
@@ -69,8 +87,10 @@ class LayerAudit:
         if lam is not None:
             cond.check_lam(lam)
         # lam None: estimated from every audit token once pass 1 is done (pass 2 then streams
-        # them again); lam_estimated: lam was estimated beforehand (`LamCalibration`)
-        self.lam_estimated = lam is None or lam_estimated
+        # them again), unless `lam_unavailable` says why no lam can be had (C4, C6 skipped);
+        # lam_estimated: lam was estimated beforehand (`LamCalibration`)
+        self.lam_estimated = (lam is None and lam_unavailable is None) or lam_estimated
+        self.lam_unavailable = lam_unavailable
         if not (torch.isfinite(atoms).all() and torch.isfinite(bias).all()):
             raise ValueError(f"{hook_name}: non-finite values (NaN or inf) in the SAE's decoder or b_dec")
         self.atoms, self.bias, self.lam = atoms, bias, lam
@@ -97,10 +117,7 @@ class LayerAudit:
                 f"{self.hook_name}: no audit tokens were seen (none streamed, or all skipped as "
                 "special or non-finite); nothing to audit"
             )
-        try:
-            return AuditPlan(self, self.stats.compute())
-        except ValueError as error:  # e.g. lam cannot be estimated: say which SAE
-            raise ValueError(f"{self.hook_name}: {error}") from error
+        return AuditPlan(self, self.stats.compute())
 
     def state_dict(self) -> dict[str, Any]:
         return {"stats": self.stats.state_dict(), "lam": self.lam}
@@ -136,69 +153,94 @@ class LamCalibration:
         self.n_tokens += x.shape[0]
 
     def compute(self) -> float:
-        try:
-            return cond.estimate_lam(torch.cat(self.projections) if self.projections else torch.zeros(0))
-        except ValueError as error:
-            raise ValueError(f"{self.hook_name}: {error}") from error
+        """lam_hat; ValueError (saying why) when it cannot be estimated."""
+        return cond.estimate_lam(torch.cat(self.projections) if self.projections else torch.zeros(0))
+
+
+VERDICT_FAMILIES = ("C1", "C2", "C3", "C4", "C5", "C6")  # certificates that get verdicts; "decoder" is a gap
 
 
 class AuditPlan:
-    """The conditions evaluated on pass-1 statistics, and every certificate's exact change of
-    L at each step of its ladder: on the audit tokens from pass 1's state, on the held-out
-    tokens in pass 2."""
+    """The conditions evaluated on pass-1 statistics, every certificate fixed by line search on
+    the audit tokens and measured there from pass 1's state; pass 2 measures them unchanged on
+    the held-out tokens (`update`), `result()` applies the verdict policy."""
 
     def __init__(self, audit: LayerAudit, stats: LayerStatistics) -> None:
         self.audit, self.stats, self.options = audit, stats, audit.options
+        self.policy = self.options.policy
         self.atoms, self.bias = audit.atoms, audit.bias
         self.lam_estimated = audit.lam_estimated
-        self.lam = cond.estimate_lam(stats.active_projections) if audit.lam is None else float(audit.lam)
+        self.lam, self.lam_missing = self._lam()
+        self.lam_or_zero = 0.0 if self.lam is None else self.lam  # lam-free certificates read no lam
         self.floor = cond.c1_floor(stats)
         self.pairs = cond.c2_pairs(stats, self.atoms, rel_tol=self.options.pair_rel_tol)
-        self.pairs_total = len(self.pairs.i)
         self.decoder = cond.c3_decoder(stats, self.atoms)
         self.bias_check = cond.c5_bias(stats)
-        self.spare = cond.c6_spare(stats, self.lam)
+        self.spare = None if self.lam is None else cond.c6_spare(stats, self.lam)
         self.families = self._build_certificates()
-        # lam estimated: C4's inactive terms and the C6 count are summed over the audit tokens
-        # in pass 2, with the estimate
-        self.needs_audit_tokens = stats.lam_totals is None
-        self.state = _Pass2State(self.families, self.atoms.shape[0], self.atoms.device, self.needs_audit_tokens)
-        self._audit_changes: dict[str, tuple[Tensor, Tensor]] | None = None
+        self.audit_changes: dict[str, tuple[Tensor, Tensor]] = {}
+        for name, family in self.families.items():
+            family.step = family.line_search(stats, self.lam_or_zero)
+            self.audit_changes[name] = family.audit_change(stats, self.lam_or_zero, family.step)
+        # lam estimated after pass 1: C4's inactive terms and the C6 count are summed over the
+        # audit tokens in pass 2, with the estimate
+        self.needs_audit_tokens = self.lam is not None and stats.lam_totals is None
+        self.state = _Pass2State(self.families, self.atoms.shape, self.atoms.device, self.needs_audit_tokens,
+                                 self.options.code_gap_tokens)
+
+    def _lam(self) -> tuple[float | None, str | None]:
+        audit = self.audit
+        if audit.lam is not None:
+            return float(audit.lam), None
+        if audit.lam_unavailable is not None:
+            return None, audit.lam_unavailable
+        try:
+            return cond.estimate_lam(self.stats.active_projections), None
+        except ValueError as error:
+            return None, str(error)
 
     # -- certificates -----------------------------------------------------------------
     def _build_certificates(self) -> dict[str, Any]:
         st, dev, opts = self.stats, self.atoms.device, self.options
         idx = lambda mask: torch.nonzero(mask.to(dev)).flatten()  # noqa: E731
+        alive = idx(st.active_count > 0)
         families: dict[str, Any] = {}
-        floor_ids = idx(self.floor.violated)
-        families["C1"] = certs.FloorCertificates(floor_ids, self.floor.floor.to(dev)[floor_ids])
-        order = torch.argsort(self.pairs.margin / self.stats.mu.to(self.pairs.margin.device)[self.pairs.j], descending=True)
-        if opts.max_pairs is not None:
-            order = order[: opts.max_pairs]
-        self.pair_order = order
-        p = self.pairs
-        families["C2"] = certs.PairCertificates(
-            p.i[order].to(dev), p.j[order].to(dev), p.kind[order].to(dev), p.bound[order].to(dev), p.rho[order].to(dev)
-        )
-        alive = st.active_count > 0
-        decoder_ids = idx((self.decoder.size > opts.c3_tol) & alive)
+        if self.lam is not None:  # C1 and C2 descend by lam times a lam-free margin
+            floor_ids = idx(self.floor.violated)
+            families["C1"] = certs.FloorCertificates(floor_ids, self.floor.floor.to(dev)[floor_ids])
+            # capped by the first-order gain per unit step, lam * margin: chance pairs of rare
+            # features have tiny margins (at most mu_j) and fall below the cap first
+            order = torch.argsort(self.pairs.margin, descending=True, stable=True)
+            if opts.max_pairs is not None:
+                order = order[: opts.max_pairs]
+            self.pair_order = order
+            p = self.pairs
+            families["C2"] = certs.PairCertificates(
+                p.i[order].to(dev), p.j[order].to(dev), p.kind[order].to(dev), p.bound[order].to(dev), p.rho[order].to(dev)
+            )
+        else:
+            self.pair_order = torch.arange(len(self.pairs))
+        decoder_ids = idx((self.decoder.size > opts.c3_tol) & (st.active_count > 0))
         grads = self.decoder.gradient.to(dev)[decoder_ids]
         families["C3"] = certs.DecoderCertificates(
-            decoder_ids, self.atoms[decoder_ids], grads / grads.norm(dim=-1, keepdim=True)
+            decoder_ids, self.atoms[decoder_ids].double(), grads / grads.norm(dim=-1, keepdim=True)
         )
-        code_ids = idx(alive)
-        scale = (st.sum_z / st.active_count.clamp(min=1)).to(dev)[code_ids]
-        families["C4"] = certs.CodeCertificates(code_ids, scale)
-        if self.bias_check.norm > 0:
-            families["C5"] = certs.BiasCertificate(self.bias_check.mean_residual.to(dev) / self.bias_check.norm, self.bias_check.norm)
-        dead_ids = idx(self.spare.dead)
-        worst = st.worst_rnorm.to(dev)
-        if len(dead_ids) and len(worst) and float(worst[0]) > 0:
-            usable = int((worst > 0).sum())
-            slot = torch.arange(len(dead_ids), device=dev) % usable  # dead feature t -> t-th worst token
-            vectors = st.worst_residual.to(dev)[slot]
-            families["C6"] = certs.SpareCertificates(dead_ids, vectors / worst[slot, None], worst[slot])
+        if self.lam is not None:
+            families["C4"] = certs.CodeCertificates(alive, self.atoms[alive].double())
+        if self.bias_check.size > opts.c5_tol:
+            families["C5"] = certs.BiasCertificate(self.bias_check.mean_residual.to(dev) / self.bias_check.norm)
+        if self.spare is not None and self.spare.violated:
+            dead = int(torch.nonzero(self.spare.dead)[0])
+            spare = certs.SpareCertificate.best_of(st, dead, self.atoms[dead], self.lam)
+            if spare is not None:
+                families["C6"] = spare
+        families["decoder"] = certs.DecoderStep(self.decoder.gradient.to(dev))
         return families
+
+    @property
+    def n_tests(self) -> int:
+        """The multiplicity correction's m: every certificate that gets a verdict."""
+        return sum(len(f) for name, f in self.families.items() if name in VERDICT_FAMILIES)
 
     # -- pass 2 -----------------------------------------------------------------------
     def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None, held_out: Tensor | None = None) -> None:
@@ -209,21 +251,43 @@ class AuditPlan:
             held_out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         if held_out.shape != (x.shape[0],) or held_out.dtype != torch.bool:
             raise ValueError(f"held_out must be a bool mask ({x.shape[0]},); got {held_out.dtype} {tuple(held_out.shape)}")
+        if token_index is None:
+            token_index = torch.arange(x.shape[0], device=x.device) + int(self.state.n_seen)
+        self.state.n_seen += x.shape[0]
         rows = held_out if not self.needs_audit_tokens else torch.ones_like(held_out)
         if not bool(rows.any()):
             return
-        x, z, held_out = x[rows], z[rows], held_out[rows]
+        x, z, held_out, token_index = x[rows], z[rows], held_out[rows], token_index[rows]
         if bool(held_out.any()):
-            tokens = TokenBatch.from_tokens(x[held_out], z[held_out], self.atoms, self.bias, self.lam)
-            self.state.add_held_out(tokens.n_tokens)
-            for name, family in self.families.items():
-                self.state.add(name, family.token_change(tokens, self.lam)[0])
+            self._add_held_out(x[held_out], z[held_out], token_index[held_out])
         audit = ~held_out
         if self.needs_audit_tokens and bool(audit.any()):
-            tokens = TokenBatch.from_tokens(x[audit], z[audit], self.atoms, self.bias, self.lam)
+            tokens = TokenBatch(x[audit], z[audit], self.atoms, self.bias, self.lam)
             self.state.n_audit += tokens.n_tokens
             totals = tokens.totals
             self.state.add_lam_terms(totals.over_count, totals.over_excess, totals.n_over_half_lam)
+
+    def _add_held_out(self, x: Tensor, z: Tensor, token_index: Tensor) -> None:
+        lam, state = self.lam_or_zero, self.state
+        tokens = TokenBatch(x, z, self.atoms, self.bias)
+        state.n_held_out += tokens.n_tokens
+        for name, family in self.families.items():
+            state.add(name, family.held_out(tokens, lam))
+        entries = tokens.entries
+        values, q = entries.values.double(), tokens.projections.double()
+        state.value_sum += entries.per_feature(2 * values * q + values**2 - lam * values)  # v_i: removal's rise
+        mse = (tokens.r.double() ** 2).sum(-1)
+        l1 = torch.zeros(tokens.n_tokens, dtype=torch.float64, device=mse.device).index_add_(0, entries.rows, values)
+        loss = mse + lam * l1
+        state.loss_sum += loss.sum()
+        state.loss_sum_sq += (loss**2).sum()
+        state.mse_sum += mse.sum()
+        state.l1_sum += l1.sum()
+        state.nnz += len(values)
+        state.x_sum += x.double().sum(0)
+        state.x_sq_sum += (x.double() ** 2).sum()
+        if self.lam is not None:
+            state.sample.update(x, z, token_index)
 
     def merge(self, other: "AuditPlan") -> "AuditPlan":
         self.state.merge(other.state)
@@ -236,39 +300,11 @@ class AuditPlan:
         self.state.load_state_dict(state)
 
     # -- results ----------------------------------------------------------------------
-    def lam_totals(self) -> LamTotals:
+    def lam_totals(self) -> LamTotals | None:
         """The lam statistics of the audit tokens: from pass 1 when lam was known, else pass 2's."""
+        if self.lam is None:
+            return None
         return self.stats.lam_totals if self.stats.lam_totals is not None else self.state.lam_totals()
-
-    def audit_changes(self, name: str) -> tuple[Tensor, Tensor]:
-        """A family's exact and first-order changes of sum_n loss_n on the audit tokens, (E, F)."""
-        if self._audit_changes is None:
-            totals = self.lam_totals()
-            self._audit_changes = {
-                key: family.audit_change(self.stats, totals, self.lam) for key, family in self.families.items()
-            }
-        return self._audit_changes[name]
-
-    def checks(self, name: str) -> list[CertificateCheck]:
-        """One CertificateCheck per certificate of a family: the largest step of its ladder
-        that lowers L on the audit tokens (the smallest step when none does)."""
-        family, st = self.families.get(name), self.state
-        if family is None:
-            return []
-        n_audit, n_held = self.stats.n_tokens, int(st.n_held_out)
-        change, first = self.audit_changes(name)
-        held_change = getattr(st, f"{name}_change")
-        descends = change < 0  # (E, F)
-        chosen = torch.where(descends.any(0), descends.double().argmax(0), len(family.eps) - 1)
-        cols = torch.arange(change.shape[-1], device=change.device)
-        measured = (change[chosen, cols] / max(n_audit, 1)).tolist()
-        predicted = (first[chosen, cols] / max(n_audit, 1)).tolist()
-        held = (held_change[chosen, cols.to(held_change.device)] / n_held).tolist() if n_held else [None] * len(cols)
-        eps = [family.eps[e] for e in chosen.tolist()]
-        return [
-            CertificateCheck(name, eps[k], predicted[k], measured[k], held[k], n_audit, n_held)
-            for k in range(len(cols))
-        ]
 
     def result(self) -> LayerResult:
         if self.needs_audit_tokens and int(self.state.n_audit) != self.stats.n_tokens:
@@ -279,123 +315,247 @@ class AuditPlan:
         return _LayerAssembler(self).assemble()
 
 
+class TokenSample:
+    """The k held-out tokens of lowest token index (inputs and codes): the code gap's sample.
+    Chosen by index, so any batch split, merge order or rank split keeps the same tokens."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.tokens = torch.zeros(0, dtype=torch.int64)
+        self.x: Tensor | None = None  # (m, d) float64
+        self.z: Tensor | None = None  # (m, K) float64, sparse COO while kept
+
+    def update(self, x: Tensor, z: Tensor, token_index: Tensor) -> None:
+        if self.k <= 0 or len(token_index) == 0:
+            return
+        token_index = token_index.cpu()
+        if len(self.tokens) >= self.k and int(token_index.min()) > int(self.tokens.max()):
+            return
+        self._keep(token_index, x.detach().double().cpu(), z.detach().double().cpu().to_sparse())
+
+    def _keep(self, tokens: Tensor, x: Tensor, z: Tensor) -> None:
+        if self.x is not None:
+            tokens = torch.cat([self.tokens, tokens])
+            x = torch.cat([self.x, x])
+            z = torch.cat([self.z, z])
+        order = torch.argsort(tokens, stable=True)[: self.k]
+        self.tokens, self.x = tokens[order], x[order]
+        self.z = z.index_select(0, order).coalesce()
+
+    def merge(self, other: "TokenSample") -> None:
+        if other.x is not None:
+            self._keep(other.tokens, other.x, other.z)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.x is None:
+            return {"tokens": self.tokens}
+        z = self.z.coalesce()
+        return {"tokens": self.tokens, "x": self.x, "z_indices": z.indices(), "z_values": z.values(), "n_features": z.shape[1]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tokens, self.x, self.z = state["tokens"], None, None
+        if "x" in state:
+            self.x = state["x"]
+            shape = (len(self.tokens), state["n_features"])
+            self.z = torch.sparse_coo_tensor(state["z_indices"], state["z_values"], shape).coalesce()
+
+
 class _Pass2State(LamStatistics):
-    """Pass 2's sums: the certificates' changes on the held-out tokens and, with lam
-    estimated, the lam statistics of the audit tokens."""
+    """Pass 2's sums: per certificate, the held-out per-token changes' sum, sum of squares and
+    touched-token count; per feature its value; the held-out objective's parts; the code gap's
+    sample; with lam estimated after pass 1, the lam statistics of the audit tokens."""
 
-    def __init__(self, families: dict[str, Any], n_features: int, device: torch.device, audit_terms: bool) -> None:
+    def __init__(self, families: dict[str, Any], shape: torch.Size, device: torch.device, audit_terms: bool,
+                 sample_tokens: int) -> None:
         super().__init__()
-        self.add_state("n_held_out", torch.zeros((), dtype=torch.int64, device=device), "sum")
+        n_features, d = shape
+        f64 = dict(dtype=torch.float64, device=device)
+        count = lambda *size: torch.zeros(*size, dtype=torch.int64, device=device)  # noqa: E731
+        self.add_state("n_held_out", count(()), "sum")
+        self.add_state("n_seen", count(()), "sum")
         for name, family in families.items():
-            self.add_state(f"{name}_change", torch.zeros(len(family.eps), len(family), dtype=torch.float64, device=device), "sum")
+            self.add_state(f"{name}_sum", torch.zeros(len(family), **f64), "sum")
+            self.add_state(f"{name}_sum_sq", torch.zeros(len(family), **f64), "sum")
+            self.add_state(f"{name}_touched", count(len(family)), "sum")
+        self.add_state("value_sum", torch.zeros(n_features, **f64), "sum")
+        for name in ("loss_sum", "loss_sum_sq", "mse_sum", "l1_sum", "x_sq_sum"):
+            self.add_state(name, torch.zeros((), **f64), "sum")
+        self.add_state("nnz", count(()), "sum")
+        self.add_state("x_sum", torch.zeros(d, **f64), "sum")
         if audit_terms:
-            self.add_state("n_audit", torch.zeros((), dtype=torch.int64, device=device), "sum")
+            self.add_state("n_audit", count(()), "sum")
             self.add_lam_states(n_features, device)
+        self.sample = TokenSample(sample_tokens)
 
-    def add_held_out(self, n: int) -> None:
-        self.n_held_out += n
+    def add(self, name: str, changes: certs.TokenChanges) -> None:
+        getattr(self, f"{name}_sum").add_(changes.sum.to(self.value_sum.device))
+        getattr(self, f"{name}_sum_sq").add_(changes.sum_sq.to(self.value_sum.device))
+        getattr(self, f"{name}_touched").add_(changes.touched.to(self.value_sum.device))
 
-    def add(self, name: str, change: Tensor) -> None:
-        getattr(self, f"{name}_change").add_(change)
+    def changes(self, name: str) -> certs.TokenChanges:
+        return certs.TokenChanges(getattr(self, f"{name}_sum"), getattr(self, f"{name}_sum_sq"), getattr(self, f"{name}_touched"))
+
+    def _merge_extra(self, other: "_Pass2State") -> None:
+        self.sample.merge(other.sample)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "sample": self.sample.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.sample.load_state_dict(state["sample"])
+
+    def unreduced_state(self) -> dict[str, Any]:
+        """The part no sum combines (the code gap's sample): ranks exchange it whole."""
+        return self.sample.state_dict()
+
+    def merge_unreduced(self, states: list[dict[str, Any]]) -> None:
+        self.sample = TokenSample(self.sample.k)
+        for state in states:
+            part = TokenSample(self.sample.k)
+            part.load_state_dict(state)
+            self.sample.merge(part)
 
 
 class _LayerAssembler:
-    """Turns a finished plan into a LayerResult (rows, tiers, severities)."""
+    """Turns a finished plan into a LayerResult: every certificate's held-out estimate and
+    verdict (opt_hooks/policy.py), feature and pair rows in the policy's order, layer findings,
+    gaps and the held-out objective."""
 
     def __init__(self, plan: AuditPlan) -> None:
-        self.plan, self.stats, self.opts = plan, plan.stats, plan.options
-        self.checks = {name: plan.checks(name) for name in plan.families}
-        n_features = plan.atoms.shape[0]
-        self.conditions: list[dict[str, CertificateCheck]] = [{} for _ in range(n_features)]
-        self.severity = [0.0] * n_features
+        self.plan, self.stats, self.opts, self.policy = plan, plan.stats, plan.options, plan.policy
+        state = plan.state
+        self.n_held = int(state.n_held_out)
+        self.z = self.policy.critical_z(plan.n_tests)
+        self.loss = float(state.loss_sum) / self.n_held if self.n_held else math.nan
+        self.values = (state.value_sum / self.n_held).cpu() if self.n_held else torch.full_like(state.value_sum.cpu(), math.nan)
+        self.n_pairs = len(plan.families["C2"]) if "C2" in plan.families else 0
 
-    def _flag(self, feature: int, name: str, check: CertificateCheck, severity: float) -> None:
-        if check.tier == "satisfied":
-            return
-        current = self.conditions[feature].get(name)
-        if current is None or TIER_RANK[check.tier] < TIER_RANK[current.tier] or (
-            check.tier == current.tier and check.measured < current.measured
-        ):
-            self.conditions[feature][name] = check
-        self.severity[feature] = max(self.severity[feature], severity)
+    # -- one family's checks ------------------------------------------------------------
+    def checks(self, name: str, scales: Tensor | None, *, layer_finding: bool = False,
+               count_p: list[float] | None = None) -> list[CertificateCheck]:
+        """The CertificateCheck of every certificate of a family. `scales` (F,): what each gain
+        is judged against (None: the layer's held-out L)."""
+        plan = self.plan
+        family, n_audit = plan.families[name], self.stats.n_tokens
+        change, first = (t.cpu() for t in plan.audit_changes[name])
+        held = plan.state.changes(name)
+        est = pol.estimate(held.sum.cpu(), held.sum_sq.cpu(), self.n_held)
+        touched = held.touched.cpu().tolist()
+        steps = family.step.cpu().tolist()
+        count_threshold = self.policy.alpha / max(self.n_pairs, 1)
+        out = []
+        for k in range(len(family)):
+            mean = _number(est.mean[k])
+            gain = None if mean is None else -mean
+            scale = self.loss if scales is None else float(scales[k])
+            share = None if gain is None or not scale > 0 else gain / scale
+            verdict = pol.decide(
+                self.policy, audit_change=float(change[k]), held_out=mean, se=_number(est.se[k]),
+                touched=int(touched[k]), z=self.z, share=share, layer_finding=layer_finding,
+                count_p=None if count_p is None else count_p[k], count_threshold=count_threshold,
+            )
+            out.append(CertificateCheck(
+                condition=family.condition, step=steps[k], predicted=float(first[k]) / n_audit,
+                measured=float(change[k]) / n_audit, held_out=mean, held_out_se=_number(est.se[k]),
+                p_value=_number(est.p_value[k]) if mean is not None else None, gain=gain, share=share,
+                tier=verdict.tier, reason=verdict.reason, n_audit=n_audit, n_held_out=self.n_held,
+                n_touched=int(touched[k]), count_p_value=None if count_p is None else count_p[k],
+            ))
+        return out
 
     def assemble(self) -> LayerResult:
         plan, st = self.plan, self.stats
-        mu = st.mu
-        fam = plan.families
-        for k, check in zip(fam["C1"].features.tolist(), self.checks["C1"]):
-            self._flag(k, "C1", check, float(plan.floor.floor[k] / max(mu[k].item(), 1e-300)))
-        for k, check in zip(fam["C3"].features.tolist(), self.checks["C3"]):
-            self._flag(k, "C3", check, float(plan.decoder.size[k]))
-        code_features = fam["C4"].features
-        gain_active, gain_inactive = fam["C4"].audit_gain(st, plan.lam_totals(), plan.lam)
-        code = cond.c4_codes(gain_active, gain_inactive, st.active_count.to(code_features.device)[code_features], st.n_tokens, plan.lam)
-        # NaN (None in the rows): not evaluated. C4's certificates need an active feature's
-        # mean code as their scale, so dead features are left to C6.
-        c4_gain = torch.full((len(mu),), math.nan, dtype=torch.float64)
-        c4_size = torch.full((len(mu),), math.nan, dtype=torch.float64)
-        c4_gain[fam["C4"].features.cpu()] = code.gain.cpu()
-        c4_size[fam["C4"].features.cpu()] = code.size.cpu()
-        for k, check in zip(fam["C4"].features.tolist(), self.checks["C4"]):
-            if c4_size[k] > self.opts.c4_tol:
-                self._flag(k, "C4", check, float(c4_size[k]))
-        layer_conditions = {"C5": self._c5(), "C6": self._c6()}
-        pairs = self._pairs()
-        rows = self._feature_rows(c4_gain, c4_size)
-        notes = []
-        if plan.pairs_total > len(plan.pair_order):
+        n_features = plan.atoms.shape[0]
+        found: list[dict[str, CertificateCheck]] = [{} for _ in range(n_features)]
+        for name in ("C1", "C3", "C4"):
+            if name not in plan.families:
+                continue
+            features = plan.families[name].features.cpu()
+            for k, check in zip(features.tolist(), self.checks(name, self.values[features])):
+                if check.tier != "satisfied":
+                    found[k][name] = check
+        if "C1" not in plan.families:  # no lam: the exact violation stands, uncertified
+            for k in torch.nonzero(plan.floor.violated).flatten().tolist():
+                found[k]["C1"] = _unmeasured("C1", float(plan.floor.floor[k]))
+        pairs = self._pairs(found)
+        skipped: dict[str, str] = {}
+        notes: list[str] = []
+        if plan.lam is None:
+            reason = f"no lam: it is not known and cannot be estimated ({plan.lam_missing}); pass lam= to audit it"
+            skipped = {"C4": reason, "C6": reason, "codes": reason}
+            if bool(plan.floor.violated.any()) or len(plan.pairs):
+                notes.append("C1 / C2 violations are listed as violated: their gain is lam times their margin, "
+                             "so without lam they cannot be certified")
+        if self.n_held < self.policy.min_touched:
             notes.append(
-                f"{plan.pairs_total} C2 pairs violated; certificates evaluated for the "
-                f"{len(plan.pair_order)} most severe (AuditOptions.max_pairs)"
+                f"only {self.n_held} held-out token(s): no certificate can be certified (each needs at least "
+                f"{self.policy.min_touched} held-out tokens it changes); raise held_out or the number of tokens"
             )
+        if len(plan.pairs) > len(plan.pair_order):
+            notes.append(
+                f"{len(plan.pairs)} C2 pairs violated; certificates evaluated for the "
+                f"{len(plan.pair_order)} with the largest margins (AuditOptions.max_pairs)"
+            )
+        layer_conditions = {"C5": self._c5(), "C6": self._c6()}
+        rows = self._feature_rows(found)
         return LayerResult(
-            hook_name=plan.audit.hook_name,
-            architecture=plan.audit.architecture,
-            scope=plan.audit.scope,
-            lam=plan.lam,
-            lam_estimated=plan.lam_estimated,
-            d_in=int(plan.atoms.shape[1]),
-            d_sae=int(plan.atoms.shape[0]),
-            n_tokens=st.n_tokens,
-            n_held_out=int(plan.state.n_held_out),
-            features=rows,
-            pairs=pairs,
-            layer_conditions=layer_conditions,
-            dead_features=torch.nonzero(st.dead).flatten().tolist(),
-            notes=notes,
+            hook_name=plan.audit.hook_name, architecture=plan.audit.architecture, scope=plan.audit.scope,
+            lam=plan.lam, lam_estimated=plan.lam_estimated and plan.lam is not None,
+            d_in=int(plan.atoms.shape[1]), d_sae=n_features, n_tokens=st.n_tokens, n_held_out=self.n_held,
+            features=rows, pairs=pairs, layer_conditions=layer_conditions,
+            objective=self._objective(), gaps=self._gaps(layer_conditions), skipped=skipped,
+            n_tests=plan.n_tests, alpha=self.policy.alpha,
+            dead_features=torch.nonzero(st.dead).flatten().tolist(), notes=notes,
             **{k: plan.audit.meta.get(k) for k in ("sae_id", "neuronpedia_id")},
         )
 
-    def _pairs(self) -> list[PairRow]:
-        plan, st, p = self.plan, self.stats, self.plan.pairs
-        order = plan.pair_order.cpu()
+    # -- pairs ----------------------------------------------------------------------------
+    def _pairs(self, found: list[dict[str, CertificateCheck]]) -> list[PairRow]:
+        plan, p = self.plan, self.plan.pairs
+        order = plan.pair_order.cpu().tolist()
+        n = self.stats.n_tokens
+        count_p = []
+        for k in order:
+            count_i, count_j, co = int(p.count_i[k]), int(p.count_j[k]), int(p.co_count[k])
+            if int(p.kind[k]) > 0:  # j fires with i more often than independence allows
+                count_p.append(pol.count_p_value(co, count_j, count_i / n))
+            else:  # j fires where i is off more often than independence allows
+                count_p.append(pol.count_p_value(count_j - co, n - count_i, count_j / n))
+        checks = (
+            self.checks("C2", self.values[p.j[plan.pair_order].cpu()], count_p=count_p)
+            if "C2" in plan.families else [None] * len(order)
+        )
         rows: list[PairRow] = []
-        checks = self.checks["C2"]
-        mu = st.mu
-        for rank, k in enumerate(order.tolist()):
+        mu = self.stats.mu
+        for rank, k in enumerate(order):
             i, j = int(p.i[k]), int(p.j[k])
             check = checks[rank]
-            count_i, count_j, co = int(p.count_i[k]), int(p.count_j[k]), int(p.co_count[k])
+            count_j, co = int(p.count_j[k]), int(p.co_count[k])
             margin = float(p.margin[k])
-            row = PairRow(
+            rows.append(PairRow(
                 i=i, j=j, kind="hierarchy" if int(p.kind[k]) > 0 else "complementary",
                 rho=float(p.rho[k]), bound=float(p.bound[k]), threshold=float(p.threshold[k]),
                 margin=margin, relative_margin=margin / float(mu[j]),
-                count_i=count_i, count_j=count_j, co_count=co,
-                p_j_without_i_upper=_upper_rate(count_j - co, count_j),
-                tier=check.tier, certificate=check,
-            )
-            rows.append(row)
-            severity = row.relative_margin
-            self._flag(i, "C2", check, severity)
-            self._flag(j, "C2", check, severity)
+                count_i=int(p.count_i[k]), count_j=count_j, co_count=co,
+                p_j_without_i_upper=pol.upper_rate(count_j - co, count_j),
+                tier="violated" if check is None else check.tier, certificate=check,
+            ))
+            if check is not None and check.tier != "satisfied":
+                for f in (i, j):
+                    current = found[f].get("C2")
+                    if current is None or pol.rank_key(check.tier, check.gain) < pol.rank_key(current.tier, current.gain):
+                        found[f]["C2"] = check
+            elif check is None:  # no lam: the exact violation stands, uncertified
+                for f in (i, j):
+                    found[f].setdefault("C2", _unmeasured("C2", 0.0))
+        rows.sort(key=lambda r: pol.rank_key(r.tier, r.gain, (r.i, r.j)))
         self._attach_scatter(rows)
-        rows.sort(key=lambda r: (TIER_RANK[r.tier], -r.relative_margin, r.i, r.j))
         return rows
 
     def _attach_scatter(self, rows: list[PairRow]) -> None:
         codes = self.stats.codes
-        shown = sorted(rows, key=lambda r: (TIER_RANK[r.tier], -r.relative_margin))[: self.opts.scatter_pairs]
+        shown = rows[: self.opts.scatter_pairs]
         if not shown or codes is None or codes.n_tokens == 0:
             return
         feature_ids = sorted({f for r in shown for f in (r.i, r.j)})
@@ -408,40 +568,86 @@ class _LayerAssembler:
             on_a_i = zj[zi == 0]  # z_j where i is off: A_i is non-empty for every C2 pair
             row.hull_min, row.hull_max = float(on_a_i.min()), float(on_a_i.max())
 
+    # -- layer findings -------------------------------------------------------------------
     def _c5(self) -> dict[str, Any]:
         check = self.plan.bias_check
         out: dict[str, Any] = {"size": check.size, "norm": check.norm, "tier": "satisfied", "certificate": None}
-        if "C5" in self.checks:
-            cert = self.checks["C5"][0]
-            out["certificate"] = cert
-            if check.size > self.opts.c5_tol:
-                out["tier"] = cert.tier
-        return _jsonable(out)
+        if "C5" in self.plan.families:
+            cert = self.checks("C5", None, layer_finding=True)[0]
+            out["certificate"], out["tier"] = cert, cert.tier
+        return out
 
     def _c6(self) -> dict[str, Any]:
-        spare, st = self.plan.spare, self.stats
+        spare, st, plan = self.plan.spare, self.stats, self.plan
         out: dict[str, Any] = {
-            "n_dead": int(spare.dead.sum()),
-            "max_rnorm": spare.max_rnorm,
-            "threshold": spare.threshold,
-            "margin": spare.margin,
-            "n_over_threshold": self.plan.lam_totals().n_over_half_lam,
+            "n_dead": int(st.dead.sum()),
+            "dead": torch.nonzero(st.dead).flatten().tolist(),
             "worst_tokens": st.worst_token.tolist(),
             "worst_rnorms": st.worst_rnorm.tolist(),
             "tier": "satisfied",
             "certificate": None,
         }
-        checks = self.checks.get("C6", [])
-        if checks and spare.violated:
-            best = min(checks, key=lambda c: (TIER_RANK[c.tier], c.measured))
-            out["certificate"], out["tier"] = best, best.tier
-            for k, check in zip(self.plan.families["C6"].features.tolist(), checks):
-                self._flag(k, "C6", check, spare.margin / max(spare.threshold, 1e-300))
-        return _jsonable(out)
+        if spare is None:
+            return out
+        out.update(max_rnorm=spare.max_rnorm, threshold=spare.threshold, margin=spare.margin,
+                   n_over_threshold=plan.lam_totals().n_over_half_lam)
+        if "C6" in plan.families:
+            cert = self.checks("C6", None, layer_finding=True)[0]
+            out.update(certificate=cert, tier=cert.tier, resampled=plan.families["C6"].feature)
+        return out
 
-    def _feature_rows(self, c4_gain: Tensor, c4_size: Tensor) -> list[FeatureRow]:
+    def _objective(self) -> dict[str, Any]:
+        state, n, lam = self.plan.state, self.n_held, self.plan.lam
+        if n == 0:
+            return {"L": None, "mse": None, "l1": None, "n_tokens": 0}
+        mean_x = state.x_sum / n
+        spread = float(state.x_sq_sum) - n * float((mean_x**2).sum())
+        est = pol.estimate(state.loss_sum[None], state.loss_sum_sq[None], n)
+        return {
+            "L": self.loss, "se": _number(est.se[0]), "mse": float(state.mse_sum) / n,
+            "l1": None if lam is None else lam * float(state.l1_sum) / n, "n_tokens": n,
+            "l0": int(state.nnz) / n,
+            "explained_variance": 1 - float(state.mse_sum) / spread if spread > 0 else None,
+            "dead_share": float(self.stats.dead.double().mean()),
+        }
+
+    def _gaps(self, layer_conditions: dict[str, Any]) -> dict[str, Any]:
+        gaps: dict[str, Any] = {"decoder": self._gap_entry(self.checks("decoder", None, layer_finding=True)[0])}
+        bias = layer_conditions["C5"]["certificate"]
+        gaps["bias"] = self._gap_entry(bias) if bias is not None else {
+            "gain": 0.0, "share": 0.0, "se": 0.0, "n_tokens": self.n_held, "p_value": None}
+        if self.plan.lam is not None:
+            gaps["codes"] = self._code_gap()
+        return gaps
+
+    @staticmethod
+    def _gap_entry(check: CertificateCheck) -> dict[str, Any]:
+        return {"gain": check.gain, "share": check.share, "se": check.held_out_se, "n_tokens": check.n_held_out,
+                "p_value": check.p_value, "step": check.step}
+
+    def _code_gap(self) -> dict[str, Any] | None:
+        sample, plan, opts = self.plan.state.sample, self.plan, self.opts
+        if sample.x is None or len(sample.tokens) < 2:
+            return None
+        device = plan.atoms.device
+        x, z = sample.x.to(device), sample.z.to_dense().to(device)
+        atoms, bias = plan.atoms.double(), plan.bias.double()
+        solve = exact_codes(x, atoms, bias, plan.lam, z, max_iter=opts.code_gap_max_iter, tol=opts.code_gap_tol)
+        gains = token_losses(x, atoms, z, bias, plan.lam) - token_losses(x, atoms, solve.z, bias, plan.lam)
+        n = len(gains)
+        est = pol.estimate(gains.sum()[None], (gains**2).sum()[None], n)
+        before = token_losses(x, atoms, z, bias, plan.lam).mean()
+        return {
+            "gain": float(est.mean[0]), "se": _number(est.se[0]), "n_tokens": n,
+            "share": float(est.mean[0] / before) if before > 0 else None,
+            "l0_before": float((z > 0).sum(1).double().mean()), "l0_after": float((solve.z > 0).sum(1).double().mean()),
+            "iterations": solve.iterations, "converged": solve.converged, "tol": opts.code_gap_tol,
+        }
+
+    # -- features -------------------------------------------------------------------------
+    def _feature_rows(self, found: list[dict[str, CertificateCheck]]) -> list[FeatureRow]:
         st, plan = self.stats, self.plan
-        flagged = [k for k, c in enumerate(self.conditions) if c]
+        flagged = [k for k, c in enumerate(found) if c]
         top: dict[int, tuple[list[float], list[int]]] = {}
         if flagged and st.codes is not None and st.codes.n_tokens:
             values, tokens = st.codes.top_tokens(torch.tensor(flagged), self.opts.top_tokens)
@@ -450,22 +656,50 @@ class _LayerAssembler:
                 top[k] = (values[row][keep].tolist(), tokens[row][keep].tolist())
         mu, floor = st.mu.tolist(), plan.floor.floor.tolist()
         counts, maxima, sizes3 = st.active_count.tolist(), st.max_z.tolist(), plan.decoder.size.tolist()
-        gains, sizes4 = ([None if math.isnan(v) else v for v in t.tolist()] for t in (c4_gain, c4_size))
+        g4, size4 = self._g4()
+        worth = self.values.tolist()
         rows = []
         for k in range(len(mu)):
-            found = self.conditions[k]
-            names = sorted(found, key=lambda n: (TIER_RANK[found[n].tier], found[n].measured))
-            tier = found[names[0]].tier if names else "satisfied"
+            checks = found[k]
+            names = sorted(checks, key=lambda n: pol.rank_key(checks[n].tier, checks[n].gain, (n,)))
+            best = checks[names[0]] if names else None
             values, tokens = top.get(k, ([], []))
-            rows.append(
-                FeatureRow(
-                    id=k, tier=tier, conditions=names, active_count=counts[k], mean_code=mu[k],
-                    max_code=maxima[k], min_code=floor[k], c3_size=sizes3[k], c4_gain=gains[k],
-                    c4_size=sizes4[k], severity=self.severity[k], certificates=dict(found),
-                    top_tokens=tokens, top_values=values,
-                )
-            )
+            rows.append(FeatureRow(
+                id=k, tier=best.tier if best else "satisfied", conditions=names, active_count=counts[k],
+                mean_code=mu[k], max_code=maxima[k], min_code=floor[k], c3_size=sizes3[k],
+                c4_gain=g4[k], c4_size=size4[k],
+                gain=best.gain if best else None, gain_se=best.held_out_se if best else None,
+                p_value=best.p_value if best else None, value=_number(worth[k]),
+                share=best.share if best else None, certificates=dict(checks),
+                top_tokens=tokens, top_values=values,
+            ))
         return rows
+
+    def _g4(self) -> tuple[list[float | None], list[float | None]]:
+        """G4_i and its size (THEORY.md C4) per feature, None where not evaluated."""
+        st, plan, n_features = self.stats, self.plan, self.plan.atoms.shape[0]
+        totals = plan.lam_totals()
+        if totals is None or st.codes is None or st.codes.aux is None:
+            return [None] * n_features, [None] * n_features
+        codes = st.codes
+        active = torch.zeros(n_features, dtype=torch.float64, device=codes.aux.device)
+        active.index_add_(0, codes.col.long(), (2 * codes.aux.double() - plan.lam).abs())
+        code = cond.c4_codes(active.cpu(), totals.inactive_gain.cpu(), st.active_count.cpu(), st.n_tokens, plan.lam)
+        live = (st.active_count > 0).cpu()
+        gain = torch.where(live, code.gain, math.nan).tolist()
+        size = torch.where(live, code.size, math.nan).tolist()
+        return [_number(v) for v in gain], [_number(v) for v in size]
+
+
+def _unmeasured(condition: str, step: float) -> CertificateCheck:
+    """An exact violation of C1 or C2 without lam: its gain is lam times a margin, so unmeasurable."""
+    return CertificateCheck(condition, step, None, None, tier="violated", reason="no lam to measure its gain")
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None (JSON has no NaN)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def _scatter_rows(zi: Tensor, zj: Tensor, limit: int) -> Tensor:
@@ -474,24 +708,6 @@ def _scatter_rows(zi: Tensor, zj: Tensor, limit: int) -> Tensor:
     neither = torch.nonzero((zi == 0) & (zj == 0)).flatten()
     take = lambda idx, n: idx[torch.linspace(0, len(idx) - 1, min(n, len(idx))).long()] if len(idx) else idx  # noqa: E731
     return torch.cat([take(either, limit - limit // 10), take(neither, limit // 10)])
-
-
-def _upper_rate(failures: int, trials: int) -> float:
-    """95% upper bound on a rate: the rule of three when nothing failed, else Wilson's bound."""
-    if trials <= 0:
-        return 1.0
-    if failures == 0:
-        return min(1.0, 3.0 / trials)
-    z, p = 1.6448536269514722, failures / trials
-    centre = p + z * z / (2 * trials)
-    spread = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
-    return min(1.0, (centre + spread) / (1 + z * z / trials))
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    import dataclasses
-
-    return {k: (dataclasses.asdict(v) if isinstance(v, CertificateCheck) else v) for k, v in d.items()}
 
 
 def _check_batch(x: Tensor, z: Tensor, atoms: Tensor, token_index: Tensor | None) -> None:

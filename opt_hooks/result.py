@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = "1.0"
+from opt_hooks.policy import TIER_RANK, TIERS, rank_key
 
-TIERS = ("certified", "violated", "satisfied")
-TIER_RANK = {"certified": 0, "violated": 1, "satisfied": 2}
+SCHEMA_VERSION = "2.0"
+
+__all__ = ["TIERS", "TIER_RANK", "CONDITIONS", "CertificateCheck", "FeatureRow", "PairRow", "LayerResult", "AuditResult"]
 
 # Human-readable names of the conditions of THEORY.md section 2.
 CONDITIONS = {
@@ -31,52 +32,58 @@ CONDITIONS = {
 
 @dataclass
 class CertificateCheck:
-    """A descent direction and what it did to the objective L (mean over tokens).
+    """A fixed change of the SAE, what it did to the objective L (per token), and its verdict.
 
-    `predicted` is the first-order change at step `eps`; `measured` the exact change of L
-    on the audit tokens; `held_out` the exact change on held-out tokens (None without any).
-    """
+    `step` was chosen by line search on the audit tokens; `predicted` is the first-order and
+    `measured` the exact change of L there. `held_out` is the exact change of L on held-out
+    tokens at that step, with its standard error and one-sided p-value (None without held-out
+    tokens); `gain` = -held_out; `share` = gain over the scale it is judged against (the
+    feature's value, or the layer's held-out L); `tier` and `reason` are the policy's verdict
+    (opt_hooks/policy.py)."""
 
     condition: str
-    eps: float
-    predicted: float
-    measured: float
+    step: float
+    predicted: float | None  # None: not measurable (C1 and C2 without lam)
+    measured: float | None
     held_out: float | None = None
+    held_out_se: float | None = None
+    p_value: float | None = None
+    gain: float | None = None
+    share: float | None = None
+    tier: str = "satisfied"
+    reason: str = ""
     n_audit: int = 0
     n_held_out: int = 0
+    n_touched: int = 0  # held-out tokens whose loss the change moves
+    count_p_value: float | None = None  # C2: co-activation against independence (Chernoff bound)
 
     @property
     def descends(self) -> bool:
-        return self.measured < 0
-
-    @property
-    def confirmed(self) -> bool:
-        return self.held_out is not None and self.n_held_out > 0 and self.held_out < 0
-
-    @property
-    def tier(self) -> str:
-        if self.confirmed and self.descends:
-            return "certified"
-        if self.descends:
-            return "violated"
-        return "satisfied"
+        return self.measured is not None and self.measured < 0
 
 
 @dataclass
 class FeatureRow:
-    """One feature of one SAE: its statistics, margins and verdicts."""
+    """One feature of one SAE: its statistics, its findings and their verdicts.
+
+    `gain`, `gain_se`, `p_value` and `share` are those of its best certificate (the first of
+    `conditions`); `value` is v_i on the held-out tokens (THEORY.md 3.4)."""
 
     id: int
     tier: str
-    conditions: list[str]  # violated conditions, most severe first
+    conditions: list[str]  # conditions with a descent, best certificate first
     active_count: int
     mean_code: float  # mu_i, mean over all audit tokens, zeros included
     max_code: float
     min_code: float  # C1: must be 0
     c3_size: float  # ||g_i|| / ((1/N) sum z ||r||), in [0, 1]
-    c4_gain: float | None  # G4_i (None before pass 2)
+    c4_gain: float | None  # G4_i (None without lam)
     c4_size: float | None  # G4_i / (lam * active share)
-    severity: float  # larger is worse; used for ordering
+    gain: float | None = None
+    gain_se: float | None = None
+    p_value: float | None = None
+    value: float | None = None
+    share: float | None = None
     certificates: dict[str, CertificateCheck] = field(default_factory=dict)
     top_tokens: list[int] = field(default_factory=list)  # global token indices, strongest first
     top_values: list[float] = field(default_factory=list)
@@ -111,6 +118,10 @@ class PairRow:
     hull_min: float | None = None
     hull_max: float | None = None
 
+    @property
+    def gain(self) -> float | None:
+        return None if self.certificate is None else self.certificate.gain
+
 
 @dataclass
 class LayerResult:
@@ -119,7 +130,7 @@ class LayerResult:
     hook_name: str
     architecture: str
     scope: str  # "L1 objective (exact)" or "L1 surrogate (<architecture>)"
-    lam: float
+    lam: float | None  # None: neither known nor estimable (C4, C6 skipped)
     lam_estimated: bool
     d_in: int
     d_sae: int
@@ -128,16 +139,24 @@ class LayerResult:
     features: list[FeatureRow]
     pairs: list[PairRow]
     layer_conditions: dict[str, dict[str, Any]]  # "C5", "C6": margins, verdicts, certificates
+    objective: dict[str, Any] = field(default_factory=dict)  # held-out L per token and its parts
+    gaps: dict[str, Any] = field(default_factory=dict)  # THEORY.md section 5: codes, decoder, bias
+    skipped: dict[str, str] = field(default_factory=dict)  # condition -> why it was not audited
+    n_tests: int = 0  # certificates tested in the layer (the multiplicity correction's m)
+    alpha: float = 0.05
     sae_id: str | None = None
     neuronpedia_id: str | None = None
     dead_features: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def flagged(self) -> list[int]:
-        """Feature ids that break a condition, most severe first (certified before violated)."""
+        """Feature ids with a descent, certified first, then by held-out gain (THEORY.md 3.5)."""
         rows = [f for f in self.features if f.tier != "satisfied"]
-        rows.sort(key=lambda f: (TIER_RANK[f.tier], -f.severity, f.id))
+        rows.sort(key=lambda f: rank_key(f.tier, f.gain, (f.id,)))
         return [f.id for f in rows]
+
+    def ranked_pairs(self) -> list[PairRow]:
+        return sorted(self.pairs, key=lambda p: rank_key(p.tier, p.gain, (p.i, p.j)))
 
     def feature(self, feature_id: int) -> FeatureRow:
         return self.features[feature_id]
@@ -148,16 +167,18 @@ class LayerResult:
             counts[f.tier] += 1
         return counts
 
-    def condition_counts(self) -> dict[str, int]:
-        """Number of features (C1, C3, C4), pairs (C2) or 0/1 (C5, C6) flagged per condition."""
+    def condition_counts(self, tier: str = "certified") -> dict[str, int]:
+        """Per condition: features (C1, C3, C4) or pairs (C2) whose certificate reached `tier`
+        (or better), and 0/1 for the layer-wide C5 and C6."""
+        worst = TIER_RANK[tier]
         counts = {c: 0 for c in CONDITIONS}
         for f in self.features:
-            for c in f.conditions:
-                if c != "C2":
+            for c, check in f.certificates.items():
+                if c != "C2" and TIER_RANK[check.tier] <= worst:
                     counts[c] += 1
-        counts["C2"] = sum(1 for p in self.pairs if p.tier != "satisfied")
+        counts["C2"] = sum(1 for p in self.pairs if TIER_RANK[p.tier] <= worst)
         for c in ("C5", "C6"):
-            counts[c] = int(self.layer_conditions.get(c, {}).get("tier", "satisfied") != "satisfied")
+            counts[c] = int(TIER_RANK[self.layer_conditions.get(c, {}).get("tier", "satisfied")] <= worst)
         return counts
 
 
@@ -217,6 +238,10 @@ def _certificate(d: dict[str, Any] | None) -> CertificateCheck | None:
     return None if d is None else CertificateCheck(**d)
 
 
+def _layer_conditions(d: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name: {**c, "certificate": _certificate(c.get("certificate"))} for name, c in d.items()}
+
+
 def _layer_from_dict(d: dict[str, Any]) -> LayerResult:
     d = dict(d)
     d["features"] = [
@@ -224,6 +249,7 @@ def _layer_from_dict(d: dict[str, Any]) -> LayerResult:
         for f in d["features"]
     ]
     d["pairs"] = [PairRow(**{**p, "certificate": _certificate(p["certificate"])}) for p in d["pairs"]]
+    d["layer_conditions"] = _layer_conditions(d["layer_conditions"])
     return LayerResult(**d)
 
 

@@ -33,7 +33,8 @@ KINDS = {
         {"k": 3, "matryoshka_widths": [4, D_SAE]},
     ),
 }
-MODES = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm", "covariance_whitening")
+MODES = ("none", "expected_average_only_in", "covariance_whitening")
+WEIGHTED_MODES = ("constant_norm_rescale", "layer_norm")  # refused: their training loss weights tokens
 EXTERNAL_MODES = ("expected_average_only_in", "covariance_whitening")
 
 
@@ -65,22 +66,11 @@ def activations(seed=1, shape=(3, 5, D_IN)) -> torch.Tensor:
 
 
 def sae_lens_reference(sae, acts):
-    """(internal input, reconstruction error in internal space, codes) from sae_lens' forward.
-
-    hook_sae_input is taken before the run-time normalisation, so the normalisation is
-    recomputed here from its definition in sae_lens.
-    """
+    """(internal input, reconstruction error in internal space, codes) from sae_lens' forward
+    (the modes audited apply no run-time normalisation inside the SAE, so x is hook_sae_input)."""
     with torch.no_grad():
         _, cache = sae.run_with_cache(acts)
-    sae_input = cache["hook_sae_input"]
-    mode = sae.cfg.normalize_activations
-    if mode == "constant_norm_rescale":
-        x = sae_input * math.sqrt(sae.cfg.d_in) / sae_input.norm(dim=-1, keepdim=True)
-    elif mode == "layer_norm":
-        centred = sae_input - sae_input.mean(dim=-1, keepdim=True)
-        x = centred / (centred.std(dim=-1, keepdim=True) + 1e-5)
-    else:
-        x = sae_input
+    x = cache["hook_sae_input"]
     error = x - cache["hook_sae_recons"]
     codes = cache["hook_sae_acts_post"].reshape(-1, sae.cfg.d_sae)
     return x.reshape(-1, sae.cfg.d_in), error.reshape(-1, sae.cfg.d_in), codes
@@ -106,6 +96,13 @@ def test_residual_is_the_sae_reconstruction_error(kind, mode):
     assert (z >= 0).all()
     assert torch.equal(z > 0, codes_ref > 0)
     assert (z > 0).sum() >= 10, "too few active codes for the check to mean anything"
+
+
+@pytest.mark.parametrize("mode", WEIGHTED_MODES)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_weighted_normalisation_is_refused_with_the_reason(kind, mode):
+    with pytest.raises(ValueError, match=f"normalize_activations={mode!r}: .*weights each token's squared error"):
+        SAEView(build(kind, normalize=mode))
 
 
 @pytest.mark.parametrize("kind", ["standard", "standard_training"])

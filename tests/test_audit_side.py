@@ -1,6 +1,6 @@
-"""Certificates measured on the audit tokens from pass-1 state alone (no second look at the
-data) against the same certificates evaluated token by token, and against applying them and
-recomputing L in float64."""
+"""Certificates as fixed changes: measured on the audit tokens from pass-1 state alone (no
+second look at the data) against the same change evaluated token by token, against applying it
+and recomputing L in float64, and their first-order predictions against the exact change."""
 from __future__ import annotations
 
 import pytest
@@ -11,6 +11,7 @@ from opt_hooks.theory.objective import objective, residuals
 from opt_hooks.theory.stats import LayerStats, TokenBatch
 
 LAM = 0.1
+FAMILIES = ["C1", "C2", "C3", "C4", "C5", "C6", "decoder"]
 
 
 def mixed_case(seed: int = 0, n: int = 600, k: int = 12, d: int = 10):
@@ -34,42 +35,95 @@ def mixed_case(seed: int = 0, n: int = 600, k: int = 12, d: int = 10):
 @pytest.fixture(scope="module")
 def planned():
     x, atoms, z, bias = mixed_case()
-    audit = LayerAudit(atoms, bias, lam=LAM, options=AuditOptions(c3_tol=0.0))
+    audit = LayerAudit(atoms, bias, lam=LAM, options=AuditOptions(c3_tol=0.0, worst_k=64))
     audit.update(x[:250], z[:250])
     audit.update(x[250:], z[250:])
     return x, atoms, z, bias, audit.plan()
 
 
+def brute_change(family, k, x, atoms, z, bias):
+    """Apply certificate k at the family's step to full tensors and recompute sum_n loss_n."""
+    r = residuals(x, atoms, z, bias)
+    atoms2, z2, bias2 = family.apply(k, atoms, z, bias, r, LAM)
+    assert (z2 >= 0).all()
+    return (objective(x, atoms2, z2, bias2, LAM) - objective(x, atoms, z, bias, LAM)) * len(x)
+
+
 def test_every_family_is_planted(planned):
     *_, plan = planned
-    kinds = set(plan.families["C2"].kind.tolist())
-    assert kinds == {1, -1}, "both pair kinds must be exercised"
-    assert {name: len(f) > 0 for name, f in plan.families.items()} == {name: True for name in ("C1", "C2", "C3", "C4", "C5", "C6")}
+    assert set(plan.families["C2"].kind.tolist()) == {1, -1}, "both pair kinds must be exercised"
+    assert {name: len(plan.families.get(name, ())) > 0 for name in FAMILIES} == {name: True for name in FAMILIES}
 
 
-@pytest.mark.parametrize("name", ["C1", "C2", "C3", "C4", "C5"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_audit_change_equals_token_by_token_evaluation(planned, name):
+    """The closed form from pass-1 state equals the same fixed change evaluated on every audit
+    token (C6 included: every token with ||r|| above the radius is one of the kept ones)."""
     x, atoms, z, bias, plan = planned
     family = plan.families[name]
-    token_change, token_first = family.token_change(TokenBatch.from_tokens(x, z, atoms, bias, LAM), LAM)
-    change, first = plan.audit_changes(name)
-    torch.testing.assert_close(change, token_change, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(first, token_first, rtol=1e-9, atol=1e-12)
+    tokens = family.held_out(TokenBatch(x, z, atoms, bias), LAM)
+    change, _ = plan.audit_changes[name]
+    torch.testing.assert_close(change, tokens.sum, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["C1", "C2", "C3", "C4", "C5"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_audit_change_equals_applying_the_certificate(planned, name):
     x, atoms, z, bias, plan = planned
     family = plan.families[name]
-    change, _ = plan.audit_changes(name)
-    before = objective(x, atoms, z, bias, LAM)
-    r = residuals(x, atoms, z, bias)
-    for k in range(min(len(family), 6)):
-        for e, eps in enumerate(family.eps):
-            atoms2, z2, bias2 = family.apply(k, eps, atoms, z, bias, r, LAM)
-            assert (z2 >= 0).all()
-            measured = (objective(x, atoms2, z2, bias2, LAM) - before) * len(x)
-            assert float(change[e, k]) == pytest.approx(measured, rel=1e-7, abs=1e-10), (name, k, eps)
+    chosen = family.step.clone()
+    try:
+        for scale in (1.0, 0.5, 0.1):
+            family.step = chosen * scale
+            change, _ = family.audit_change(plan.stats, LAM, family.step)
+            for k in range(min(len(family), 6)):
+                assert float(change[k]) == pytest.approx(brute_change(family, k, x, atoms, z, bias), rel=1e-7, abs=1e-10)
+    finally:
+        family.step = chosen
+
+
+@pytest.mark.parametrize("name", ["C2", "C3", "C4", "C5", "C6", "decoder"])
+def test_first_order_prediction_is_the_change_to_first_order(planned, name):
+    """At small steps the first-order prediction equals the exact change, with an error that
+    falls as the step squared (C1's step is finite and its change exactly linear)."""
+    *_, plan = planned
+    family = plan.families[name]
+    step = family.step.clone()
+    errors = []
+    for h in (1e-3, 1e-4):
+        change, first = family.audit_change(plan.stats, LAM, step * h)
+        assert bool((first < 0).all()), "the first-order change of a descent direction is negative"
+        errors.append(((change - first).abs() / first.abs()).max())
+    assert float(errors[0]) < 0.05
+    assert float(errors[1]) < 0.2 * float(errors[0]) + 1e-12  # linear convergence of the ratio: first order
+
+
+def test_c1_change_is_exactly_linear(planned):
+    *_, plan = planned
+    family = plan.families["C1"]
+    change, first = family.audit_change(plan.stats, LAM, family.step)
+    assert torch.equal(change, first) and torch.equal(change, -LAM * plan.stats.n_tokens * family.floor.double())
+
+
+@pytest.mark.parametrize("name", ["C3", "C4", "C5", "C6", "decoder"])
+def test_line_search_finds_the_exact_minimiser(planned, name):
+    *_, plan = planned
+    family = plan.families[name]
+    best, _ = family.audit_change(plan.stats, LAM, family.step)
+    assert bool((best < 0).all())
+    for factor in (0.9, 0.99, 1.01, 1.1):
+        other, _ = family.audit_change(plan.stats, LAM, family.step * factor)
+        assert bool((other >= best - 1e-12 * best.abs()).all()), factor
+
+
+def test_pair_line_search_takes_the_best_grid_step(planned):
+    from opt_hooks.theory.certificates import PAIR_STEPS
+
+    *_, plan = planned
+    family = plan.families["C2"]
+    best, _ = family.audit_change(plan.stats, LAM, family.step)
+    for step in PAIR_STEPS:
+        other, _ = family.audit_change(plan.stats, LAM, torch.full_like(family.step, step))
+        assert bool((other >= best).all())
 
 
 def test_pair_certificate_needs_no_inactive_projection_on_audit_tokens(planned):
@@ -79,27 +133,26 @@ def test_pair_certificate_needs_no_inactive_projection_on_audit_tokens(planned):
     family = plan.families["C2"]
     q = residuals(x, atoms, z, bias) @ atoms.T
     scrambled = torch.where(z > 0, q, 1e3 * torch.randn_like(q))
-    torch.testing.assert_close(family.dense_change(z, scrambled, LAM)[0], family.dense_change(z, q, LAM)[0],
+    torch.testing.assert_close(family.dense_changes(z, scrambled, LAM).sum, family.dense_changes(z, q, LAM).sum,
                                rtol=1e-9, atol=1e-9)
 
 
-def test_spare_certificate_on_audit_tokens_codes_the_kept_worst_tokens(planned):
+def test_held_out_sums_are_those_of_the_per_token_changes(planned):
+    """The streamed sum, sum of squares and touched count equal those of the brute-force
+    per-token changes (each token's loss recomputed with the certificate applied)."""
     x, atoms, z, bias, plan = planned
-    family, stats = plan.families["C6"], plan.stats
-    change, _ = plan.audit_changes("C6")
-    before = objective(x, atoms, z, bias, LAM)
-    r = residuals(x, atoms, z, bias)
-    for k in range(len(family)):
-        for e, eps in enumerate(family.eps):
-            atoms2, z2 = atoms.clone(), z.clone()
-            i, a = int(family.features[k]), family.atom[k]
-            atoms2[i] = a
-            kept = torch.zeros(len(x), dtype=torch.bool)
-            kept[stats.worst_token] = True
-            z2[:, i] = torch.where(kept & (2 * (r @ a) > LAM), eps * float(family.scale[k]), 0.0)
-            measured = (objective(x, atoms2, z2, bias, LAM) - before) * len(x)
-            assert float(change[e, k]) == pytest.approx(measured, rel=1e-7, abs=1e-12)
-            assert float(change[e, k]) < 0
+    for name in FAMILIES:
+        family = plan.families[name]
+        tokens = family.held_out(TokenBatch(x, z, atoms, bias), LAM)
+        r = residuals(x, atoms, z, bias)
+        for k in range(min(len(family), 3)):
+            atoms2, z2, bias2 = family.apply(k, atoms, z, bias, r, LAM)
+            r2 = residuals(x, atoms2, z2, bias2)
+            per_token = (r2**2).sum(1) + LAM * z2.sum(1) - (r**2).sum(1) - LAM * z.sum(1)
+            assert float(tokens.sum[k]) == pytest.approx(float(per_token.sum()), rel=1e-7, abs=1e-10)
+            assert float(tokens.sum_sq[k]) == pytest.approx(float((per_token**2).sum()), rel=1e-6, abs=1e-10)
+            moved = (per_token.abs() > 1e-12).sum()
+            assert abs(int(tokens.touched[k]) - int(moved)) <= int(0.01 * len(x)), (name, k)
 
 
 def test_known_lam_needs_one_look_at_the_audit_tokens(planned):

@@ -94,6 +94,8 @@ def test_release_ids_chosen_by_layer():
         (["--held-out", "1.5"], "--held-out"),
         (["--sae-path", "saes/layer_{layer}"], "give --layers"),
         (["--sae-release", "r", "--sae-id", "a", "b", "--layers", "1"], "2 value(s) for 1 layer(s)"),
+        (["--alpha", "1.5"], "alpha is a significance level in (0, 1)"),
+        (["--min-share", "-1"], "min_share and min_layer_share are shares >= 0"),
     ],
 )
 def test_conflicting_flags_are_usage_errors(argv, message, capsys, tmp_path):
@@ -146,10 +148,17 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
     # same folder again: refused without --overwrite, replaced with it (quiet: nothing on stdout)
     assert cli.main(["report", "--out", str(out), "--tokens", "8k"]) == cli.EXIT_FAILED
     capsys.readouterr()
-    again = ["report", "--out", str(out), "--tokens", "2k", "--layers", "1", "--overwrite", "--quiet"]
+    again = ["report", "--out", str(out), "--tokens", "2k", "--layers", "1", "--overwrite", "--quiet",
+             "--alpha", "0.01", "--min-share", "0.5", "--min-layer-share", "0.2"]
     assert cli.main(again) == cli.EXIT_OK
     assert capsys.readouterr().out == ""
-    assert list(json.loads((out / "report.json").read_text())["layers"]) == ["blocks.1.hook_resid_post"]
+    layers = json.loads((out / "report.json").read_text())["layers"]
+    assert list(layers) == ["blocks.1.hook_resid_post"]
+    layer = layers["blocks.1.hook_resid_post"]
+    assert layer["alpha"] == 0.01
+    checks = [c for f in layer["features"] for c in f["certificates"].values()]
+    assert all(c["share"] >= 0.5 for c in checks if c["tier"] == "certified")
+    assert layer["layer_conditions"]["C5"]["tier"] != "certified"  # a bias shift never recovers 20% of L
 
 
 def test_local_model_folder_and_sae_folders(tmp_path, minilm_tokenizer, capsys):

@@ -125,6 +125,9 @@ def test_merged_statistics_are_exactly_one_process_statistics(runs):
     assert single["lam"] == ranked["lam"]
     for name in ("sum_z", "sum_z2", "sum_z_rnorm", "sum_z_r", "sum_r"):
         torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-12, atol=1e-12)
+    single_sample, ranked_sample = single["pass_two"].pop("sample"), ranked["pass_two"].pop("sample")
+    for name, value in single_sample.items():  # the code gap's tokens, gathered from both ranks: exact
+        assert value == ranked_sample[name] if isinstance(value, int) else torch.equal(value, ranked_sample[name]), name
     for name, value in single["pass_two"].items():
         if value.dtype == torch.int64:
             assert torch.equal(ranked["pass_two"][name], value), name

@@ -27,17 +27,24 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 HOSTILE_TEXT = "x = '<script>alert(1)</script>' & done"  # must come out escaped
 
 
-def _check(condition: str, measured: float, held_out: float | None) -> CertificateCheck:
+def _check(condition: str, measured: float, held_out: float | None, tier: str = "violated") -> CertificateCheck:
     n_held_out = 100 if held_out is not None else 0
-    return CertificateCheck(condition, 1e-3, measured * 1.01, measured, held_out, 900, n_held_out)
+    gain = None if held_out is None else -held_out
+    return CertificateCheck(
+        condition, 1e-3, measured * 1.01, measured, held_out, None if held_out is None else 1e-5,
+        None if held_out is None else 1e-4, gain, None if gain is None else gain / 0.01, tier,
+        "" if tier == "certified" else "held-out descent not significant", 900, n_held_out, 40,
+    )
 
 
 def _feature(k: int, tier: str = "satisfied", conditions: tuple[str, ...] = (), **extra) -> FeatureRow:
-    checks = {c: _check(c, -1e-4 * (k + 1), -9e-5 if tier == "certified" else 2e-6) for c in conditions}
+    checks = {c: _check(c, -1e-4 * (k + 1), -9e-5 * (k + 1) if tier == "certified" else 2e-6, tier) for c in conditions}
+    best = checks[conditions[0]] if conditions else None
     row = dict(
         id=k, tier=tier, conditions=list(conditions), active_count=40 + k, mean_code=0.1 + 0.01 * k,
         max_code=2.0 + k / 10, min_code=0.0, c3_size=0.02 * (k % 7), c4_gain=1e-4 * k, c4_size=0.05 * k,
-        severity=float(k) if conditions else 0.0, certificates=checks,
+        gain=best.gain if best else None, gain_se=best.held_out_se if best else None,
+        p_value=best.p_value if best else None, value=0.01, share=best.share if best else None, certificates=checks,
         top_tokens=[k, k + 100] if conditions else [], top_values=[2.0, 1.5] if conditions else [],
     )
     return FeatureRow(**{**row, **extra})
@@ -54,7 +61,7 @@ def _pair(i: int, j: int, kind: str, tier: str) -> PairRow:
     return PairRow(
         i=i, j=j, kind=kind, rho=0.31, bound=bound, threshold=threshold, margin=abs(threshold - bound),
         relative_margin=0.8, count_i=40, count_j=40, co_count=40, p_j_without_i_upper=3 / 40, tier=tier,
-        certificate=_check("C2", -2e-4, -1e-4 if tier == "certified" else 1e-5),
+        certificate=_check("C2", -2e-4, -1e-4 if tier == "certified" else 1e-5, tier),
         sample_i=zi, sample_j=zj, hull_min=hull[0], hull_max=hull[1],
     )
 
@@ -70,16 +77,22 @@ def _layer(hook: str, neuronpedia_id: str | None, exact: bool) -> LayerResult:
     )
     c5 = {"size": 2e-6, "norm": 1e-7, "tier": "satisfied", "certificate": None}
     c6 = {
-        "n_dead": 1, "max_rnorm": 3.2, "threshold": 0.02, "margin": 3.18, "n_over_threshold": 812,
-        "worst_tokens": [5, 300], "worst_rnorms": [3.2, 2.9], "tier": "certified",
-        "certificate": json.loads(json.dumps(_check("C6", -3e-3, -2e-3).__dict__)),
+        "n_dead": 1, "dead": [20], "resampled": 20, "max_rnorm": 3.2, "threshold": 0.02, "margin": 3.18,
+        "n_over_threshold": 812, "worst_tokens": [5, 300], "worst_rnorms": [3.2, 2.9], "tier": "certified",
+        "certificate": _check("C6", -3e-3, -2e-3, "certified"),
     }
+    objective = {"L": 0.5, "se": 0.01, "mse": 0.2, "l1": 0.3, "n_tokens": 100, "l0": 3.0,
+                 "explained_variance": 0.9, "dead_share": 1 / 24}
+    gap = {"gain": 0.01, "share": 0.02, "se": 0.001, "n_tokens": 100, "p_value": 1e-9, "step": 0.1}
+    gaps = {"decoder": gap, "bias": gap, "codes": {**gap, "l0_before": 3.0, "l0_after": 2.0, "iterations": 50,
+                                                  "converged": True, "tol": 1e-7}}
     return LayerResult(
         hook_name=hook, architecture="standard" if exact else "topk",
         scope="L1 objective (exact)" if exact else "L1 surrogate (topk)",
         lam=0.04, lam_estimated=not exact, d_in=16, d_sae=24, n_tokens=900, n_held_out=100,
         features=features, pairs=[_pair(3, 5, "hierarchy", "certified"), _pair(9, 3, "complementary", "violated")],
-        layer_conditions={"C5": c5, "C6": c6}, sae_id=hook, neuronpedia_id=neuronpedia_id,
+        layer_conditions={"C5": c5, "C6": c6}, objective=objective, gaps=gaps, n_tests=50, alpha=0.05,
+        sae_id=hook, neuronpedia_id=neuronpedia_id,
         dead_features=[20], notes=["a note about this layer"],
     )
 
@@ -201,11 +214,11 @@ def test_context_snippets_mark_the_token(text, shown):
     assert _context(text) == shown
 
 
-def test_html_feature_table_lists_flagged_features_most_severe_first(result):
+def test_html_feature_table_ranks_by_tier_then_held_out_gain(result):
     page = render_html(result)
     table = page.split('<table class="sortable features">')[1].split("</table>")[0]
     ids = re.findall(r'<tr><td data-v="(\d+)">', table)
-    assert ids == ["7", "3", "12", "11"]  # certified before violated, then by severity
+    assert ids == ["7", "3", "11", "12"]  # certified before violated, then by held-out gain (ties: id)
     assert 'href="https://www.neuronpedia.org/gpt2-small/0-res-jb/7"' in table
 
 
@@ -259,14 +272,17 @@ def test_engine_pairs_carry_what_the_pair_figure_needs():
 
 def test_terminal_summary_has_one_block_per_layer(result):
     text = render_summary(result)
-    assert text.splitlines()[0].startswith("opt_hooks audit: 2 layer(s), 8 flagged feature(s), 4 certified")
+    assert text.splitlines()[0].startswith(
+        "opt_hooks audit: 2 layer(s); certified: 4 feature(s), 2 pair(s), 2 layer finding(s)")
     for hook in result.layers:
         assert f"-- {hook} " in text
     assert "lam         0.04 (estimated from the data)" in text
-    assert "tiers       certified 2  violated 2  satisfied 20  (dead 1)" in text
-    assert "C2 2  C3 1  C4 2  C5 satisfied  C6 certified" in text
-    assert "3 -> 5 hierarchy (certified)" in text
-    assert text.index("#7 ") < text.index("#3 ") < text.index("#12 ")
+    assert "features    certified 2  violated 2  satisfied 20  (dead 1)" in text
+    assert "certified   C1 0  C2 1  C3 1  C4 1  C5 no  C6 yes" in text
+    assert "objective   L 0.5 ± 0.01 per token: MSE 0.2, L1 0.3; L0 3; explained variance 0.9; dead 4.2%" in text
+    assert "codes gap   2% of L (± 0.2%; gain 0.01 per token), L0 3 -> 2" in text
+    assert "3 -> 5 hierarchy (certified gain 1.00e-04)" in text
+    assert text.index("#7 ") < text.index("#3 ") < text.index("#11 ") < text.index("#12 ")
 
 
 # ---- Neuronpedia -------------------------------------------------------------------------

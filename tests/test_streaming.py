@@ -78,17 +78,19 @@ def test_pass_two_merges_exactly(case):
     audit = LayerAudit(atoms, bias, lam=0.3)
     audit.update(x[~held], z[~held])
     whole = audit.plan()
-    whole.update(x, z, held_out=held)
+    whole.update(x, z, torch.arange(len(x)), held_out=held)
     parts = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         part = audit.plan()
-        part.update(x[a:b], z[a:b], held_out=held[a:b])
+        part.update(x[a:b], z[a:b], torch.arange(a, b), held_out=held[a:b])
         parts.append(part)
     merged = audit.plan()
     for k in order:
         merged.merge(parts[k])
     a, b = whole.state.state_dict(), merged.state.state_dict()
     assert a.keys() == b.keys()
+    sample_a, sample_b = a.pop("sample"), b.pop("sample")  # the code gap's tokens: the same ones, exactly
+    assert sample_a.keys() == sample_b.keys() and all(torch.equal(sample_a[k], sample_b[k]) for k in sample_a if k != "n_features")
     for name in a:
         if a[name].dtype == torch.int64:
             assert torch.equal(a[name], b[name]), name

@@ -60,6 +60,8 @@ _UNSUPPORTED_REASONS = {
 
 # Normalisation modes that sae_lens applies outside the SAE object (see module docstring).
 _EXTERNAL_NORMALISATION = ("expected_average_only_in", "covariance_whitening")
+# Modes whose training loss weights each token's squared error (refused, see `_check_supported`).
+_WEIGHTED_NORMALISATION = ("layer_norm", "constant_norm_rescale")
 
 EXACT_SCOPE = "L1 objective (exact)"
 
@@ -317,6 +319,15 @@ def _check_supported(sae: Any) -> None:
             f"{type(sae).__name__} is a transcoder: it reconstructs another hook "
             "(hook_name_out) from its input, while the optimality conditions are about an "
             "autoencoder reconstructing its own input. Transcoders are not supported"
+        )
+    mode = sae.cfg.normalize_activations
+    if mode in _WEIGHTED_NORMALISATION:
+        raise ValueError(
+            f"normalize_activations={mode!r}: sae_lens trains this SAE on the de-normalised error, so its "
+            "objective weights each token's squared error by its normalising scale squared (a weighted "
+            "objective, THEORY.md section 1). opt_hooks audits unweighted objectives only and will not "
+            "label this one exact: audit an SAE without run-time normalisation (or with a folded constant "
+            "scale, fold_activation_norm_scaling_factor)"
         )
     architecture = sae.cfg.architecture()
     if architecture not in SUPPORTED_ARCHITECTURES:

@@ -1,10 +1,11 @@
 """report.html: one self-contained page for an AuditResult (inline CSS, JS and SVG; no network).
 
-Page layout: overview (what the tiers mean, tier and condition counts per layer, run facts),
-then one section per layer: facts and scope, size distributions of C3 and C4, layer-wide
-conditions (C5, C6), a sortable table of flagged features, the flagged pairs (table and the
-paper's scatter figure) and the top-activating contexts of the most severe features.
-Long lists are cut to the most severe entries; report.json always has everything.
+Page layout: overview (what the tiers mean, tier and certified-condition counts per layer, run
+facts), then one section per layer: the held-out objective and the layer gaps first (every gain
+needs a scale), facts and scope, size distributions of C3 and C4, layer-wide conditions (C5,
+C6), a sortable table of features with a descent ranked by held-out gain (THEORY.md 3.5), the
+flagged pairs (table and the paper's scatter figure) and the top-activating contexts of the
+top-ranked features. Long lists are cut to the top-ranked entries; report.json has everything.
 """
 from __future__ import annotations
 
@@ -16,19 +17,23 @@ from typing import Any
 from opt_hooks.report import neuronpedia
 from opt_hooks.report.svg import condition_grid, fmt, histogram, pair_scatter, tier_bars
 from opt_hooks.result import CONDITIONS, TIER_RANK, AuditResult, CertificateCheck, FeatureRow, LayerResult, PairRow
+from opt_hooks.report.terminal import gap_text, objective_text
 
 HERE = Path(__file__).resolve().parent
-MAX_FEATURE_ROWS = 500  # per layer, most severe first
+MAX_FEATURE_ROWS = 500  # per layer, top-ranked first
 MAX_PAIR_ROWS = 500
 MAX_SCATTERS = 12
 MAX_CONTEXT_FEATURES = 12
 MAX_LISTED_DEAD = 60
 
 TIER_TEXT = {
-    "certified": "a certificate (a concrete change of the SAE) lowers the objective on the audit tokens "
-    "and on held-out tokens it was not built from: the feature is provably not optimal",
-    "violated": "the certificate lowers the objective on the audit tokens only (no held-out confirmation)",
-    "satisfied": "no condition is broken beyond floating-point margin",
+    "certified": "a certificate (a fixed change of the SAE, chosen on the audit tokens) lowers the objective "
+    "on held-out tokens it was not chosen from, significantly (Bonferroni over the layer's certificates) and "
+    "materially (a set share of the feature's own value, or of the layer's L): the feature is provably not "
+    "optimal, by an amount that matters",
+    "violated": "the certificate lowers the objective on the audit tokens, but held out its descent is not "
+    "significant or not material (its numbers and the reason are listed)",
+    "satisfied": "no certificate lowers the objective on the audit tokens",
 }
 SURROGATE_NOTE = (
     "This SAE was not trained with an L1 penalty: C1, C2, C4 and C6 are the conditions of the L1 "
@@ -82,11 +87,12 @@ def _overview(result: AuditResult, layers: list[LayerResult]) -> str:
     return (
         '<section id="overview"><h2>Overview</h2>'
         "<p>Each SAE feature is checked against first-order optimality conditions of the sparse "
-        "dictionary-learning objective. A broken condition comes with a certificate: a direction "
-        "that lowers the objective, applied and measured.</p>"
+        "dictionary-learning objective. A broken condition comes with a certificate: a fixed change "
+        "of the SAE that lowers the objective, chosen on the audit tokens and measured on held-out "
+        "tokens, with its standard error. Findings are ranked by held-out gain per token.</p>"
         f'<ul class="tiers">{tier_items}</ul>'
         f'<div class="plots"><div class="card"><h3>Features per tier</h3>{tiers}</div>'
-        f'<div class="card"><h3>Flagged per condition (C2: pairs; C5, C6: 0 or 1)</h3>{grid}'
+        f'<div class="card"><h3>Certified per condition (C2: pairs; C5, C6: 0 or 1)</h3>{grid}'
         f'<ul class="muted">{condition_items}</ul></div></div>'
         f"<h3>Run</h3>{_facts(_flatten(result.meta))}</section>"
     )
@@ -136,6 +142,7 @@ def _layer_section(k: int, layer: LayerResult, texts: dict[int, str]) -> str:
         f'<section class="layer" id="layer-{k}"><h2>{escape(layer.hook_name)}</h2>',
         f'<p class="scope">Scope: {escape(layer.scope)}</p>',
         "" if layer.scope.startswith("L1 objective") else f'<p class="note">{escape(SURROGATE_NOTE)}</p>',
+        _facts(_layer_summary(layer)),
         _facts(_layer_facts(layer)),
         *[f'<p class="note">{escape(note)}</p>' for note in layer.notes],
         f'<div class="plots"><div class="card">{histograms}</div></div>',
@@ -146,6 +153,14 @@ def _layer_section(k: int, layer: LayerResult, texts: dict[int, str]) -> str:
         "</section>",
     ]
     return "\n".join(parts)
+
+
+def _layer_summary(layer: LayerResult) -> list[tuple[str, str]]:
+    """The held-out objective and the layer gaps: the scale of every gain below."""
+    rows = [("held-out objective", escape(objective_text(layer)))]
+    rows += [(f"{name} gap", escape(text)) for name, text in gap_text(layer)]
+    rows += [(f"{name} skipped", escape(reason)) for name, reason in layer.skipped.items()]
+    return rows
 
 
 def _layer_facts(layer: LayerResult) -> list[tuple[str, str]]:
@@ -160,8 +175,9 @@ def _layer_facts(layer: LayerResult) -> list[tuple[str, str]]:
     rows = [
         ("architecture", escape(layer.architecture)),
         ("features", f"{layer.d_sae:,} on d_in = {layer.d_in:,}"),
-        ("lam", f"{fmt(layer.lam, 4)}: {lam_source}"),
+        ("lam", f"{fmt(layer.lam, 4)}: {lam_source}" if layer.lam is not None else "unknown (C4, C6 skipped)"),
         ("tokens", f"{layer.n_tokens:,} audit + {layer.n_held_out:,} held-out"),
+        ("tests", f"{layer.n_tests:,} certificates, alpha {fmt(layer.alpha)} (Bonferroni)"),
         ("dead features", dead_text),
     ]
     if layer.sae_id:
@@ -178,10 +194,12 @@ def _certificate_text(check: CertificateCheck | None) -> str:
     if check.held_out is None:
         held = "no held-out tokens"
     else:
-        held = f"{fmt(check.held_out)} on {check.n_held_out:,} held-out"
+        held = (f"{fmt(check.held_out)} ± {fmt(check.held_out_se)} on {check.n_held_out:,} held-out "
+                f"(p {fmt(check.p_value)}, {check.n_touched:,} changed)")
+    reason = f"; {check.reason}" if check.reason else ""
     return (
-        f"{check.condition} step {fmt(check.eps)}: predicted {fmt(check.predicted)}, "
-        f"measured {fmt(check.measured)} on {check.n_audit:,} audit, {held}"
+        f"{check.condition} step {fmt(check.step)}: predicted {fmt(check.predicted)}, "
+        f"measured {fmt(check.measured)} on {check.n_audit:,} audit, {held}{reason}"
     )
 
 
@@ -227,8 +245,7 @@ def _layer_conditions(layer: LayerResult, texts: dict[int, str]) -> str:
             for key, value in entry.items()
             if key not in ("tier", "certificate") and not isinstance(value, list)
         )
-        certificate = entry.get("certificate")
-        check = CertificateCheck(**certificate) if certificate else None
+        check = entry.get("certificate")
         rows.append(
             f'<tr><td class="text"><b>{escape(name)}</b> {escape(CONDITIONS.get(name, ""))}</td>'
             f'{_badge(entry.get("tier", "satisfied"))}<td class="text">{details}</td>'
@@ -259,39 +276,35 @@ def _feature_table(layer: LayerResult) -> str:
     flagged = layer.flagged()
     shown = [layer.feature(i) for i in flagged[:MAX_FEATURE_ROWS]]
     header = _header(
-        "feature", ("tier", "badge"), ("conditions", "text"), "active tokens", "mean z (μ)", "max z", "min z",
-        "C3 size", "C4 size", "severity", "best held-out dL",
+        "feature", ("tier", "badge"), ("conditions", "text"), "held-out gain", "± SE", "p", "value v_i",
+        "share", "active tokens", "mean z (μ)", "C3 size", "C4 size", ("why not certified", "text"),
     )
     rows = "".join(_feature_row(layer, f) for f in shown)
-    more = _more(len(flagged) - len(shown), "flagged features")
+    more = _more(len(flagged) - len(shown), "features with a descent")
     return (
-        f"<h3>Flagged features ({len(flagged):,} of {layer.d_sae:,})</h3>"
+        f"<h3>Features with a descent ({len(flagged):,} of {layer.d_sae:,}), by held-out gain</h3>"
         f'<table class="sortable features"><thead>{header}</thead><tbody>{rows}</tbody></table>{more}'
     )
 
 
 def _feature_row(layer: LayerResult, f: FeatureRow) -> str:
-    held = [c.held_out for c in f.certificates.values() if c is not None and c.held_out is not None]
     certificates = "\n".join(_certificate_text(c) for c in f.certificates.values())
+    best = f.certificates.get(f.conditions[0]) if f.conditions else None
     return (
         f'<tr><td data-v="{f.id}">{_feature_link(layer, f.id)}</td>{_badge(f.tier)}'
-        f'<td class="text">{escape(" ".join(f.conditions))}</td>{_num(f.active_count)}{_num(f.mean_code)}'
-        f"{_num(f.max_code)}{_num(f.min_code)}{_num(f.c3_size)}{_num(f.c4_size)}{_num(f.severity)}"
-        f"{_num(min(held) if held else None, certificates)}</tr>"
+        f'<td class="text">{escape(" ".join(f.conditions))}</td>{_num(f.gain, certificates)}{_num(f.gain_se)}'
+        f"{_num(f.p_value)}{_num(f.value)}{_num(f.share)}{_num(f.active_count)}{_num(f.mean_code)}"
+        f"{_num(f.c3_size)}{_num(f.c4_size)}<td class=\"text\">{escape(best.reason if best else '')}</td></tr>"
     )
-
-
-def _pair_sort_key(pair: PairRow) -> tuple[int, float, int, int]:
-    return (TIER_RANK[pair.tier], -pair.relative_margin, pair.i, pair.j)
 
 
 def _pair_section(layer: LayerResult) -> str:
     if not layer.pairs:
         return "<h3>Flagged pairs (C2)</h3><p>No pair breaks C2.</p>"
-    pairs = sorted(layer.pairs, key=_pair_sort_key)
+    pairs = layer.ranked_pairs()
     header = _header(
         "i", "j", ("kind", "text"), "ρ", "bound (M or m)", "(1 − ρ) μ_j", "margin / μ_j", "i active", "j active",
-        "both", "P(j without i) &le;", ("tier", "badge"), "held-out dL",
+        "both", "P(j without i) &le;", "co-activation p &le;", ("tier", "badge"), "held-out gain", "± SE",
     )
     rows = "".join(_pair_row(layer, p) for p in pairs[:MAX_PAIR_ROWS])
     more = _more(len(pairs) - MAX_PAIR_ROWS, "pairs")
@@ -308,12 +321,13 @@ def _pair_section(layer: LayerResult) -> str:
 
 
 def _pair_row(layer: LayerResult, p: PairRow) -> str:
-    held = p.certificate.held_out if p.certificate else None
+    check = p.certificate
     return (
         f'<tr><td data-v="{p.i}">{_feature_link(layer, p.i)}</td><td data-v="{p.j}">{_feature_link(layer, p.j)}</td>'
         f'<td class="text">{p.kind}</td>{_num(p.rho)}{_num(p.bound)}{_num(p.threshold)}{_num(p.relative_margin)}'
-        f"{_num(p.count_i)}{_num(p.count_j)}{_num(p.co_count)}{_num(p.p_j_without_i_upper)}{_badge(p.tier)}"
-        f"{_num(held, _certificate_text(p.certificate))}</tr>"
+        f"{_num(p.count_i)}{_num(p.count_j)}{_num(p.co_count)}{_num(p.p_j_without_i_upper)}"
+        f"{_num(check.count_p_value if check else None)}{_badge(p.tier)}"
+        f"{_num(p.gain, _certificate_text(check))}{_num(check.held_out_se if check else None)}</tr>"
     )
 
 
@@ -350,12 +364,13 @@ def _contexts(layer: LayerResult, texts: dict[int, str]) -> str:
         )
     if not blocks:
         return ""
-    return "<h3>Top-activating contexts of the most severe features</h3>" + "".join(blocks)
+    return "<h3>Top-activating contexts of the top-ranked features</h3>" + "".join(blocks)
 
 
 def _footer() -> str:
     return (
         '<footer class="muted"><p>Generated by opt_hooks. The conditions and certificates are those '
         "of THEORY.md (first-order optimality of the L1 dictionary-learning objective). Sizes are "
-        "dimensionless; dL is the exact change of the mean objective when a certificate is applied.</p></footer>"
+        "dimensionless; a gain is minus the exact change of the mean objective per held-out token when a "
+        "certificate is applied; share is that gain over the feature's value (or the layer's L).</p></footer>"
     )

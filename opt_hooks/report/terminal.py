@@ -1,60 +1,126 @@
-"""Plain-text summary of an AuditResult: one block per layer, for terminals and logs."""
+"""Plain-text summary of an AuditResult: one block per layer, for terminals and logs.
+
+Each block leads with the scale every gain is judged against (the held-out objective and the
+layer gaps), then the verdict counts and the top findings in the policy's order (held-out gain
+per token within each tier, THEORY.md 3.5).
+"""
 from __future__ import annotations
 
 from opt_hooks.report.svg import fmt
-from opt_hooks.result import CONDITIONS, TIER_RANK, AuditResult, LayerResult, PairRow
+from opt_hooks.result import CONDITIONS, AuditResult, CertificateCheck, FeatureRow, LayerResult, PairRow
 
 TOP_FEATURES = 5
 TOP_PAIRS = 3
 WIDTH = 78
 
+# How each condition's certificate changes the SAE, for the finding lines.
+CHANGES = {
+    "C1": "move the floor into b_dec",
+    "C2": "absorb the pair",
+    "C3": "rotate the decoder row",
+    "C4": "scale the codes",
+    "C5": "shift b_dec",
+    "C6": "resample a dead feature",
+}
+
 
 def render_summary(result: AuditResult) -> str:
-    blocks = [_layer_block(layer) for layer in result.layers.values()]
-    flagged = sum(len(layer.flagged()) for layer in result.layers.values())
-    certified = sum(layer.tier_counts()["certified"] for layer in result.layers.values())
+    layers = list(result.layers.values())
+    certified = sum(layer.tier_counts()["certified"] for layer in layers)
+    pairs = sum(1 for layer in layers for p in layer.pairs if p.tier == "certified")
+    layer_findings = sum(layer.condition_counts()[c] for layer in layers for c in ("C5", "C6"))
     head = (
-        f"opt_hooks audit: {len(result.layers)} layer(s), {flagged:,} flagged feature(s), "
-        f"{certified:,} certified (descent confirmed on held-out tokens)"
+        f"opt_hooks audit: {len(layers)} layer(s); certified: {certified:,} feature(s), {pairs:,} pair(s), "
+        f"{layer_findings:,} layer finding(s) (held-out descent, significant and material)"
     )
-    return "\n".join([head, *blocks])
+    return "\n".join([head, *(_layer_block(layer) for layer in layers)])
+
+
+def objective_text(layer: LayerResult) -> str:
+    o = layer.objective
+    if not o.get("n_tokens"):
+        return "no held-out tokens"
+    l1 = f", L1 {fmt(o['l1'])}" if o.get("l1") is not None else " (no lam: L is the MSE)"
+    return (
+        f"L {fmt(o['L'])} ± {fmt(o.get('se'))} per token: MSE {fmt(o['mse'])}{l1}; L0 {fmt(o.get('l0'))}; "
+        f"explained variance {fmt(o.get('explained_variance'))}; dead {_percent(o.get('dead_share'))}"
+    )
+
+
+def gap_text(layer: LayerResult) -> list[tuple[str, str]]:
+    """(name, text) per layer gap: its held-out gain as a share of L, with its SE."""
+    out = []
+    for name in ("codes", "decoder", "bias"):
+        gap = layer.gaps.get(name)
+        if gap is None:
+            continue
+        se_share = gap["se"] / layer.objective["L"] if gap.get("se") is not None and layer.objective.get("L") else None
+        text = f"{_percent(gap.get('share'))} of L (± {_percent(se_share)}; gain {fmt(gap.get('gain'))} per token)"
+        if name == "codes":
+            text += (f", L0 {fmt(gap['l0_before'])} -> {fmt(gap['l0_after'])} with exact codes "
+                     f"on {gap['n_tokens']:,} held-out tokens")
+        out.append((name, text))
+    return out
 
 
 def _layer_block(layer: LayerResult) -> str:
     tiers = layer.tier_counts()
-    counts = layer.condition_counts()
-    lam_source = "estimated from the data" if layer.lam_estimated else "training l1 coefficient"
-    conditions = "  ".join(_condition_count(c, counts[c], layer) for c in CONDITIONS)
+    certified = layer.condition_counts("certified")
+    if layer.lam is None:
+        lam_line = "unknown: C4, C6 and the code gap skipped"
+    else:
+        lam_line = f"{fmt(layer.lam, 4)} ({'estimated from the data' if layer.lam_estimated else 'training l1 coefficient'})"
+    conditions = "  ".join(
+        f"{c} {'yes' if certified[c] else 'no'}" if c in ("C5", "C6") else f"{c} {certified[c]:,}" for c in CONDITIONS
+    )
+    gaps = gap_text(layer)
     lines = [
         f"-- {layer.hook_name} " + "-" * max(2, WIDTH - len(layer.hook_name) - 4),
         f"  scope       {layer.scope}  [{layer.architecture}, {layer.d_sae:,} features, d_in {layer.d_in:,}]",
-        f"  lam         {fmt(layer.lam, 4)} ({lam_source})",
-        f"  tokens      {layer.n_tokens:,} audit + {layer.n_held_out:,} held-out",
-        f"  tiers       certified {tiers['certified']:,}  violated {tiers['violated']:,}  "
+        f"  lam         {lam_line}",
+        f"  tokens      {layer.n_tokens:,} audit + {layer.n_held_out:,} held-out; "
+        f"{layer.n_tests:,} certificates tested at alpha {fmt(layer.alpha)} (Bonferroni)",
+        f"  objective   {objective_text(layer)}",
+        *[f"  {name + ' gap':<11} {text}" for name, text in gaps],
+        f"  features    certified {tiers['certified']:,}  violated {tiers['violated']:,}  "
         f"satisfied {tiers['satisfied']:,}  (dead {len(layer.dead_features):,})",
-        f"  conditions  {conditions}",
+        f"  certified   {conditions}",
     ]
-    flagged = layer.flagged()[:TOP_FEATURES]
+    for name in ("C5", "C6"):
+        check = layer.layer_conditions.get(name, {}).get("certificate")
+        if check is not None and check.tier != "satisfied":
+            lines.append(f"  {name:<11} {_finding(check, CHANGES[name], 'of L')}")
+    flagged = [layer.feature(i) for i in layer.flagged()[:TOP_FEATURES]]
     if flagged:
-        lines.append("  top features")
-        for feature_id in flagged:
-            f = layer.feature(feature_id)
-            lines.append(
-                f"    #{f.id:<7} {f.tier:<9} {','.join(f.conditions):<14} severity {fmt(f.severity)}"
-                f"  active on {f.active_count:,} tokens"
-            )
-    pairs = sorted(layer.pairs, key=lambda p: (TIER_RANK[p.tier], -p.relative_margin, p.i, p.j))[:TOP_PAIRS]
+        lines.append("  top features (held-out gain per token; share of the feature's value)")
+        lines += [f"    {_feature_line(f)}" for f in flagged]
+    pairs = layer.ranked_pairs()[:TOP_PAIRS]
     if pairs:
         lines.append("  top pairs")
         lines += [f"    {_pair_line(p)}" for p in pairs]
+    lines += [f"  {condition} skipped: {reason}" for condition, reason in layer.skipped.items() if condition != "codes"]
     lines += [f"  note: {note}" for note in layer.notes]
     return "\n".join(lines)
 
 
-def _condition_count(condition: str, count: int, layer: LayerResult) -> str:
-    if condition in ("C5", "C6"):  # layer-wide conditions: a verdict, not a count
-        return f"{condition} {layer.layer_conditions.get(condition, {}).get('tier', 'satisfied')}"
-    return f"{condition} {count:,}"
+def _percent(share: float | None) -> str:
+    return "n/a" if share is None else f"{fmt(100 * share, 2)}%"
+
+
+def _finding(check: CertificateCheck, change: str, scale: str) -> str:
+    if check.gain is None:
+        return f"{check.tier}: {change}: {check.reason}"
+    text = (f"{check.tier}: {change}: gain {fmt(check.gain)} ± {fmt(check.held_out_se)} (p {fmt(check.p_value)}), "
+            f"{_percent(check.share)} {scale}")
+    return text + (f"; {check.reason}" if check.reason else "")
+
+
+def _feature_line(f: FeatureRow) -> str:
+    best = f.certificates[f.conditions[0]]
+    return (
+        f"#{f.id:<6} {','.join(f.conditions):<10} {_finding(best, CHANGES[f.conditions[0]], 'of its value')}"
+        f"; active on {f.active_count:,} tokens"
+    )
 
 
 def _pair_line(p: PairRow) -> str:
@@ -62,7 +128,9 @@ def _pair_line(p: PairRow) -> str:
         finding = f"max z_j off i {fmt(p.bound)} < (1-rho)mu_j {fmt(p.threshold)}"
     else:
         finding = f"min z_j off i {fmt(p.bound)} > (1-rho)mu_j {fmt(p.threshold)}"
+    verdict = f" gain {fmt(p.gain)}" if p.gain is not None else ""
+    reason = f"; {p.certificate.reason}" if p.certificate is not None and p.certificate.reason else ""
     return (
-        f"{p.i} -> {p.j} {p.kind} ({p.tier}): {finding}, rho {fmt(p.rho)}; "
-        f"j on {p.count_j:,} tokens, i on {p.co_count:,} of them"
+        f"{p.i} -> {p.j} {p.kind} ({p.tier}{verdict}): {finding}, rho {fmt(p.rho)}; "
+        f"j on {p.count_j:,} tokens, i on {p.co_count:,} of them{reason}"
     )

@@ -1,18 +1,24 @@
-"""Certificates: the descent directions of THEORY.md section 2, one family per condition.
+"""Certificates: fixed changes of the SAE that lower L, one family per condition (THEORY.md 3.1).
 
-A family holds F certificates of one condition. For every step eps in its ladder and every
-certificate it gives the exact change of sum_n loss_n (codes clipped at zero) and its
-first-order part, both float64, two ways:
+A certificate is a concrete change of the SAE's parameters chosen from the audit tokens alone
+(new atoms, a new bias, or a per-feature code rule an encoder can implement) and applied,
+unchanged, to the held-out tokens. A family holds F certificates of one condition and gives,
+in float64:
 
-- `audit_change(stats, totals, lam)`: on the audit tokens, from pass-1 statistics alone (sums,
-  the sparse codes with each active <d_i, r_n>, the kept worst residuals, the lam totals).
-  Every perturbation below is chosen so that this is exact without a second look at the data.
-- `token_change(tokens, lam)`: on a `TokenBatch` (the held-out tokens), token by token where
-  the perturbation needs it, from its sparse entries and lam terms where that is exact.
+- `line_search(stats, lam)`: the step of each certificate, by exact line search of its change
+  on the audit tokens over a bounded range (closed forms where the change is a quadratic or a
+  trigonometric polynomial of the step, a grid for C2). The family keeps it as `step`.
+- `audit_change(stats, lam, step)`: the exact change of sum_n loss_n on the audit tokens at
+  `step`, and its first-order part, from pass-1 statistics alone (sums, the sparse codes with
+  each active <d_i, r_n>, the kept worst residuals).
+- `held_out(tokens, lam)`: on a `TokenBatch` (held-out tokens), the per-token changes at
+  `step`, summed: `TokenChanges(sum, sum of squares, tokens touched)`, mergeable sums from
+  which the held-out change gets its standard error.
+- `apply(k, atoms, z, bias, r, lam)`: the same change on full tensors, so the tests can check
+  every closed form against a float64 recompute of L.
 
-Both are closed forms in the few quantities the perturbation touches, algebraically identical
-to recomputing L and far more accurate than subtracting two large losses. `apply` performs the
-same perturbation on full tensors so the tests can check both against `objective.objective`.
+The closed forms are algebraically identical to recomputing L and far more accurate than
+subtracting two large losses.
 """
 from __future__ import annotations
 
@@ -23,51 +29,98 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from opt_hooks.theory.codes import SparseBatch
-from opt_hooks.theory.stats import LamTotals, LayerStatistics, TokenBatch
+from opt_hooks.theory.codes import CSR, SparseBatch
+from opt_hooks.theory.stats import LayerStatistics, TokenBatch
 
-EPS_LADDER = (1e-2, 1e-3, 1e-4)
+# C2's line search: the finite-step change is evaluated exactly at each of these steps
+PAIR_STEPS = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 3e-3, 1e-3)
 
-Perturbed = tuple[Tensor, Tensor, Tensor]  # (atoms, z, bias) after the step
+Perturbed = tuple[Tensor, Tensor, Tensor]  # (atoms, z, bias) after the change
+
+
+@dataclass
+class TokenChanges:
+    """Per-certificate sums over tokens of the per-token change of the loss: the sum, the sum of
+    squares and the number of tokens whose loss the certificate changes (all mergeable)."""
+
+    sum: Tensor  # (F,) float64
+    sum_sq: Tensor  # (F,) float64
+    touched: Tensor  # (F,) int64
+
+    @classmethod
+    def per_feature(cls, entries: SparseBatch, slots: Tensor, n_slots: int, values: Tensor) -> "TokenChanges":
+        """From one value per code entry, certificate `slots[entry]` (-1: none): certificates whose
+        change lives on their feature's active tokens only."""
+        keep = slots >= 0
+        slot, values = slots[keep], values[keep].double()
+        zeros = torch.zeros(n_slots, dtype=torch.float64, device=values.device)
+        count = torch.zeros(n_slots, dtype=torch.int64, device=values.device)
+        return cls(
+            zeros.index_add(0, slot, values), zeros.index_add(0, slot, values**2),
+            count.index_add(0, slot, (values != 0).long()),
+        )
+
+    @classmethod
+    def per_token(cls, changes: Tensor) -> "TokenChanges":
+        """From dense per-token changes (n, F)."""
+        changes = changes.double()
+        return cls(changes.sum(0), (changes**2).sum(0), (changes != 0).sum(0))
+
+
+def _per_entry(values: Tensor, slots: Tensor) -> Tensor:
+    """values[slot] at every entry, 0 where the entry has no certificate (slot -1)."""
+    return torch.cat([values.to(slots.device), values.new_zeros(1).to(slots.device)])[slots]
+
+
+def _slots_of(features: Tensor, cols: Tensor, n_features: int) -> Tensor:
+    """Each entry's certificate, by its feature (-1: that feature has none)."""
+    slot_of = torch.full((n_features,), -1, dtype=torch.int64, device=cols.device)
+    slot_of[features.to(cols.device)] = torch.arange(len(features), device=cols.device)
+    return slot_of[cols]
 
 
 @dataclass
 class FloorCertificates:
-    """C1: b <- b + m_i d_i, z_i <- max(z_i - m_i, 0). A finite step, exact on the audit tokens."""
+    """C1: b <- b + s d_i, z_i <- max(z_i - s, 0), with s the floor m_i = min_n z_in > 0.
+
+    A finite step, not a first-order one: on the audit tokens z_i >= m_i everywhere, so the bias
+    shift is compensated on every token and each changes by exactly -lam s."""
 
     features: Tensor  # (F,)
-    floor: Tensor  # (F,) m_i = min_n z_in > 0
+    floor: Tensor  # (F,) m_i
     condition = "C1"
-    eps = (1.0,)  # the step is the whole floor m_i
+
+    def __post_init__(self) -> None:
+        self.step = self.floor.double()
 
     def __len__(self) -> int:
         return len(self.features)
 
-    def token_change(self, tokens: TokenBatch, lam: float) -> tuple[Tensor, Tensor]:
-        zi, qi = tokens.z[:, self.features].double(), tokens.q(self.features).double()
-        m = self.floor.double()
-        dz = -torch.minimum(zi, m)
-        uncovered = (m - zi).clamp(min=0)  # where z_i < m the bias shift is not compensated
-        change = -2 * uncovered * qi + uncovered**2 + lam * dz
-        first = torch.broadcast_to(-lam * m, zi.shape)
-        return change.sum(0)[None], first.sum(0)[None]
+    def line_search(self, stats: LayerStatistics, lam: float) -> Tensor:
+        # the audit change -lam N s is linear in s, and s may not pass the floor
+        return self.floor.double()
 
-    def audit_change(self, stats: LayerStatistics, totals: LamTotals | None, lam: float) -> tuple[Tensor, Tensor]:
-        # m_i is the minimum over the audit tokens, so z_i >= m_i on each: the bias shift is
-        # compensated everywhere and every token changes by exactly -lam m_i.
-        change = (-lam * stats.n_tokens * self.floor.double())[None]
+    def audit_change(self, stats: LayerStatistics, lam: float, step: Tensor) -> tuple[Tensor, Tensor]:
+        change = -lam * stats.n_tokens * step.double()
         return change, change.clone()
 
-    def apply(self, k: int, eps: float, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
-        i, m = int(self.features[k]), float(self.floor[k])
+    def held_out(self, tokens: TokenBatch, lam: float) -> TokenChanges:
+        zi, qi = tokens.z[:, self.features].double(), tokens.q(self.features).double()
+        s = self.step.to(zi.device)
+        dz = -torch.minimum(zi, s)
+        uncovered = (s - zi).clamp(min=0)  # where z_i < s the bias shift is not compensated
+        return TokenChanges.per_token(-2 * uncovered * qi + uncovered**2 + lam * dz)
+
+    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
+        i, s = int(self.features[k]), float(self.step[k])
         z2 = z.clone()
-        z2[:, i] = (z[:, i] - m).clamp(min=0)
-        return atoms, z2, bias + m * atoms[i]
+        z2[:, i] = (z[:, i] - s).clamp(min=0)
+        return atoms, z2, bias + s * atoms[i]
 
 
 @dataclass
 class PairCertificates:
-    """C2, one certificate per flagged ordered pair (i, j).
+    """C2, one certificate per flagged ordered pair (i, j), at step eps (per pair).
 
     kind +1 (hierarchy, T = M) absorbs the parent i into the child j; kind -1
     (complementary, T = m) is the mirror image. With s = kind, nu = sqrt(1 + eps^2 (1 - rho^2))
@@ -80,6 +133,8 @@ class PairCertificates:
     sure no clip happens on an audit token where i is off (there z_j <= M, resp. >= m). So a
     token's exact change needs <d_i, r_n> only where i is active and <d_j, r_n> only where j
     is: the audit tokens' change comes from the sparse codes and their stored projections.
+    The rule is fixed (new atom d_j, bias, and a code rule in z_i, z_j) and is applied as it
+    is to the held-out tokens, where it may clip.
 
     For a hierarchy, a token where j is off changes by exactly lam eps T_eps (z_i grows by
     eps T_eps, the bias shift cancels it), so only the tokens where j fires are gathered.
@@ -92,31 +147,44 @@ class PairCertificates:
     bound: Tensor  # (P,) T
     rho: Tensor  # (P,)
     condition = "C2"
-    eps = EPS_LADDER
-    chunk_elements: int = 1 << 22  # bound on gathered (pair, token) elements per step
+    chunk_elements: int = 1 << 22  # bound on gathered (pair, token) elements at once
+
+    def __post_init__(self) -> None:
+        self.step = torch.full((len(self.i),), PAIR_STEPS[-1], dtype=torch.float64, device=self.i.device)
 
     def __len__(self) -> int:
         return len(self.i)
 
-    def shifted_bound(self, eps: float, pairs: Tensor | slice = slice(None)) -> Tensor:
-        """T_eps of the pairs (float64)."""
+    def shifted_bound(self, step: Tensor, pairs: Tensor | slice = slice(None)) -> Tensor:
+        """T_eps of the pairs (float64); `step` holds each of those pairs' eps."""
         s, t, rho = self.kind[pairs].double(), self.bound[pairs].double(), self.rho[pairs].double()
-        c = (1 + s * eps * rho) / torch.sqrt(1 + eps**2 * (1 - rho**2))
+        c = (1 + s * step * rho) / torch.sqrt(1 + step**2 * (1 - rho**2))
         return torch.where(s > 0, t * torch.clamp(c, min=1), t * torch.clamp(c, max=1))
 
-    def audit_change(self, stats: LayerStatistics, totals: LamTotals | None, lam: float) -> tuple[Tensor, Tensor]:
+    def line_search(self, stats: LayerStatistics, lam: float) -> Tensor:
+        if len(self) == 0:
+            return self.step.clone()
+        grid = torch.tensor(PAIR_STEPS, dtype=torch.float64, device=self.i.device)
+        changes = torch.stack([self.audit_change(stats, lam, torch.full_like(self.step, float(e)))[0] for e in grid])
+        best = changes.argmin(0)
+        # no step descends: keep the smallest (the change is then reported as a rise)
+        best = torch.where(changes.min(0).values < 0, best, len(grid) - 1)
+        return grid[best]
+
+    def audit_change(self, stats: LayerStatistics, lam: float, step: Tensor) -> tuple[Tensor, Tensor]:
         codes = stats.codes
         if codes is None or codes.aux is None:
             raise ValueError("C2 certificates need the sparse codes with their projections")
-        shape = (len(self.eps), len(self.i))
-        change = torch.zeros(shape, dtype=torch.float64, device=self.i.device)
-        first = torch.zeros(shape, dtype=torch.float64, device=self.i.device)
-        codes = codes.to(self.i.device)
+        device = self.i.device
+        totals = _Totals(len(self), device)
+        codes = codes.to(device)
         order, start, count = codes.by_feature()
         row_of, keys = codes.row_ids(), codes.keys()
-        all_pairs = torch.arange(len(self.i), device=self.i.device)
+        all_pairs = torch.arange(len(self.i), device=device)
         hierarchy = self.kind > 0
-        self._closed_form_j_off(hierarchy, stats.n_tokens - count[self.j].double(), lam, change, first)
+        j_off = stats.n_tokens - count[self.j].double()
+        per_off, first_off = self._j_off_change(step, lam)
+        totals.add_constant(torch.where(hierarchy, per_off, 0.0), torch.where(hierarchy, first_off, 0.0), j_off)
 
         def lookup(rows: Tensor, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             entry = codes.entry_of(rows, features, keys)
@@ -126,87 +194,73 @@ class PairCertificates:
 
         # tokens where j fires, every pair: i looked up
         for pairs, entries in _entries_of(self.j, all_pairs, order, start, count, self.chunk_elements):
-            rows = row_of[entries]
-            _, zi, qi = lookup(rows, self.i[pairs])
+            _, zi, qi = lookup(row_of[entries], self.i[pairs])
             zj, qj = codes.val[entries].double(), codes.aux[entries].double()
-            self._add(change, first, pairs, *self._token_changes(zi, zj, qi, qj, pairs, lam))
+            totals.add(pairs, *self._element_changes(zi, zj, qi, qj, pairs, lam, step))
         # complementary pairs: tokens where i fires and j is off
         complementary = torch.nonzero(~hierarchy).flatten()
         for pairs, entries in _entries_of(self.i, complementary, order, start, count, self.chunk_elements):
-            rows = row_of[entries]
-            j_on, _, _ = lookup(rows, self.j[pairs])
-            keep = ~j_on
-            pairs, entries = pairs[keep], entries[keep]
+            j_on, _, _ = lookup(row_of[entries], self.j[pairs])
+            pairs, entries = pairs[~j_on], entries[~j_on]
             zi, qi = codes.val[entries].double(), codes.aux[entries].double()
             zero = torch.zeros_like(zi)
-            self._add(change, first, pairs, *self._token_changes(zi, zero, qi, zero, pairs, lam))
-        return change, first
+            totals.add(pairs, *self._element_changes(zi, zero, qi, zero, pairs, lam, step))
+        return totals.change, totals.first
 
-    def token_change(self, tokens: TokenBatch, lam: float) -> tuple[Tensor, Tensor]:
+    def held_out(self, tokens: TokenBatch, lam: float) -> TokenChanges:
         # Only the pairs' features are read: their codes and <d_i, r_n> columns, renumbered.
         used, inverse = torch.unique(torch.cat([self.i, self.j]), return_inverse=True)
         local = PairCertificates(inverse[: len(self.i)], inverse[len(self.i):], self.kind, self.bound, self.rho)
-        local.eps, local.chunk_elements = self.eps, self.chunk_elements
-        return local.dense_change(tokens.z[:, used], tokens.q(used), lam)
+        local.chunk_elements, local.step = self.chunk_elements, self.step
+        return local.dense_changes(tokens.z[:, used], tokens.q(used), lam)
 
-    def dense_change(self, z: Tensor, q: Tensor, lam: float) -> tuple[Tensor, Tensor]:
-        """The change on tokens given as dense codes z and projections q = r D^T."""
-        shape = (len(self.eps), len(self.i))
-        change = torch.zeros(shape, dtype=torch.float64, device=z.device)
-        first = torch.zeros(shape, dtype=torch.float64, device=z.device)
+    def dense_changes(self, z: Tensor, q: Tensor, lam: float) -> TokenChanges:
+        """The per-token changes on tokens given as dense codes z and projections q = r D^T."""
+        totals = _Totals(len(self), z.device, squares=True)
         hierarchy = self.kind > 0
         codes = SparseBatch(z)  # nonnegative codes: the nonzeros are the active entries
         order, start, count = codes.by_feature
-        self._closed_form_j_off(hierarchy, z.shape[0] - count[self.j].double(), lam, change, first)
-        # hierarchy pairs: the tokens where j fires; complementary pairs: every token
+        per_off, first_off = self._j_off_change(self.step, lam)
+        totals.add_constant(torch.where(hierarchy, per_off, 0.0), torch.where(hierarchy, first_off, 0.0),
+                            z.shape[0] - count[self.j].double())
         pairs_h = torch.nonzero(hierarchy).flatten()
         for pairs, entries in _entries_of(self.j, pairs_h, order, start, count, self.chunk_elements):
-            rows = codes.rows[entries]
-            self._add(change, first, pairs, *self._dense_token_changes(z, q, rows, pairs, lam))
+            totals.add(pairs, *self._dense_element_changes(z, q, codes.rows[entries], pairs, lam))
         complementary = torch.nonzero(~hierarchy).flatten()
         for sl in _chunks(len(complementary), max(1, self.chunk_elements // max(z.shape[0], 1))):
             pairs = complementary[sl][None, :].expand(z.shape[0], -1).flatten()
             rows = torch.arange(z.shape[0], device=z.device)[:, None].expand(-1, len(complementary[sl])).flatten()
-            self._add(change, first, pairs, *self._dense_token_changes(z, q, rows, pairs, lam))
-        return change, first
+            totals.add(pairs, *self._dense_element_changes(z, q, rows, pairs, lam))
+        return TokenChanges(totals.change, totals.change_sq, totals.touched)
 
-    def _closed_form_j_off(self, hierarchy: Tensor, j_off: Tensor, lam: float, change: Tensor, first: Tensor) -> None:
-        """Hierarchy pairs: every token where j is off changes by lam eps T_eps."""
-        for e, eps in enumerate(self.eps):
-            change[e] += torch.where(hierarchy, lam * eps * self.shifted_bound(eps) * j_off, 0.0)
-            first[e] += torch.where(hierarchy, lam * eps * self.bound.double() * j_off, 0.0)
+    def _j_off_change(self, step: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+        """Hierarchy pairs: the exact and first-order change of a token where j is off."""
+        return lam * step * self.shifted_bound(step), lam * step * self.bound.double()
 
-    def _dense_token_changes(self, z: Tensor, q: Tensor, rows: Tensor, pairs: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    def _dense_element_changes(self, z: Tensor, q: Tensor, rows: Tensor, pairs: Tensor, lam: float) -> tuple[Tensor, Tensor]:
         i, j = self.i[pairs], self.j[pairs]
         zi, zj, qi, qj = (m[rows, f].double() for m, f in ((z, i), (z, j), (q, i), (q, j)))
-        return self._token_changes(zi, zj, qi, qj, pairs, lam)
+        return self._element_changes(zi, zj, qi, qj, pairs, lam, self.step)
 
-    @staticmethod
-    def _add(change: Tensor, first: Tensor, pairs: Tensor, ch: Tensor, fi: Tensor) -> None:
-        change.index_add_(1, pairs, ch)
-        first.index_add_(1, pairs, fi)
-
-    def _token_changes(self, zi: Tensor, zj: Tensor, qi: Tensor, qj: Tensor, pairs: Tensor, lam: float) -> tuple[Tensor, Tensor]:
-        """Exact and first-order change of loss_n for each (token, pair) element, every eps: (E, n)."""
+    def _element_changes(self, zi: Tensor, zj: Tensor, qi: Tensor, qj: Tensor, pairs: Tensor, lam: float,
+                         step: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact and first-order change of loss_n for each (token, pair) element."""
         s, t, rho = self.kind[pairs].double(), self.bound[pairs].double(), self.rho[pairs].double()
-        changes, firsts = [], []
-        for eps in self.eps:
-            nu = torch.sqrt(1 + eps**2 * (1 - rho**2))
-            grow = 1 + s * eps * rho
-            t_eps = self.shifted_bound(eps, pairs)
-            dzi = (zi + s * eps * (t_eps - grow / nu * zj)).clamp(min=0) - zi
-            zj_new = zj * grow
-            alpha = -s * eps * t_eps + dzi + zj_new * s * eps / nu  # new recon - old, along d_i
-            beta = zj_new * (1 - s * eps * rho) / nu - zj  # and along d_j
-            change = -2 * (alpha * qi + beta * qj) + alpha**2 + beta**2 + 2 * alpha * beta * rho
-            changes.append(change + lam * (dzi + zj_new - zj))
-            firsts.append(lam * s * eps * (t - (1 - rho) * zj))
-        return torch.stack(changes), torch.stack(firsts)
+        eps = step[pairs]
+        nu = torch.sqrt(1 + eps**2 * (1 - rho**2))
+        grow = 1 + s * eps * rho
+        t_eps = self.shifted_bound(eps, pairs)
+        dzi = (zi + s * eps * (t_eps - grow / nu * zj)).clamp(min=0) - zi
+        zj_new = zj * grow
+        alpha = -s * eps * t_eps + dzi + zj_new * s * eps / nu  # new recon - old, along d_i
+        beta = zj_new * (1 - s * eps * rho) / nu - zj  # and along d_j
+        change = -2 * (alpha * qi + beta * qj) + alpha**2 + beta**2 + 2 * alpha * beta * rho
+        return change + lam * (dzi + zj_new - zj), lam * s * eps * (t - (1 - rho) * zj)
 
-    def apply(self, k: int, eps: float, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
+    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
         i, j, s = int(self.i[k]), int(self.j[k]), float(self.kind[k])
-        rho = float(self.rho[k])
-        t_eps = float(self.shifted_bound(eps, slice(k, k + 1)))
+        rho, eps = float(self.rho[k]), float(self.step[k])
+        t_eps = float(self.shifted_bound(self.step[k:k + 1], slice(k, k + 1)))
         nu = math.sqrt(1 + eps**2 * (1 - rho**2))
         atoms2, z2 = atoms.clone(), z.clone()
         direction = (1 - s * eps * rho) * atoms[j] + s * eps * atoms[i]
@@ -216,202 +270,322 @@ class PairCertificates:
         return atoms2, z2, bias - s * eps * t_eps * atoms[i]
 
 
+class _Totals:
+    """Per-pair sums of element changes (and, for held-out tokens, their squares and counts)."""
+
+    def __init__(self, n: int, device: torch.device, squares: bool = False) -> None:
+        zeros = lambda dtype=torch.float64: torch.zeros(n, dtype=dtype, device=device)  # noqa: E731
+        self.change, self.first = zeros(), zeros()
+        self.squares = squares
+        self.change_sq, self.touched = zeros(), zeros(torch.int64)
+
+    def add_constant(self, change: Tensor, first: Tensor, count: Tensor) -> None:
+        """`count` tokens of each pair that all change by `change`."""
+        self.change += change * count
+        self.first += first * count
+        if self.squares:
+            self.change_sq += change**2 * count
+            self.touched += torch.where(change != 0, count, 0.0).long()
+
+    def add(self, pairs: Tensor, change: Tensor, first: Tensor) -> None:
+        self.change.index_add_(0, pairs, change)
+        self.first.index_add_(0, pairs, first)
+        if self.squares:
+            self.change_sq.index_add_(0, pairs, change**2)
+            self.touched.index_add_(0, pairs, (change != 0).long())
+
+
 @dataclass
 class DecoderCertificates:
-    """C3: rotate d_i towards its tangent gradient u_i = g_i / ||g_i||, codes fixed.
+    """C3: rotate d_i by the angle theta_i towards its tangent gradient u_i = g_i / ||g_i||,
+    codes fixed: d_i <- cos(theta) d_i + sin(theta) u_i.
 
-    With codes fixed the change is a function of sums: sum_n [-2 z_in <r_n, D_i> + z_in^2 ||D_i||^2]
-    = -2 <sum_n z_in r_n, D_i> + ||D_i||^2 sum_n z_in^2, with D_i = d_i' - d_i.
-    """
+    With codes fixed the change is a function of sums: with A = sum_n z_in <r_n, d_i>,
+    B = sum_n z_in <r_n, u_i> and S = sum_n z_in^2 it is 2 (A + S)(1 - cos theta) - 2 B sin theta,
+    whose exact minimiser is theta = atan2(B, A + S) (bounded to [0, pi/2])."""
 
     features: Tensor  # (F,)
     atom: Tensor  # (F, d) d_i
     direction: Tensor  # (F, d) unit, orthogonal to d_i
     condition = "C3"
-    eps = EPS_LADDER
+
+    def __post_init__(self) -> None:
+        self.step = torch.zeros(len(self.features), dtype=torch.float64, device=self.features.device)
 
     def __len__(self) -> int:
         return len(self.features)
 
-    def audit_change(self, stats: LayerStatistics, totals: LamTotals | None, lam: float) -> tuple[Tensor, Tensor]:
+    def _sums(self, stats: LayerStatistics) -> tuple[Tensor, Tensor, Tensor]:
         features = self.features.to(stats.sum_z_r.device)
-        return self._change(stats.sum_z_r[features].to(self.atom.device), stats.sum_z2[features].to(self.atom.device))
+        zr = stats.sum_z_r[features].to(self.atom.device)
+        return (zr * self.atom.double()).sum(-1), (zr * self.direction.double()).sum(-1), stats.sum_z2[features].to(zr.device)
 
-    def token_change(self, tokens: TokenBatch, lam: float) -> tuple[Tensor, Tensor]:
+    def line_search(self, stats: LayerStatistics, lam: float) -> Tensor:
+        along_atom, along_direction, z2 = self._sums(stats)
+        curvature = along_atom + z2
+        theta = torch.where(curvature > 0, torch.atan2(along_direction, curvature), math.pi / 2)
+        return theta.clamp(0, math.pi / 2)
+
+    def audit_change(self, stats: LayerStatistics, lam: float, step: Tensor) -> tuple[Tensor, Tensor]:
+        along_atom, along_direction, z2 = self._sums(stats)
+        theta = step.double()
+        change = 2 * (along_atom + z2) * (1 - torch.cos(theta)) - 2 * along_direction * torch.sin(theta)
+        return change, -2 * along_direction * theta
+
+    def held_out(self, tokens: TokenBatch, lam: float) -> TokenChanges:
         entries = tokens.entries
-        zr = (entries.transposed(tokens.r.dtype) @ tokens.r).double()[self.features]  # (F, d) sum_n z_in r_n
-        return self._change(zr, entries.per_feature(entries.values.double() ** 2)[self.features])
+        n_features = tokens.atoms.shape[0]
+        slots = _slots_of(self.features, entries.cols, n_features)
+        directions = torch.zeros_like(tokens.atoms)
+        directions[self.features] = self.direction.to(directions.dtype)
+        along_direction = entries.projections(tokens.r, directions).double()
+        theta = _per_entry(self.step, slots)
+        z, along_atom = entries.values.double(), tokens.projections.double()
+        change = -2 * z * ((torch.cos(theta) - 1) * along_atom + torch.sin(theta) * along_direction)
+        change = change + z**2 * (2 - 2 * torch.cos(theta))
+        return TokenChanges.per_feature(entries, slots, len(self), change)
 
-    def _change(self, zr: Tensor, z2: Tensor) -> tuple[Tensor, Tensor]:
-        """From sum_n z_in r_n (F, d) and sum_n z_in^2 (F,)."""
-        along_atom = (zr * self.atom.double()).sum(-1)
-        along_direction = (zr * self.direction.double()).sum(-1)
-        changes, firsts = [], []
-        for eps in self.eps:
-            nu = math.sqrt(1 + eps**2)
-            zr_dot_step = along_atom * (1 / nu - 1) + eps * along_direction / nu
-            changes.append(-2 * zr_dot_step + (2 - 2 / nu) * z2)
-            firsts.append(-2 * eps * along_direction)
-        return torch.stack(changes), torch.stack(firsts)
-
-    def apply(self, k: int, eps: float, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
-        i = int(self.features[k])
+    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
+        i, theta = int(self.features[k]), float(self.step[k])
         atoms2 = atoms.clone()
-        atoms2[i] = (atoms[i] + eps * self.direction[k].to(atoms.dtype)) / math.sqrt(1 + eps**2)
+        atoms2[i] = math.cos(theta) * atoms[i] + math.sin(theta) * self.direction[k].to(atoms.dtype)
         return atoms2, z, bias
 
 
 @dataclass
 class CodeCertificates:
-    """C4: move feature i's codes by eps * scale_i along the sign of 2<d_i, r_n> - lam.
+    """C4: scale feature i's codes, z_in <- (1 + t_i) z_in on every token (a change of the
+    encoder's row i and bias i that any ReLU encoder can make), t_i in [-1, 1].
 
-    On active tokens z <- max(z + eps s sign(2q - lam), 0); on inactive tokens z <- eps s where
-    2q > lam. Its first-order change is -eps * scale_i * G4_i, so the first-order sums are
-    exactly the G4 sums of THEORY.md (split by active / inactive tokens).
-    """
+    The change is exactly t (lam S_z - 2 S_zq) + t^2 S_zz with S_z = sum_n z_in,
+    S_zq = sum_n z_in <d_i, r_n> and S_zz = sum_n z_in^2: sums pass 1 has (S_zq = <sum z r, d_i>).
+    Its minimiser t = (2 S_zq - lam S_z) / (2 S_zz) is the exact line search. At t = -1 the
+    feature is removed: its change is then v_i, the feature's value (THEORY.md 3.4)."""
 
     features: Tensor  # (F,)
-    scale: Tensor  # (F,) typical active code of the feature
+    atom: Tensor  # (F, d)
     condition = "C4"
-    eps = EPS_LADDER
-    chunk_elements: int = 1 << 22  # active entries handled at once
+
+    def __post_init__(self) -> None:
+        self.step = torch.zeros(len(self.features), dtype=torch.float64, device=self.features.device)
 
     def __len__(self) -> int:
         return len(self.features)
 
-    def audit_change(self, stats: LayerStatistics, totals: LamTotals | None, lam: float) -> tuple[Tensor, Tensor]:
-        codes = stats.codes.to(self.features.device)
-        return self._change(codes.col.long(), codes.val, codes.aux, totals, lam)
+    def _sums(self, stats: LayerStatistics) -> tuple[Tensor, Tensor, Tensor]:
+        features = self.features.to(stats.sum_z.device)
+        z_q = (stats.sum_z_r[features].to(self.atom.device) * self.atom.double()).sum(-1)
+        return stats.sum_z[features].to(z_q.device), z_q, stats.sum_z2[features].to(z_q.device)
 
-    def token_change(self, tokens: TokenBatch, lam: float) -> tuple[Tensor, Tensor]:
+    def line_search(self, stats: LayerStatistics, lam: float) -> Tensor:
+        z, z_q, z2 = self._sums(stats)
+        return ((2 * z_q - lam * z) / (2 * z2).clamp(min=1e-300)).clamp(-1, 1)
+
+    def audit_change(self, stats: LayerStatistics, lam: float, step: Tensor) -> tuple[Tensor, Tensor]:
+        z, z_q, z2 = self._sums(stats)
+        first = step * (lam * z - 2 * z_q)
+        return first + step**2 * z2, first
+
+    def held_out(self, tokens: TokenBatch, lam: float) -> TokenChanges:
         entries = tokens.entries
-        return self._change(entries.cols, entries.values, tokens.projections, tokens.totals, lam)
+        slots = _slots_of(self.features, entries.cols, tokens.atoms.shape[0])
+        t = _per_entry(self.step, slots)
+        z, q = entries.values.double(), tokens.projections.double()
+        return TokenChanges.per_feature(entries, slots, len(self), t * (lam * z - 2 * z * q) + t**2 * z**2)
 
-    def audit_gain(self, stats: LayerStatistics, totals: LamTotals, lam: float) -> tuple[Tensor, Tensor]:
-        """(sum over active tokens of |2 <d_i, r_n> - lam|, sum over inactive ones of
-        max(0, 2 <d_i, r_n> - lam)) per certificate's feature: G4's parts, on the audit tokens."""
-        codes = stats.codes.to(self.features.device)
-        return self._gain(codes.col.long(), codes.aux, totals, lam)
-
-    def _slots(self, cols: Tensor) -> Tensor:
-        """Each entry's certificate (-1: its feature has none)."""
-        size = 1 + max(int(cols.max()) if len(cols) else 0, int(self.features.max()) if len(self) else 0)
-        slot_of = torch.full((size,), -1, dtype=torch.int64, device=cols.device)
-        slot_of[self.features.to(cols.device)] = torch.arange(len(self), device=cols.device)
-        return slot_of[cols]
-
-    def _per_certificate(self, slots: Tensor, values: Tensor) -> Tensor:
-        out = torch.zeros(len(self), dtype=torch.float64, device=values.device)
-        return out.index_add_(0, slots.clamp(min=0), torch.where(slots >= 0, values, 0.0))
-
-    def _gain(self, cols: Tensor, q: Tensor, totals: LamTotals, lam: float) -> tuple[Tensor, Tensor]:
-        active = torch.zeros(len(self), dtype=torch.float64, device=q.device)
-        for sl in _chunks(len(cols), self.chunk_elements) if len(self) else []:
-            active += self._per_certificate(self._slots(cols[sl]), (2 * q[sl].double() - lam).abs())
-        return active, totals.inactive_gain.to(active.device)[self.features]
-
-    def _change(self, cols: Tensor, z: Tensor, q: Tensor, totals: LamTotals, lam: float) -> tuple[Tensor, Tensor]:
-        """From the active entries (feature, z, <d_i, r_n>) and the inactive tokens' lam terms."""
-        if len(self) == 0:  # no live feature on the audit tokens (the held-out ones may have codes)
-            empty = torch.zeros(len(self.eps), 0, dtype=torch.float64, device=z.device)
-            return empty, empty.clone()
-        scale = self.scale.double().to(z.device)
-        active = torch.zeros(len(self.eps), len(self), dtype=torch.float64, device=z.device)
-        for sl in _chunks(len(cols), self.chunk_elements):  # bounded memory at any number of codes
-            slots, zc, qc = self._slots(cols[sl]), z[sl].double(), q[sl].double()
-            entry_scale = torch.where(slots >= 0, scale[slots.clamp(min=0)], 0.0)
-            direction = torch.sign(2 * qc - lam)
-            for e, eps in enumerate(self.eps):
-                dz = (zc + eps * entry_scale * direction).clamp(min=0) - zc
-                active[e] += self._per_certificate(slots, dz * (lam - 2 * qc + dz))
-        active_gain, inactive_gain = self._gain(cols, q, totals, lam)
-        over_count = totals.over_count.to(z.device)[self.features].double()
-        over_excess = totals.over_excess.to(z.device)[self.features]
-        steps = torch.tensor(self.eps, dtype=torch.float64, device=z.device)[:, None] * scale
-        # inactive tokens with q > lam/2: dz = step, so the change is step^2 - 2 step (q - lam/2)
-        change = active + steps**2 * over_count - 2 * steps * over_excess
-        return change, -steps * (active_gain + inactive_gain)
-
-    def apply(self, k: int, eps: float, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
-        i = int(self.features[k])
-        excess = 2 * (r @ atoms[i]) - lam
-        active = z[:, i] > 0
-        direction = torch.where(active, torch.sign(excess), (excess > 0).to(z.dtype))
+    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
         z2 = z.clone()
-        z2[:, i] = (z[:, i] + eps * float(self.scale[k]) * direction).clamp(min=0)
+        z2[:, int(self.features[k])] *= 1 + float(self.step[k])
         return atoms, z2, bias
 
 
 @dataclass
 class BiasCertificate:
-    """C5: b <- b + eps ||mean r|| u with u = mean(r) / ||mean(r)||."""
+    """C5: b <- b + s u with u = mean(r) / ||mean(r)||; the exact minimiser is s = ||mean r||."""
 
     direction: Tensor  # (d,) unit
-    scale: float  # ||mean r|| on the audit tokens
     condition = "C5"
-    eps = EPS_LADDER
+
+    def __post_init__(self) -> None:
+        self.step = torch.zeros(1, dtype=torch.float64, device=self.direction.device)
 
     def __len__(self) -> int:
         return 1
 
-    def audit_change(self, stats: LayerStatistics, totals: LamTotals | None, lam: float) -> tuple[Tensor, Tensor]:
-        return self._change((stats.sum_r.to(self.direction.device) * self.direction.double()).sum(), stats.n_tokens)
+    def _along(self, stats: LayerStatistics) -> Tensor:
+        return (stats.sum_r.to(self.direction.device) * self.direction.double()).sum()[None]
 
-    def token_change(self, tokens: TokenBatch, lam: float) -> tuple[Tensor, Tensor]:
-        return self._change((tokens.r.sum(0, dtype=torch.float64) * self.direction.double()).sum(), tokens.n_tokens)
+    def line_search(self, stats: LayerStatistics, lam: float) -> Tensor:
+        return (self._along(stats) / max(stats.n_tokens, 1)).clamp(min=0)
 
-    def _change(self, ru: Tensor, n: int) -> tuple[Tensor, Tensor]:
-        """From sum_n <r_n, u> and the token count."""
-        steps = torch.tensor(self.eps, dtype=torch.float64, device=ru.device) * self.scale
-        change = -2 * steps * ru + n * steps**2
-        return change[:, None], (-2 * steps * ru)[:, None]
+    def audit_change(self, stats: LayerStatistics, lam: float, step: Tensor) -> tuple[Tensor, Tensor]:
+        first = -2 * step * self._along(stats)
+        return first + stats.n_tokens * step**2, first
 
-    def apply(self, k: int, eps: float, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
-        return atoms, z, bias + eps * self.scale * self.direction.to(bias.dtype)
+    def held_out(self, tokens: TokenBatch, lam: float) -> TokenChanges:
+        s = float(self.step[0])
+        along = (tokens.r @ self.direction.to(tokens.r.dtype)).double()
+        return TokenChanges.per_token((-2 * s * along + s * s)[:, None])
+
+    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
+        return atoms, z, bias + float(self.step[0]) * self.direction.to(bias.dtype)
 
 
 @dataclass
-class SpareCertificates:
-    """C6: give dead feature k the atom a = r_m / ||r_m|| of a worst-residual token m, and the
-    code eps ||r_m|| on every token where 2 <a, r_n> > lam.
+class SpareCertificate:
+    """C6: resample one dead feature k towards the worst residuals.
 
-    On the audit tokens the code goes only to the kept worst-residual tokens (THEORY.md's
-    single-token certificate, over the k tokens whose residuals pass 1 kept): exact from those
-    residuals. Held-out tokens get the rule itself, on every token."""
+    The new atom a is the direction of one kept worst-residual token; the code rule is
+    z_kn <- c on every token with ||r_n|| > radius and 2 <a, r_n> > lam (else 0), where radius
+    is the smallest kept worst residual norm. Every audit token with ||r_n|| > radius is among
+    the kept ones, so the same rule is evaluated exactly on the audit tokens from them, and
+    applied unchanged to the held-out tokens (where feature k may have had codes: they are
+    replaced). On the audit tokens the change is c^2 |S| - c sum_S (2 p - lam), p = <a, r_n>,
+    with the exact minimiser c = sum_S (2 p - lam) / (2 |S|)."""
 
-    features: Tensor  # (F,) dead features
-    atom: Tensor  # (F, d) unit
-    scale: Tensor  # (F,) ||r_m||
+    feature: int
+    atom: Tensor  # (d,) unit
+    old_atom: Tensor  # (d,) d_k (zero for a zero-norm decoder row)
+    radius: float
     condition = "C6"
-    eps = EPS_LADDER
+
+    def __post_init__(self) -> None:
+        self.step = torch.zeros(1, dtype=torch.float64, device=self.atom.device)
 
     def __len__(self) -> int:
-        return len(self.features)
+        return 1
 
-    def audit_change(self, stats: LayerStatistics, totals: LamTotals | None, lam: float) -> tuple[Tensor, Tensor]:
-        return self._change(stats.worst_residual.to(self.atom.device), lam)
+    @classmethod
+    def best_of(cls, stats: LayerStatistics, feature: int, old_atom: Tensor, lam: float) -> "SpareCertificate | None":
+        """The kept worst residual whose direction, as a new atom, lowers L on the audit tokens most."""
+        norms, vectors = stats.worst_rnorm, stats.worst_residual
+        usable = norms > 0
+        if not bool(usable.any()):
+            return None
+        radius = float(norms[-1]) if stats.n_tokens > len(norms) else -1.0
+        candidates = vectors[usable] / norms[usable, None]
+        p = vectors @ candidates.T  # (kept, candidates)
+        coded = (norms[:, None] > radius) & (2 * p > lam)
+        excess = torch.where(coded, 2 * p - lam, 0.0).sum(0)
+        gain = excess**2 / (4 * coded.sum(0).clamp(min=1))
+        best = int(gain.argmax())
+        if float(gain[best]) <= 0:
+            return None
+        return cls(feature, candidates[best], old_atom.double(), radius)
 
-    def token_change(self, tokens: TokenBatch, lam: float) -> tuple[Tensor, Tensor]:
-        return self._change(tokens.r, lam)
+    def _coded(self, r: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+        p = (r @ self.atom.to(r.dtype)).double()
+        return p, (r.norm(dim=-1).double() > self.radius) & (2 * p > lam)
 
-    def _change(self, r: Tensor, lam: float) -> tuple[Tensor, Tensor]:
-        """Coding every token of r where 2 <a, r_n> > lam."""
-        p = (r @ self.atom.to(r.dtype).T).double()
-        seen = (2 * p > lam).double()
-        changes, firsts = [], []
-        for eps in self.eps:
-            dz = eps * self.scale.double() * seen
-            changes.append((-2 * dz * p + dz**2 + lam * dz).sum(0))
-            firsts.append((dz * (lam - 2 * p)).sum(0))
-        return torch.stack(changes), torch.stack(firsts)
+    def line_search(self, stats: LayerStatistics, lam: float) -> Tensor:
+        p, coded = self._coded(stats.worst_residual.to(self.atom.device), lam)
+        return (torch.where(coded, 2 * p - lam, 0.0).sum() / (2 * coded.sum().clamp(min=1)))[None]
 
-    def apply(self, k: int, eps: float, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
-        i = int(self.features[k])
-        a = self.atom[k].to(atoms.dtype)
+    def audit_change(self, stats: LayerStatistics, lam: float, step: Tensor) -> tuple[Tensor, Tensor]:
+        p, coded = self._coded(stats.worst_residual.to(self.atom.device), lam)
+        excess = torch.where(coded, 2 * p - lam, 0.0).sum()
+        first = -step * excess
+        return first + step**2 * coded.sum(), first
+
+    def held_out(self, tokens: TokenBatch, lam: float) -> TokenChanges:
+        p, coded = self._coded(tokens.r, lam)
+        c = float(self.step[0])
+        old = tokens.z[:, self.feature].double()
+        q_old = (tokens.r @ self.old_atom.to(tokens.r.dtype)).double()
+        new = c * coded.double()
+        cross = float(self.atom @ self.old_atom.to(self.atom.dtype))
+        old_norm2 = float(self.old_atom.norm() ** 2)
+        # r' = r - (new a - old d_k): ||r'||^2 - ||r||^2 + lam (new - old)
+        change = -2 * (new * p - old * q_old) + new**2 + old**2 * old_norm2 - 2 * new * old * cross + lam * (new - old)
+        return TokenChanges.per_token(change[:, None])
+
+    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
+        _, coded = self._coded(r, lam)
         atoms2, z2 = atoms.clone(), z.clone()
-        atoms2[i] = a
-        z2[:, i] = eps * float(self.scale[k]) * (2 * (r @ a) > lam).to(z.dtype)
+        atoms2[self.feature] = self.atom.to(atoms.dtype)
+        z2[:, self.feature] = float(self.step[0]) * coded.to(z.dtype)
         return atoms2, z2, bias
+
+
+@dataclass
+class DecoderStep:
+    """The decoder gap (THEORY.md section 5): every atom at once along its tangent gradient,
+    codes fixed. W_dec row i <- ||W_dec[i]|| (d_i + t g_i): in theory units the unit atom turns
+    and the code grows by ||d_i + t g_i|| = sqrt(1 + t^2 ||g_i||^2), so the exact change is
+        -2 t <sum_n z_n r_n, G> + t^2 sum_n ||G^T z_n||^2 + lam sum_i S_z,i (sqrt(1 + t^2 ||g_i||^2) - 1),
+    convex in t; its minimiser, in [0, <ZR, G> / sum ||G^T z||^2], is found by bisection."""
+
+    gradient: Tensor  # (K, d) g_i (tangent, per token)
+    condition = "decoder"
+    chunk_rows: int = 1 << 14  # audit CSR rows multiplied at once
+
+    def __post_init__(self) -> None:
+        self.step = torch.zeros(1, dtype=torch.float64, device=self.gradient.device)
+        self._curvature: float | None = None
+
+    def __len__(self) -> int:
+        return 1
+
+    def _sums(self, stats: LayerStatistics) -> tuple[float, float, Tensor, Tensor]:
+        along = float((stats.sum_z_r.to(self.gradient.device) * self.gradient).sum())
+        if self._curvature is None:
+            self._curvature = _csr_product_norm2(stats.codes, self.gradient, self.chunk_rows) if stats.codes is not None else 0.0
+        return along, self._curvature, stats.sum_z.to(self.gradient.device), (self.gradient**2).sum(-1)
+
+    def _change(self, t: float, along: float, curvature: float, sum_z: Tensor, g2: Tensor, lam: float) -> float:
+        return -2 * t * along + t * t * curvature + lam * float((sum_z * (torch.sqrt(1 + t * t * g2) - 1)).sum())
+
+    def line_search(self, stats: LayerStatistics, lam: float) -> Tensor:
+        along, curvature, sum_z, g2 = self._sums(stats)
+        if along <= 0 or curvature <= 0:
+            return torch.zeros(1, dtype=torch.float64, device=self.gradient.device)
+        low, high = 0.0, along / curvature  # the L1 term only pulls the minimiser towards 0
+        for _ in range(80):
+            mid = (low + high) / 2
+            slope = -2 * along + 2 * mid * curvature + lam * float((sum_z * mid * g2 / torch.sqrt(1 + mid * mid * g2)).sum())
+            low, high = (mid, high) if slope < 0 else (low, mid)
+        return torch.tensor([low], dtype=torch.float64, device=self.gradient.device)
+
+    def audit_change(self, stats: LayerStatistics, lam: float, step: Tensor) -> tuple[Tensor, Tensor]:
+        along, curvature, sum_z, g2 = self._sums(stats)
+        t = float(step[0])
+        change = self._change(t, along, curvature, sum_z, g2, lam)
+        return torch.tensor([change], dtype=torch.float64), torch.tensor([-2 * t * along], dtype=torch.float64)
+
+    def held_out(self, tokens: TokenBatch, lam: float) -> TokenChanges:
+        t = float(self.step[0])
+        entries = tokens.entries
+        moved = entries.matrix(tokens.r.dtype) @ self.gradient.to(tokens.r.dtype)  # (n, d) G^T z_n
+        growth = torch.sqrt(1 + t * t * (self.gradient**2).sum(-1)) - 1
+        l1 = torch.zeros(tokens.n_tokens, dtype=torch.float64, device=tokens.r.device)
+        l1.index_add_(0, entries.rows, entries.values.double() * growth.to(l1.device)[entries.cols])
+        change = -2 * t * (tokens.r * moved).sum(-1).double() + t * t * (moved.double() ** 2).sum(-1) + lam * l1
+        return TokenChanges.per_token(change[:, None])
+
+    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
+        t = float(self.step[0])
+        moved = atoms + t * self.gradient.to(atoms.dtype)
+        norms = moved.norm(dim=-1)
+        return moved / norms.clamp(min=1e-300)[:, None], z * norms, bias
+
+
+def _csr_product_norm2(codes: CSR, matrix: Tensor, chunk_rows: int) -> float:
+    """sum_n ||matrix^T z_n||^2 over the rows of a CSR, a block of rows at a time."""
+    import warnings
+
+    codes = codes.to(matrix.device)
+    total = 0.0
+    for start in range(0, codes.n_tokens, chunk_rows):
+        stop = min(start + chunk_rows, codes.n_tokens)
+        lo, hi = int(codes.crow[start]), int(codes.crow[stop])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            block = torch.sparse_csr_tensor(
+                codes.crow[start:stop + 1] - lo, codes.col[lo:hi].long(), codes.val[lo:hi].to(matrix.dtype),
+                (stop - start, codes.n_features), check_invariants=False,
+            )
+        total += float(((block @ matrix).double() ** 2).sum())
+    return total
 
 
 def _entries_of(

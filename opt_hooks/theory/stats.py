@@ -7,6 +7,7 @@ when the input is float64 or too large for float32); every accumulator is float6
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,22 +112,21 @@ def residuals_at_entries(x: Tensor, z: Tensor, atoms: Tensor, bias: Tensor) -> t
     return entries, atoms, r, entries.projections(r, atoms)
 
 
-@dataclass
 class TokenBatch:
     """A batch of tokens as the certificates read them (held-out tokens in pass 2): codes,
-    residuals, the codes' nonzero entries with <d_i, r_n> at each, and the lam terms."""
+    residuals, the codes' nonzero entries with <d_i, r_n> at each; the lam terms (one dense
+    (n, K) product) only when asked for."""
 
-    z: Tensor  # (n, K) in the compute dtype
-    r: Tensor  # (n, d)
-    atoms: Tensor  # (K, d) in the compute dtype
-    entries: SparseBatch
-    projections: Tensor  # (nnz,) <d_i, r_n> at the entries
-    totals: LamTotals
+    def __init__(self, x: Tensor, z: Tensor, atoms: Tensor, bias: Tensor, lam: float | None = None) -> None:
+        self.entries, self.atoms, self.r, self.projections = residuals_at_entries(x, z, atoms, bias)
+        self.z = z.to(self.r.dtype)  # (n, K) in the compute dtype
+        self.lam = lam
 
-    @classmethod
-    def from_tokens(cls, x: Tensor, z: Tensor, atoms: Tensor, bias: Tensor, lam: float) -> "TokenBatch":
-        entries, atoms, r, projections = residuals_at_entries(x, z, atoms, bias)
-        return cls(z.to(r.dtype), r, atoms, entries, projections, LamTotals(*lam_terms(r, atoms, lam, entries)))
+    @functools.cached_property
+    def totals(self) -> LamTotals:
+        if self.lam is None:
+            raise ValueError("the lam terms of a TokenBatch need lam")
+        return LamTotals(*lam_terms(self.r, self.atoms, self.lam, self.entries))
 
     @property
     def n_tokens(self) -> int:
