@@ -3,18 +3,21 @@
     audit = LayerAudit(atoms, bias, lam=...)
     for x, z in audit_batches:            # audit tokens only
         audit.update(x, z)
-    plan = audit.plan()                   # C1-C6 margins, every certificate built and
-                                          # measured on the audit tokens from pass 1's state
+    plan = audit.plan()                   # C1-C6 margins; every certificate fixed by line search
+                                          # and measured on the audit tokens from pass 1's state
     for x, z, held in pass_two_batches:   # held-out tokens (and, when lam was estimated,
         plan.update(x, z, held_out=held)  # the audit tokens again: plan.needs_audit_tokens)
-    layer = plan.result()                 # opt_hooks.result.LayerResult
+    layer = plan.result()                 # the verdicts (opt_hooks/policy.py): a LayerResult
 
 Pass 1 keeps the sparse codes with each active <d_i, r_n>, so every certificate's exact
 change on the audit tokens is a closed form of its state (see theory/certificates.py): the
-data is streamed once, plus the held-out share. Only C4's inactive terms need lam on every
-(token, feature), so they are summed in pass 1 when lam is known. The API estimates an unknown
-lam beforehand on the first audit windows (`LamCalibration`); a LayerAudit given lam=None
-estimates it on every audit token after pass 1 and its plan then needs the audit tokens again.
+data is streamed once, plus the held-out share. Pass 2 measures the same fixed changes on the
+held-out tokens, summing each one's per-token changes and their squares (its standard error),
+and the layer's held-out objective and gaps. Only C4's inactive terms (the G4 size) need lam on
+every (token, feature), so they are summed in pass 1 when lam is known. The API estimates an
+unknown lam beforehand on the first audit windows (`LamCalibration`); a LayerAudit given
+lam=None estimates it on every audit token after pass 1 and its plan then needs the audit
+tokens again. When no lam can be had, C4, C6 and the code gap are skipped.
 
 Both stages are mergeable (`merge`, `state_dict`), so batches, resumed runs and distributed
 ranks combine exactly. Pure tensor code: no TransformerLens / SAE-Lens import.
@@ -34,7 +37,6 @@ from opt_hooks.result import CertificateCheck, FeatureRow, LayerResult, PairRow
 from opt_hooks.theory import certificates as certs
 from opt_hooks.theory import conditions as cond
 from opt_hooks.theory.lasso import exact_codes
-from opt_hooks.theory.objective import token_losses
 from opt_hooks.theory.stats import LamStatistics, LamTotals, LayerStatistics, LayerStats, TokenBatch, residuals_at_entries
 
 
@@ -55,8 +57,8 @@ class AuditOptions:
     min_share: float = MIN_SHARE  # materiality: held-out gain / the feature's value
     min_layer_share: float = MIN_LAYER_SHARE  # materiality of layer findings: gain / held-out L
     min_touched: int = MIN_TOUCHED  # held-out tokens a certificate must change to be certified
-    code_gap_tokens: int = 512  # held-out tokens of the code gap's exact lasso solve
-    code_gap_max_iter: int = 300  # FISTA iterations of that solve, at most
+    code_gap_tokens: int = 128  # held-out tokens of the code gap's exact lasso solve (its SE shrinks as 1/sqrt)
+    code_gap_max_iter: int = 100  # FISTA steps per working-set round of that solve, at most
     code_gap_tol: float = 1e-7  # relative change of its objective at which the solve stops
 
     def __post_init__(self) -> None:
@@ -322,8 +324,8 @@ class TokenSample:
     def __init__(self, k: int) -> None:
         self.k = k
         self.tokens = torch.zeros(0, dtype=torch.int64)
-        self.x: Tensor | None = None  # (m, d) float64
-        self.z: Tensor | None = None  # (m, K) float64, sparse COO while kept
+        self.x: Tensor | None = None  # (m, d), in the precision the batches came in
+        self.z: Tensor | None = None  # (m, K), sparse COO while kept
 
     def update(self, x: Tensor, z: Tensor, token_index: Tensor) -> None:
         if self.k <= 0 or len(token_index) == 0:
@@ -331,7 +333,7 @@ class TokenSample:
         token_index = token_index.cpu()
         if len(self.tokens) >= self.k and int(token_index.min()) > int(self.tokens.max()):
             return
-        self._keep(token_index, x.detach().double().cpu(), z.detach().double().cpu().to_sparse())
+        self._keep(token_index, x.detach().cpu(), z.detach().cpu().to_sparse())  # the batch's precision
 
     def _keep(self, tokens: Tensor, x: Tensor, z: Tensor) -> None:
         if self.x is not None:
@@ -441,24 +443,25 @@ class _LayerAssembler:
         change, first = (t.cpu() for t in plan.audit_changes[name])
         held = plan.state.changes(name)
         est = pol.estimate(held.sum.cpu(), held.sum_sq.cpu(), self.n_held)
-        touched = held.touched.cpu().tolist()
-        steps = family.step.cpu().tolist()
+        means, ses, p_values = (list(map(_number, t.tolist())) for t in (est.mean, est.se, est.p_value))
+        touched, steps = held.touched.cpu().tolist(), family.step.cpu().tolist()
+        changes, firsts = change.tolist(), first.tolist()
+        scales = [self.loss] * len(family) if scales is None else scales.tolist()
         count_threshold = self.policy.alpha / max(self.n_pairs, 1)
         out = []
         for k in range(len(family)):
-            mean = _number(est.mean[k])
+            mean = means[k]
             gain = None if mean is None else -mean
-            scale = self.loss if scales is None else float(scales[k])
-            share = None if gain is None or not scale > 0 else gain / scale
+            share = None if gain is None or not scales[k] > 0 else gain / scales[k]
             verdict = pol.decide(
-                self.policy, audit_change=float(change[k]), held_out=mean, se=_number(est.se[k]),
-                touched=int(touched[k]), z=self.z, share=share, layer_finding=layer_finding,
+                self.policy, audit_change=changes[k], held_out=mean, se=ses[k],
+                touched=touched[k], z=self.z, share=share, layer_finding=layer_finding,
                 count_p=None if count_p is None else count_p[k], count_threshold=count_threshold,
             )
             out.append(CertificateCheck(
-                condition=family.condition, step=steps[k], predicted=float(first[k]) / n_audit,
-                measured=float(change[k]) / n_audit, held_out=mean, held_out_se=_number(est.se[k]),
-                p_value=_number(est.p_value[k]) if mean is not None else None, gain=gain, share=share,
+                condition=family.condition, step=steps[k], predicted=firsts[k] / n_audit,
+                measured=changes[k] / n_audit, held_out=mean, held_out_se=ses[k],
+                p_value=p_values[k] if mean is not None else None, gain=gain, share=share,
                 tier=verdict.tier, reason=verdict.reason, n_audit=n_audit, n_held_out=self.n_held,
                 n_touched=int(touched[k]), count_p_value=None if count_p is None else count_p[k],
             ))
@@ -513,12 +516,13 @@ class _LayerAssembler:
     # -- pairs ----------------------------------------------------------------------------
     def _pairs(self, found: list[dict[str, CertificateCheck]]) -> list[PairRow]:
         plan, p = self.plan, self.plan.pairs
-        order = plan.pair_order.cpu().tolist()
+        order = plan.pair_order.cpu()
         n = self.stats.n_tokens
+        columns = ("i", "j", "kind", "rho", "bound", "threshold", "margin", "count_i", "count_j", "co_count")
+        pair = {name: getattr(p, name)[order].tolist() for name in columns}  # Python lists: no per-pair tensor access
         count_p = []
-        for k in order:
-            count_i, count_j, co = int(p.count_i[k]), int(p.count_j[k]), int(p.co_count[k])
-            if int(p.kind[k]) > 0:  # j fires with i more often than independence allows
+        for kind, count_i, count_j, co in zip(pair["kind"], pair["count_i"], pair["count_j"], pair["co_count"]):
+            if kind > 0:  # j fires with i more often than independence allows
                 count_p.append(pol.count_p_value(co, count_j, count_i / n))
             else:  # j fires where i is off more often than independence allows
                 count_p.append(pol.count_p_value(count_j - co, n - count_i, count_j / n))
@@ -527,17 +531,17 @@ class _LayerAssembler:
             if "C2" in plan.families else [None] * len(order)
         )
         rows: list[PairRow] = []
-        mu = self.stats.mu
-        for rank, k in enumerate(order):
-            i, j = int(p.i[k]), int(p.j[k])
+        mu = self.stats.mu.tolist()
+        for rank in range(len(order)):
+            i, j = pair["i"][rank], pair["j"][rank]
             check = checks[rank]
-            count_j, co = int(p.count_j[k]), int(p.co_count[k])
-            margin = float(p.margin[k])
+            count_j, co = pair["count_j"][rank], pair["co_count"][rank]
+            margin = pair["margin"][rank]
             rows.append(PairRow(
-                i=i, j=j, kind="hierarchy" if int(p.kind[k]) > 0 else "complementary",
-                rho=float(p.rho[k]), bound=float(p.bound[k]), threshold=float(p.threshold[k]),
-                margin=margin, relative_margin=margin / float(mu[j]),
-                count_i=int(p.count_i[k]), count_j=count_j, co_count=co,
+                i=i, j=j, kind="hierarchy" if pair["kind"][rank] > 0 else "complementary",
+                rho=pair["rho"][rank], bound=pair["bound"][rank], threshold=pair["threshold"][rank],
+                margin=margin, relative_margin=margin / mu[j],
+                count_i=pair["count_i"][rank], count_j=count_j, co_count=co,
                 p_j_without_i_upper=pol.upper_rate(count_j - co, count_j),
                 tier="violated" if check is None else check.tier, certificate=check,
             ))
@@ -633,10 +637,10 @@ class _LayerAssembler:
         x, z = sample.x.to(device), sample.z.to_dense().to(device)
         atoms, bias = plan.atoms.double(), plan.bias.double()
         solve = exact_codes(x, atoms, bias, plan.lam, z, max_iter=opts.code_gap_max_iter, tol=opts.code_gap_tol)
-        gains = token_losses(x, atoms, z, bias, plan.lam) - token_losses(x, atoms, solve.z, bias, plan.lam)
+        gains = solve.loss_before - solve.loss_after
         n = len(gains)
         est = pol.estimate(gains.sum()[None], (gains**2).sum()[None], n)
-        before = token_losses(x, atoms, z, bias, plan.lam).mean()
+        before = solve.loss_before.mean()
         return {
             "gain": float(est.mean[0]), "se": _number(est.se[0]), "n_tokens": n,
             "share": float(est.mean[0] / before) if before > 0 else None,
@@ -650,10 +654,10 @@ class _LayerAssembler:
         flagged = [k for k, c in enumerate(found) if c]
         top: dict[int, tuple[list[float], list[int]]] = {}
         if flagged and st.codes is not None and st.codes.n_tokens:
-            values, tokens = st.codes.top_tokens(torch.tensor(flagged), self.opts.top_tokens)
-            for row, k in enumerate(flagged):
-                keep = values[row] > 0
-                top[k] = (values[row][keep].tolist(), tokens[row][keep].tolist())
+            values, tokens = (t.tolist() for t in st.codes.top_tokens(torch.tensor(flagged), self.opts.top_tokens))
+            for k, row_values, row_tokens in zip(flagged, values, tokens):
+                kept = [(v, t) for v, t in zip(row_values, row_tokens) if v > 0]
+                top[k] = ([v for v, _ in kept], [t for _, t in kept])
         mu, floor = st.mu.tolist(), plan.floor.floor.tolist()
         counts, maxima, sizes3 = st.active_count.tolist(), st.max_z.tolist(), plan.decoder.size.tolist()
         g4, size4 = self._g4()

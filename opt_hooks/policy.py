@@ -149,7 +149,7 @@ def decide(
         return Verdict("violated", "no held-out tokens to confirm it")
     if touched < policy.min_touched:
         return Verdict("violated", f"changes only {touched} held-out token(s) (fewer than {policy.min_touched})")
-    if not bool(significant(torch.tensor([held_out], dtype=torch.float64), torch.tensor([se], dtype=torch.float64), z)[0]):
+    if not (held_out < 0 and held_out + z * se < 0):  # `significant` on Python floats (float64)
         return Verdict("violated", "held-out descent not significant")
     if count_p is not None and count_threshold is not None and not count_p < count_threshold:
         return Verdict("violated", "co-activation not significant against independence")

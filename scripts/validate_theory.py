@@ -311,7 +311,8 @@ def study_dense_dead(sizes: Sizes) -> tuple[Table, Table]:
     dead = Table(
         f"D. Dead features and C6 (lam = l1 = {LAM}: while a feature is dead, C6 asks every "
         f"‖r_n‖ <= lam/2 = {LAM / 2:g})",
-        ["case", "seed", "dead", "max ‖r‖", "tokens with ‖r‖ > lam/2", "C6 tier", "measured dL", "held-out dL"],
+        ["case", "seed", "dead", "max ‖r‖", "tokens with ‖r‖ > lam/2", "C6 tier", "measured dL", "held-out dL",
+         "held-out p"],
     )
     for seed in sizes.seeds:
         world = dense_dead_world(seed)
@@ -338,10 +339,10 @@ def study_dense_dead(sizes: Sizes) -> tuple[Table, Table]:
 
 def _c6_row(table: Table, name: str, seed: int, layer: LayerResult) -> None:
     c6 = layer.layer_conditions["C6"]
-    check = c6["certificate"] or {}
+    check = c6["certificate"]
     share = c6["n_over_threshold"] / layer.n_tokens
-    table.add(name, seed, c6["n_dead"], c6["max_rnorm"], f"{share:.0%}", c6["tier"], check.get("measured"),
-              check.get("held_out"))
+    table.add(name, seed, c6["n_dead"], c6["max_rnorm"], f"{share:.0%}", c6["tier"],
+              *((None,) * 3 if check is None else (check.measured, check.held_out, check.p_value)))
 
 
 def main(argv: list[str] | None = None) -> int:

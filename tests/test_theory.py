@@ -186,6 +186,9 @@ def test_c4_shrunk_codes(learned):
     on, off = g4_parts(shrunk, r @ atoms.T, lam)
     code = cond.c4_codes(on, off, (shrunk > 0).sum(0), len(x), lam)
     assert float(code.size.min()) > 1e-2
+    share = (shrunk > 0).double().mean(0)  # G4 / (lam * active share): mean |2 <d, r> / lam - 1| per active token
+    torch.testing.assert_close(code.gain, (on + off) / len(x), rtol=1e-12, atol=0)
+    torch.testing.assert_close(code.size, (on + off) / len(x) / (lam * share), rtol=1e-12, atol=0)
     for k in range(6):  # growing the codes back lowers L, to first order by t sum_n z (lam - 2 q)
         measured = exact_change(family, k, 1e-3, x, atoms, shrunk, bias, lam)
         predicted = 1e-3 * float((shrunk[:, k] * (lam - 2 * r @ atoms[k])).mean())

@@ -79,7 +79,8 @@ def _layer_block(layer: LayerResult) -> str:
         f"  scope       {layer.scope}  [{layer.architecture}, {layer.d_sae:,} features, d_in {layer.d_in:,}]",
         f"  lam         {lam_line}",
         f"  tokens      {layer.n_tokens:,} audit + {layer.n_held_out:,} held-out; "
-        f"{layer.n_tests:,} certificates tested at alpha {fmt(layer.alpha)} (Bonferroni)",
+        f"{layer.n_tests:,} certificates tested at alpha {fmt(layer.alpha)} "
+        f"(Bonferroni: p < {fmt(layer.alpha / max(layer.n_tests, 1))} each)",
         f"  objective   {objective_text(layer)}",
         *[f"  {name + ' gap':<11} {text}" for name, text in gaps],
         f"  features    certified {tiers['certified']:,}  violated {tiers['violated']:,}  "

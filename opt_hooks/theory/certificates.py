@@ -165,18 +165,19 @@ class PairCertificates:
         if len(self) == 0:
             return self.step.clone()
         grid = torch.tensor(PAIR_STEPS, dtype=torch.float64, device=self.i.device)
-        changes = torch.stack([self.audit_change(stats, lam, torch.full_like(self.step, float(e)))[0] for e in grid])
+        changes, _ = self.audit_change(stats, lam, grid[:, None].expand(-1, len(self)))  # one pass, every step
         best = changes.argmin(0)
         # no step descends: keep the smallest (the change is then reported as a rise)
         best = torch.where(changes.min(0).values < 0, best, len(grid) - 1)
         return grid[best]
 
     def audit_change(self, stats: LayerStatistics, lam: float, step: Tensor) -> tuple[Tensor, Tensor]:
+        """`step` (P,), or (E, P) for E steps of every pair evaluated in one pass over the codes."""
         codes = stats.codes
         if codes is None or codes.aux is None:
             raise ValueError("C2 certificates need the sparse codes with their projections")
         device = self.i.device
-        totals = _Totals(len(self), device)
+        totals = _Totals(step.shape, device)
         codes = codes.to(device)
         order, start, count = codes.by_feature()
         row_of, keys = codes.row_ids(), codes.keys()
@@ -216,7 +217,7 @@ class PairCertificates:
 
     def dense_changes(self, z: Tensor, q: Tensor, lam: float) -> TokenChanges:
         """The per-token changes on tokens given as dense codes z and projections q = r D^T."""
-        totals = _Totals(len(self), z.device, squares=True)
+        totals = _Totals(self.step.shape, z.device, squares=True)
         hierarchy = self.kind > 0
         codes = SparseBatch(z)  # nonnegative codes: the nonzeros are the active entries
         order, start, count = codes.by_feature
@@ -244,9 +245,10 @@ class PairCertificates:
 
     def _element_changes(self, zi: Tensor, zj: Tensor, qi: Tensor, qj: Tensor, pairs: Tensor, lam: float,
                          step: Tensor) -> tuple[Tensor, Tensor]:
-        """Exact and first-order change of loss_n for each (token, pair) element."""
+        """Exact and first-order change of loss_n for each (token, pair) element (and each step
+        when `step` is (E, P))."""
         s, t, rho = self.kind[pairs].double(), self.bound[pairs].double(), self.rho[pairs].double()
-        eps = step[pairs]
+        eps = step[..., pairs]
         nu = torch.sqrt(1 + eps**2 * (1 - rho**2))
         grow = 1 + s * eps * rho
         t_eps = self.shifted_bound(eps, pairs)
@@ -271,10 +273,11 @@ class PairCertificates:
 
 
 class _Totals:
-    """Per-pair sums of element changes (and, for held-out tokens, their squares and counts)."""
+    """Per-pair sums of element changes (and, for held-out tokens, their squares and counts), of
+    shape (P,) or (E, P): pairs on the last axis."""
 
-    def __init__(self, n: int, device: torch.device, squares: bool = False) -> None:
-        zeros = lambda dtype=torch.float64: torch.zeros(n, dtype=dtype, device=device)  # noqa: E731
+    def __init__(self, shape: torch.Size, device: torch.device, squares: bool = False) -> None:
+        zeros = lambda dtype=torch.float64: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         self.change, self.first = zeros(), zeros()
         self.squares = squares
         self.change_sq, self.touched = zeros(), zeros(torch.int64)
@@ -288,11 +291,12 @@ class _Totals:
             self.touched += torch.where(change != 0, count, 0.0).long()
 
     def add(self, pairs: Tensor, change: Tensor, first: Tensor) -> None:
-        self.change.index_add_(0, pairs, change)
-        self.first.index_add_(0, pairs, first)
+        axis = self.change.dim() - 1
+        self.change.index_add_(axis, pairs, change)
+        self.first.index_add_(axis, pairs, first)
         if self.squares:
-            self.change_sq.index_add_(0, pairs, change**2)
-            self.touched.index_add_(0, pairs, (change != 0).long())
+            self.change_sq.index_add_(axis, pairs, change**2)
+            self.touched.index_add_(axis, pairs, (change != 0).long())
 
 
 @dataclass
@@ -316,6 +320,9 @@ class DecoderCertificates:
         return len(self.features)
 
     def _sums(self, stats: LayerStatistics) -> tuple[Tensor, Tensor, Tensor]:
+        return _once(self, stats, lambda: self._compute_sums(stats))
+
+    def _compute_sums(self, stats: LayerStatistics) -> tuple[Tensor, Tensor, Tensor]:
         features = self.features.to(stats.sum_z_r.device)
         zr = stats.sum_z_r[features].to(self.atom.device)
         return (zr * self.atom.double()).sum(-1), (zr * self.direction.double()).sum(-1), stats.sum_z2[features].to(zr.device)
@@ -373,6 +380,9 @@ class CodeCertificates:
         return len(self.features)
 
     def _sums(self, stats: LayerStatistics) -> tuple[Tensor, Tensor, Tensor]:
+        return _once(self, stats, lambda: self._compute_sums(stats))
+
+    def _compute_sums(self, stats: LayerStatistics) -> tuple[Tensor, Tensor, Tensor]:
         features = self.features.to(stats.sum_z.device)
         z_q = (stats.sum_z_r[features].to(self.atom.device) * self.atom.double()).sum(-1)
         return stats.sum_z[features].to(z_q.device), z_q, stats.sum_z2[features].to(z_q.device)
@@ -521,16 +531,17 @@ class DecoderStep:
 
     def __post_init__(self) -> None:
         self.step = torch.zeros(1, dtype=torch.float64, device=self.gradient.device)
-        self._curvature: float | None = None
 
     def __len__(self) -> int:
         return 1
 
     def _sums(self, stats: LayerStatistics) -> tuple[float, float, Tensor, Tensor]:
+        return _once(self, stats, lambda: self._compute_sums(stats))
+
+    def _compute_sums(self, stats: LayerStatistics) -> tuple[float, float, Tensor, Tensor]:
         along = float((stats.sum_z_r.to(self.gradient.device) * self.gradient).sum())
-        if self._curvature is None:
-            self._curvature = _csr_product_norm2(stats.codes, self.gradient, self.chunk_rows) if stats.codes is not None else 0.0
-        return along, self._curvature, stats.sum_z.to(self.gradient.device), (self.gradient**2).sum(-1)
+        curvature = _csr_product_norm2(stats.codes, self.gradient, self.chunk_rows) if stats.codes is not None else 0.0
+        return along, curvature, stats.sum_z.to(self.gradient.device), (self.gradient**2).sum(-1)
 
     def _change(self, t: float, along: float, curvature: float, sum_z: Tensor, g2: Tensor, lam: float) -> float:
         return -2 * t * along + t * t * curvature + lam * float((sum_z * (torch.sqrt(1 + t * t * g2) - 1)).sum())
@@ -567,6 +578,16 @@ class DecoderStep:
         moved = atoms + t * self.gradient.to(atoms.dtype)
         norms = moved.norm(dim=-1)
         return moved / norms.clamp(min=1e-300)[:, None], z * norms, bias
+
+
+def _once(family: object, stats: LayerStatistics, compute):
+    """A family's sums of pass-1 statistics, computed once per statistics object: the line search
+    and the audit change read the same (K, d) products."""
+    cached = family.__dict__.get("_sums_of")
+    if cached is None or cached[0] is not stats:
+        cached = (stats, compute())
+        family.__dict__["_sums_of"] = cached
+    return cached[1]
 
 
 def _csr_product_norm2(codes: CSR, matrix: Tensor, chunk_rows: int) -> float:

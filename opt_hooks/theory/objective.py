@@ -43,7 +43,7 @@ def residuals(x: Tensor, atoms: Tensor, z: Tensor, bias: Tensor) -> Tensor:
 def token_losses(x: Tensor, atoms: Tensor, z: Tensor, bias: Tensor, lam: float) -> Tensor:
     """Per-token objective ||r_n||^2 + lam * sum_i z_in, in float64."""
     x, atoms, z, bias = (t.double() for t in (x, atoms, z, bias))
-    r = residuals(x, atoms, z, bias)
+    r = x - bias - torch.sparse.mm(z.to_sparse(), atoms)  # codes are sparse: nnz x d, not n x K x d
     return (r * r).sum(-1) + lam * z.sum(-1)
 
 
