@@ -196,3 +196,25 @@ def test_held_out_codes_of_a_feature_dead_on_the_audit_tokens():
     plan.update(x, z, held_out=torch.tensor([False, True]))
     layer = plan.result()
     assert layer.n_held_out == 1 and layer.dead_features == [0]
+
+
+def test_spare_rule_with_a_tie_at_the_radius():
+    """Two tokens share the smallest kept residual norm, and only one of them is kept: the rule
+    codes tokens strictly beyond the radius, so the audit side (kept tokens) and the token-by-token
+    evaluation (every token) still agree."""
+    g = torch.Generator().manual_seed(3)
+    v = torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64) / 3
+    small = 0.01 * torch.randn(20, 3, generator=g, dtype=torch.float64)
+    x = torch.cat([small, torch.stack([3 * v, 2 * v, 2 * v])])
+    atoms = torch.nn.functional.normalize(torch.tensor([[0.0, 0.0, 1.0], [1.0, -1.0, 0.0]], dtype=torch.float64), dim=1)
+    z = torch.zeros(len(x), 2, dtype=torch.float64)
+    z[:20, 0] = 0.01 * torch.rand(20, generator=g, dtype=torch.float64)
+    bias = torch.zeros(3, dtype=torch.float64)
+    audit = LayerAudit(atoms, bias, lam=0.5, options=AuditOptions(worst_k=2))
+    audit.update(x, z)
+    plan = audit.plan()
+    family = plan.families["C6"]
+    assert family.radius == pytest.approx(2.0) and float(plan.stats.worst_rnorm[-1]) == pytest.approx(2.0)
+    tokens = family.held_out(TokenBatch(x, z, atoms, bias), 0.5)
+    torch.testing.assert_close(plan.audit_changes["C6"][0], tokens.sum, rtol=1e-12, atol=1e-12)
+    assert int(tokens.touched[0]) == 1  # only the token beyond the radius is coded
