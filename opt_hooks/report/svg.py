@@ -61,13 +61,14 @@ def tier_bars(rows: list[tuple[str, dict[str, int]]]) -> str:
                     f"<title>{escape(tip)}</title></rect>"
                 )
             x += w
-        flagged = counts.get("certified", 0) + counts.get("violated", 0)
-        body.append(_text(label_w + bar_w + 6, y + 15, f"{flagged:,} flagged / {total:,}", "axis"))
+        certified = counts.get("certified", 0)
+        body.append(_text(label_w + bar_w + 6, y + 15, f"{certified:,} certified / {total:,}", "axis"))
     return _svg(label_w + bar_w + 130, height, body, "features per tier, per layer")
 
 
 def condition_grid(rows: list[tuple[str, dict[str, int]]], conditions: list[str]) -> str:
-    """Heat map: layers x conditions, each cell the number of flagged features (pairs for C2)."""
+    """Heat map: layers x conditions, each cell a count of features (pairs for C2) from
+    `LayerResult.condition_counts` (the report draws the certified ones)."""
     label_w, cell_w, cell_h, top = 230, 70, 24, 22
     height = top + cell_h * len(rows) + 6
     peak = {c: max([counts.get(c, 0) for _, counts in rows] + [1]) for c in conditions}
@@ -84,7 +85,7 @@ def condition_grid(rows: list[tuple[str, dict[str, int]]], conditions: list[str]
                 f'class="heat" fill-opacity="{opacity:.2f}"><title>{escape(f"{name} {c}: {n:,}")}</title></rect>'
             )
             body.append(_text(x + cell_w / 2, y + 16, f"{n:,}", "cell on-dark" if opacity > 0.55 else "cell", "middle"))
-    return _svg(label_w + cell_w * len(conditions) + 10, height, body, "flagged counts per condition and layer")
+    return _svg(label_w + cell_w * len(conditions) + 10, height, body, "certified counts per condition and layer")
 
 
 def histogram(values: list[float], title: str, bins: int = 24, lo: float = 0.0, hi: float | None = None) -> str:
