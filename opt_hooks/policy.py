@@ -30,7 +30,7 @@ TIER_RANK = {"certified": 0, "violated": 1, "satisfied": 2}
 # The default materiality thresholds, chosen from measurements (docs/THEORY.md, "Verdicts").
 MIN_SHARE = 0.01  # a feature finding must recover at least 1% of the feature's own value
 MIN_LAYER_SHARE = 1e-3  # a layer finding must recover at least 0.1% of the layer's held-out L
-MIN_TOUCHED = 10  # held-out tokens a certificate must change before its SE is trusted
+MIN_TOUCHED = 30  # held-out tokens a certificate must change before its normal-approximation SE is trusted
 
 
 @dataclass(frozen=True)

@@ -377,7 +377,7 @@ def test_generate_inside_a_monitor(tiny_model, sae1, sae2, kv_cache):
     assert one.n_tokens + one.n_held_out == fed
     assert (one.n_tokens, one.n_held_out) == (two.n_tokens, two.n_held_out), "both SAEs saw the same tokens"
     # a short session: a handful of held-out tokens certify nothing, and below the policy's
-    # min_touched (10) the notes say that nothing could be
+    # min_touched (30) the notes say that nothing could be
     assert one.n_held_out < 20 and one.tier_counts()["certified"] == 0 and one.tier_counts()["violated"] > 0
     said = any("no certificate can be certified" in note for note in one.notes)
     assert said == (one.n_held_out < oh.AuditOptions().min_touched)
