@@ -420,12 +420,17 @@ def _sae_objects(saes: Any) -> list[Any]:
     return [saes]
 
 
+CONTEXT_FEATURES = 200  # per layer: the top-ranked features whose top tokens get context snippets
+
+
 def _token_texts(result: AuditResult, windows: Tensor, model: Any, before: int = 12, after: int = 4) -> dict[int, str]:
-    """Context snippets for the top tokens of flagged features and the worst residuals."""
+    """Context snippets for the top tokens of every certified feature and of the top-ranked others
+    (at least CONTEXT_FEATURES per layer), and for the worst residuals."""
     wanted: set[int] = set()
     for layer in result.layers.values():
-        for f in layer.features:
-            if f.tier != "satisfied":
+        for rank, feature_id in enumerate(layer.flagged()):
+            f = layer.features[feature_id]
+            if f.tier == "certified" or rank < CONTEXT_FEATURES:
                 wanted.update(f.top_tokens)
         wanted.update(layer.layer_conditions.get("C6", {}).get("worst_tokens", []))
     try:

@@ -399,3 +399,21 @@ def _decode_png(data: bytes) -> tuple[int, int, bytes]:
         else:
             rgb += b"".join(bytes(line[k : k + 3]) for k in range(0, stride, 4))
     return width, height, bytes(rgb)
+
+
+def test_context_snippets_cover_certified_and_top_ranked_features(monkeypatch, minilm_tokenizer):
+    """Snippets are decoded for every certified feature and the top-ranked others, not for every
+    feature with a descent (at 24k features that would be 120k decodes)."""
+    import torch
+
+    from opt_hooks import api
+
+    result = make_result()
+    windows = torch.randint(1000, 2000, (4, 128), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(api, "CONTEXT_FEATURES", 1)
+    texts = api._token_texts(result, windows, minilm_tokenizer)
+    # per layer: certified 7 and 3, rank-0 feature 7; violated 11 and 12 (ranks 2, 3) left out; C6's worst tokens
+    assert set(texts) == {7, 107, 3, 103, 5, 300}
+    assert all("[[" in text and "]]" in text for text in texts.values())
+    monkeypatch.setattr(api, "CONTEXT_FEATURES", 4)
+    assert set(api._token_texts(result, windows, minilm_tokenizer)) == {7, 107, 3, 103, 11, 111, 12, 112, 5, 300}
