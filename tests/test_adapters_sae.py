@@ -2,7 +2,6 @@
 against SAE-Lens' own forward pass (and, for the standard SAE, its own training loss)."""
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
