@@ -88,9 +88,10 @@ def normal_quantile(p: float) -> float:
     return float(torch.special.ndtri(torch.tensor(p, dtype=torch.float64)))
 
 
-def significant(mean: Tensor, se: Tensor, z: float) -> Tensor:
-    """change + z SE < 0, and a strict descent; exact ties (0 change, SE 0) are not descents."""
-    return (mean < 0) & (mean + z * torch.nan_to_num(se, nan=math.inf) < 0)
+def significant(mean: float, se: float, z: float) -> bool:
+    """change + z SE < 0, and a strict descent; exact ties (0 change, SE 0) are not descents.
+    Python floats: float64 throughout (a NaN SE is never significant)."""
+    return mean < 0 and mean + z * se < 0
 
 
 def count_p_value(hits: int, trials: int, rate: float) -> float:
@@ -149,7 +150,7 @@ def decide(
         return Verdict("violated", "no held-out tokens to confirm it")
     if touched < policy.min_touched:
         return Verdict("violated", f"changes only {touched} held-out token(s) (fewer than {policy.min_touched})")
-    if not (held_out < 0 and held_out + z * se < 0):  # `significant` on Python floats (float64)
+    if not significant(held_out, se, z):
         return Verdict("violated", "held-out descent not significant")
     if count_p is not None and count_threshold is not None and not count_p < count_threshold:
         return Verdict("violated", "co-activation not significant against independence")

@@ -217,7 +217,7 @@ class PairCertificates:
 
     def dense_changes(self, z: Tensor, q: Tensor, lam: float) -> TokenChanges:
         """The per-token changes on tokens given as dense codes z and projections q = r D^T."""
-        totals = _Totals(self.step.shape, z.device, squares=True)
+        totals = _Totals(self.step.shape, z.device, held_out=True)
         hierarchy = self.kind > 0
         codes = SparseBatch(z)  # nonnegative codes: the nonzeros are the active entries
         order, start, count = codes.by_feature
@@ -273,30 +273,34 @@ class PairCertificates:
 
 
 class _Totals:
-    """Per-pair sums of element changes (and, for held-out tokens, their squares and counts), of
-    shape (P,) or (E, P): pairs on the last axis."""
+    """Per-pair sums of element changes, of shape (P,) or (E, P) (pairs on the last axis): on the
+    audit tokens with their first-order parts, on held-out tokens with their squares and counts."""
 
-    def __init__(self, shape: torch.Size, device: torch.device, squares: bool = False) -> None:
+    def __init__(self, shape: torch.Size, device: torch.device, held_out: bool = False) -> None:
         zeros = lambda dtype=torch.float64: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
-        self.change, self.first = zeros(), zeros()
-        self.squares = squares
-        self.change_sq, self.touched = zeros(), zeros(torch.int64)
+        self.change, self.held_out = zeros(), held_out
+        if held_out:
+            self.change_sq, self.touched = zeros(), zeros(torch.int64)
+        else:
+            self.first = zeros()
 
     def add_constant(self, change: Tensor, first: Tensor, count: Tensor) -> None:
         """`count` tokens of each pair that all change by `change`."""
         self.change += change * count
-        self.first += first * count
-        if self.squares:
+        if self.held_out:
             self.change_sq += change**2 * count
             self.touched += torch.where(change != 0, count, 0.0).long()
+        else:
+            self.first += first * count
 
     def add(self, pairs: Tensor, change: Tensor, first: Tensor) -> None:
         axis = self.change.dim() - 1
         self.change.index_add_(axis, pairs, change)
-        self.first.index_add_(axis, pairs, first)
-        if self.squares:
+        if self.held_out:
             self.change_sq.index_add_(axis, pairs, change**2)
             self.touched.index_add_(axis, pairs, (change != 0).long())
+        else:
+            self.first.index_add_(axis, pairs, first)
 
 
 @dataclass
