@@ -640,10 +640,9 @@ class _LayerAssembler:
         gains = solve.loss_before - solve.loss_after
         n = len(gains)
         est = pol.estimate(gains.sum()[None], (gains**2).sum()[None], n)
-        before = solve.loss_before.mean()
-        return {
+        return {  # a share of the layer's held-out L, as every gap (THEORY.md section 5)
             "gain": float(est.mean[0]), "se": _number(est.se[0]), "n_tokens": n,
-            "share": float(est.mean[0] / before) if before > 0 else None,
+            "share": float(est.mean[0]) / self.loss if self.loss > 0 else None,
             "l0_before": float((z > 0).sum(1).double().mean()), "l0_after": float((solve.z > 0).sum(1).double().mean()),
             "iterations": solve.iterations, "converged": solve.converged, "tol": opts.code_gap_tol,
         }

@@ -209,7 +209,9 @@ def test_code_gap_equals_a_brute_force_lasso_solve():
     audit.update(x[~held], z[~held])
     plan = audit.plan()
     plan.update(x, z, torch.arange(n), held_out=held)
-    gap = plan.result().gaps["codes"]
+    layer = plan.result()
+    gap = layer.gaps["codes"]
+    assert gap["share"] == pytest.approx(gap["gain"] / layer.objective["L"], rel=1e-12)  # of the held-out L
     sample = torch.nonzero(held).flatten()[:200]  # the lowest-indexed held-out tokens
     exact = nonneg_lasso(x[sample], atoms, bias, 0.2, iters=20_000)
     gains = token_losses(x[sample], atoms, z[sample], bias, 0.2) - token_losses(x[sample], atoms, exact, bias, 0.2)
