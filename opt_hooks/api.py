@@ -106,13 +106,14 @@ class _Router:
     def replay_calibration(self) -> None:
         """Feed pass 1 the calibration windows' codes (this rank's share): not streamed twice."""
         for key, batches in (self.replay or {}).items():
-            for x, nonzero, values, index in batches:
+            for x, nonzero, values, index, w in batches:
                 z = values.new_zeros(x.shape[0], self.audits[key].atoms.shape[0])
                 z[nonzero] = values
-                self.audits[key].update(x, z, index)
+                self.audits[key].update(x, z, index, w)
         self.replay = None
 
-    def on_codes(self, key: str, x: Tensor, z: Tensor) -> None:
+    def on_codes(self, key: str, x: Tensor, z: Tensor, w: Tensor | None = None) -> None:
+        """One batch of one SAE in theory units (x, z and the token weights w, see SAEView)."""
         batch = self.batch
         if batch is None or len(batch.token_index) != x.shape[0]:
             raise RuntimeError(
@@ -125,25 +126,25 @@ class _Router:
         if self.replay is not None:  # calibrating: estimate, and keep this rank's rows for pass 1
             rows = keep & ~held
             if key in self.calibrations:
-                self.calibrations[key].update(x[rows], z[rows])
+                self.calibrations[key].update(x[rows], z[rows], _rows(w, rows))
             mine = rows & self.ranks.own(batch.window.to(device))
             if bool(mine.all()):
-                x_mine, z_mine, index_mine = x, z, index
+                x_mine, z_mine, index_mine, w_mine = x, z, index, w
             else:
-                x_mine, z_mine, index_mine = x[mine], z[mine], index[mine]
+                x_mine, z_mine, index_mine, w_mine = x[mine], z[mine], index[mine], _rows(w, mine)
             nonzero = z_mine.nonzero(as_tuple=True)  # the codes kept sparse until pass 1 reads them
-            self.replay[key].append((x_mine, nonzero, z_mine[nonzero], index_mine))
+            self.replay[key].append((x_mine, nonzero, z_mine[nonzero], index_mine, w_mine))
         elif self.plans is None:
             rows = keep & ~held
             if bool(rows.all()):  # no copy of the (n, K) codes when every row is kept
-                self.audits[key].update(x, z, index)
+                self.audits[key].update(x, z, index, w)
             else:
-                self.audits[key].update(x[rows], z[rows], index[rows])
+                self.audits[key].update(x[rows], z[rows], index[rows], _rows(w, rows))
         else:
             plan = self.plans[key]
             rows = keep if plan.needs_audit_tokens else keep & held
             if bool(rows.any()):
-                plan.update(x[rows], z[rows], index[rows], held_out=held[rows])
+                plan.update(x[rows], z[rows], index[rows], held_out=held[rows], weight=_rows(w, rows))
 
     def _finite_rows(self, key: str, x: Tensor, z: Tensor, batch: _Batch) -> Tensor:
         z_min, z_max = z.aminmax() if z.numel() else (z.new_zeros(()), z.new_zeros(()))  # NaN propagates
@@ -215,6 +216,11 @@ class _Router:
         if self.skipped[key]:
             layer.notes.append(f"{self.skipped[key]} audit tokens with non-finite values were skipped")
         return layer
+
+
+def _rows(w: Tensor | None, rows: Tensor) -> Tensor | None:
+    """The token weights of the selected rows (None stays None: an unweighted SAE)."""
+    return None if w is None else w[rows]
 
 
 def _layer_audit(key: str, view: SAEView, lam: float | None, options: AuditOptions | None) -> LayerAudit:
@@ -498,9 +504,8 @@ def audit_activations(
                 if not bool(mine.any()):
                     continue
                 rows, index, held = rows[mine.to(rows.device)], index[mine], held[mine]
-                x, z = views[key].encode(rows)
                 router.batch = _Batch(index, torch.ones(len(index), dtype=torch.bool), held, index)
-                router.on_codes(key, x, z)
+                router.on_codes(key, *views[key].encode(rows))
             if seen == 0:
                 raise ValueError(f"{key}: the activation batches are empty; nothing to audit")
         router.merge_ranks()
@@ -519,9 +524,8 @@ def _calibrate_on_rows(router: _Router, view: SAEView, key: str, source: Any, he
         take = ~held & (audit_seen + torch.cumsum((~held).long(), 0) <= router.calibration_tokens)
         audit_seen += int((~held).sum())
         if bool(take.any()):
-            x, z = view.encode(rows[take.to(rows.device)])
             router.batch = _Batch(index[take], torch.ones(int(take.sum()), dtype=torch.bool), held[take], index[take])
-            router.on_codes(key, x, z)
+            router.on_codes(key, *view.encode(rows[take.to(rows.device)]))
         if audit_seen >= router.calibration_tokens:
             break
     router.batch = None
@@ -610,15 +614,17 @@ class Monitor:
             return
         self._pending_tokens = tokens.cpu().reshape(-1, tokens.shape[-1])
 
-    def _on_codes(self, key: str, x: Tensor, z: Tensor) -> None:
+    def _on_codes(self, key: str, x: Tensor, z: Tensor, w: Tensor | None = None) -> None:
         batch = self._batch
         if batch is None or key in self._consumed or len(batch.token_index) != x.shape[0]:
             batch = self._start_pass(x.shape[0])
         self._consumed.add(key)
         self.router.batch = batch
-        self.router.on_codes(key, x, z)
+        self.router.on_codes(key, x, z, w)
         keep = batch.keep.to(x.device) & torch.isfinite(x).all(1) & torch.isfinite(z).all(1)
-        self.seen[key].append((x[keep].cpu(), z[keep].to_sparse().cpu(), batch.token_index[keep.cpu()], batch.held[keep.cpu()]))
+        w_kept = None if w is None else w[keep].cpu()
+        self.seen[key].append((x[keep].cpu(), z[keep].to_sparse().cpu(), batch.token_index[keep.cpu()],
+                               batch.held[keep.cpu()], w_kept))
 
     def _start_pass(self, n: int) -> _Batch:
         """Number the n tokens of a new forward pass, when its codes first arrive.
@@ -652,11 +658,12 @@ class Monitor:
             if audit.n_tokens == 0:
                 raise ValueError(f"{key}: the monitor has seen no audit tokens yet; run a forward pass first")
             plan = audit.plan()
-            for x, z, index, held in self.seen[key]:
+            for x, z, index, held, w in self.seen[key]:
                 if not (plan.needs_audit_tokens or bool(held.any())):
                     continue
                 device = audit.atoms.device
-                plan.update(x.to(device), z.to_dense().to(device), index.to(device), held_out=held.to(device))
+                plan.update(x.to(device), z.to_dense().to(device), index.to(device), held_out=held.to(device),
+                            weight=None if w is None else w.to(device))
             results[key] = self.router.layer_result(key, plan)
         meta = {"model": model_name(self.model), "source": "monitor", "n_tokens": self._tokens,
                 "held_out": self.held_out, **_versions()}

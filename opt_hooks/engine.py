@@ -37,7 +37,7 @@ from opt_hooks.result import CertificateCheck, FeatureRow, LayerResult, PairRow
 from opt_hooks.theory import certificates as certs
 from opt_hooks.theory import conditions as cond
 from opt_hooks.theory.lasso import exact_codes
-from opt_hooks.theory.stats import LamStatistics, LamTotals, LayerStatistics, LayerStats, TokenBatch, residuals_at_entries
+from opt_hooks.theory.stats import LamStatistics, LamTotals, LayerStatistics, LayerStats, TokenBatch
 
 
 @dataclass
@@ -101,9 +101,11 @@ class LayerAudit:
         self.meta = dict(meta or {})
         self.stats = LayerStats(atoms, bias, lam=lam, worst_k=self.options.worst_k)
 
-    def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None) -> None:
-        _check_batch(x, z, self.atoms, token_index)
-        self.stats.update(x, z, token_index)
+    def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None, weight: Tensor | None = None) -> None:
+        """Add audit tokens: x (n, d), z (n, K) in theory units, `weight` (n,) their weights w_n
+        (THEORY.md section 1; None for an SAE without run-time normalisation)."""
+        _check_batch(x, z, self.atoms, token_index, weight)
+        self.stats.update(x, z, token_index, weight)
 
     def merge(self, other: "LayerAudit") -> "LayerAudit":
         self.stats.merge(other.stats)
@@ -135,7 +137,7 @@ class LayerAudit:
 
 class LamCalibration:
     """An unknown lam estimated before pass 1 (THEORY.md C4): lam_hat = 2 * median of
-    <d_i, r_n> over the active (n, i) of the calibration tokens, the first audit tokens.
+    w_n <d_i, r_n> over the active (n, i) of the calibration tokens, the first audit tokens.
 
     Known before pass 1, lam_hat lets C4's inactive terms be summed in pass 1 itself, so the
     audit tokens are streamed once. The calibration tokens are audit tokens like any other."""
@@ -149,9 +151,9 @@ class LamCalibration:
     def n_codes(self) -> int:
         return sum(len(p) for p in self.projections)
 
-    def update(self, x: Tensor, z: Tensor) -> None:
-        _check_batch(x, z, self.atoms, None)
-        self.projections.append(residuals_at_entries(x, z, self.atoms, self.bias)[3])
+    def update(self, x: Tensor, z: Tensor, weight: Tensor | None = None) -> None:
+        _check_batch(x, z, self.atoms, None, weight)
+        self.projections.append(TokenBatch(x, z, self.atoms, self.bias, weight=weight).projections)
         self.n_tokens += x.shape[0]
 
     def compute(self) -> float:
@@ -245,10 +247,11 @@ class AuditPlan:
         return sum(len(f) for name, f in self.families.items() if name in VERDICT_FAMILIES)
 
     # -- pass 2 -----------------------------------------------------------------------
-    def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None, held_out: Tensor | None = None) -> None:
+    def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None, held_out: Tensor | None = None,
+               weight: Tensor | None = None) -> None:
         """Add a batch of held-out tokens (held_out True) and, when `needs_audit_tokens`, audit
         tokens (False; otherwise they are ignored: pass 1's state already measured them)."""
-        _check_batch(x, z, self.atoms, token_index)
+        _check_batch(x, z, self.atoms, token_index, weight)
         if held_out is None:
             held_out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         if held_out.shape != (x.shape[0],) or held_out.dtype != torch.bool:
@@ -260,25 +263,28 @@ class AuditPlan:
         if not bool(rows.any()):
             return
         x, z, held_out, token_index = x[rows], z[rows], held_out[rows], token_index[rows]
+        weight = None if weight is None else weight[rows]
         if bool(held_out.any()):
-            self._add_held_out(x[held_out], z[held_out], token_index[held_out])
+            self._add_held_out(x[held_out], z[held_out], token_index[held_out], _rows_of(weight, held_out))
         audit = ~held_out
         if self.needs_audit_tokens and bool(audit.any()):
-            tokens = TokenBatch(x[audit], z[audit], self.atoms, self.bias, self.lam)
+            tokens = TokenBatch(x[audit], z[audit], self.atoms, self.bias, self.lam, _rows_of(weight, audit))
             self.state.n_audit += tokens.n_tokens
             totals = tokens.totals
             self.state.add_lam_terms(totals.over_count, totals.over_excess, totals.n_over_half_lam)
 
-    def _add_held_out(self, x: Tensor, z: Tensor, token_index: Tensor) -> None:
+    def _add_held_out(self, x: Tensor, z: Tensor, token_index: Tensor, weight: Tensor | None) -> None:
         lam, state = self.lam_or_zero, self.state
-        tokens = TokenBatch(x, z, self.atoms, self.bias)
+        tokens = TokenBatch(x, z, self.atoms, self.bias, weight=weight)
         state.n_held_out += tokens.n_tokens
         for name, family in self.families.items():
             state.add(name, family.held_out(tokens, lam))
         entries = tokens.entries
         values, q = entries.values.double(), tokens.projections.double()
-        state.value_sum += entries.per_feature(2 * values * q + values**2 - lam * values)  # v_i: removal's rise
-        mse = (tokens.r.double() ** 2).sum(-1)
+        # v_i, the rise of L when feature i is removed (its codes set to 0)
+        state.value_sum += entries.per_feature(2 * values * q + tokens.w(entries.rows) * values**2 - lam * values)
+        w = torch.ones(tokens.n_tokens, dtype=torch.float64, device=x.device) if weight is None else tokens.w()
+        mse = w * (tokens.r.double() ** 2).sum(-1)  # the SAE's own (weighted) squared error
         l1 = torch.zeros(tokens.n_tokens, dtype=torch.float64, device=mse.device).index_add_(0, entries.rows, values)
         loss = mse + lam * l1
         state.loss_sum += loss.sum()
@@ -286,10 +292,11 @@ class AuditPlan:
         state.mse_sum += mse.sum()
         state.l1_sum += l1.sum()
         state.nnz += len(values)
-        state.x_sum += x.double().sum(0)
-        state.x_sq_sum += (x.double() ** 2).sum()
+        state.weight_sum += w.sum()
+        state.x_sum += (w[:, None] * x.double()).sum(0)
+        state.x_sq_sum += (w * (x.double() ** 2).sum(-1)).sum()
         if self.lam is not None:
-            state.sample.update(x, z, token_index)
+            state.sample.update(x, z, token_index, weight)
 
     def merge(self, other: "AuditPlan") -> "AuditPlan":
         self.state.merge(other.state)
@@ -318,44 +325,53 @@ class AuditPlan:
 
 
 class TokenSample:
-    """The k held-out tokens of lowest token index (inputs and codes): the code gap's sample.
-    Chosen by index, so any batch split, merge order or rank split keeps the same tokens."""
+    """The k held-out tokens of lowest token index (inputs, codes, weights): the code gap's
+    sample. Chosen by index, so any batch split, merge order or rank split keeps the same tokens."""
 
     def __init__(self, k: int) -> None:
         self.k = k
         self.tokens = torch.zeros(0, dtype=torch.int64)
         self.x: Tensor | None = None  # (m, d), in the precision the batches came in
         self.z: Tensor | None = None  # (m, K), sparse COO while kept
+        self.weight: Tensor | None = None  # (m,) float64 w_n; None while every kept token has w_n = 1
 
-    def update(self, x: Tensor, z: Tensor, token_index: Tensor) -> None:
+    def update(self, x: Tensor, z: Tensor, token_index: Tensor, weight: Tensor | None = None) -> None:
         if self.k <= 0 or len(token_index) == 0:
             return
         token_index = token_index.cpu()
         if len(self.tokens) >= self.k and int(token_index.min()) > int(self.tokens.max()):
             return
-        self._keep(token_index, x.detach().cpu(), z.detach().cpu().to_sparse())  # the batch's precision
+        weight = None if weight is None else weight.detach().cpu().double()
+        self._keep(token_index, x.detach().cpu(), z.detach().cpu().to_sparse(), weight)  # the batch's precision
 
-    def _keep(self, tokens: Tensor, x: Tensor, z: Tensor) -> None:
+    def _keep(self, tokens: Tensor, x: Tensor, z: Tensor, weight: Tensor | None) -> None:
         if self.x is not None:
+            if weight is not None or self.weight is not None:
+                ones = lambda n: torch.ones(n, dtype=torch.float64)  # noqa: E731
+                weight = torch.cat([ones(len(self.tokens)) if self.weight is None else self.weight,
+                                    ones(len(tokens)) if weight is None else weight])
             tokens = torch.cat([self.tokens, tokens])
             x = torch.cat([self.x, x])
             z = torch.cat([self.z, z])
         order = torch.argsort(tokens, stable=True)[: self.k]
         self.tokens, self.x = tokens[order], x[order]
         self.z = z.index_select(0, order).coalesce()
+        self.weight = None if weight is None else weight[order]
 
     def merge(self, other: "TokenSample") -> None:
         if other.x is not None:
-            self._keep(other.tokens, other.x, other.z)
+            self._keep(other.tokens, other.x, other.z, other.weight)
 
     def state_dict(self) -> dict[str, Any]:
         if self.x is None:
             return {"tokens": self.tokens}
         z = self.z.coalesce()
-        return {"tokens": self.tokens, "x": self.x, "z_indices": z.indices(), "z_values": z.values(), "n_features": z.shape[1]}
+        state = {"tokens": self.tokens, "x": self.x, "z_indices": z.indices(), "z_values": z.values(),
+                 "n_features": z.shape[1]}
+        return state if self.weight is None else {**state, "weight": self.weight}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.tokens, self.x, self.z = state["tokens"], None, None
+        self.tokens, self.x, self.z, self.weight = state["tokens"], None, None, state.get("weight")
         if "x" in state:
             self.x = state["x"]
             shape = (len(self.tokens), state["n_features"])
@@ -380,7 +396,7 @@ class _Pass2State(LamStatistics):
             self.add_state(f"{name}_sum_sq", torch.zeros(len(family), **f64), "sum")
             self.add_state(f"{name}_touched", count(len(family)), "sum")
         self.add_state("value_sum", torch.zeros(n_features, **f64), "sum")
-        for name in ("loss_sum", "loss_sum_sq", "mse_sum", "l1_sum", "x_sq_sum"):
+        for name in ("loss_sum", "loss_sum_sq", "mse_sum", "l1_sum", "weight_sum", "x_sq_sum"):
             self.add_state(name, torch.zeros((), **f64), "sum")
         self.add_state("nnz", count(()), "sum")
         self.add_state("x_sum", torch.zeros(d, **f64), "sum")
@@ -604,8 +620,8 @@ class _LayerAssembler:
         state, n, lam = self.plan.state, self.n_held, self.plan.lam
         if n == 0:
             return {"L": None, "mse": None, "l1": None, "n_tokens": 0}
-        mean_x = state.x_sum / n
-        spread = float(state.x_sq_sum) - n * float((mean_x**2).sum())
+        # the inputs' (weighted) spread about their (weighted) mean: what explained variance compares with
+        spread = float(state.x_sq_sum) - float((state.x_sum**2).sum()) / float(state.weight_sum)
         est = pol.estimate(state.loss_sum[None], state.loss_sum_sq[None], n)
         return {
             "L": self.loss, "se": _number(est.se[0]), "mse": float(state.mse_sum) / n,
@@ -636,7 +652,9 @@ class _LayerAssembler:
         device = plan.atoms.device
         x, z = sample.x.to(device), sample.z.to_dense().to(device)
         atoms, bias = plan.atoms.double(), plan.bias.double()
-        solve = exact_codes(x, atoms, bias, plan.lam, z, max_iter=opts.code_gap_max_iter, tol=opts.code_gap_tol)
+        weight = None if sample.weight is None else sample.weight.to(device)
+        solve = exact_codes(x, atoms, bias, plan.lam, z, max_iter=opts.code_gap_max_iter, tol=opts.code_gap_tol,
+                            weight=weight)
         gains = solve.loss_before - solve.loss_after
         n = len(gains)
         est = pol.estimate(gains.sum()[None], (gains**2).sum()[None], n)
@@ -713,7 +731,11 @@ def _scatter_rows(zi: Tensor, zj: Tensor, limit: int) -> Tensor:
     return torch.cat([take(either, limit - limit // 10), take(neither, limit // 10)])
 
 
-def _check_batch(x: Tensor, z: Tensor, atoms: Tensor, token_index: Tensor | None) -> None:
+def _rows_of(weight: Tensor | None, rows: Tensor) -> Tensor | None:
+    return None if weight is None else weight[rows]
+
+
+def _check_batch(x: Tensor, z: Tensor, atoms: Tensor, token_index: Tensor | None, weight: Tensor | None = None) -> None:
     n_features, d = atoms.shape
     if x.ndim != 2 or x.shape[1] != d:
         raise ValueError(f"x must be (n, {d}) in the SAE's input space; got {tuple(x.shape)}")
@@ -729,3 +751,11 @@ def _check_batch(x: Tensor, z: Tensor, atoms: Tensor, token_index: Tensor | None
         )
     if z_min < 0:
         raise ValueError("codes must be nonnegative (theory units: z = f * ||W_dec||)")
+    if weight is not None:
+        if weight.shape != (x.shape[0],):
+            raise ValueError(f"weight must be ({x.shape[0]},), one token weight w_n per token; got {tuple(weight.shape)}")
+        if not bool((torch.isfinite(weight) & (weight > 0)).all()):
+            raise ValueError(
+                "token weights must be finite and > 0 (w_n = s_n^2, the square of the token's normalising "
+                "scale): a token with zero spread cannot be normalised; leave it out"
+            )

@@ -33,7 +33,7 @@ KINDS = {
     ),
 }
 MODES = ("none", "expected_average_only_in", "covariance_whitening")
-WEIGHTED_MODES = ("constant_norm_rescale", "layer_norm")  # refused: their training loss weights tokens
+WEIGHTED_MODES = ("constant_norm_rescale", "layer_norm")  # their training loss weights tokens
 EXTERNAL_MODES = ("expected_average_only_in", "covariance_whitening")
 
 
@@ -83,7 +83,7 @@ def test_residual_is_the_sae_reconstruction_error(kind, mode):
     acts = activations()
     state_before = dict(sae.__dict__)
 
-    x, z = view.encode(acts)
+    x, z, _ = view.encode(acts)
 
     assert sae.__dict__ == state_before, "encode left per-call state on the SAE"
     x_ref, error_ref, codes_ref = sae_lens_reference(sae, acts)
@@ -99,9 +99,27 @@ def test_residual_is_the_sae_reconstruction_error(kind, mode):
 
 @pytest.mark.parametrize("mode", WEIGHTED_MODES)
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_weighted_normalisation_is_refused_with_the_reason(kind, mode):
-    with pytest.raises(ValueError, match=f"normalize_activations={mode!r}: .*weights each token's squared error"):
-        SAEView(build(kind, normalize=mode))
+def test_weighted_residual_is_the_de_normalised_error(kind, mode):
+    """sae_lens compares the SAE's de-normalised output with its raw input: the view's
+    w_n ||r_n||^2 is that squared error, token by token (layer_norm up to its eps = 1e-5 in the
+    normalising denominator, THEORY.md section 1)."""
+    sae = build(kind, normalize=mode)
+    view = view_of(sae)
+    acts = activations() * torch.linspace(0.2, 5.0, 5)[:, None]  # per-token scales 0.2 .. 5
+    state_before = dict(sae.__dict__)
+
+    x, z, w = view.encode(acts)
+
+    assert sae.__dict__ == state_before, "encode left per-call state on the SAE"
+    assert w.shape == (15,) and w.dtype == torch.float64 and bool((w > 0).all())
+    assert float(w.max() / w.min()) > 100, "the weights must differ for the check to mean anything"
+    with torch.no_grad():
+        error = ((acts - sae(acts)) ** 2).sum(-1).reshape(-1)
+    residual = x - view.bias() - z @ view.atoms()
+    # layer_norm's error is s_n r_n + eps x_norm: relative to w_n ||r_n||^2 a few eps / s_n off
+    rtol = 20 * 1e-5 / float(w.min().sqrt()) if mode == "layer_norm" else 1e-10
+    torch.testing.assert_close(w * (residual**2).sum(-1), error, rtol=rtol, atol=0)
+    assert any("weighted by w_n" in note for note in view.notes)
 
 
 @pytest.mark.parametrize("kind", ["standard", "standard_training"])
@@ -117,10 +135,10 @@ def test_hook_z_sae_on_a_tiny_model(tiny_model, kind):
     assert acts.shape == (2, 6, 4, 4)
     state_before = dict(sae.__dict__)
 
-    x, z = view.encode(acts)
+    x, z, _ = view.encode(acts)
 
     assert sae.__dict__ == state_before, "encode left hook_z state (d_head, reshape_fn_in) on the SAE"
-    flat_x, flat_z = view.encode(acts.flatten(-2))  # cached activations arrive flat
+    flat_x, flat_z, _ = view.encode(acts.flatten(-2))  # cached activations arrive flat
     torch.testing.assert_close((flat_x, flat_z), (x, z), rtol=0, atol=0)
     sae_input = acts.double() if sae.hook_z_reshaping_mode else acts.double().flatten(-2)
     x_ref, error_ref, codes_ref = sae_lens_reference(sae, sae_input)
@@ -133,7 +151,7 @@ def test_sae_on_one_head_selects_that_head():
     metadata = SAEMetadata(hook_name="blocks.0.attn.hook_z", hook_head_index=2)
     view = SAEView(build("standard", d_in=4, metadata=metadata))
     acts = activations(shape=(2, 3, 4, 4))
-    x, _ = view.encode(acts)
+    x, *_ = view.encode(acts)
     torch.testing.assert_close(x, acts[:, :, 2, :].reshape(-1, 4), rtol=0, atol=0)
     torch.testing.assert_close(view.encode(acts.flatten(-2))[0], x, rtol=0, atol=0)
 
@@ -157,7 +175,7 @@ def test_objective_matches_sae_lens_training_loss(kind):
     )
     with torch.no_grad():
         loss = training.training_forward_pass(step).loss
-    x, z = view.encode(x_in)
+    x, z, _ = view.encode(x_in)
     residual = x - view.bias() - z @ view.atoms()
     objective = (residual.pow(2).sum(dim=1) + view.lam * z.sum(dim=1)).mean()
     torch.testing.assert_close(loss, objective, rtol=1e-12, atol=0)
@@ -233,7 +251,7 @@ def test_lam_is_divided_by_a_folded_norm_scaling_factor():
 def test_codes_are_float32_from_half_precision_saes():
     sae = build("standard", dtype="bfloat16")
     acts = activations().float()
-    x, z = SAEView(sae).encode(acts)
+    x, z, _ = SAEView(sae).encode(acts)
     with torch.no_grad():
         expected = sae.encode(acts).float().reshape(-1, D_SAE) * sae.W_dec.float().norm(dim=1)
     assert x.dtype == z.dtype == torch.float32
@@ -246,7 +264,7 @@ def test_zero_norm_decoder_rows_are_dead_atoms():
     with torch.no_grad():
         sae.W_dec[[2, 5]] = 0.0
     view = view_of(sae)
-    x, z = view.encode(activations())
+    x, z, _ = view.encode(activations())
     assert view.dead_atoms().nonzero().flatten().tolist() == [2, 5]
     assert torch.equal(view.atoms()[[2, 5]], torch.zeros(2, D_IN, dtype=torch.float64))
     assert (z[:, [2, 5]] == 0).all() and torch.isfinite(z).all()
@@ -257,8 +275,8 @@ def test_zero_norm_decoder_rows_are_dead_atoms():
 def test_sparse_codes_from_topk_training_are_densified():
     sae = build("topk_training", use_sparse_activations=True)
     dense = build("topk_training")
-    x, z = SAEView(sae).encode(activations())
-    _, z_dense = SAEView(dense).encode(activations())
+    x, z, _ = SAEView(sae).encode(activations())
+    _, z_dense, _ = SAEView(dense).encode(activations())
     assert not z.is_sparse
     torch.testing.assert_close(z, z_dense)
 

@@ -162,7 +162,7 @@ def brute_force(sae, batches: Iterable[Batch], encode=None) -> Expected:
             x = batch.acts.double()
             z = sae.encode(x.to(sae.W_dec.dtype)).double() * norms
         else:
-            x, z = encode(batch.acts)
+            x, z, *_ = encode(batch.acts)
         x, z = x[batch.keep], z[batch.keep]
         zs.append(z)
         rs.append(x - bias - z @ atoms)

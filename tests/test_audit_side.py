@@ -1,13 +1,14 @@
 """Certificates as fixed changes: measured on the audit tokens from pass-1 state alone (no
 second look at the data) against the same change evaluated token by token, against applying it
-and recomputing L in float64, and their first-order predictions against the exact change."""
+and recomputing L in float64, and their first-order predictions against the exact change.
+Every check runs on unweighted tokens and on tokens with weights w_n (THEORY.md section 1)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from opt_hooks.engine import AuditOptions, LayerAudit
-from opt_hooks.theory.objective import objective, residuals
+from opt_hooks.theory.objective import objective, residuals, token_losses
 from opt_hooks.theory.stats import LayerStats, TokenBatch
 
 LAM = 0.1
@@ -32,25 +33,31 @@ def mixed_case(seed: int = 0, n: int = 600, k: int = 12, d: int = 10):
     return x, atoms, z, bias
 
 
-@pytest.fixture(scope="module")
-def planned():
+def token_weights(n: int, seed: int = 5) -> torch.Tensor:
+    """Weights spread over a factor of about 20, as a normalising SAE's s_n^2 are."""
+    return torch.exp(0.8 * torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+
+
+@pytest.fixture(scope="module", params=["unweighted", "weighted"])
+def planned(request):
     x, atoms, z, bias = mixed_case()
+    w = token_weights(len(x)) if request.param == "weighted" else None
     audit = LayerAudit(atoms, bias, lam=LAM, options=AuditOptions(c3_tol=0.0, worst_k=64))
-    audit.update(x[:250], z[:250])
-    audit.update(x[250:], z[250:])
-    return x, atoms, z, bias, audit.plan()
+    audit.update(x[:250], z[:250], weight=None if w is None else w[:250])
+    audit.update(x[250:], z[250:], weight=None if w is None else w[250:])
+    return x, atoms, z, bias, audit.plan(), w
 
 
-def brute_change(family, k, x, atoms, z, bias):
+def brute_change(family, k, x, atoms, z, bias, w):
     """Apply certificate k at the family's step to full tensors and recompute sum_n loss_n."""
     r = residuals(x, atoms, z, bias)
-    atoms2, z2, bias2 = family.apply(k, atoms, z, bias, r, LAM)
+    atoms2, z2, bias2 = family.apply(k, atoms, z, bias, r, LAM, w)
     assert (z2 >= 0).all()
-    return (objective(x, atoms2, z2, bias2, LAM) - objective(x, atoms, z, bias, LAM)) * len(x)
+    return (objective(x, atoms2, z2, bias2, LAM, w) - objective(x, atoms, z, bias, LAM, w)) * len(x)
 
 
 def test_every_family_is_planted(planned):
-    *_, plan = planned
+    *_, plan, _ = planned
     assert set(plan.families["C2"].kind.tolist()) == {1, -1}, "both pair kinds must be exercised"
     assert {name: len(plan.families.get(name, ())) > 0 for name in FAMILIES} == {name: True for name in FAMILIES}
 
@@ -59,16 +66,16 @@ def test_every_family_is_planted(planned):
 def test_audit_change_equals_token_by_token_evaluation(planned, name):
     """The closed form from pass-1 state equals the same fixed change evaluated on every audit
     token (C6 included: every token with ||r|| above the radius is one of the kept ones)."""
-    x, atoms, z, bias, plan = planned
+    x, atoms, z, bias, plan, w = planned
     family = plan.families[name]
-    tokens = family.held_out(TokenBatch(x, z, atoms, bias), LAM)
+    tokens = family.held_out(TokenBatch(x, z, atoms, bias, weight=w), LAM)
     change, _ = plan.audit_changes[name]
     torch.testing.assert_close(change, tokens.sum, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_audit_change_equals_applying_the_certificate(planned, name):
-    x, atoms, z, bias, plan = planned
+    x, atoms, z, bias, plan, w = planned
     family = plan.families[name]
     chosen = family.step.clone()
     try:
@@ -76,7 +83,7 @@ def test_audit_change_equals_applying_the_certificate(planned, name):
             family.step = chosen * scale
             change, _ = family.audit_change(plan.stats, LAM, family.step)
             for k in range(min(len(family), 6)):
-                assert float(change[k]) == pytest.approx(brute_change(family, k, x, atoms, z, bias), rel=1e-7, abs=1e-10)
+                assert float(change[k]) == pytest.approx(brute_change(family, k, x, atoms, z, bias, w), rel=1e-7, abs=1e-10)
     finally:
         family.step = chosen
 
@@ -85,7 +92,7 @@ def test_audit_change_equals_applying_the_certificate(planned, name):
 def test_first_order_prediction_is_the_change_to_first_order(planned, name):
     """At small steps the first-order prediction equals the exact change, with an error that
     falls as the step squared (C1's step is finite and its change exactly linear)."""
-    *_, plan = planned
+    *_, plan, _ = planned
     family = plan.families[name]
     step = family.step.clone()
     errors = []
@@ -98,7 +105,7 @@ def test_first_order_prediction_is_the_change_to_first_order(planned, name):
 
 
 def test_c1_change_is_exactly_linear(planned):
-    *_, plan = planned
+    *_, plan, _ = planned
     family = plan.families["C1"]
     change, first = family.audit_change(plan.stats, LAM, family.step)
     assert torch.equal(change, first) and torch.equal(change, -LAM * plan.stats.n_tokens * family.floor.double())
@@ -106,7 +113,7 @@ def test_c1_change_is_exactly_linear(planned):
 
 @pytest.mark.parametrize("name", ["C3", "C4", "C5", "C6", "decoder"])
 def test_line_search_finds_the_exact_minimiser(planned, name):
-    *_, plan = planned
+    *_, plan, _ = planned
     family = plan.families[name]
     best, _ = family.audit_change(plan.stats, LAM, family.step)
     assert bool((best < 0).all())
@@ -118,7 +125,7 @@ def test_line_search_finds_the_exact_minimiser(planned, name):
 def test_pair_line_search_takes_the_best_grid_step(planned):
     from opt_hooks.theory.certificates import PAIR_STEPS
 
-    *_, plan = planned
+    *_, plan, _ = planned
     family = plan.families["C2"]
     best, _ = family.audit_change(plan.stats, LAM, family.step)
     for step in PAIR_STEPS:
@@ -129,26 +136,25 @@ def test_pair_line_search_takes_the_best_grid_step(planned):
 def test_pair_certificate_needs_no_inactive_projection_on_audit_tokens(planned):
     """Where i is off on an audit token, the step never clips z_i, so <d_i, r_n> there does not
     enter the change: scrambling those projections leaves the exact evaluation unchanged."""
-    x, atoms, z, bias, plan = planned
+    x, atoms, z, bias, plan, w = planned
     family = plan.families["C2"]
-    q = residuals(x, atoms, z, bias) @ atoms.T
+    q = residuals(x, atoms, z, bias) @ atoms.T * (1 if w is None else w[:, None])
     scrambled = torch.where(z > 0, q, 1e3 * torch.randn_like(q))
-    torch.testing.assert_close(family.dense_changes(z, scrambled, LAM).sum, family.dense_changes(z, q, LAM).sum,
+    torch.testing.assert_close(family.dense_changes(z, scrambled, LAM, w).sum, family.dense_changes(z, q, LAM, w).sum,
                                rtol=1e-9, atol=1e-9)
 
 
 def test_held_out_sums_are_those_of_the_per_token_changes(planned):
     """The streamed sum, sum of squares and touched count equal those of the brute-force
     per-token changes (each token's loss recomputed with the certificate applied)."""
-    x, atoms, z, bias, plan = planned
+    x, atoms, z, bias, plan, w = planned
     for name in FAMILIES:
         family = plan.families[name]
-        tokens = family.held_out(TokenBatch(x, z, atoms, bias), LAM)
+        tokens = family.held_out(TokenBatch(x, z, atoms, bias, weight=w), LAM)
         r = residuals(x, atoms, z, bias)
         for k in range(min(len(family), 3)):
-            atoms2, z2, bias2 = family.apply(k, atoms, z, bias, r, LAM)
-            r2 = residuals(x, atoms2, z2, bias2)
-            per_token = (r2**2).sum(1) + LAM * z2.sum(1) - (r**2).sum(1) - LAM * z.sum(1)
+            atoms2, z2, bias2 = family.apply(k, atoms, z, bias, r, LAM, w)
+            per_token = token_losses(x, atoms2, z2, bias2, LAM, w) - token_losses(x, atoms, z, bias, LAM, w)
             assert float(tokens.sum[k]) == pytest.approx(float(per_token.sum()), rel=1e-7, abs=1e-10)
             assert float(tokens.sum_sq[k]) == pytest.approx(float((per_token**2).sum()), rel=1e-6, abs=1e-10)
             moved = (per_token.abs() > 1e-12).sum()
@@ -156,10 +162,10 @@ def test_held_out_sums_are_those_of_the_per_token_changes(planned):
 
 
 def test_known_lam_needs_one_look_at_the_audit_tokens(planned):
-    x, atoms, z, bias, plan = planned
+    x, atoms, z, bias, plan, w = planned
     assert not plan.needs_audit_tokens
     before = plan.result()
-    plan.update(x, z, held_out=torch.zeros(len(x), dtype=torch.bool))  # audit tokens are ignored
+    plan.update(x, z, held_out=torch.zeros(len(x), dtype=torch.bool), weight=w)  # audit tokens are ignored
     assert plan.result().features == before.features
 
 
@@ -218,3 +224,46 @@ def test_spare_rule_with_a_tie_at_the_radius():
     tokens = family.held_out(TokenBatch(x, z, atoms, bias), 0.5)
     torch.testing.assert_close(plan.audit_changes["C6"][0], tokens.sum, rtol=1e-12, atol=1e-12)
     assert int(tokens.touched[0]) == 1  # only the token beyond the radius is coded
+
+
+def test_held_out_changes_where_the_rule_meets_other_codes(planned):
+    """Held-out tokens need not look like the audit tokens: with every code shrunk, C1's shift is
+    no longer compensated where z_i falls below the floor, C2's rule clips, C6 replaces codes.
+    The streamed sums still equal applying each certificate and recomputing every token's loss."""
+    x, atoms, z, bias, plan, w = planned
+    g = torch.Generator().manual_seed(11)
+    z_held = z * (0.3 + torch.rand(z.shape, generator=g, dtype=torch.float64))
+    assert bool((z_held[:, plan.families["C1"].features] < plan.families["C1"].floor).any())
+    r = residuals(x, atoms, z_held, bias)
+    for name in FAMILIES:
+        family = plan.families[name]
+        tokens = family.held_out(TokenBatch(x, z_held, atoms, bias, weight=w), LAM)
+        for k in range(min(len(family), 3)):
+            atoms2, z2, bias2 = family.apply(k, atoms, z_held, bias, r, LAM, w)
+            per_token = token_losses(x, atoms2, z2, bias2, LAM, w) - token_losses(x, atoms, z_held, bias, LAM, w)
+            assert float(tokens.sum[k]) == pytest.approx(float(per_token.sum()), rel=1e-7, abs=1e-10), (name, k)
+
+
+def test_spare_certificate_takes_the_best_kept_direction():
+    """Of every kept worst-residual direction as the new atom (each at its own line-search step),
+    the one chosen lowers L on the audit tokens most; residuals point every way and the token
+    weights spread widely, so which one is best depends on weighting them right."""
+    from opt_hooks.theory.certificates import SpareCertificate
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    atoms = torch.nn.functional.normalize(torch.randn(3, 6, generator=g, dtype=torch.float64), dim=1)
+    z = torch.zeros(400, 3, dtype=torch.float64)
+    z[:, 0] = torch.relu(x @ atoms[0] - 0.5)
+    w = torch.exp(1.5 * torch.randn(400, generator=g, dtype=torch.float64))
+    for weight in (None, w):
+        audit = LayerAudit(atoms, torch.zeros(6, dtype=torch.float64), lam=1.0, options=AuditOptions(worst_k=40))
+        audit.update(x, z, weight=weight)
+        plan = audit.plan()
+        chosen = plan.families["C6"]
+        best, _ = chosen.audit_change(plan.stats, 1.0, chosen.step)
+        changes = []
+        for vector in plan.stats.worst_residual:
+            other = SpareCertificate(chosen.feature, vector / vector.norm(), chosen.old_atom, chosen.radius)
+            changes.append(float(other.audit_change(plan.stats, 1.0, other.line_search(plan.stats, 1.0))[0]))
+        assert float(best) == pytest.approx(min(changes), rel=1e-12)

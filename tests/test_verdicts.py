@@ -13,6 +13,7 @@ from sae_lens.saes.sae import SAEMetadata
 from scipy import stats
 
 import opt_hooks as oh
+from opt_hooks.adapters.sae import SAEView
 from opt_hooks.api import held_out_windows
 from opt_hooks.engine import AuditOptions, LayerAudit
 from opt_hooks.theory.objective import residuals, token_losses
@@ -187,15 +188,39 @@ def test_topk_sae_without_lam_audits_the_lam_free_conditions():
     assert layer.objective["l1"] is None and layer.objective["L"] == layer.objective["mse"]
 
 
-def test_normalising_saes_are_refused_not_mislabelled():
-    for mode in ("layer_norm", "constant_norm_rescale"):
-        sae = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(
-            d_in=D_IN, d_sae=K, normalize_activations=mode, metadata=SAEMetadata(hook_name="sae")))
-        with pytest.raises(ValueError, match=f"normalize_activations={mode!r}.*weighted"):
-            oh.audit_activations(sae, torch.randn(64, D_IN))
+@pytest.mark.parametrize("mode", ["layer_norm", "constant_norm_rescale"])
+def test_normalising_sae_is_audited_on_its_own_training_loss(mode):
+    """The audited held-out L of a normalising SAE is sae_lens' own training loss on the same
+    tokens (training_forward_pass: de-normalised squared error plus l1_coefficient sum f ||W_dec||),
+    not the unweighted objective of the normalised activations."""
+    from sae_lens.saes.sae import TrainStepInput
+    from sae_training import train_sae
+
+    gen = torch.Generator().manual_seed(6)
+    n = 1600
+    scale = 3 * torch.exp(0.7 * torch.randn(n, 1, generator=gen, dtype=torch.float64))  # token norms vary 10x
+    acts = scale * (amplitudes(n, D_IN, 0.2, gen) + 0.3 * torch.randn(n, 1, generator=gen, dtype=torch.float64))
+    sae = train_sae("standard", acts, hook_name="sae", d_sae=K, steps=60, normalize_activations=mode)
+    layer = oh.audit_activations(sae, acts, held_out=HELD_OUT).layers["sae"]
+    held = held_out_windows(0, n, HELD_OUT)
+    with torch.no_grad():
+        output = sae.training_forward_pass(TrainStepInput(
+            sae_in=acts[held], coefficients={"l1": sae.cfg.l1_coefficient}, dead_neuron_mask=None,
+            n_training_steps=0, is_logging_step=False))
+    # layer_norm: sae_lens' error is s_n r_n + eps x_norm (eps = 1e-5), a few eps / s_n off w_n r_n
+    rtol = 1e-4 if mode == "layer_norm" else 1e-10
+    assert layer.n_held_out == int(held.sum()) and layer.lam == sae.cfg.l1_coefficient
+    assert layer.objective["L"] == pytest.approx(float(output.loss), rel=rtol)
+    assert layer.objective["mse"] == pytest.approx(float(output.losses["mse_loss"]), rel=rtol)
+    assert any("weighted by w_n" in note for note in layer.notes)
+    view = SAEView(sae)  # the unweighted objective of the same codes is far from the training loss
+    x, z, _ = view.encode(acts[held])
+    unweighted = token_losses(x, view.atoms(), z, view.bias(), layer.lam).mean()
+    assert abs(float(unweighted) / float(output.loss) - 1) > 0.2
 
 
-def test_code_gap_equals_a_brute_force_lasso_solve():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_code_gap_equals_a_brute_force_lasso_solve(weighted):
     gen = torch.Generator().manual_seed(4)
     d, k, n = 8, 12, 1200
     atoms = torch.nn.functional.normalize(torch.randn(k, d, generator=gen, dtype=torch.float64), dim=1)
@@ -203,18 +228,26 @@ def test_code_gap_equals_a_brute_force_lasso_solve():
     x = torch.relu(torch.randn(n, k, generator=gen, dtype=torch.float64) - 0.5) @ atoms + bias + 0.05 * torch.randn(
         n, d, generator=gen, dtype=torch.float64)
     z = torch.relu((x - bias) @ atoms.T - 0.2)  # a tied encoder: far from the exact codes
+    # weighted: token n's problem is the lasso with lam / w_n; three weights, so three reference solves
+    levels = torch.tensor([0.25, 1.0, 4.0], dtype=torch.float64)
+    w = levels[torch.randint(0, 3, (n,), generator=gen)] if weighted else None
     held = held_out_windows(0, n, HELD_OUT)
     options = AuditOptions(code_gap_tokens=200, code_gap_max_iter=20_000, code_gap_tol=1e-14)
     audit = LayerAudit(atoms, bias, lam=0.2, options=options)
-    audit.update(x[~held], z[~held])
+    audit.update(x[~held], z[~held], weight=None if w is None else w[~held])
     plan = audit.plan()
-    plan.update(x, z, torch.arange(n), held_out=held)
+    plan.update(x, z, torch.arange(n), held_out=held, weight=w)
     layer = plan.result()
     gap = layer.gaps["codes"]
     assert gap["share"] == pytest.approx(gap["gain"] / layer.objective["L"], rel=1e-12)  # of the held-out L
     sample = torch.nonzero(held).flatten()[:200]  # the lowest-indexed held-out tokens
-    exact = nonneg_lasso(x[sample], atoms, bias, 0.2, iters=20_000)
-    gains = token_losses(x[sample], atoms, z[sample], bias, 0.2) - token_losses(x[sample], atoms, exact, bias, 0.2)
+    w_sample = torch.ones(200, dtype=torch.float64) if w is None else w[sample]
+    exact = torch.zeros(200, k, dtype=torch.float64)
+    for level in torch.unique(w_sample):
+        rows = w_sample == level
+        exact[rows] = nonneg_lasso(x[sample][rows], atoms, bias, 0.2 / float(level), iters=20_000)
+    weight = None if w is None else w_sample
+    gains = token_losses(x[sample], atoms, z[sample], bias, 0.2, weight) - token_losses(x[sample], atoms, exact, bias, 0.2, weight)
     assert gap["n_tokens"] == 200 and gap["converged"]
     assert gap["gain"] == pytest.approx(float(gains.mean()), rel=1e-6)
     assert gap["se"] == pytest.approx(float(gains.std() / math.sqrt(200)), rel=1e-4)
@@ -261,3 +294,14 @@ def test_the_pair_cap_keeps_the_largest_margins():
     assert sorted(margins[kept].tolist()) == sorted(margins.sort(descending=True).values[:2].tolist())
     layer = capped.result()
     assert len(layer.pairs) == 2 and any("max_pairs" in note for note in layer.notes)
+
+
+def test_bad_token_weights_are_refused():
+    atoms = torch.eye(3, dtype=torch.float64)
+    audit = LayerAudit(atoms, torch.zeros(3, dtype=torch.float64), lam=0.1)
+    x, z = torch.ones(2, 3, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="token weights must be finite and > 0"):
+        audit.update(x, z, weight=torch.tensor([1.0, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"weight must be \(2,\)"):
+        audit.update(x, z, weight=torch.ones(3, dtype=torch.float64))
+    assert audit.n_tokens == 0

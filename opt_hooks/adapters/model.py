@@ -23,7 +23,7 @@ from transformer_lens.hook_points import HookPoint, LensHandle
 from opt_hooks.adapters.sae import SAEView
 
 OnBatch = Callable[[str, torch.Tensor], None]
-OnCodes = Callable[[str, torch.Tensor, torch.Tensor], None]
+OnCodes = Callable[[str, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]  # (hook, x, z, w)
 
 # TransformerBridge refuses stop_at_layer on models whose blocks live under these names.
 _BRIDGE_BLOCK_LISTS_WITHOUT_STOP = ("L_blocks", "H_blocks", "encoder_blocks", "decoder_blocks")
@@ -124,7 +124,8 @@ class ActivationTap:
 
 
 class CodeTap:
-    """Context manager: calls `on_codes(hook_name, x, z)` (theory units) for every SAE.
+    """Context manager: calls `on_codes(hook_name, x, z, w)` (theory units, w the token weights
+    or None, see SAEView) for every SAE.
 
     `views` maps hook names to SAEViews (see `opt_hooks.adapters.sae.make_views`). An SAE that is
     spliced into the model is read at its own hook_sae_input / hook_sae_acts_post; if another
@@ -172,8 +173,8 @@ class CodeTap:
         elif role == "input":  # hook_sae_input fires first, then hook_sae_acts_post
             self._pending_input[key] = view.internal_input(activations)
         else:
-            x = self._pending_input.pop(key)
-            self.on_codes(key, x, view.codes(activations))
+            x, w = self._pending_input.pop(key)
+            self.on_codes(key, x, view.codes(activations), w)
 
 
 def stop_layer(hook_names: Iterable[str]) -> int | None:
@@ -240,7 +241,7 @@ def check_attachment(
                     UserWarning,
                     stacklevel=2,
                 )
-    tap = CodeTap(model, views, on_codes=lambda key, x, z: None)
+    tap = CodeTap(model, views, on_codes=lambda key, x, z, w: None)
     probe = torch.zeros((1, 1), dtype=torch.long)
     with tap:
         forward_to_deepest(model, probe, tap.hook_names)

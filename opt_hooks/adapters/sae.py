@@ -10,7 +10,10 @@ the engine works with, all in the SAE's own internal space:
 - bias  (d,):   b_dec,
 
 so that r = x - bias - z @ atoms is exactly the SAE's reconstruction error before its output
-de-normalisation (`hook_sae_recons`). For every decoder except the TopK family with
+de-normalisation (`hook_sae_recons`); and, for SAEs that normalise each token at run time,
+
+- w     (n,):   each token's weight w_n = s_n^2 (THEORY.md section 1), None otherwise.
+ For every decoder except the TopK family with
 `rescale_acts_by_decoder_norm` this means z = sae.encode(...) * ||W_dec[i]||; the TopK
 family with that flag decodes `(f / ||W_dec||) @ W_dec`, so there z = f.
 
@@ -18,6 +21,13 @@ Decisions documented here because they change results:
 
 - Zero-norm decoder rows have no direction. They are treated as dead features: atom 0, code 0
   (their decoder contribution is 0 anyway) and they are listed in `notes`.
+- `normalize_activations` "layer_norm" and "constant_norm_rescale" are applied by the SAE to
+  each token, and sae_lens trains on the de-normalised error: token n's squared error in the
+  internal space counts s_n^2 times, s_n the token's scale (layer_norm: the unbiased std of the
+  centred input, as sae_lens computes it; constant_norm_rescale: ||x_n|| / sqrt(d_in)). The
+  view returns w_n = s_n^2 with every batch and the audit is of that weighted objective.
+  (layer_norm's eps = 1e-5 sits in the normalising denominator only, so the training error is
+  s_n r_n + eps x_norm: the weighted L matches sae_lens' loss to about eps / s_n relative.)
 - `normalize_activations` "expected_average_only_in" and "covariance_whitening" are not applied
   by the SAE itself: sae_lens applies them outside the SAE while training and folds them into
   the weights at the end (or `SAE.from_pretrained` folds the published scaling factor). An
@@ -60,7 +70,7 @@ _UNSUPPORTED_REASONS = {
 
 # Normalisation modes that sae_lens applies outside the SAE object (see module docstring).
 _EXTERNAL_NORMALISATION = ("expected_average_only_in", "covariance_whitening")
-# Modes whose training loss weights each token's squared error (refused, see `_check_supported`).
+# Modes whose training loss weights each token's squared error by its scale squared (see above).
 _WEIGHTED_NORMALISATION = ("layer_norm", "constant_norm_rescale")
 
 EXACT_SCOPE = "L1 objective (exact)"
@@ -162,8 +172,9 @@ class SAEView:
 
     # ---- activations -> theory units -------------------------------------------------------
 
-    def encode(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hook activations of any leading shape -> (x (n, d), z (n, K)), flattened over tokens.
+    def encode(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Hook activations of any leading shape -> (x (n, d), z (n, K), w (n,) or None),
+        flattened over tokens.
 
         `acts` is what the hook carries: (..., d_in), or (..., n_heads, d_head) at hook_z.
         Runs `sae.encode` (in the SAE's own dtype, under no_grad) and leaves no per-call
@@ -175,7 +186,8 @@ class SAEView:
             # itself; a singleton head axis makes that a no-op on rows that are already flat.
             sae_in = rows[:, None, :] if self.sae.hook_z_reshaping_mode else rows
             feature_acts = self.sae.encode(sae_in)
-        return self.internal_input(rows), self.codes(feature_acts)
+        x, w = self.internal_input(rows)
+        return x, self.codes(feature_acts), w
 
     def rows(self, acts: torch.Tensor) -> torch.Tensor:
         """(n, d_in) rows the SAE reads from hook activations, on the SAE's device and dtype."""
@@ -196,11 +208,25 @@ class SAEView:
             )
         return acts.detach().reshape(-1, d).to(self.device, self.sae.dtype)
 
-    def internal_input(self, sae_input: torch.Tensor) -> torch.Tensor:
-        """(n, d) x from the SAE's input as seen at its `hook_sae_input` (before normalisation)."""
+    def internal_input(self, sae_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x (n, d), w (n,) or None) from the SAE's input as seen at its `hook_sae_input`
+        (before normalisation)."""
         rows = sae_input.detach().reshape(-1, self.d_in).to(self.device, self.sae.dtype)
         with torch.no_grad(), _no_state_left(self.sae):
-            return self.sae.run_time_activation_norm_fn_in(rows).to(self.dtype)
+            x = self.sae.run_time_activation_norm_fn_in(rows).to(self.dtype)
+        return x, self.token_weights(rows)
+
+    def token_weights(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """(n,) w_n = s_n^2 of (n, d_in) input rows for a run-time normalising SAE, else None."""
+        mode = self.sae.cfg.normalize_activations
+        if mode == "layer_norm":  # s_n: sae_lens' x.std (unbiased) of the centred row
+            rows = rows.double()
+            scale = (rows - rows.mean(dim=-1, keepdim=True)).std(dim=-1)
+        elif mode == "constant_norm_rescale":  # x_norm = x * sqrt(d) / ||x||, so s_n = ||x|| / sqrt(d)
+            scale = rows.double().norm(dim=-1) / self.d_in**0.5
+        else:
+            return None
+        return (scale**2).to(self.dtype)
 
     def codes(self, feature_acts: torch.Tensor) -> torch.Tensor:
         """(n, K) z from `sae.encode` output (or `hook_sae_acts_post`): theory-unit codes."""
@@ -247,6 +273,11 @@ class SAEView:
                 f"{n_dead_rows} decoder rows have norm 0: treated as dead features (atom 0, code 0)"
             )
         mode = self.sae.cfg.normalize_activations
+        if mode in _WEIGHTED_NORMALISATION:
+            self.notes.append(
+                f"normalize_activations={mode!r}: audited on the SAE's own training objective, each token's "
+                "squared error weighted by w_n = s_n^2 (its normalising scale squared, THEORY.md section 1)"
+            )
         if mode in _EXTERNAL_NORMALISATION:
             message = (
                 f"{self.hook_name}: normalize_activations={mode!r} is applied outside the SAE by "
@@ -319,15 +350,6 @@ def _check_supported(sae: Any) -> None:
             f"{type(sae).__name__} is a transcoder: it reconstructs another hook "
             "(hook_name_out) from its input, while the optimality conditions are about an "
             "autoencoder reconstructing its own input. Transcoders are not supported"
-        )
-    mode = sae.cfg.normalize_activations
-    if mode in _WEIGHTED_NORMALISATION:
-        raise ValueError(
-            f"normalize_activations={mode!r}: sae_lens trains this SAE on the de-normalised error, so its "
-            "objective weights each token's squared error by its normalising scale squared (a weighted "
-            "objective, THEORY.md section 1). opt_hooks audits unweighted objectives only and will not "
-            "label this one exact: audit an SAE without run-time normalisation (or with a folded constant "
-            "scale, fold_activation_norm_scaling_factor)"
         )
     architecture = sae.cfg.architecture()
     if architecture not in SUPPORTED_ARCHITECTURES:

@@ -14,8 +14,13 @@ in float64:
 - `held_out(tokens, lam)`: on a `TokenBatch` (held-out tokens), the per-token changes at
   `step`, summed: `TokenChanges(sum, sum of squares, tokens touched)`, mergeable sums from
   which the held-out change gets its standard error.
-- `apply(k, atoms, z, bias, r, lam)`: the same change on full tensors, so the tests can check
-  every closed form against a float64 recompute of L.
+- `apply(k, atoms, z, bias, r, lam, weight)`: the same change on full tensors, so the tests can
+  check every closed form against a float64 recompute of L.
+
+With token weights w_n (THEORY.md section 1) every squared-error term carries w_n: the pass-1
+sums are weighted where a squared error enters (stats.LayerStatistics), a TokenBatch's `wr`
+and projections are w_n r_n and w_n <d_i, r_n>, and each per-token quadratic term is
+multiplied by the token's w_n. The L1 terms are unweighted.
 
 The closed forms are algebraically identical to recomputing L and far more accurate than
 subtracting two large losses.
@@ -109,9 +114,10 @@ class FloorCertificates:
         s = self.step.to(zi.device)
         dz = -torch.minimum(zi, s)
         uncovered = (s - zi).clamp(min=0)  # where z_i < s the bias shift is not compensated
-        return TokenChanges.per_token(-2 * uncovered * qi + uncovered**2 + lam * dz)
+        return TokenChanges.per_token(-2 * uncovered * qi + _column(tokens.w()) * uncovered**2 + lam * dz)
 
-    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
+    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float,
+              weight: Tensor | None = None) -> Perturbed:
         i, s = int(self.features[k]), float(self.step[k])
         z2 = z.clone()
         z2[:, i] = (z[:, i] - s).clamp(min=0)
@@ -195,9 +201,10 @@ class PairCertificates:
 
         # tokens where j fires, every pair: i looked up
         for pairs, entries in _entries_of(self.j, all_pairs, order, start, count, self.chunk_elements):
-            _, zi, qi = lookup(row_of[entries], self.i[pairs])
+            rows = row_of[entries]
+            _, zi, qi = lookup(rows, self.i[pairs])
             zj, qj = codes.val[entries].double(), codes.aux[entries].double()
-            totals.add(pairs, *self._element_changes(zi, zj, qi, qj, pairs, lam, step))
+            totals.add(pairs, *self._element_changes(zi, zj, qi, qj, codes.row_weight(rows), pairs, lam, step))
         # complementary pairs: tokens where i fires and j is off
         complementary = torch.nonzero(~hierarchy).flatten()
         for pairs, entries in _entries_of(self.i, complementary, order, start, count, self.chunk_elements):
@@ -205,7 +212,8 @@ class PairCertificates:
             pairs, entries = pairs[~j_on], entries[~j_on]
             zi, qi = codes.val[entries].double(), codes.aux[entries].double()
             zero = torch.zeros_like(zi)
-            totals.add(pairs, *self._element_changes(zi, zero, qi, zero, pairs, lam, step))
+            w = codes.row_weight(row_of[entries])
+            totals.add(pairs, *self._element_changes(zi, zero, qi, zero, w, pairs, lam, step))
         return totals.change, totals.first
 
     def held_out(self, tokens: TokenBatch, lam: float) -> TokenChanges:
@@ -213,10 +221,11 @@ class PairCertificates:
         used, inverse = torch.unique(torch.cat([self.i, self.j]), return_inverse=True)
         local = PairCertificates(inverse[: len(self.i)], inverse[len(self.i):], self.kind, self.bound, self.rho)
         local.chunk_elements, local.step = self.chunk_elements, self.step
-        return local.dense_changes(tokens.z[:, used], tokens.q(used), lam)
+        return local.dense_changes(tokens.z[:, used], tokens.q(used), lam, tokens.weight)
 
-    def dense_changes(self, z: Tensor, q: Tensor, lam: float) -> TokenChanges:
-        """The per-token changes on tokens given as dense codes z and projections q = r D^T."""
+    def dense_changes(self, z: Tensor, q: Tensor, lam: float, weight: Tensor | None = None) -> TokenChanges:
+        """The per-token changes on tokens given as dense codes z, projections q = w_n r D^T and
+        weights w_n (None: 1)."""
         totals = _Totals(self.step.shape, z.device, held_out=True)
         hierarchy = self.kind > 0
         codes = SparseBatch(z)  # nonnegative codes: the nonzeros are the active entries
@@ -226,27 +235,29 @@ class PairCertificates:
                             z.shape[0] - count[self.j].double())
         pairs_h = torch.nonzero(hierarchy).flatten()
         for pairs, entries in _entries_of(self.j, pairs_h, order, start, count, self.chunk_elements):
-            totals.add(pairs, *self._dense_element_changes(z, q, codes.rows[entries], pairs, lam))
+            totals.add(pairs, *self._dense_element_changes(z, q, weight, codes.rows[entries], pairs, lam))
         complementary = torch.nonzero(~hierarchy).flatten()
         for sl in _chunks(len(complementary), max(1, self.chunk_elements // max(z.shape[0], 1))):
             pairs = complementary[sl][None, :].expand(z.shape[0], -1).flatten()
             rows = torch.arange(z.shape[0], device=z.device)[:, None].expand(-1, len(complementary[sl])).flatten()
-            totals.add(pairs, *self._dense_element_changes(z, q, rows, pairs, lam))
+            totals.add(pairs, *self._dense_element_changes(z, q, weight, rows, pairs, lam))
         return TokenChanges(totals.change, totals.change_sq, totals.touched)
 
     def _j_off_change(self, step: Tensor, lam: float) -> tuple[Tensor, Tensor]:
         """Hierarchy pairs: the exact and first-order change of a token where j is off."""
         return lam * step * self.shifted_bound(step), lam * step * self.bound.double()
 
-    def _dense_element_changes(self, z: Tensor, q: Tensor, rows: Tensor, pairs: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    def _dense_element_changes(self, z: Tensor, q: Tensor, weight: Tensor | None, rows: Tensor, pairs: Tensor,
+                               lam: float) -> tuple[Tensor, Tensor]:
         i, j = self.i[pairs], self.j[pairs]
         zi, zj, qi, qj = (m[rows, f].double() for m, f in ((z, i), (z, j), (q, i), (q, j)))
-        return self._element_changes(zi, zj, qi, qj, pairs, lam, self.step)
+        w = 1.0 if weight is None else weight[rows].double()
+        return self._element_changes(zi, zj, qi, qj, w, pairs, lam, self.step)
 
-    def _element_changes(self, zi: Tensor, zj: Tensor, qi: Tensor, qj: Tensor, pairs: Tensor, lam: float,
-                         step: Tensor) -> tuple[Tensor, Tensor]:
+    def _element_changes(self, zi: Tensor, zj: Tensor, qi: Tensor, qj: Tensor, w: Tensor | float, pairs: Tensor,
+                         lam: float, step: Tensor) -> tuple[Tensor, Tensor]:
         """Exact and first-order change of loss_n for each (token, pair) element (and each step
-        when `step` is (E, P))."""
+        when `step` is (E, P)); qi, qj are w_n <d, r_n> and w the elements' token weights."""
         s, t, rho = self.kind[pairs].double(), self.bound[pairs].double(), self.rho[pairs].double()
         eps = step[..., pairs]
         nu = torch.sqrt(1 + eps**2 * (1 - rho**2))
@@ -256,10 +267,11 @@ class PairCertificates:
         zj_new = zj * grow
         alpha = -s * eps * t_eps + dzi + zj_new * s * eps / nu  # new recon - old, along d_i
         beta = zj_new * (1 - s * eps * rho) / nu - zj  # and along d_j
-        change = -2 * (alpha * qi + beta * qj) + alpha**2 + beta**2 + 2 * alpha * beta * rho
+        change = -2 * (alpha * qi + beta * qj) + w * (alpha**2 + beta**2 + 2 * alpha * beta * rho)
         return change + lam * (dzi + zj_new - zj), lam * s * eps * (t - (1 - rho) * zj)
 
-    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
+    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float,
+              weight: Tensor | None = None) -> Perturbed:
         i, j, s = int(self.i[k]), int(self.j[k]), float(self.kind[k])
         rho, eps = float(self.rho[k]), float(self.step[k])
         t_eps = float(self.shifted_bound(self.step[k:k + 1], slice(k, k + 1)))
@@ -308,8 +320,8 @@ class DecoderCertificates:
     """C3: rotate d_i by the angle theta_i towards its tangent gradient u_i = g_i / ||g_i||,
     codes fixed: d_i <- cos(theta) d_i + sin(theta) u_i.
 
-    With codes fixed the change is a function of sums: with A = sum_n z_in <r_n, d_i>,
-    B = sum_n z_in <r_n, u_i> and S = sum_n z_in^2 it is 2 (A + S)(1 - cos theta) - 2 B sin theta,
+    With codes fixed the change is a function of sums: with A = sum_n z_in w_n <r_n, d_i>,
+    B = sum_n z_in w_n <r_n, u_i> and S = sum_n w_n z_in^2 it is 2 (A + S)(1 - cos theta) - 2 B sin theta,
     whose exact minimiser is theta = atan2(B, A + S) (bounded to [0, pi/2])."""
 
     features: Tensor  # (F,)
@@ -349,14 +361,15 @@ class DecoderCertificates:
         slots = _slots_of(self.features, entries.cols, n_features)
         directions = torch.zeros_like(tokens.atoms)
         directions[self.features] = self.direction.to(directions.dtype)
-        along_direction = entries.projections(tokens.r, directions).double()
+        along_direction = entries.projections(tokens.wr, directions).double()
         theta = _per_entry(self.step, slots)
         z, along_atom = entries.values.double(), tokens.projections.double()
         change = -2 * z * ((torch.cos(theta) - 1) * along_atom + torch.sin(theta) * along_direction)
-        change = change + z**2 * (2 - 2 * torch.cos(theta))
+        change = change + tokens.w(entries.rows) * z**2 * (2 - 2 * torch.cos(theta))
         return TokenChanges.per_feature(entries, slots, len(self), change)
 
-    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
+    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float,
+              weight: Tensor | None = None) -> Perturbed:
         i, theta = int(self.features[k]), float(self.step[k])
         atoms2 = atoms.clone()
         atoms2[i] = math.cos(theta) * atoms[i] + math.sin(theta) * self.direction[k].to(atoms.dtype)
@@ -369,7 +382,8 @@ class CodeCertificates:
     encoder's row i and bias i that any ReLU encoder can make), t_i in [-1, 1].
 
     The change is exactly t (lam S_z - 2 S_zq) + t^2 S_zz with S_z = sum_n z_in,
-    S_zq = sum_n z_in <d_i, r_n> and S_zz = sum_n z_in^2: sums pass 1 has (S_zq = <sum z r, d_i>).
+    S_zq = sum_n z_in w_n <d_i, r_n> and S_zz = sum_n w_n z_in^2: sums pass 1 has
+    (S_zq = <sum z w r, d_i>).
     Its minimiser t = (2 S_zq - lam S_z) / (2 S_zz) is the exact line search. At t = -1 the
     feature is removed: its change is then v_i, the feature's value (THEORY.md 3.4)."""
 
@@ -405,9 +419,11 @@ class CodeCertificates:
         slots = _slots_of(self.features, entries.cols, tokens.atoms.shape[0])
         t = _per_entry(self.step, slots)
         z, q = entries.values.double(), tokens.projections.double()
-        return TokenChanges.per_feature(entries, slots, len(self), t * (lam * z - 2 * z * q) + t**2 * z**2)
+        change = t * (lam * z - 2 * z * q) + t**2 * tokens.w(entries.rows) * z**2
+        return TokenChanges.per_feature(entries, slots, len(self), change)
 
-    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
+    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float,
+              weight: Tensor | None = None) -> Perturbed:
         z2 = z.clone()
         z2[:, int(self.features[k])] *= 1 + float(self.step[k])
         return atoms, z2, bias
@@ -415,7 +431,9 @@ class CodeCertificates:
 
 @dataclass
 class BiasCertificate:
-    """C5: b <- b + s u with u = mean(r) / ||mean(r)||; the exact minimiser is s = ||mean r||."""
+    """C5: b <- b + s u with u the direction of sum_n w_n r_n; the change is
+    -2 s <sum w r, u> + s^2 sum w, so the exact minimiser is s = <sum w r, u> / sum w (||mean r||
+    for unweighted tokens)."""
 
     direction: Tensor  # (d,) unit
     condition = "C5"
@@ -430,18 +448,19 @@ class BiasCertificate:
         return (stats.sum_r.to(self.direction.device) * self.direction.double()).sum()[None]
 
     def line_search(self, stats: LayerStatistics, lam: float) -> Tensor:
-        return (self._along(stats) / max(stats.n_tokens, 1)).clamp(min=0)
+        return (self._along(stats) / max(stats.sum_w, 1e-300)).clamp(min=0)
 
     def audit_change(self, stats: LayerStatistics, lam: float, step: Tensor) -> tuple[Tensor, Tensor]:
         first = -2 * step * self._along(stats)
-        return first + stats.n_tokens * step**2, first
+        return first + stats.sum_w * step**2, first
 
     def held_out(self, tokens: TokenBatch, lam: float) -> TokenChanges:
         s = float(self.step[0])
-        along = (tokens.r @ self.direction.to(tokens.r.dtype)).double()
-        return TokenChanges.per_token((-2 * s * along + s * s)[:, None])
+        along = (tokens.wr @ self.direction.to(tokens.r.dtype)).double()
+        return TokenChanges.per_token((-2 * s * along + tokens.w() * s * s)[:, None])
 
-    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
+    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float,
+              weight: Tensor | None = None) -> Perturbed:
         return atoms, z, bias + float(self.step[0]) * self.direction.to(bias.dtype)
 
 
@@ -450,12 +469,12 @@ class SpareCertificate:
     """C6: resample one dead feature k towards the worst residuals.
 
     The new atom a is the direction of one kept worst-residual token; the code rule is
-    z_kn <- c on every token with ||r_n|| > radius and 2 <a, r_n> > lam (else 0), where radius
-    is the smallest kept worst residual norm. Every audit token with ||r_n|| > radius is among
+    z_kn <- c on every token with w_n ||r_n|| > radius and 2 w_n <a, r_n> > lam (else 0), where
+    radius is the smallest kept w_n ||r_n||. Every audit token with w_n ||r_n|| > radius is among
     the kept ones, so the same rule is evaluated exactly on the audit tokens from them, and
     applied unchanged to the held-out tokens (where feature k may have had codes: they are
-    replaced). On the audit tokens the change is c^2 |S| - c sum_S (2 p - lam), p = <a, r_n>,
-    with the exact minimiser c = sum_S (2 p - lam) / (2 |S|)."""
+    replaced). On the audit tokens the change is c^2 sum_S w_n - c sum_S (2 w_n p_n - lam),
+    p_n = <a, r_n>, with the exact minimiser c = sum_S (2 w_n p_n - lam) / (2 sum_S w_n)."""
 
     feature: int
     atom: Tensor  # (d,) unit
@@ -472,49 +491,57 @@ class SpareCertificate:
     @classmethod
     def best_of(cls, stats: LayerStatistics, feature: int, old_atom: Tensor, lam: float) -> "SpareCertificate | None":
         """The kept worst residual whose direction, as a new atom, lowers L on the audit tokens most."""
-        norms, vectors = stats.worst_rnorm, stats.worst_residual
+        norms, vectors, w = stats.worst_rnorm, stats.worst_residual, stats.worst_weight
         usable = norms > 0
         if not bool(usable.any()):
             return None
         radius = float(norms[-1]) if stats.n_tokens > len(norms) else -1.0
-        candidates = vectors[usable] / norms[usable, None]
-        p = vectors @ candidates.T  # (kept, candidates)
-        coded = (norms[:, None] > radius) & (2 * p > lam)
-        excess = torch.where(coded, 2 * p - lam, 0.0).sum(0)
-        gain = excess**2 / (4 * coded.sum(0).clamp(min=1))
+        candidates = vectors[usable] / vectors[usable].norm(dim=-1, keepdim=True)
+        wp = w[:, None] * (vectors @ candidates.T)  # (kept, candidates)
+        coded = (norms[:, None] > radius) & (2 * wp > lam)
+        excess = torch.where(coded, 2 * wp - lam, 0.0).sum(0)
+        gain = excess**2 / (4 * torch.where(coded, w[:, None], 0.0).sum(0).clamp(min=1e-300))
         best = int(gain.argmax())
         if float(gain[best]) <= 0:
             return None
         return cls(feature, candidates[best], old_atom.double(), radius)
 
-    def _coded(self, r: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    def _coded(self, r: Tensor, w: Tensor | float, lam: float) -> tuple[Tensor, Tensor]:
+        """(p = <a, r_n>, the rule's mask) on tokens with residuals r and weights w."""
         p = (r @ self.atom.to(r.dtype)).double()
-        return p, (r.norm(dim=-1).double() > self.radius) & (2 * p > lam)
+        return p, (w * r.norm(dim=-1).double() > self.radius) & (2 * w * p > lam)
+
+    def _audit_sums(self, stats: LayerStatistics, lam: float) -> tuple[Tensor, Tensor]:
+        """(sum_S (2 w_n p_n - lam), sum_S w_n) over the kept audit tokens the rule codes."""
+        w = stats.worst_weight.to(self.atom.device)
+        p, coded = self._coded(stats.worst_residual.to(self.atom.device), w, lam)
+        return torch.where(coded, 2 * w * p - lam, 0.0).sum(), torch.where(coded, w, 0.0).sum()
 
     def line_search(self, stats: LayerStatistics, lam: float) -> Tensor:
-        p, coded = self._coded(stats.worst_residual.to(self.atom.device), lam)
-        return (torch.where(coded, 2 * p - lam, 0.0).sum() / (2 * coded.sum().clamp(min=1)))[None]
+        excess, weight = self._audit_sums(stats, lam)
+        return (excess / (2 * weight.clamp(min=1e-300)))[None]
 
     def audit_change(self, stats: LayerStatistics, lam: float, step: Tensor) -> tuple[Tensor, Tensor]:
-        p, coded = self._coded(stats.worst_residual.to(self.atom.device), lam)
-        excess = torch.where(coded, 2 * p - lam, 0.0).sum()
+        excess, weight = self._audit_sums(stats, lam)
         first = -step * excess
-        return first + step**2 * coded.sum(), first
+        return first + step**2 * weight, first
 
     def held_out(self, tokens: TokenBatch, lam: float) -> TokenChanges:
-        p, coded = self._coded(tokens.r, lam)
+        w = tokens.w()
+        p, coded = self._coded(tokens.r, w, lam)
         c = float(self.step[0])
         old = tokens.z[:, self.feature].double()
         q_old = (tokens.r @ self.old_atom.to(tokens.r.dtype)).double()
         new = c * coded.double()
         cross = float(self.atom @ self.old_atom.to(self.atom.dtype))
         old_norm2 = float(self.old_atom.norm() ** 2)
-        # r' = r - (new a - old d_k): ||r'||^2 - ||r||^2 + lam (new - old)
-        change = -2 * (new * p - old * q_old) + new**2 + old**2 * old_norm2 - 2 * new * old * cross + lam * (new - old)
-        return TokenChanges.per_token(change[:, None])
+        # r' = r - (new a - old d_k): w (||r'||^2 - ||r||^2) + lam (new - old)
+        squared = -2 * (new * p - old * q_old) + new**2 + old**2 * old_norm2 - 2 * new * old * cross
+        return TokenChanges.per_token((w * squared + lam * (new - old))[:, None])
 
-    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
-        _, coded = self._coded(r, lam)
+    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float,
+              weight: Tensor | None = None) -> Perturbed:
+        _, coded = self._coded(r, 1.0 if weight is None else weight.double(), lam)
         atoms2, z2 = atoms.clone(), z.clone()
         atoms2[self.feature] = self.atom.to(atoms.dtype)
         z2[:, self.feature] = float(self.step[0]) * coded.to(z.dtype)
@@ -526,7 +553,7 @@ class DecoderStep:
     """The decoder gap (THEORY.md section 5): every atom at once along its tangent gradient,
     codes fixed. W_dec row i <- ||W_dec[i]|| (d_i + t g_i): in theory units the unit atom turns
     and the code grows by ||d_i + t g_i|| = sqrt(1 + t^2 ||g_i||^2), so the exact change is
-        -2 t <sum_n z_n r_n, G> + t^2 sum_n ||G^T z_n||^2 + lam sum_i S_z,i (sqrt(1 + t^2 ||g_i||^2) - 1),
+        -2 t <sum_n z_n w_n r_n, G> + t^2 sum_n w_n ||G^T z_n||^2 + lam sum_i S_z,i (sqrt(1 + t^2 ||g_i||^2) - 1),
     convex in t; its minimiser, in [0, <ZR, G> / sum ||G^T z||^2], is found by bisection."""
 
     gradient: Tensor  # (K, d) g_i (tangent, per token)
@@ -574,14 +601,21 @@ class DecoderStep:
         growth = torch.sqrt(1 + t * t * (self.gradient**2).sum(-1)) - 1
         l1 = torch.zeros(tokens.n_tokens, dtype=torch.float64, device=tokens.r.device)
         l1.index_add_(0, entries.rows, entries.values.double() * growth.to(l1.device)[entries.cols])
-        change = -2 * t * (tokens.r * moved).sum(-1).double() + t * t * (moved.double() ** 2).sum(-1) + lam * l1
+        change = -2 * t * (tokens.wr * moved).sum(-1).double() + t * t * tokens.w() * (moved.double() ** 2).sum(-1)
+        change = change + lam * l1
         return TokenChanges.per_token(change[:, None])
 
-    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float) -> Perturbed:
+    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float,
+              weight: Tensor | None = None) -> Perturbed:
         t = float(self.step[0])
         moved = atoms + t * self.gradient.to(atoms.dtype)
         norms = moved.norm(dim=-1)
         return moved / norms.clamp(min=1e-300)[:, None], z * norms, bias
+
+
+def _column(w: Tensor | float) -> Tensor | float:
+    """Per-token weights as a column, to scale (n, F) changes (a scalar stays one)."""
+    return w[:, None] if isinstance(w, Tensor) else w
 
 
 def _once(family: object, stats: LayerStatistics, compute):
@@ -595,7 +629,8 @@ def _once(family: object, stats: LayerStatistics, compute):
 
 
 def _csr_product_norm2(codes: CSR, matrix: Tensor, chunk_rows: int) -> float:
-    """sum_n ||matrix^T z_n||^2 over the rows of a CSR, a block of rows at a time."""
+    """sum_n w_n ||matrix^T z_n||^2 over the rows of a CSR (w_n its row weights, else 1), a block
+    of rows at a time."""
     import warnings
 
     codes = codes.to(matrix.device)
@@ -609,7 +644,8 @@ def _csr_product_norm2(codes: CSR, matrix: Tensor, chunk_rows: int) -> float:
                 codes.crow[start:stop + 1] - lo, codes.col[lo:hi].long(), codes.val[lo:hi].to(matrix.dtype),
                 (stop - start, codes.n_features), check_invariants=False,
             )
-        total += float(((block @ matrix).double() ** 2).sum())
+        squared = ((block @ matrix).double() ** 2).sum(-1)
+        total += float((squared if codes.weight is None else codes.weight[start:stop] * squared).sum())
     return total
 
 

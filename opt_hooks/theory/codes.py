@@ -38,8 +38,10 @@ class CSR:
     val: Tensor  # (nnz,) float32 or float64: the nonzero code value
     n_features: int
     # (nnz,) optional per-entry companion value, permuted with the entries (the engine keeps
-    # <d_i, r_n> of every active (n, i) here: C4's active terms and the C2 certificates need it)
+    # w_n <d_i, r_n> of every active (n, i) here: C4's active terms and the C2 certificates need it)
     aux: Tensor | None = None
+    # (N,) optional per-row token weight w_n (normalising SAEs, THEORY.md section 1), float64
+    weight: Tensor | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -54,15 +56,19 @@ class CSR:
         return self.crow.device
 
     def _arrays(self) -> list[Tensor]:
-        return [t for t in (self.token_index, self.crow, self.col, self.val, self.aux) if t is not None]
+        return [t for t in (self.token_index, self.crow, self.col, self.val, self.aux, self.weight) if t is not None]
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._arrays())
 
     def to(self, device: torch.device | str) -> "CSR":
-        aux = None if self.aux is None else self.aux.to(device)
-        return CSR(*(t.to(device) for t in (self.token_index, self.crow, self.col, self.val)), self.n_features, aux)
+        aux, weight = (None if t is None else t.to(device) for t in (self.aux, self.weight))
+        return CSR(*(t.to(device) for t in (self.token_index, self.crow, self.col, self.val)), self.n_features, aux, weight)
+
+    def row_weight(self, rows: Tensor) -> Tensor | float:
+        """w_n of the given rows (float64), or 1.0 when the tokens are unweighted."""
+        return 1.0 if self.weight is None else self.weight[rows].double()
 
     def keys(self) -> Tensor:
         """(nnz,) int64 flat keys row * K + col: strictly increasing."""
@@ -215,9 +221,10 @@ class SparseCodes:
             raise ValueError(f"token_index must be ({z.shape[0]},); got {tuple(token_index.shape)}")
         self.add(token_index, SparseBatch(z))
 
-    def add(self, token_index: Tensor, batch: SparseBatch, aux: Tensor | None = None) -> None:
+    def add(self, token_index: Tensor, batch: SparseBatch, aux: Tensor | None = None,
+            weight: Tensor | None = None) -> None:
         """Add a batch given as its nonzero entries: token_index (n,) their global token
-        indices, `aux` one companion value per entry (see `CSR.aux`)."""
+        indices, `aux` one companion value per entry (see `CSR.aux`), `weight` one per token."""
         if batch.n_tokens == 0:
             return
         if self.device is None:
@@ -231,6 +238,7 @@ class SparseCodes:
                 val=batch.values.to(value_dtype),
                 n_features=self.n_features,
                 aux=None if aux is None else aux.to(value_dtype),
+                weight=None if weight is None else weight.to(device=batch.crow.device, dtype=torch.float64),
             )
         )
 
@@ -287,14 +295,16 @@ class SparseCodes:
             "col": csr.col.cpu(),
             "val": csr.val.cpu(),
         }
-        if csr.aux is not None:
-            state["aux"] = csr.aux.cpu()
+        for name in ("aux", "weight"):
+            if getattr(csr, name) is not None:
+                state[name] = getattr(csr, name).cpu()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["n_features"]) != self.n_features:
             raise ValueError(f"state has {int(state['n_features'])} features, expected {self.n_features}")
-        csr = CSR(state["token_index"], state["crow"], state["col"], state["val"], self.n_features, state.get("aux"))
+        csr = CSR(state["token_index"], state["crow"], state["col"], state["val"], self.n_features, state.get("aux"),
+                  state.get("weight"))
         self._chunks = [csr.to(self.device)] if self.device is not None else [csr]
 
 
@@ -329,7 +339,18 @@ def _concatenate_rows(chunks: list[CSR]) -> CSR:
         val=torch.cat([c.val for c in chunks]),
         n_features=chunks[0].n_features,
         aux=None if any(c.aux is None for c in chunks) else torch.cat([c.aux for c in chunks]),
+        weight=_concatenate_weights(chunks),
     )
+
+
+def _concatenate_weights(chunks: list[CSR]) -> Tensor | None:
+    """The chunks' row weights, 1 for rows of unweighted chunks; None when no chunk is weighted."""
+    if all(c.weight is None for c in chunks):
+        return None
+    return torch.cat([
+        c.weight if c.weight is not None else torch.ones(c.n_tokens, dtype=torch.float64, device=c.device)
+        for c in chunks
+    ])
 
 
 def _sort_rows(csr: CSR, order: Tensor) -> CSR:
@@ -341,4 +362,5 @@ def _sort_rows(csr: CSR, order: Tensor) -> CSR:
     offset_in_row = torch.arange(csr.nnz, device=order.device) - crow[new_row]
     source = csr.crow[order][new_row] + offset_in_row
     aux = None if csr.aux is None else csr.aux[source]
-    return CSR(csr.token_index[order], crow, csr.col[source], csr.val[source], csr.n_features, aux)
+    weight = None if csr.weight is None else csr.weight[order]
+    return CSR(csr.token_index[order], crow, csr.col[source], csr.val[source], csr.n_features, aux, weight)

@@ -1,6 +1,9 @@
 """Exact nonnegative-lasso codes for a fixed dictionary: the code gap of THEORY.md section 5.
 
-    z*_n = argmin_{z >= 0} ||x_n - b - z D||^2 + lam sum_i z_i
+    z*_n = argmin_{z >= 0} w_n ||x_n - b - z D||^2 + lam sum_i z_i
+
+(w_n = 1 unless the tokens are weighted, THEORY.md section 1). Token n's problem is the
+unweighted one with lam_n = lam / w_n, which is what the solver runs on.
 
 Each token's problem is solved on its own working set, an active-set method that never forms
 an (n, K) iterate: the working set W_n holds the features coded on the token and the `extra`
@@ -37,13 +40,19 @@ class LassoSolve:
 
 
 def exact_codes(x: Tensor, atoms: Tensor, bias: Tensor, lam: float, start: Tensor, *, max_iter: int = 300,
-                tol: float = 1e-7, rounds: int = 2, extra: int = 32, chunk: int = 4096) -> LassoSolve:
-    """The nonnegative-lasso codes of every row of x (n, d) for unit atoms (K, d), from `start`."""
+                tol: float = 1e-7, rounds: int = 2, extra: int = 32, chunk: int = 4096,
+                weight: Tensor | None = None) -> LassoSolve:
+    """The nonnegative-lasso codes of every row of x (n, d) for unit atoms (K, d), from `start`;
+    `weight` (n,) the tokens' weights w_n (None: 1)."""
     # the screen (one (n, K) product per round) and the solve run in the inputs' precision
     screen = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, atoms, bias, start = x.double(), atoms.double(), bias.double(), start.double().clamp(min=0)
     target = x - bias
     screen_atoms, screen_tol = atoms.to(screen), max(tol, 1e-5 if screen == torch.float32 else 0.0)
+    # (n, 1) each token's own lam_n = lam / w_n
+    token_lam = torch.full((len(x), 1), float(lam), dtype=torch.float64, device=x.device)
+    if weight is not None:
+        token_lam = token_lam / weight.double()[:, None]
     must = start > 0
     # working sets of one fixed width: the SAE's largest L0 (at most twice its mean) plus `extra`,
     # so time and memory stay bounded; a token whose lasso support would need more is solved on its
@@ -53,41 +62,44 @@ def exact_codes(x: Tensor, atoms: Tensor, bias: Tensor, lam: float, start: Tenso
     z = start.clone()
     iterations, converged = 0, False
     for _ in range(rounds):
-        excess = _excess(target, screen_atoms, z, lam, chunk)  # 2 <d_i, r_n> - lam for every (n, i)
-        violated = (excess > screen_tol * max(lam, 1e-30)) & (z == 0)
+        excess = _excess(target, screen_atoms, z, token_lam, chunk)  # 2 <d_i, r_n> - lam_n for every (n, i)
+        violated = (excess > screen_tol * token_lam.clamp(min=1e-30).to(screen)) & (z == 0)
         if not bool(violated.any()) and iterations:
             converged = True
             break
         # the current support first, then the most violating others, then the SAE's own support
         score = torch.where(z > 0, math.inf, torch.where(violated, excess, torch.where(must, -1e30, -math.inf)))
         working = torch.topk(score, width, dim=1).indices  # (n, m)
-        solved, steps = _fista_on_working_sets(target, screen_atoms, lam, z, working, max_iter, tol)
+        solved, steps = _fista_on_working_sets(target, screen_atoms, token_lam, z, working, max_iter, tol)
         z = torch.zeros_like(z).scatter_(1, working, solved)
         iterations += steps
     else:
-        excess = _excess(target, screen_atoms, z, lam, chunk)
-        converged = not bool(((excess > screen_tol * max(lam, 1e-30)) & (z == 0)).any())
-    before, after = token_losses(x, atoms, start, bias, lam), token_losses(x, atoms, z, bias, lam)
+        excess = _excess(target, screen_atoms, z, token_lam, chunk)
+        converged = not bool(((excess > screen_tol * token_lam.clamp(min=1e-30).to(screen)) & (z == 0)).any())
+    before = token_losses(x, atoms, start, bias, lam, weight)
+    after = token_losses(x, atoms, z, bias, lam, weight)
     better = after < before
     return LassoSolve(torch.where(better[:, None], z, start), before, torch.where(better, after, before),
                       iterations, converged, width)
 
 
-def _excess(target: Tensor, atoms: Tensor, z: Tensor, lam: float, chunk: int) -> Tensor:
-    """(n, K) 2 <d_i, r_n> - lam, a block of tokens at a time."""
+def _excess(target: Tensor, atoms: Tensor, z: Tensor, lam: Tensor, chunk: int) -> Tensor:
+    """(n, K) 2 <d_i, r_n> - lam_n (lam (n, 1)), a block of tokens at a time."""
     out = torch.empty(z.shape, dtype=atoms.dtype, device=z.device)
     for start in range(0, len(z), chunk):
         rows = slice(start, start + chunk)
         residual = (target[rows] - torch.sparse.mm(z[rows].to_sparse(), atoms.double())).to(atoms.dtype)
-        out[rows] = 2 * residual @ atoms.T - lam
+        out[rows] = 2 * residual @ atoms.T - lam[rows].to(atoms.dtype)
     return out
 
 
-def _fista_on_working_sets(target: Tensor, atoms: Tensor, lam: float, z: Tensor, working: Tensor, max_iter: int,
+def _fista_on_working_sets(target: Tensor, atoms: Tensor, lam: Tensor, z: Tensor, working: Tensor, max_iter: int,
                            tol: float) -> tuple[Tensor, int]:
-    """FISTA on every token's working set at once: min over z_W >= 0 of ||t - z_W D_W||^2 + lam sum z_W."""
+    """FISTA on every token's working set at once: min over z_W >= 0 of ||t - z_W D_W||^2 + lam_n sum z_W
+    (lam (n, 1), each token's own)."""
     n, m = working.shape
     dtype = atoms.dtype
+    lam = lam.to(dtype)
     gram = torch.empty(n, m, m, dtype=dtype, device=target.device)
     correlation = torch.empty(n, m, dtype=dtype, device=target.device)  # <d_i, t_n> on the working set
     for start in range(0, n, 64):  # (64, m, d) gathered atoms at a time
@@ -102,7 +114,7 @@ def _fista_on_working_sets(target: Tensor, atoms: Tensor, lam: float, z: Tensor,
 
     def objective(codes: Tensor) -> Tensor:  # per token, up to the constant ||t_n||^2
         quadratic = ((codes[:, None, :] @ gram).squeeze(1) * codes).sum(1)
-        return -2 * (codes * correlation).sum(1) + quadratic + lam * codes.sum(1)
+        return -2 * (codes * correlation).sum(1) + quadratic + lam[:, 0] * codes.sum(1)
 
     previous, best = objective(current), current.clone()
     steps = 0

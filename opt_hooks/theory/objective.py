@@ -1,6 +1,9 @@
 """The dictionary-learning objective of THEORY.md section 1, in float64 where it is compared.
 
-    L(D, Z, b) = (1/N) sum_n [ ||x_n - b - sum_i z_in d_i||^2 + lam * sum_i z_in ]
+    L(D, Z, b) = (1/N) sum_n [ w_n ||x_n - b - sum_i z_in d_i||^2 + lam * sum_i z_in ]
+
+w_n is a token's weight: 1, except for SAEs that normalise each token at run time (sae_lens
+"layer_norm", "constant_norm_rescale"), whose training error is the de-normalised one.
 """
 from __future__ import annotations
 
@@ -40,13 +43,14 @@ def residuals(x: Tensor, atoms: Tensor, z: Tensor, bias: Tensor) -> Tensor:
     return x - bias - z @ atoms
 
 
-def token_losses(x: Tensor, atoms: Tensor, z: Tensor, bias: Tensor, lam: float) -> Tensor:
-    """Per-token objective ||r_n||^2 + lam * sum_i z_in, in float64."""
+def token_losses(x: Tensor, atoms: Tensor, z: Tensor, bias: Tensor, lam: float, weight: Tensor | None = None) -> Tensor:
+    """Per-token objective w_n ||r_n||^2 + lam * sum_i z_in, in float64 (w_n = 1 without `weight`)."""
     x, atoms, z, bias = (t.double() for t in (x, atoms, z, bias))
     r = x - bias - torch.sparse.mm(z.to_sparse(), atoms)  # codes are sparse: nnz x d, not n x K x d
-    return (r * r).sum(-1) + lam * z.sum(-1)
+    squared = (r * r).sum(-1)
+    return (squared if weight is None else weight.double() * squared) + lam * z.sum(-1)
 
 
-def objective(x: Tensor, atoms: Tensor, z: Tensor, bias: Tensor, lam: float) -> float:
+def objective(x: Tensor, atoms: Tensor, z: Tensor, bias: Tensor, lam: float, weight: Tensor | None = None) -> float:
     """L(D, Z, b): the mean of `token_losses` over tokens, as a Python float."""
-    return token_losses(x, atoms, z, bias, lam).mean().item()
+    return token_losses(x, atoms, z, bias, lam, weight).mean().item()

@@ -1,6 +1,6 @@
 """Pass-1 statistics of THEORY.md section 4, streamed and mergeable.
 
-`LayerStats.update(x, z, token_index)` takes one batch in theory units (see
+`LayerStats.update(x, z, token_index, weight)` takes one batch in theory units (see
 docs/ARCHITECTURE.md) and keeps only sums, counts, minima, maxima, the worst residuals and
 the sparse codes. Per-batch products run in `objective.compute_dtype` (float32, or float64
 when the input is float64 or too large for float32); every accumulator is float64 or int64.
@@ -23,35 +23,38 @@ from opt_hooks.theory.objective import compute_dtype
 class LamTotals:
     """The statistics that need lam (THEORY.md section 4), over the tokens they were summed on."""
 
-    over_count: Tensor  # (K,) int64: inactive tokens where <d_i, r_n> > lam / 2
-    over_excess: Tensor  # (K,) float64: sum of <d_i, r_n> - lam / 2 over those tokens
-    n_over_half_lam: int  # tokens with ||r_n|| > lam / 2
+    over_count: Tensor  # (K,) int64: inactive tokens where w_n <d_i, r_n> > lam / 2
+    over_excess: Tensor  # (K,) float64: sum of w_n <d_i, r_n> - lam / 2 over those tokens
+    n_over_half_lam: int  # tokens with w_n ||r_n|| > lam / 2
 
     @property
     def inactive_gain(self) -> Tensor:
-        """(K,) sum over inactive tokens of max(0, 2 <d_i, r_n> - lam): C4's inactive terms."""
+        """(K,) sum over inactive tokens of max(0, 2 w_n <d_i, r_n> - lam): C4's inactive terms."""
         return 2 * self.over_excess
 
 
 @dataclass
 class LayerStatistics:
-    """A computed snapshot of `LayerStats` (float64 / int64 tensors)."""
+    """A computed snapshot of `LayerStats` (float64 / int64 tensors). With token weights w_n
+    every sum over a squared error's terms carries w_n (w_n = 1 for unweighted tokens)."""
 
     n_tokens: int
     active_count: Tensor  # (K,) int64
     sum_z: Tensor  # (K,)
-    sum_z2: Tensor  # (K,)
+    sum_z2: Tensor  # (K,) sum_n w_n z_in^2
     min_z: Tensor  # (K,) over all tokens; +inf when no token was seen
     max_z: Tensor  # (K,)
-    sum_z_rnorm: Tensor  # (K,) sum_n z_in ||r_n||
-    sum_z_r: Tensor  # (K, d) sum_n z_in r_n
-    sum_r: Tensor  # (d,)
-    sum_rnorm: float
-    sum_rnorm2: float
-    worst_rnorm: Tensor  # (k,) largest ||r_n||, descending
+    sum_z_rnorm: Tensor  # (K,) sum_n z_in w_n ||r_n||
+    sum_z_r: Tensor  # (K, d) sum_n z_in w_n r_n
+    sum_r: Tensor  # (d,) sum_n w_n r_n
+    sum_w: float  # sum_n w_n
+    sum_rnorm: float  # sum_n w_n ||r_n||
+    sum_rnorm2: float  # sum_n w_n ||r_n||^2
+    worst_rnorm: Tensor  # (k,) largest w_n ||r_n||, descending
     worst_token: Tensor  # (k,) their token indices
-    worst_residual: Tensor  # (k, d) their residual vectors
-    codes: CSR | None  # with codes.aux = <d_i, r_n> of every entry
+    worst_residual: Tensor  # (k, d) their residual vectors r_n
+    worst_weight: Tensor  # (k,) their weights w_n
+    codes: CSR | None  # with codes.aux = w_n <d_i, r_n> of every entry, codes.weight = w_n
     lam_totals: LamTotals | None  # when lam was known while streaming
 
     @property
@@ -65,7 +68,7 @@ class LayerStatistics:
 
     @property
     def active_projections(self) -> Tensor:
-        """<d_i, r_n> over every active (n, i): the lam estimate and C4's active terms."""
+        """w_n <d_i, r_n> over every active (n, i): the lam estimate and C4's active terms."""
         if self.codes is None or self.codes.aux is None:
             return torch.zeros(0, dtype=torch.float64)
         return self.codes.aux
@@ -75,7 +78,7 @@ def lam_terms(r: Tensor, atoms: Tensor, lam: float, batch: SparseBatch,
               chunk_elements: int = 1 << 21) -> tuple[Tensor, Tensor, int]:
     """One batch's lam statistics: per feature, the count of inactive tokens where
     <d_i, r_n> > lam / 2 and the sum of <d_i, r_n> - lam / 2 over them; and the number of
-    tokens with ||r_n|| > lam / 2.
+    tokens with ||r_n|| > lam / 2. Weighted tokens pass r = w_n r_n (THEORY.md section 1).
 
     The (K, n) products are formed a block of features at a time, small enough to stay in
     cache while they are reduced, summed over every token; the active entries' share is read
@@ -102,39 +105,44 @@ def lam_terms(r: Tensor, atoms: Tensor, lam: float, batch: SparseBatch,
     return count, excess.clamp(min=0), int((r.norm(dim=-1) > half).sum())
 
 
-def residuals_at_entries(x: Tensor, z: Tensor, atoms: Tensor, bias: Tensor) -> tuple[SparseBatch, Tensor, Tensor, Tensor]:
-    """(entries, atoms in the compute dtype, r, <d_i, r_n> at the entries) of one batch: the
-    nonzeros found once, the reconstruction and projections computed over them only."""
-    entries = SparseBatch(z)
-    compute = compute_dtype(x, entries.values, bias)  # the nonzeros bound |z| as well
-    atoms = atoms.to(compute)
-    r = x.to(compute) - bias.to(compute) - entries.matrix(compute) @ atoms
-    return entries, atoms, r, entries.projections(r, atoms)
-
-
 class TokenBatch:
-    """A batch of tokens as the certificates read them (held-out tokens in pass 2): codes,
-    residuals, the codes' nonzero entries with <d_i, r_n> at each; the lam terms (one dense
-    (n, K) product) only when asked for."""
+    """A batch of tokens as the statistics and certificates read them: codes, residuals, the
+    codes' nonzero entries with w_n <d_i, r_n> at each; the lam terms (one dense (n, K)
+    product) only when asked for.
 
-    def __init__(self, x: Tensor, z: Tensor, atoms: Tensor, bias: Tensor, lam: float | None = None) -> None:
-        self.entries, self.atoms, self.r, self.projections = residuals_at_entries(x, z, atoms, bias)
-        self.z = z.to(self.r.dtype)  # (n, K) in the compute dtype
+    `weight` (n,) holds each token's weight w_n > 0 (THEORY.md section 1: normalising SAEs),
+    None for w_n = 1. Wherever a squared error enters, the batch offers it weighted: `wr` is
+    w_n r_n (r itself when unweighted) and `projections` / `q` are w_n <d_i, r_n>."""
+
+    def __init__(self, x: Tensor, z: Tensor, atoms: Tensor, bias: Tensor, lam: float | None = None,
+                 weight: Tensor | None = None) -> None:
+        self.entries = SparseBatch(z)
+        compute = compute_dtype(x, self.entries.values, bias)  # the nonzeros bound |z| as well
+        self.atoms = atoms.to(compute)
+        self.r = x.to(compute) - bias.to(compute) - self.entries.matrix(compute) @ self.atoms
+        self.weight = None if weight is None else weight.to(compute)
+        self.wr = self.r if self.weight is None else self.r * self.weight[:, None]
+        self.projections = self.entries.projections(self.wr, self.atoms)
+        self.z = z.to(compute)  # (n, K) in the compute dtype
         self.lam = lam
 
     @functools.cached_property
     def totals(self) -> LamTotals:
         if self.lam is None:
             raise ValueError("the lam terms of a TokenBatch need lam")
-        return LamTotals(*lam_terms(self.r, self.atoms, self.lam, self.entries))
+        return LamTotals(*lam_terms(self.wr, self.atoms, self.lam, self.entries))
 
     @property
     def n_tokens(self) -> int:
         return self.z.shape[0]
 
+    def w(self, rows: Tensor | slice = slice(None)) -> Tensor | float:
+        """w_n of the given tokens in float64, or 1.0 when the batch is unweighted."""
+        return 1.0 if self.weight is None else self.weight[rows].double()
+
     def q(self, features: Tensor) -> Tensor:
-        """(n, F) <d_i, r_n> for the requested features only."""
-        return self.r @ self.atoms[features].T
+        """(n, F) w_n <d_i, r_n> for the requested features only."""
+        return self.wr @ self.atoms[features].T
 
 
 class LamStatistics(Accumulator):
@@ -191,6 +199,7 @@ class LayerStats(LamStatistics):
         self.add_state("sum_z_rnorm", torch.zeros(n_features, **f64), "sum")
         self.add_state("sum_z_r", torch.zeros(n_features, d, **f64), "sum")
         self.add_state("sum_r", torch.zeros(d, **f64), "sum")
+        self.add_state("sum_w", torch.zeros((), **f64), "sum")
         self.add_state("sum_rnorm", torch.zeros((), **f64), "sum")
         self.add_state("sum_rnorm2", torch.zeros((), **f64), "sum")
         if lam is not None:
@@ -199,21 +208,25 @@ class LayerStats(LamStatistics):
         self.codes = SparseCodes(n_features, device=dev) if keep_codes else None
         self._next_token = 0
 
-    def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None) -> None:
-        """Add a batch: x (n, d) internal inputs, z (n, K) codes in theory units."""
+    def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None, weight: Tensor | None = None) -> None:
+        """Add a batch: x (n, d) internal inputs, z (n, K) codes in theory units, `weight` (n,)
+        the tokens' weights w_n (None: all 1)."""
         n = x.shape[0]
         if token_index is None:
             token_index = torch.arange(self._next_token, self._next_token + n, device=x.device)
         self._next_token = max(self._next_token, int(token_index.max()) + 1) if n else self._next_token
         if n == 0:
             return
-        batch, atoms, r, projections = residuals_at_entries(x, z, self.atoms, self.bias)
-        rnorm = r.norm(dim=-1)
+        tokens = TokenBatch(x, z, self.atoms, self.bias, weight=weight)
+        batch, r, wr = tokens.entries, tokens.r, tokens.wr
+        w = torch.ones(n, dtype=torch.float64, device=x.device) if weight is None else tokens.w()
+        rnorm = r.norm(dim=-1).double()
         values = batch.values.double()
         count = torch.bincount(batch.cols, minlength=batch.n_features)
         self.n_tokens += n
         self.active_count += count
-        moments = torch.stack([values, values * values, values * rnorm[batch.rows].double()], 1)
+        weighted_rnorm = w * rnorm
+        moments = torch.stack([values, tokens.w(batch.rows) * values * values, values * weighted_rnorm[batch.rows]], 1)
         sums = torch.zeros(batch.n_features, 3, dtype=torch.float64, device=z.device).index_add_(0, batch.cols, moments)
         self.sum_z += sums[:, 0]
         self.sum_z2 += sums[:, 1]
@@ -222,15 +235,16 @@ class LayerStats(LamStatistics):
         batch_min = torch.where(count == n, batch.per_feature(values, "amin"), 0.0)
         self.min_z = torch.minimum(self.min_z, batch_min)
         self.max_z = torch.maximum(self.max_z, batch.per_feature(values, "amax").clamp(min=0))
-        self.sum_z_r += (batch.transposed(r.dtype) @ r).double()
-        self.sum_r += r.sum(0, dtype=torch.float64)
-        self.sum_rnorm += rnorm.sum(dtype=torch.float64)
-        self.sum_rnorm2 += (rnorm.double() ** 2).sum()
-        self.worst.update(rnorm.double(), token_index.to(x.device), r)
+        self.sum_z_r += (batch.transposed(wr.dtype) @ wr).double()
+        self.sum_r += wr.sum(0, dtype=torch.float64)
+        self.sum_w += w.sum()
+        self.sum_rnorm += weighted_rnorm.sum()
+        self.sum_rnorm2 += (weighted_rnorm * rnorm).sum()
+        self.worst.update(weighted_rnorm, token_index.to(x.device), r, w)
         if self.lam is not None:
-            self.add_lam_terms(*lam_terms(r, atoms, self.lam, batch))
+            self.add_lam_terms(*lam_terms(wr, tokens.atoms, self.lam, batch))
         if self.codes is not None:
-            self.codes.add(token_index, batch, projections)
+            self.codes.add(token_index, batch, tokens.projections, None if weight is None else w)
 
     def _merge_extra(self, other: "LayerStats") -> None:
         self.worst.merge(other.worst)
@@ -249,11 +263,13 @@ class LayerStats(LamStatistics):
             sum_z_rnorm=self.sum_z_rnorm.clone(),
             sum_z_r=self.sum_z_r.clone(),
             sum_r=self.sum_r.clone(),
+            sum_w=float(self.sum_w),
             sum_rnorm=float(self.sum_rnorm),
             sum_rnorm2=float(self.sum_rnorm2),
             worst_rnorm=self.worst.values.clone(),
             worst_token=self.worst.tokens.clone(),
             worst_residual=self.worst.vectors.clone(),
+            worst_weight=self.worst.weights.clone(),
             codes=self.codes.compute() if self.codes is not None else None,
             lam_totals=None if self.lam is None else self.lam_totals(),
         )
@@ -294,40 +310,44 @@ class LayerStats(LamStatistics):
 
 
 class WorstResiduals:
-    """The k tokens with the largest ||r_n|| (ties broken by token index), with their residuals."""
+    """The k tokens with the largest w_n ||r_n|| (ties broken by token index), with their
+    residuals and weights."""
 
     def __init__(self, k: int, d: int, device: torch.device) -> None:
         self.k = k
         self.values = torch.zeros(0, dtype=torch.float64, device=device)
         self.tokens = torch.zeros(0, dtype=torch.int64, device=device)
         self.vectors = torch.zeros(0, d, dtype=torch.float64, device=device)
+        self.weights = torch.zeros(0, dtype=torch.float64, device=device)
 
-    def update(self, values: Tensor, tokens: Tensor, vectors: Tensor) -> None:
+    def update(self, values: Tensor, tokens: Tensor, vectors: Tensor, weights: Tensor) -> None:
         if 0 < self.k < len(values):  # only the batch's top k (ties at the k-th value included) can stay
             kth = torch.topk(values, self.k).values[-1]
             keep = values >= kth
-            values, tokens, vectors = values[keep], tokens[keep], vectors[keep]
+            values, tokens, vectors, weights = values[keep], tokens[keep], vectors[keep], weights[keep]
         self._keep_top(
             torch.cat([self.values, values]),
             torch.cat([self.tokens, tokens.to(self.tokens.device)]),
             torch.cat([self.vectors, vectors.double()]),
+            torch.cat([self.weights, weights.double()]),
         )
 
     def merge(self, other: "WorstResiduals") -> None:
         dev = self.values.device
-        self.update(other.values.to(dev), other.tokens.to(dev), other.vectors.to(dev))
+        self.update(other.values.to(dev), other.tokens.to(dev), other.vectors.to(dev), other.weights.to(dev))
 
-    def _keep_top(self, values: Tensor, tokens: Tensor, vectors: Tensor) -> None:
+    def _keep_top(self, values: Tensor, tokens: Tensor, vectors: Tensor, weights: Tensor) -> None:
         # Sort by token first, then stably by value: equal values keep ascending token order,
         # so the kept set does not depend on how the stream was split.
         by_token = torch.argsort(tokens, stable=True)
-        values, tokens, vectors = values[by_token], tokens[by_token], vectors[by_token]
+        values, tokens, vectors, weights = values[by_token], tokens[by_token], vectors[by_token], weights[by_token]
         order = torch.argsort(values, descending=True, stable=True)[: self.k]
-        self.values, self.tokens, self.vectors = values[order], tokens[order], vectors[order]
+        self.values, self.tokens, self.vectors, self.weights = values[order], tokens[order], vectors[order], weights[order]
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"values": self.values.cpu(), "tokens": self.tokens.cpu(), "vectors": self.vectors.cpu()}
+        return {name: getattr(self, name).cpu() for name in ("values", "tokens", "vectors", "weights")}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         dev = self.values.device
-        self.values, self.tokens, self.vectors = (state[k].to(dev) for k in ("values", "tokens", "vectors"))
+        for name in ("values", "tokens", "vectors", "weights"):
+            setattr(self, name, state[name].to(dev))
