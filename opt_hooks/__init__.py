@@ -20,10 +20,10 @@ _EXPORTS = {
     "Monitor": "opt_hooks.api",
     "AuditOptions": "opt_hooks.engine",
     "AuditResult": "opt_hooks.result",
-    "CertificateCheck": "opt_hooks.result",
-    "FeatureRow": "opt_hooks.result",
-    "LayerResult": "opt_hooks.result",
-    "PairRow": "opt_hooks.result",
+    "CertificateCheck": "opt_hooks.records",
+    "FeatureRow": "opt_hooks.records",
+    "LayerResult": "opt_hooks.records",
+    "PairRow": "opt_hooks.records",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -10,7 +10,7 @@
     layer = plan.result()                 # the verdicts (opt_hooks/policy.py): a LayerResult
 
 Pass 1 keeps the sparse codes with each active <d_i, r_n>, so every certificate's exact
-change on the audit tokens is a closed form of its state (see theory/certificates.py): the
+change on the audit tokens is a closed form of its state (see theory/changes.py): the
 data is streamed once, plus the held-out share. Pass 2 measures the same fixed changes on the
 held-out tokens, summing each one's per-token changes and their squares (its standard error),
 and the layer's held-out objective and gaps. Only C4's inactive terms (the G4 size) need lam on
@@ -33,10 +33,18 @@ from torch import Tensor
 
 from opt_hooks import policy as pol
 from opt_hooks.policy import MIN_LAYER_SHARE, MIN_SHARE, MIN_TOUCHED, VerdictPolicy
-from opt_hooks.result import CertificateCheck, FeatureRow, LayerResult, PairRow
-from opt_hooks.theory import certificates as certs
-from opt_hooks.theory import conditions as cond
+from opt_hooks.records import CertificateCheck, FeatureRow, LayerResult, PairRow
+from opt_hooks.theory import c4_codes
+from opt_hooks.theory.c1_floor import FloorCertificates, c1_floor
+from opt_hooks.theory.c2_pairs import PairCertificates, c2_pairs
+from opt_hooks.theory.c3_decoder import DecoderCertificates, c3_decoder
+from opt_hooks.theory.c4_codes import CodeCertificates, estimate_lam
+from opt_hooks.theory.c5_bias import BiasCertificate, c5_bias
+from opt_hooks.theory.c6_spare import SpareCertificate, c6_spare
+from opt_hooks.theory.changes import TokenChanges
+from opt_hooks.theory.gaps import DecoderStep
 from opt_hooks.theory.lasso import exact_codes
+from opt_hooks.theory.objective import check_lam
 from opt_hooks.theory.stats import LamStatistics, LamTotals, LayerStatistics, LayerStats, TokenBatch
 
 
@@ -87,7 +95,7 @@ class LayerAudit:
         meta: dict[str, Any] | None = None,
     ) -> None:
         if lam is not None:
-            cond.check_lam(lam)
+            check_lam(lam)
         # lam None: estimated from every audit token once pass 1 is done (pass 2 then streams
         # them again), unless `lam_unavailable` says why no lam can be had (C4, C6 skipped);
         # lam_estimated: lam was estimated beforehand (`LamCalibration`)
@@ -158,7 +166,7 @@ class LamCalibration:
 
     def compute(self) -> float:
         """lam_hat; ValueError (saying why) when it cannot be estimated."""
-        return cond.estimate_lam(torch.cat(self.projections) if self.projections else torch.zeros(0))
+        return estimate_lam(torch.cat(self.projections) if self.projections else torch.zeros(0))
 
 
 VERDICT_FAMILIES = ("C1", "C2", "C3", "C4", "C5", "C6")  # certificates that get verdicts; "decoder" is a gap
@@ -176,11 +184,11 @@ class AuditPlan:
         self.lam_estimated = audit.lam_estimated
         self.lam, self.lam_missing = self._lam()
         self.lam_or_zero = 0.0 if self.lam is None else self.lam  # lam-free certificates read no lam
-        self.floor = cond.c1_floor(stats)
-        self.pairs = cond.c2_pairs(stats, self.atoms, rel_tol=self.options.pair_rel_tol)
-        self.decoder = cond.c3_decoder(stats, self.atoms)
-        self.bias_check = cond.c5_bias(stats)
-        self.spare = None if self.lam is None else cond.c6_spare(stats, self.lam)
+        self.floor = c1_floor(stats)
+        self.pairs = c2_pairs(stats, self.atoms, rel_tol=self.options.pair_rel_tol)
+        self.decoder = c3_decoder(stats, self.atoms)
+        self.bias_check = c5_bias(stats)
+        self.spare = None if self.lam is None else c6_spare(stats, self.lam)
         self.families = self._build_certificates()
         self.audit_changes: dict[str, tuple[Tensor, Tensor]] = {}
         for name, family in self.families.items():
@@ -199,7 +207,7 @@ class AuditPlan:
         if audit.lam_unavailable is not None:
             return None, audit.lam_unavailable
         try:
-            return cond.estimate_lam(self.stats.active_projections), None
+            return estimate_lam(self.stats.active_projections), None
         except ValueError as error:
             return None, str(error)
 
@@ -211,7 +219,7 @@ class AuditPlan:
         families: dict[str, Any] = {}
         if self.lam is not None:  # C1 and C2 descend by lam times a lam-free margin
             floor_ids = idx(self.floor.violated)
-            families["C1"] = certs.FloorCertificates(floor_ids, self.floor.floor.to(dev)[floor_ids])
+            families["C1"] = FloorCertificates(floor_ids, self.floor.floor.to(dev)[floor_ids])
             # capped by the first-order gain per unit step, lam * margin: chance pairs of rare
             # features have tiny margins (at most mu_j) and fall below the cap first
             order = torch.argsort(self.pairs.margin, descending=True, stable=True)
@@ -219,26 +227,26 @@ class AuditPlan:
                 order = order[: opts.max_pairs]
             self.pair_order = order
             p = self.pairs
-            families["C2"] = certs.PairCertificates(
+            families["C2"] = PairCertificates(
                 p.i[order].to(dev), p.j[order].to(dev), p.kind[order].to(dev), p.bound[order].to(dev), p.rho[order].to(dev)
             )
         else:
             self.pair_order = torch.arange(len(self.pairs))
         decoder_ids = idx((self.decoder.size > opts.c3_tol) & (st.active_count > 0))
         grads = self.decoder.gradient.to(dev)[decoder_ids]
-        families["C3"] = certs.DecoderCertificates(
+        families["C3"] = DecoderCertificates(
             decoder_ids, self.atoms[decoder_ids].double(), grads / grads.norm(dim=-1, keepdim=True)
         )
         if self.lam is not None:
-            families["C4"] = certs.CodeCertificates(alive, self.atoms[alive].double())
+            families["C4"] = CodeCertificates(alive, self.atoms[alive].double())
         if self.bias_check.size > opts.c5_tol:
-            families["C5"] = certs.BiasCertificate(self.bias_check.mean_residual.to(dev) / self.bias_check.norm)
+            families["C5"] = BiasCertificate(self.bias_check.mean_residual.to(dev) / self.bias_check.norm)
         if self.spare is not None and self.spare.violated:
             dead = int(torch.nonzero(self.spare.dead)[0])
-            spare = certs.SpareCertificate.best_of(st, dead, self.atoms[dead], self.lam)
+            spare = SpareCertificate.best_of(st, dead, self.atoms[dead], self.lam)
             if spare is not None:
                 families["C6"] = spare
-        families["decoder"] = certs.DecoderStep(self.decoder.gradient.to(dev))
+        families["decoder"] = DecoderStep(self.decoder.gradient.to(dev))
         return families
 
     @property
@@ -279,10 +287,8 @@ class AuditPlan:
         state.n_held_out += tokens.n_tokens
         for name, family in self.families.items():
             state.add(name, family.held_out(tokens, lam))
-        entries = tokens.entries
-        values, q = entries.values.double(), tokens.projections.double()
-        # v_i, the rise of L when feature i is removed (its codes set to 0)
-        state.value_sum += entries.per_feature(2 * values * q + tokens.w(entries.rows) * values**2 - lam * values)
+        state.value_sum += c4_codes.feature_values(tokens, lam)
+        entries, values = tokens.entries, tokens.entries.values.double()
         w = torch.ones(tokens.n_tokens, dtype=torch.float64, device=x.device) if weight is None else tokens.w()
         mse = w * (tokens.r.double() ** 2).sum(-1)  # the SAE's own (weighted) squared error
         l1 = torch.zeros(tokens.n_tokens, dtype=torch.float64, device=mse.device).index_add_(0, entries.rows, values)
@@ -405,13 +411,13 @@ class _Pass2State(LamStatistics):
             self.add_lam_states(n_features, device)
         self.sample = TokenSample(sample_tokens)
 
-    def add(self, name: str, changes: certs.TokenChanges) -> None:
+    def add(self, name: str, changes: TokenChanges) -> None:
         getattr(self, f"{name}_sum").add_(changes.sum.to(self.value_sum.device))
         getattr(self, f"{name}_sum_sq").add_(changes.sum_sq.to(self.value_sum.device))
         getattr(self, f"{name}_touched").add_(changes.touched.to(self.value_sum.device))
 
-    def changes(self, name: str) -> certs.TokenChanges:
-        return certs.TokenChanges(getattr(self, f"{name}_sum"), getattr(self, f"{name}_sum_sq"), getattr(self, f"{name}_touched"))
+    def changes(self, name: str) -> TokenChanges:
+        return TokenChanges(getattr(self, f"{name}_sum"), getattr(self, f"{name}_sum_sq"), getattr(self, f"{name}_touched"))
 
     def _merge_extra(self, other: "_Pass2State") -> None:
         self.sample.merge(other.sample)
@@ -702,10 +708,8 @@ class _LayerAssembler:
         totals = plan.lam_totals()
         if totals is None or st.codes is None or st.codes.aux is None:
             return [None] * n_features, [None] * n_features
-        codes = st.codes
-        active = torch.zeros(n_features, dtype=torch.float64, device=codes.aux.device)
-        active.index_add_(0, codes.col.long(), (2 * codes.aux.double() - plan.lam).abs())
-        code = cond.c4_codes(active.cpu(), totals.inactive_gain.cpu(), st.active_count.cpu(), st.n_tokens, plan.lam)
+        active = c4_codes.active_gain(st.codes, plan.lam)
+        code = c4_codes.c4_codes(active.cpu(), totals.inactive_gain.cpu(), st.active_count.cpu(), st.n_tokens, plan.lam)
         live = (st.active_count > 0).cpu()
         gain = torch.where(live, code.gain, math.nan).tolist()
         size = torch.where(live, code.size, math.nan).tolist()

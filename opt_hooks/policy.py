@@ -1,6 +1,6 @@
 """The verdict policy of THEORY.md section 3, in one place.
 
-A certificate (a fixed change of the SAE, see theory/certificates.py) becomes a verdict only
+A certificate (a fixed change of the SAE, see theory/changes.py) becomes a verdict only
 when its descent is out of sample, significant, material and measured:
 
 - significance (3.3): the held-out change per token has a standard error from the streamed

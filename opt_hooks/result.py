@@ -1,268 +1,28 @@
-"""Audit results: plain data, JSON round-trip, atomic saving.
+"""The result of an audit as users hold it: its record (`records.py`), able to render itself.
 
-Nothing here computes maths; `engine.py` fills these records. Reports (`report/`) and the
-CLI only read them.
+`AuditResult` adds to `records.AuditRecord` the two methods that need the report package;
+the records themselves import nothing from `report/`, which reads them without an import
+circle: records <- report <- result.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from opt_hooks.policy import TIER_RANK, TIERS, rank_key
+from opt_hooks.records import AuditRecord
+from opt_hooks.report import write_report
+from opt_hooks.report.terminal import render_summary
 
-SCHEMA_VERSION = "2.0"
-
-__all__ = ["TIERS", "TIER_RANK", "CONDITIONS", "CertificateCheck", "FeatureRow", "PairRow", "LayerResult", "AuditResult"]
-
-# Human-readable names of the conditions of THEORY.md section 2.
-CONDITIONS = {
-    "C1": "floor: every feature must be off somewhere",
-    "C2": "pair / hierarchy condition",
-    "C3": "decoder stationarity",
-    "C4": "code optimality (optimal shrinkage)",
-    "C5": "bias stationarity",
-    "C6": "dead features must not see large residuals",
-}
+__all__ = ["AuditResult"]
 
 
-@dataclass
-class CertificateCheck:
-    """A fixed change of the SAE, what it did to the objective L (per token), and its verdict.
-
-    `step` was chosen by line search on the audit tokens; `predicted` is the first-order and
-    `measured` the exact change of L there. `held_out` is the exact change of L on held-out
-    tokens at that step, with its standard error and one-sided p-value (None without held-out
-    tokens); `gain` = -held_out; `share` = gain over the scale it is judged against (the
-    feature's value, or the layer's held-out L); `tier` and `reason` are the policy's verdict
-    (opt_hooks/policy.py)."""
-
-    condition: str
-    step: float
-    predicted: float | None  # None: not measurable (C1 and C2 without lam)
-    measured: float | None
-    held_out: float | None = None
-    held_out_se: float | None = None
-    p_value: float | None = None
-    gain: float | None = None
-    share: float | None = None
-    tier: str = "satisfied"
-    reason: str = ""
-    n_audit: int = 0
-    n_held_out: int = 0
-    n_touched: int = 0  # held-out tokens whose loss the change moves
-    count_p_value: float | None = None  # C2: co-activation against independence (Chernoff bound)
-
-    @property
-    def descends(self) -> bool:
-        return self.measured is not None and self.measured < 0
-
-
-@dataclass
-class FeatureRow:
-    """One feature of one SAE: its statistics, its findings and their verdicts.
-
-    `gain`, `gain_se`, `p_value` and `share` are those of its best certificate (the first of
-    `conditions`); `value` is v_i on the held-out tokens (THEORY.md 3.4)."""
-
-    id: int
-    tier: str
-    conditions: list[str]  # conditions with a descent, best certificate first
-    active_count: int
-    mean_code: float  # mu_i, mean over all audit tokens, zeros included
-    max_code: float
-    min_code: float  # C1: must be 0
-    c3_size: float  # ||g_i|| / ((1/N) sum z ||r||), in [0, 1]
-    c4_gain: float | None  # G4_i (None without lam)
-    c4_size: float | None  # G4_i / (lam * active share)
-    gain: float | None = None
-    gain_se: float | None = None
-    p_value: float | None = None
-    value: float | None = None
-    share: float | None = None
-    certificates: dict[str, CertificateCheck] = field(default_factory=dict)
-    top_tokens: list[int] = field(default_factory=list)  # global token indices, strongest first
-    top_values: list[float] = field(default_factory=list)
-
-
-@dataclass
-class PairRow:
-    """A flagged ordered pair (i, j) under C2.
-
-    kind "hierarchy": M = max of z_j where i is off lies below (1 - rho) mu_j;
-    kind "complementary": m = min of z_j where i is off lies above it.
-    """
-
-    i: int
-    j: int
-    kind: str
-    rho: float
-    bound: float  # M (hierarchy) or m (complementary)
-    threshold: float  # (1 - rho) * mu_j
-    margin: float  # distance past the threshold, >= 0
-    relative_margin: float  # margin / mu_j
-    count_i: int  # tokens where i is active
-    count_j: int  # tokens where j is active
-    co_count: int  # tokens where both are active
-    p_j_without_i_upper: float  # 95% upper bound on P(j fires without i)
-    tier: str
-    certificate: CertificateCheck | None = None
-    sample_i: list[float] = field(default_factory=list)  # responses for the scatter plot
-    sample_j: list[float] = field(default_factory=list)
-    # Exact [min, max] of z_j over A_i (tokens where i is off), the hull C2 compares with the
-    # threshold; drawn in the report's pair plot. None where the engine kept no scatter sample.
-    hull_min: float | None = None
-    hull_max: float | None = None
-
-    @property
-    def gain(self) -> float | None:
-        return None if self.certificate is None else self.certificate.gain
-
-
-@dataclass
-class LayerResult:
-    """Everything audited for one SAE at one hook point."""
-
-    hook_name: str
-    architecture: str
-    scope: str  # "L1 objective (exact)" or "L1 surrogate (<architecture>)"
-    lam: float | None  # None: neither known nor estimable (C4, C6 skipped)
-    lam_estimated: bool
-    d_in: int
-    d_sae: int
-    n_tokens: int  # audit tokens
-    n_held_out: int
-    features: list[FeatureRow]
-    pairs: list[PairRow]
-    layer_conditions: dict[str, dict[str, Any]]  # "C5", "C6": margins, verdicts, certificates
-    objective: dict[str, Any] = field(default_factory=dict)  # held-out L per token and its parts
-    gaps: dict[str, Any] = field(default_factory=dict)  # THEORY.md section 5: codes, decoder, bias
-    skipped: dict[str, str] = field(default_factory=dict)  # condition -> why it was not audited
-    n_tests: int = 0  # certificates tested in the layer (the multiplicity correction's m)
-    alpha: float = 0.05
-    sae_id: str | None = None
-    neuronpedia_id: str | None = None
-    dead_features: list[int] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def flagged(self) -> list[int]:
-        """Feature ids with a descent, certified first, then by held-out gain (THEORY.md 3.5)."""
-        rows = [f for f in self.features if f.tier != "satisfied"]
-        rows.sort(key=lambda f: rank_key(f.tier, f.gain, (f.id,)))
-        return [f.id for f in rows]
-
-    def ranked_pairs(self) -> list[PairRow]:
-        return sorted(self.pairs, key=lambda p: rank_key(p.tier, p.gain, (p.i, p.j)))
-
-    def feature(self, feature_id: int) -> FeatureRow:
-        return self.features[feature_id]
-
-    def tier_counts(self) -> dict[str, int]:
-        counts = {t: 0 for t in TIERS}
-        for f in self.features:
-            counts[f.tier] += 1
-        return counts
-
-    def condition_counts(self, tier: str = "certified") -> dict[str, int]:
-        """Per condition: features (C1, C3, C4) or pairs (C2) whose certificate reached `tier`
-        (or better), and 0/1 for the layer-wide C5 and C6."""
-        worst = TIER_RANK[tier]
-        counts = {c: 0 for c in CONDITIONS}
-        for f in self.features:
-            for c, check in f.certificates.items():
-                if c != "C2" and TIER_RANK[check.tier] <= worst:
-                    counts[c] += 1
-        counts["C2"] = sum(1 for p in self.pairs if TIER_RANK[p.tier] <= worst)
-        for c in ("C5", "C6"):
-            counts[c] = int(TIER_RANK[self.layer_conditions.get(c, {}).get("tier", "satisfied")] <= worst)
-        return counts
-
-
-@dataclass
-class AuditResult:
-    layers: dict[str, LayerResult]
-    meta: dict[str, Any] = field(default_factory=dict)
-    token_texts: dict[int, str] = field(default_factory=dict)  # context snippets of top tokens
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "meta": _clean(self.meta),
-            "layers": {name: _clean(dataclasses.asdict(layer)) for name, layer in self.layers.items()},
-            "token_texts": {str(k): v for k, v in self.token_texts.items()},
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AuditResult":
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(
-                f"report schema_version {data.get('schema_version')!r} is not {SCHEMA_VERSION!r}; "
-                "re-run the audit with this version of opt_hooks"
-            )
-        layers = {name: _layer_from_dict(d) for name, d in data["layers"].items()}
-        texts = {int(k): v for k, v in data.get("token_texts", {}).items()}
-        return cls(layers=layers, meta=data.get("meta", {}), token_texts=texts)
+class AuditResult(AuditRecord):
+    """`layers` ({hook_name: LayerResult}), `meta`, `token_texts`; see docs/API.md."""
 
     def save(self, out: str | os.PathLike, *, overwrite: bool = True) -> Path:
         """Write out/report.json and out/report.html, each atomically (temporary file, rename)."""
-        from opt_hooks.report import write_report
-
         return write_report(self, Path(out), overwrite=overwrite)
 
     def summary(self) -> str:
-        from opt_hooks.report.terminal import render_summary
-
+        """The terminal summary (what `opt-hooks report` prints)."""
         return render_summary(self)
-
-    def __repr__(self) -> str:
-        names = ", ".join(self.layers)
-        return f"AuditResult(layers=[{names}])"
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe copy: non-finite floats become None (strict JSON has no NaN or inf)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-def _certificate(d: dict[str, Any] | None) -> CertificateCheck | None:
-    return None if d is None else CertificateCheck(**d)
-
-
-def _layer_conditions(d: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {name: {**c, "certificate": _certificate(c.get("certificate"))} for name, c in d.items()}
-
-
-def _layer_from_dict(d: dict[str, Any]) -> LayerResult:
-    d = dict(d)
-    d["features"] = [
-        FeatureRow(**{**f, "certificates": {k: _certificate(c) for k, c in f["certificates"].items()}})
-        for f in d["features"]
-    ]
-    d["pairs"] = [PairRow(**{**p, "certificate": _certificate(p["certificate"])}) for p in d["pairs"]]
-    d["layer_conditions"] = _layer_conditions(d["layer_conditions"])
-    return LayerResult(**d)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to path so that readers see the old file or the new one, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def dumps(result: AuditResult) -> str:
-    return json.dumps(result.to_dict(), indent=1, allow_nan=False)

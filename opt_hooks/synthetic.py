@@ -27,9 +27,9 @@ from sae_lens.synthetic import (
 )
 from torch import Tensor
 
-from opt_hooks.api import held_out_windows
+from opt_hooks.run import held_out_windows
 from opt_hooks.engine import LayerAudit
-from opt_hooks.result import LayerResult
+from opt_hooks.records import LayerResult
 from opt_hooks.theory.reference import codes_and_bias, nonneg_lasso
 
 MAGNITUDE_STD = 0.15  # firing magnitudes ~ relu(N(1, 0.15)): never near the shrinkage lam/2

@@ -37,7 +37,7 @@ from scipy.optimize import linear_sum_assignment  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 import opt_hooks as oh  # noqa: E402
-from opt_hooks.result import LayerResult  # noqa: E402
+from opt_hooks.records import LayerResult  # noqa: E402
 from opt_hooks.synthetic import (  # noqa: E402
     GroundTruthAudit,
     PairTally,

@@ -18,7 +18,7 @@ import sae_lens
 import torch
 from sae_lens.saes.sae import SAEMetadata, TrainCoefficientConfig, TrainStepInput
 
-from opt_hooks.result import LayerResult
+from opt_hooks.records import LayerResult
 
 # architecture -> (training SAE class, its config class, architecture-specific config fields)
 TRAINING_KINDS: dict[str, tuple[type, type, dict[str, Any]]] = {

@@ -22,7 +22,7 @@ import opt_hooks as oh
 from opt_hooks.adapters.data import token_windows
 from opt_hooks.adapters.sae import SAEView
 from opt_hooks.engine import LayerAudit
-from opt_hooks.result import LayerResult
+from opt_hooks.records import LayerResult
 from sae_training import TRAINING_KINDS, assert_layers_match, to_inference, train_sae
 
 HOOK1, HOOK2 = "blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"

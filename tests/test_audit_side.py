@@ -123,7 +123,7 @@ def test_line_search_finds_the_exact_minimiser(planned, name):
 
 
 def test_pair_line_search_takes_the_best_grid_step(planned):
-    from opt_hooks.theory.certificates import PAIR_STEPS
+    from opt_hooks.theory.c2_pairs import PAIR_STEPS
 
     *_, plan, _ = planned
     family = plan.families["C2"]
@@ -248,7 +248,7 @@ def test_spare_certificate_takes_the_best_kept_direction():
     """Of every kept worst-residual direction as the new atom (each at its own line-search step),
     the one chosen lowers L on the audit tokens most; residuals point every way and the token
     weights spread widely, so which one is best depends on weighting them right."""
-    from opt_hooks.theory.certificates import SpareCertificate
+    from opt_hooks.theory.c6_spare import SpareCertificate
 
     g = torch.Generator().manual_seed(8)
     x = torch.randn(400, 6, generator=g, dtype=torch.float64)

@@ -18,7 +18,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from opt_hooks.engine import LayerAudit
-from opt_hooks.theory import conditions as cond
+from opt_hooks.theory.c1_floor import c1_floor
+from opt_hooks.theory.c2_pairs import c2_pairs
+from opt_hooks.theory.c3_decoder import c3_decoder
+from opt_hooks.theory.c4_codes import c4_codes, estimate_lam
+from opt_hooks.theory.c5_bias import c5_bias
+from opt_hooks.theory.c6_spare import c6_spare
 from opt_hooks.theory.codes import SparseCodes
 from opt_hooks.theory.objective import FLOAT64_SAFE_MAGNITUDE
 from opt_hooks.theory.pairs import COMPLEMENTARY, HIERARCHY, pair_violations
@@ -204,23 +209,23 @@ def test_condition_functions_are_finite(case):
     stats.update(case.x, case.z)
     computed = stats.compute()
     lam = case.lam or 1.0
-    floor = cond.c1_floor(computed)
+    floor = c1_floor(computed)
     assert torch.isfinite(floor.floor).all() and (floor.floor >= 0).all()
-    pairs = cond.c2_pairs(computed, case.atoms)
+    pairs = c2_pairs(computed, case.atoms)
     assert torch.isfinite(pairs.margin).all() and (pairs.margin >= 0).all()
-    decoder = cond.c3_decoder(computed, case.atoms)
+    decoder = c3_decoder(computed, case.atoms)
     assert torch.isfinite(decoder.gradient).all()
     assert ((decoder.size >= 0) & (decoder.size <= 1 + 1e-6)).all()
-    bias = cond.c5_bias(computed)
+    bias = c5_bias(computed)
     assert math.isfinite(bias.norm) and 0 <= bias.size <= 1 + 1e-6
-    spare = cond.c6_spare(computed, lam)
+    spare = c6_spare(computed, lam)
     assert math.isfinite(spare.margin) and spare.threshold == lam / 2
     k = case.atoms.shape[0]
-    code = cond.c4_codes(torch.rand(k, dtype=torch.float64), torch.rand(k, dtype=torch.float64),
+    code = c4_codes(torch.rand(k, dtype=torch.float64), torch.rand(k, dtype=torch.float64),
                          computed.active_count, computed.n_tokens, lam)
     assert torch.isfinite(code.size).all() and torch.isfinite(code.gain).all()
     try:
-        estimate = cond.estimate_lam(computed.active_projections)
+        estimate = estimate_lam(computed.active_projections)
     except ValueError as error:
         assert "cannot estimate lam" in str(error)
     else:
@@ -232,16 +237,16 @@ def test_conditions_that_need_lam_refuse_a_non_positive_one(lam):
     stats = LayerStats(torch.eye(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
     stats.update(torch.ones(3, 2, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="lam must be"):
-        cond.c6_spare(stats.compute(), lam)
+        c6_spare(stats.compute(), lam)
     with pytest.raises(ValueError, match="lam must be"):
-        cond.c4_codes(torch.ones(2), torch.ones(2), torch.ones(2), 3, lam)
+        c4_codes(torch.ones(2), torch.ones(2), torch.ones(2), 3, lam)
 
 
 def test_estimate_lam_refuses_an_estimate_that_is_not_positive():
     with pytest.raises(ValueError, match="cannot estimate lam"):
-        cond.estimate_lam(torch.tensor([-0.3, -0.1, 0.2]))
+        estimate_lam(torch.tensor([-0.3, -0.1, 0.2]))
     with pytest.raises(ValueError, match="cannot estimate lam"):
-        cond.estimate_lam(torch.zeros(0))
+        estimate_lam(torch.zeros(0))
 
 
 def brute_force_pairs(z: torch.Tensor, atoms: torch.Tensor, rel_tol: float) -> dict[tuple[int, int], tuple[int, float]]:

@@ -21,7 +21,8 @@ import yaml
 
 from opt_hooks.report import REPORT_HTML, REPORT_JSON, load_schema, render_html, render_summary, write_report
 from opt_hooks.report.neuronpedia import feature_url, sae_url
-from opt_hooks.result import SCHEMA_VERSION, AuditResult, CertificateCheck, FeatureRow, LayerResult, PairRow
+from opt_hooks.records import SCHEMA_VERSION, CertificateCheck, FeatureRow, LayerResult, PairRow
+from opt_hooks.result import AuditResult
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 HOSTILE_TEXT = "x = '<script>alert(1)</script>' & done"  # must come out escaped
@@ -406,14 +407,14 @@ def test_context_snippets_cover_certified_and_top_ranked_features(monkeypatch, m
     feature with a descent (at 24k features that would be 120k decodes)."""
     import torch
 
-    from opt_hooks import api
+    from opt_hooks import run
 
     result = make_result()
     windows = torch.randint(1000, 2000, (4, 128), generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(api, "CONTEXT_FEATURES", 1)
-    texts = api._token_texts(result, windows, minilm_tokenizer)
+    monkeypatch.setattr(run, "CONTEXT_FEATURES", 1)
+    texts = run._token_texts(result, windows, minilm_tokenizer)
     # per layer: certified 7 and 3, rank-0 feature 7; violated 11 and 12 (ranks 2, 3) left out; C6's worst tokens
     assert set(texts) == {7, 107, 3, 103, 5, 300}
     assert all("[[" in text and "]]" in text for text in texts.values())
-    monkeypatch.setattr(api, "CONTEXT_FEATURES", 4)
-    assert set(api._token_texts(result, windows, minilm_tokenizer)) == {7, 107, 3, 103, 11, 111, 12, 112, 5, 300}
+    monkeypatch.setattr(run, "CONTEXT_FEATURES", 4)
+    assert set(run._token_texts(result, windows, minilm_tokenizer)) == {7, 107, 3, 103, 11, 111, 12, 112, 5, 300}

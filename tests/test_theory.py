@@ -10,8 +10,12 @@ import pytest
 import torch
 
 from opt_hooks.engine import AuditOptions, LayerAudit
-from opt_hooks.theory import certificates as certs
-from opt_hooks.theory import conditions as cond
+from opt_hooks.theory.c1_floor import FloorCertificates, c1_floor
+from opt_hooks.theory.c2_pairs import PairCertificates, c2_pairs
+from opt_hooks.theory.c3_decoder import DecoderCertificates, c3_decoder
+from opt_hooks.theory.c4_codes import CodeCertificates, c4_codes
+from opt_hooks.theory.c5_bias import BiasCertificate, c5_bias
+from opt_hooks.theory.c6_spare import SpareCertificate, c6_spare
 from opt_hooks.theory.objective import objective, residuals
 from opt_hooks.theory.reference import fit_dictionary
 from opt_hooks.theory.stats import LayerStats, TokenBatch
@@ -69,7 +73,7 @@ def test_planted_hierarchy_flags_exactly_parent_child(hierarchy):
     planted, z, bias = hierarchy
     stats = LayerStats(planted.atoms, bias)
     stats.update(planted.x, z)
-    pairs = cond.c2_pairs(stats.compute(), planted.atoms)
+    pairs = c2_pairs(stats.compute(), planted.atoms)
     assert list(zip(pairs.i.tolist(), pairs.j.tolist(), pairs.kind.tolist())) == [(0, 1, 1)]
     assert float(pairs.bound[0]) == 0.0  # strict hierarchy: the child never fires alone
     mu1 = float(z[:, 1].mean())
@@ -81,7 +85,7 @@ def test_hierarchy_certificate_matches_prediction_at_eps_1e_3(hierarchy):
     planted, z, bias = hierarchy
     x, atoms, lam = planted.x, planted.atoms, planted.lam
     rho = float(atoms[0] @ atoms[1])
-    family = certs.PairCertificates(
+    family = PairCertificates(
         torch.tensor([0]), torch.tensor([1]), torch.tensor([1]), torch.tensor([0.0], dtype=torch.float64),
         torch.tensor([rho], dtype=torch.float64),
     )
@@ -118,14 +122,14 @@ def test_learned_optimum_satisfies_every_condition(learned):
     stats = LayerStats(atoms, bias)
     stats.update(planted.x, z)
     computed = stats.compute()
-    assert not cond.c1_floor(computed).violated.any()
-    assert len(cond.c2_pairs(computed, atoms).i) == 0
-    assert float(cond.c3_decoder(computed, atoms).size.max()) < 1e-6
-    assert cond.c5_bias(computed).size < 1e-6
+    assert not c1_floor(computed).violated.any()
+    assert len(c2_pairs(computed, atoms).i) == 0
+    assert float(c3_decoder(computed, atoms).size.max()) < 1e-6
+    assert c5_bias(computed).size < 1e-6
     r = residuals(planted.x, atoms, z, bias)
     q = r @ atoms.T
     on, off = g4_parts(z, q, planted.lam)
-    code = cond.c4_codes(on, off, (z > 0).sum(0), len(z), planted.lam)
+    code = c4_codes(on, off, (z > 0).sum(0), len(z), planted.lam)
     assert float(code.size.max()) < 1e-6
 
 
@@ -149,13 +153,13 @@ def test_c1_dense_feature(hierarchy):
     x_dense = x + 0.05 * atoms[3]
     stats = LayerStats(atoms, bias)
     stats.update(x_dense, z_dense)
-    check = cond.c1_floor(stats.compute())
+    check = c1_floor(stats.compute())
     assert check.violated.tolist() == [False, False, False, True, False, False]
-    family = certs.FloorCertificates(torch.tensor([3]), check.floor[[3]])
+    family = FloorCertificates(torch.tensor([3]), check.floor[[3]])
     measured = exact_change(family, 0, float(check.floor[3]), x_dense, atoms, z_dense, bias, lam)
     assert measured == pytest.approx(-lam * float(check.floor[3]), rel=1e-9)
     assert float(closed_form_change(family, x_dense, atoms, z_dense, bias, lam)[0]) == pytest.approx(measured, rel=1e-9)
-    assert not cond.c1_floor(_stats(x, atoms, z, bias)).violated.any()
+    assert not c1_floor(_stats(x, atoms, z, bias)).violated.any()
 
 
 def test_c3_rotated_atom(learned):
@@ -164,9 +168,9 @@ def test_c3_rotated_atom(learned):
     tilted = atoms.clone()
     tilted[2] = tilted[2] + 0.2 * tilted[4]
     tilted[2] = tilted[2] / tilted[2].norm()
-    check = cond.c3_decoder(_stats(x, tilted, z, bias), tilted)
+    check = c3_decoder(_stats(x, tilted, z, bias), tilted)
     assert float(check.size[2]) > 1e-2
-    family = certs.DecoderCertificates(torch.tensor([2]), tilted[[2]], check.gradient[[2]] / check.norm[2])
+    family = DecoderCertificates(torch.tensor([2]), tilted[[2]], check.gradient[[2]] / check.norm[2])
     measured = exact_change(family, 0, 1e-3, x, tilted, z, bias, lam)
     assert measured < 0 and measured == pytest.approx(-2e-3 * float(check.norm[2]), rel=0.05)
     assert float(closed_form_change(family, x, tilted, z, bias, lam)[0]) == pytest.approx(measured, rel=1e-8)
@@ -174,7 +178,7 @@ def test_c3_rotated_atom(learned):
     stats = _stats(x, tilted, z, bias)
     theta = float(family.line_search(stats, lam)[0])
     assert theta == pytest.approx(math.atan(0.2), rel=0.05)
-    assert float(cond.c3_decoder(_stats(x, atoms, z, bias), atoms).size.max()) < 1e-6
+    assert float(c3_decoder(_stats(x, atoms, z, bias), atoms).size.max()) < 1e-6
 
 
 def test_c4_shrunk_codes(learned):
@@ -182,9 +186,9 @@ def test_c4_shrunk_codes(learned):
     x, lam = planted.x, planted.lam
     shrunk = z * 0.8  # amortisation-style shrinkage: active atoms see more than lam/2
     r = residuals(x, atoms, shrunk, bias)
-    family = certs.CodeCertificates(torch.arange(6), atoms)
+    family = CodeCertificates(torch.arange(6), atoms)
     on, off = g4_parts(shrunk, r @ atoms.T, lam)
-    code = cond.c4_codes(on, off, (shrunk > 0).sum(0), len(x), lam)
+    code = c4_codes(on, off, (shrunk > 0).sum(0), len(x), lam)
     assert float(code.size.min()) > 1e-2
     share = (shrunk > 0).double().mean(0)  # G4 / (lam * active share): mean |2 <d, r> / lam - 1| per active token
     torch.testing.assert_close(code.gain, (on + off) / len(x), rtol=1e-12, atol=0)
@@ -205,13 +209,13 @@ def test_c5_shifted_bias(learned):
     planted, atoms, z, bias = learned
     x, lam = planted.x, planted.lam
     shifted = bias + 0.1
-    check = cond.c5_bias(_stats(x, atoms, z, shifted))
+    check = c5_bias(_stats(x, atoms, z, shifted))
     assert check.size > 1e-2
-    family = certs.BiasCertificate(check.mean_residual / check.norm)
+    family = BiasCertificate(check.mean_residual / check.norm)
     measured = exact_change(family, 0, 1e-3 * check.norm, x, atoms, z, shifted, lam)
     assert measured == pytest.approx(-(2e-3 - 1e-6) * check.norm**2, rel=1e-9)
     assert float(family.line_search(_stats(x, atoms, z, shifted), lam)[0]) == pytest.approx(check.norm, rel=1e-12)
-    assert cond.c5_bias(_stats(x, atoms, z, bias)).size < 1e-6
+    assert c5_bias(_stats(x, atoms, z, bias)).size < 1e-6
 
 
 def test_c6_dead_feature_with_large_residual(learned):
@@ -220,15 +224,15 @@ def test_c6_dead_feature_with_large_residual(learned):
     z_dead = z.clone()
     z_dead[:, 5] = 0  # feature 5 killed: its tokens now carry large residuals
     stats = _stats(x, atoms, z_dead, bias)
-    check = cond.c6_spare(stats, lam)
+    check = c6_spare(stats, lam)
     assert check.violated and check.dead.tolist() == [False] * 5 + [True]
-    family = certs.SpareCertificate.best_of(stats, 5, atoms[5], lam)
+    family = SpareCertificate.best_of(stats, 5, atoms[5], lam)
     family.step = family.line_search(stats, lam)
     measured = exact_change(family, 0, float(family.step[0]), x, atoms, z_dead, bias, lam)
     assert measured < 0
     assert float(closed_form_change(family, x, atoms, z_dead, bias, lam)[0]) == pytest.approx(measured, rel=1e-8)
     # lam so large that lam/2 exceeds every residual: a dead feature is then allowed
-    assert not cond.c6_spare(stats, 4 * check.max_rnorm).violated
+    assert not c6_spare(stats, 4 * check.max_rnorm).violated
 
 
 def test_engine_marks_c6_and_dead_features(learned):
@@ -273,8 +277,10 @@ def test_no_held_out_tokens_no_certificate(hierarchy):
 
 def test_theory_modules_import_neither_library():
     code = (
-        "import sys, opt_hooks.theory.stats, opt_hooks.theory.conditions, opt_hooks.theory.certificates, "
-        "opt_hooks.theory.pairs, opt_hooks.theory.reference, opt_hooks.engine\n"
+        "import importlib, pkgutil, sys, opt_hooks.theory, opt_hooks.engine, opt_hooks.records\n"
+        "modules = [m.name for m in pkgutil.iter_modules(opt_hooks.theory.__path__)]\n"
+        "assert len(modules) >= 15, modules\n"
+        "for name in modules: importlib.import_module('opt_hooks.theory.' + name)\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('transformer_lens', 'sae_lens')]\n"
         "assert not bad, bad\n"
     )

@@ -14,7 +14,7 @@ from scipy import stats
 
 import opt_hooks as oh
 from opt_hooks.adapters.sae import SAEView
-from opt_hooks.api import held_out_windows
+from opt_hooks.run import held_out_windows
 from opt_hooks.engine import AuditOptions, LayerAudit
 from opt_hooks.theory.objective import residuals, token_losses
 from opt_hooks.theory.reference import nonneg_lasso

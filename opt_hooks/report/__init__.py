@@ -1,6 +1,6 @@
-"""Reports of an AuditResult.
+"""Reports of an audit's record (`records.AuditRecord`; users hold it as an AuditResult).
 
-- report.json: `AuditResult.to_dict()`, described by `schema.json` (JSON Schema 2020-12);
+- report.json: `AuditRecord.to_dict()`, described by `schema.json` (JSON Schema 2020-12);
 - report.html: one self-contained page, works offline (`html.render_html`);
 - terminal summary: `terminal.render_summary`.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 from opt_hooks.report.html import render_html
 from opt_hooks.report.terminal import render_summary
-from opt_hooks.result import AuditResult, atomic_write_text, dumps
+from opt_hooks.records import AuditRecord, atomic_write_text, dumps
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -41,7 +41,7 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
     return out_dir
 
 
-def write_report(result: AuditResult, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+def write_report(result: AuditRecord, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write out_dir/report.json and out_dir/report.html, each atomically; return out_dir.
 
     Other files in out_dir are left alone; with overwrite=False the folder must be empty or absent.

@@ -1,4 +1,4 @@
-"""report.html: one self-contained page for an AuditResult (inline CSS, JS and SVG; no network).
+"""report.html: one self-contained page for an AuditRecord (inline CSS, JS and SVG; no network).
 
 Page layout: overview (what the tiers mean, tier and certified-condition counts per layer, run
 facts), then one section per layer: the held-out objective and the layer gaps first (every gain
@@ -16,7 +16,7 @@ from typing import Any
 
 from opt_hooks.report import neuronpedia
 from opt_hooks.report.svg import condition_grid, fmt, histogram, pair_scatter, tier_bars
-from opt_hooks.result import CONDITIONS, TIER_RANK, AuditResult, CertificateCheck, FeatureRow, LayerResult, PairRow
+from opt_hooks.records import CONDITIONS, TIER_RANK, AuditRecord, CertificateCheck, FeatureRow, LayerResult, PairRow
 from opt_hooks.report.terminal import gap_text, objective_text
 
 HERE = Path(__file__).resolve().parent
@@ -41,7 +41,7 @@ SURROGATE_NOTE = (
 )
 
 
-def render_html(result: AuditResult) -> str:
+def render_html(result: AuditRecord) -> str:
     layers = list(result.layers.values())
     sections = [_layer_section(k, layer, result.token_texts) for k, layer in enumerate(layers)]
     style = (HERE / "report.css").read_text(encoding="utf-8")
@@ -66,7 +66,7 @@ def render_html(result: AuditResult) -> str:
     )
 
 
-def _model_name(result: AuditResult) -> str:
+def _model_name(result: AuditRecord) -> str:
     return str(result.meta.get("model") or "SAE optimality report")
 
 
@@ -76,7 +76,7 @@ def _nav(layers: list[LayerResult]) -> str:
     return f"<nav>{' '.join(links)}</nav>"
 
 
-def _overview(result: AuditResult, layers: list[LayerResult]) -> str:
+def _overview(result: AuditRecord, layers: list[LayerResult]) -> str:
     names = [layer.hook_name for layer in layers]
     tiers = tier_bars(list(zip(names, (layer.tier_counts() for layer in layers))))
     grid = condition_grid(list(zip(names, (layer.condition_counts() for layer in layers))), list(CONDITIONS))

@@ -1,4 +1,4 @@
-"""Plain-text summary of an AuditResult: one block per layer, for terminals and logs.
+"""Plain-text summary of an AuditRecord: one block per layer, for terminals and logs.
 
 Each block leads with the scale every gain is judged against (the held-out objective and the
 layer gaps), then the verdict counts and the top findings in the policy's order (held-out gain
@@ -7,7 +7,7 @@ per token within each tier, THEORY.md 3.5).
 from __future__ import annotations
 
 from opt_hooks.report.svg import fmt
-from opt_hooks.result import CONDITIONS, AuditResult, CertificateCheck, FeatureRow, LayerResult, PairRow
+from opt_hooks.records import CONDITIONS, AuditRecord, CertificateCheck, FeatureRow, LayerResult, PairRow
 
 TOP_FEATURES = 5
 TOP_PAIRS = 3
@@ -24,7 +24,7 @@ CHANGES = {
 }
 
 
-def render_summary(result: AuditResult) -> str:
+def render_summary(result: AuditRecord) -> str:
     layers = list(result.layers.values())
     certified = sum(layer.tier_counts()["certified"] for layer in layers)
     pairs = sum(1 for layer in layers for p in layer.pairs if p.tier == "certified")

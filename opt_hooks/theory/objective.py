@@ -7,6 +7,8 @@ w_n is a token's weight: 1, except for SAEs that normalise each token at run tim
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -54,3 +56,10 @@ def token_losses(x: Tensor, atoms: Tensor, z: Tensor, bias: Tensor, lam: float, 
 def objective(x: Tensor, atoms: Tensor, z: Tensor, bias: Tensor, lam: float, weight: Tensor | None = None) -> float:
     """L(D, Z, b): the mean of `token_losses` over tokens, as a Python float."""
     return token_losses(x, atoms, z, bias, lam, weight).mean().item()
+
+
+def check_lam(lam: float) -> None:
+    """The conditions are statements about the L1 objective with lam > 0: at lam = 0 the
+    reconstruction-preserving directions of C1 and C2 change nothing and C4 / C6 have no scale."""
+    if not (math.isfinite(lam) and lam > 0):
+        raise ValueError(f"lam must be a finite number > 0, got {lam!r}")

@@ -1,0 +1,83 @@
+"""C3, decoder stationarity (THEORY.md section 2): with codes fixed, every atom's tangent gradient
+g_i = (1/N) sum_n z_in w_n (r_n - <d_i, r_n> d_i) must vanish; its certificate turns the atom.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from opt_hooks.theory.changes import FeatureFamily, Perturbed, TokenChanges, per_entry, slots_of
+from opt_hooks.theory.stats import LayerStatistics, TokenBatch
+
+
+@dataclass
+class DecoderCheck:
+    gradient: Tensor  # (K, d) g_i, the tangent gradient of atom i (codes fixed)
+    norm: Tensor  # (K,) ||g_i||
+    size: Tensor  # (K,) ||g_i|| / ((1/N) sum_n z_in ||r_n||), in [0, 1]
+
+
+def c3_decoder(stats: LayerStatistics, atoms: Tensor) -> DecoderCheck:
+    """C3: g_i = (1/N) sum_n z_in (r_n - <d_i, r_n> d_i) must vanish."""
+    n = max(stats.n_tokens, 1)
+    atoms = atoms.double().to(stats.sum_z_r.device)
+    mean_zr = stats.sum_z_r / n
+    gradient = mean_zr - (mean_zr * atoms).sum(-1, keepdim=True) * atoms
+    norm = gradient.norm(dim=-1)
+    scale = stats.sum_z_rnorm / n
+    size = torch.where(scale > 0, norm / torch.where(scale > 0, scale, 1.0), torch.zeros_like(norm))
+    return DecoderCheck(gradient=gradient, norm=norm, size=size)
+
+
+@dataclass
+class DecoderCertificates(FeatureFamily):
+    """C3: rotate d_i by the angle theta_i towards its tangent gradient u_i = g_i / ||g_i||,
+    codes fixed: d_i <- cos(theta) d_i + sin(theta) u_i.
+
+    With codes fixed the change is a function of sums: with A = sum_n z_in w_n <r_n, d_i>,
+    B = sum_n z_in w_n <r_n, u_i> and S = sum_n w_n z_in^2 it is 2 (A + S)(1 - cos theta) - 2 B sin theta,
+    whose exact minimiser is theta = atan2(B, A + S) (bounded to [0, pi/2])."""
+
+    atom: Tensor  # (F, d) d_i
+    direction: Tensor  # (F, d) unit, orthogonal to d_i
+    condition = "C3"
+
+    def _compute_sums(self, stats: LayerStatistics) -> tuple[Tensor, Tensor, Tensor]:
+        features = self.features.to(stats.sum_z_r.device)
+        zr = stats.sum_z_r[features].to(self.atom.device)
+        return (zr * self.atom.double()).sum(-1), (zr * self.direction.double()).sum(-1), stats.sum_z2[features].to(zr.device)
+
+    def line_search(self, stats: LayerStatistics, lam: float) -> Tensor:
+        along_atom, along_direction, z2 = self._sums(stats)
+        curvature = along_atom + z2
+        theta = torch.where(curvature > 0, torch.atan2(along_direction, curvature), math.pi / 2)
+        return theta.clamp(0, math.pi / 2)
+
+    def audit_change(self, stats: LayerStatistics, lam: float, step: Tensor) -> tuple[Tensor, Tensor]:
+        along_atom, along_direction, z2 = self._sums(stats)
+        theta = step.double()
+        change = 2 * (along_atom + z2) * (1 - torch.cos(theta)) - 2 * along_direction * torch.sin(theta)
+        return change, -2 * along_direction * theta
+
+    def held_out(self, tokens: TokenBatch, lam: float) -> TokenChanges:
+        entries = tokens.entries
+        n_features = tokens.atoms.shape[0]
+        slots = slots_of(self.features, entries.cols, n_features)
+        directions = torch.zeros_like(tokens.atoms)
+        directions[self.features] = self.direction.to(directions.dtype)
+        along_direction = entries.projections(tokens.wr, directions).double()
+        theta = per_entry(self.step, slots)
+        z, along_atom = entries.values.double(), tokens.projections.double()
+        change = -2 * z * ((torch.cos(theta) - 1) * along_atom + torch.sin(theta) * along_direction)
+        change = change + tokens.w(entries.rows) * z**2 * (2 - 2 * torch.cos(theta))
+        return TokenChanges.per_feature(entries, slots, len(self), change)
+
+    def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float,
+              weight: Tensor | None = None) -> Perturbed:
+        i, theta = int(self.features[k]), float(self.step[k])
+        atoms2 = atoms.clone()
+        atoms2[i] = math.cos(theta) * atoms[i] + math.sin(theta) * self.direction[k].to(atoms.dtype)
+        return atoms2, z, bias
