@@ -609,7 +609,8 @@ class _LayerAssembler:
             "n_dead": int(st.dead.sum()),
             "dead": torch.nonzero(st.dead).flatten().tolist(),
             "worst_tokens": st.worst_token.tolist(),
-            "worst_rnorms": st.worst_rnorm.tolist(),
+            "worst_rnorms": st.worst_rnorm.tolist(),  # w_n ||r_n||: ||r_n|| for an unweighted SAE
+            "worst_weighted": bool((st.worst_weight != 1).any()),
             "tier": "satisfied",
             "certificate": None,
         }

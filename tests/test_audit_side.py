@@ -165,6 +165,7 @@ def test_known_lam_needs_one_look_at_the_audit_tokens(planned):
     x, atoms, z, bias, plan, w = planned
     assert not plan.needs_audit_tokens
     before = plan.result()
+    assert before.layer_conditions["C6"]["worst_weighted"] == (w is not None)
     plan.update(x, z, held_out=torch.zeros(len(x), dtype=torch.bool), weight=w)  # audit tokens are ignored
     assert plan.result().features == before.features
 

@@ -16,6 +16,7 @@ import opt_hooks as oh
 from opt_hooks.adapters.sae import SAEView
 from opt_hooks.run import held_out_windows
 from opt_hooks.engine import AuditOptions, LayerAudit
+from opt_hooks.report.html import render_html
 from opt_hooks.theory.objective import residuals, token_losses
 from opt_hooks.theory.reference import nonneg_lasso
 
@@ -201,7 +202,8 @@ def test_normalising_sae_is_audited_on_its_own_training_loss(mode):
     scale = 3 * torch.exp(0.7 * torch.randn(n, 1, generator=gen, dtype=torch.float64))  # token norms vary 10x
     acts = scale * (amplitudes(n, D_IN, 0.2, gen) + 0.3 * torch.randn(n, 1, generator=gen, dtype=torch.float64))
     sae = train_sae("standard", acts, hook_name="sae", d_sae=K, steps=60, normalize_activations=mode)
-    layer = oh.audit_activations(sae, acts, held_out=HELD_OUT).layers["sae"]
+    result = oh.audit_activations(sae, acts, held_out=HELD_OUT)
+    layer = result.layers["sae"]
     held = held_out_windows(0, n, HELD_OUT)
     with torch.no_grad():
         output = sae.training_forward_pass(TrainStepInput(
@@ -213,6 +215,7 @@ def test_normalising_sae_is_audited_on_its_own_training_loss(mode):
     assert layer.objective["L"] == pytest.approx(float(output.loss), rel=rtol)
     assert layer.objective["mse"] == pytest.approx(float(output.losses["mse_loss"]), rel=rtol)
     assert any("weighted by w_n" in note for note in layer.notes)
+    assert layer.layer_conditions["C6"]["worst_weighted"] and "w ||r|| = " in render_html(result)
     view = SAEView(sae)  # the unweighted objective of the same codes is far from the training loss
     x, z, _ = view.encode(acts[held])
     unweighted = token_losses(x, view.atoms(), z, view.bias(), layer.lam).mean()

@@ -264,8 +264,9 @@ def _worst_tokens(c6: dict[str, Any], texts: dict[int, str]) -> str:
     tokens, norms = c6.get("worst_tokens", []), c6.get("worst_rnorms", [])
     if not tokens:
         return ""
+    measure = "w ||r||" if c6.get("worst_weighted") else "||r||"  # token-weighted SAEs rank by w_n ||r_n||
     items = "".join(
-        f'<div class="context"><b>||r|| = {fmt(norm)}</b>  {_context(texts.get(token, f"token #{token}"))}</div>'
+        f'<div class="context"><b>{measure} = {fmt(norm)}</b>  {_context(texts.get(token, f"token #{token}"))}</div>'
         for token, norm in zip(tokens, norms)
     )
     summary = "Largest residuals (C6: where a dead atom would lower the objective)"
