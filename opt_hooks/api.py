@@ -139,7 +139,7 @@ class Monitor:
         check_attachment(model, self.views)
         self.include_special_tokens = include_special_tokens
         self.router = Router(self.views, lam, options, nonfinite)
-        self.seen: dict[str, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {key: [] for key in self.views}
+        self.seen: dict[str, list[tuple[Tensor, ...]]] = {key: [] for key in self.views}  # (x, z, index, held, w)
         self._tap = CodeTap(model, self.views, self._on_codes)
         self._input_handle = None
         self._windows = self._tokens = 0

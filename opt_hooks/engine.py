@@ -271,12 +271,12 @@ class AuditPlan:
         if not bool(rows.any()):
             return
         x, z, held_out, token_index = x[rows], z[rows], held_out[rows], token_index[rows]
-        weight = None if weight is None else weight[rows]
+        weight = rows_of(weight, rows)
         if bool(held_out.any()):
-            self._add_held_out(x[held_out], z[held_out], token_index[held_out], _rows_of(weight, held_out))
+            self._add_held_out(x[held_out], z[held_out], token_index[held_out], rows_of(weight, held_out))
         audit = ~held_out
         if self.needs_audit_tokens and bool(audit.any()):
-            tokens = TokenBatch(x[audit], z[audit], self.atoms, self.bias, self.lam, _rows_of(weight, audit))
+            tokens = TokenBatch(x[audit], z[audit], self.atoms, self.bias, self.lam, rows_of(weight, audit))
             self.state.n_audit += tokens.n_tokens
             totals = tokens.totals
             self.state.add_lam_terms(totals.over_count, totals.over_excess, totals.n_over_half_lam)
@@ -736,7 +736,8 @@ def _scatter_rows(zi: Tensor, zj: Tensor, limit: int) -> Tensor:
     return torch.cat([take(either, limit - limit // 10), take(neither, limit // 10)])
 
 
-def _rows_of(weight: Tensor | None, rows: Tensor) -> Tensor | None:
+def rows_of(weight: Tensor | None, rows: Tensor) -> Tensor | None:
+    """The token weights of the selected rows (None stays None: an unweighted SAE)."""
     return None if weight is None else weight[rows]
 
 

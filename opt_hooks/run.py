@@ -25,7 +25,7 @@ from opt_hooks.adapters.data import as_tokenizer, special_token_mask, token_wind
 from opt_hooks.adapters.model import model_name
 from opt_hooks.checkpoint import Position, RunCheckpoint, audit_fingerprint
 from opt_hooks.distributed import current_ranks, merge_pass_one, merge_pass_two, sum_over_ranks
-from opt_hooks.engine import AuditOptions, AuditPlan, LamCalibration, LayerAudit
+from opt_hooks.engine import AuditOptions, AuditPlan, LamCalibration, LayerAudit, rows_of
 from opt_hooks.records import LayerResult
 from opt_hooks.result import AuditResult
 
@@ -126,12 +126,12 @@ class Router:
         if self.replay is not None:  # calibrating: estimate, and keep this rank's rows for pass 1
             rows = keep & ~held
             if key in self.calibrations:
-                self.calibrations[key].update(x[rows], z[rows], _rows(w, rows))
+                self.calibrations[key].update(x[rows], z[rows], rows_of(w, rows))
             mine = rows & self.ranks.own(batch.window.to(device))
             if bool(mine.all()):
                 x_mine, z_mine, index_mine, w_mine = x, z, index, w
             else:
-                x_mine, z_mine, index_mine, w_mine = x[mine], z[mine], index[mine], _rows(w, mine)
+                x_mine, z_mine, index_mine, w_mine = x[mine], z[mine], index[mine], rows_of(w, mine)
             nonzero = z_mine.nonzero(as_tuple=True)  # the codes kept sparse until pass 1 reads them
             self.replay[key].append((x_mine, nonzero, z_mine[nonzero], index_mine, w_mine))
         elif self.plans is None:
@@ -139,12 +139,12 @@ class Router:
             if bool(rows.all()):  # no copy of the (n, K) codes when every row is kept
                 self.audits[key].update(x, z, index, w)
             else:
-                self.audits[key].update(x[rows], z[rows], index[rows], _rows(w, rows))
+                self.audits[key].update(x[rows], z[rows], index[rows], rows_of(w, rows))
         else:
             plan = self.plans[key]
             rows = keep if plan.needs_audit_tokens else keep & held
             if bool(rows.any()):
-                plan.update(x[rows], z[rows], index[rows], held_out=held[rows], weight=_rows(w, rows))
+                plan.update(x[rows], z[rows], index[rows], held_out=held[rows], weight=rows_of(w, rows))
 
     def _finite_rows(self, key: str, x: Tensor, z: Tensor, batch: Batch) -> Tensor:
         z_min, z_max = z.aminmax() if z.numel() else (z.new_zeros(()), z.new_zeros(()))  # NaN propagates
@@ -216,11 +216,6 @@ class Router:
         if self.skipped[key]:
             layer.notes.append(f"{self.skipped[key]} audit tokens with non-finite values were skipped")
         return layer
-
-
-def _rows(w: Tensor | None, rows: Tensor) -> Tensor | None:
-    """The token weights of the selected rows (None stays None: an unweighted SAE)."""
-    return None if w is None else w[rows]
 
 
 def _layer_audit(key: str, view: SAEView, lam: float | None, options: AuditOptions | None) -> LayerAudit:
