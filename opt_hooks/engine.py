@@ -289,7 +289,7 @@ class AuditPlan:
             state.add(name, family.held_out(tokens, lam))
         state.value_sum += c4_codes.feature_values(tokens, lam)
         entries, values = tokens.entries, tokens.entries.values.double()
-        w = torch.ones(tokens.n_tokens, dtype=torch.float64, device=x.device) if weight is None else tokens.w()
+        w = tokens.weights()
         mse = w * (tokens.r.double() ** 2).sum(-1)  # the SAE's own (weighted) squared error
         l1 = torch.zeros(tokens.n_tokens, dtype=torch.float64, device=mse.device).index_add_(0, entries.rows, values)
         loss = mse + lam * l1
@@ -299,10 +299,10 @@ class AuditPlan:
         state.l1_sum += l1.sum()
         state.nnz += len(values)
         state.weight_sum += w.sum()
-        state.x_sum += (w[:, None] * x.double()).sum(0)
-        state.x_sq_sum += (w * (x.double() ** 2).sum(-1)).sum()
+        state.x_sum += w @ x.double()
+        state.x_sq_sum += w @ (x.double() ** 2).sum(-1)
         if self.lam is not None:
-            state.sample.update(x, z, token_index, weight)
+            state.sample.update(x, z, token_index, w)
 
     def merge(self, other: "AuditPlan") -> "AuditPlan":
         self.state.merge(other.state)
@@ -339,30 +339,26 @@ class TokenSample:
         self.tokens = torch.zeros(0, dtype=torch.int64)
         self.x: Tensor | None = None  # (m, d), in the precision the batches came in
         self.z: Tensor | None = None  # (m, K), sparse COO while kept
-        self.weight: Tensor | None = None  # (m,) float64 w_n; None while every kept token has w_n = 1
+        self.weight: Tensor | None = None  # (m,) float64 w_n (ones for an unweighted SAE)
 
-    def update(self, x: Tensor, z: Tensor, token_index: Tensor, weight: Tensor | None = None) -> None:
+    def update(self, x: Tensor, z: Tensor, token_index: Tensor, weight: Tensor) -> None:
         if self.k <= 0 or len(token_index) == 0:
             return
         token_index = token_index.cpu()
         if len(self.tokens) >= self.k and int(token_index.min()) > int(self.tokens.max()):
             return
-        weight = None if weight is None else weight.detach().cpu().double()
-        self._keep(token_index, x.detach().cpu(), z.detach().cpu().to_sparse(), weight)  # the batch's precision
+        # the batch's precision
+        self._keep(token_index, x.detach().cpu(), z.detach().cpu().to_sparse(), weight.detach().cpu().double())
 
-    def _keep(self, tokens: Tensor, x: Tensor, z: Tensor, weight: Tensor | None) -> None:
+    def _keep(self, tokens: Tensor, x: Tensor, z: Tensor, weight: Tensor) -> None:
         if self.x is not None:
-            if weight is not None or self.weight is not None:
-                ones = lambda n: torch.ones(n, dtype=torch.float64)  # noqa: E731
-                weight = torch.cat([ones(len(self.tokens)) if self.weight is None else self.weight,
-                                    ones(len(tokens)) if weight is None else weight])
             tokens = torch.cat([self.tokens, tokens])
             x = torch.cat([self.x, x])
             z = torch.cat([self.z, z])
+            weight = torch.cat([self.weight, weight])
         order = torch.argsort(tokens, stable=True)[: self.k]
-        self.tokens, self.x = tokens[order], x[order]
+        self.tokens, self.x, self.weight = tokens[order], x[order], weight[order]
         self.z = z.index_select(0, order).coalesce()
-        self.weight = None if weight is None else weight[order]
 
     def merge(self, other: "TokenSample") -> None:
         if other.x is not None:
@@ -372,9 +368,8 @@ class TokenSample:
         if self.x is None:
             return {"tokens": self.tokens}
         z = self.z.coalesce()
-        state = {"tokens": self.tokens, "x": self.x, "z_indices": z.indices(), "z_values": z.values(),
-                 "n_features": z.shape[1]}
-        return state if self.weight is None else {**state, "weight": self.weight}
+        return {"tokens": self.tokens, "x": self.x, "z_indices": z.indices(), "z_values": z.values(),
+                "n_features": z.shape[1], "weight": self.weight}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tokens, self.x, self.z, self.weight = state["tokens"], None, None, state.get("weight")
@@ -659,9 +654,8 @@ class _LayerAssembler:
         device = plan.atoms.device
         x, z = sample.x.to(device), sample.z.to_dense().to(device)
         atoms, bias = plan.atoms.double(), plan.bias.double()
-        weight = None if sample.weight is None else sample.weight.to(device)
         solve = exact_codes(x, atoms, bias, plan.lam, z, max_iter=opts.code_gap_max_iter, tol=opts.code_gap_tol,
-                            weight=weight)
+                            weight=sample.weight.to(device))
         gains = solve.loss_before - solve.loss_after
         n = len(gains)
         est = pol.estimate(gains.sum()[None], (gains**2).sum()[None], n)

@@ -140,6 +140,12 @@ class TokenBatch:
         """w_n of the given tokens in float64, or 1.0 when the batch is unweighted."""
         return 1.0 if self.weight is None else self.weight[rows].double()
 
+    def weights(self) -> Tensor:
+        """(n,) float64 w_n of every token, ones when the batch is unweighted (for sums over tokens)."""
+        if self.weight is None:
+            return torch.ones(self.n_tokens, dtype=torch.float64, device=self.r.device)
+        return self.weight.double()
+
     def q(self, features: Tensor) -> Tensor:
         """(n, F) w_n <d_i, r_n> for the requested features only."""
         return self.wr @ self.atoms[features].T
@@ -219,7 +225,7 @@ class LayerStats(LamStatistics):
             return
         tokens = TokenBatch(x, z, self.atoms, self.bias, weight=weight)
         batch, r, wr = tokens.entries, tokens.r, tokens.wr
-        w = torch.ones(n, dtype=torch.float64, device=x.device) if weight is None else tokens.w()
+        w = tokens.weights()
         rnorm = r.norm(dim=-1).double()
         values = batch.values.double()
         count = torch.bincount(batch.cols, minlength=batch.n_features)
