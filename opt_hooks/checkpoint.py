@@ -36,7 +36,7 @@ from torch import Tensor
 
 from opt_hooks import __version__
 
-FORMAT = 4
+FORMAT = 5
 PASSES = (1, 2)
 _NOT_OURS = "it is damaged or not an opt_hooks checkpoint; delete it to start over"
 

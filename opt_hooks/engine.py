@@ -25,16 +25,18 @@ ranks combine exactly. Pure tensor code: no TransformerLens / SAE-Lens import.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from opt_hooks import policy as pol
+from opt_hooks.pair_map import PairMap
 from opt_hooks.policy import MIN_LAYER_SHARE, MIN_SHARE, MIN_TOUCHED, VerdictPolicy
 from opt_hooks.records import CertificateCheck, FeatureRow, LayerResult, PairRow
 from opt_hooks.theory import c4_codes
+from opt_hooks.theory.absorption import MapOptions
 from opt_hooks.theory.c1_floor import FloorCertificates, c1_floor
 from opt_hooks.theory.c2_pairs import PairCertificates, c2_pairs
 from opt_hooks.theory.c3_decoder import DecoderCertificates, c3_decoder
@@ -68,6 +70,7 @@ class AuditOptions:
     code_gap_tokens: int = 128  # held-out tokens of the code gap's exact lasso solve (its SE shrinks as 1/sqrt)
     code_gap_max_iter: int = 100  # FISTA steps per working-set round of that solve, at most
     code_gap_tol: float = 1e-7  # relative change of its objective at which the solve stops
+    pair_map: MapOptions | None = field(default_factory=MapOptions)  # the absorption map's thresholds; None: off
 
     def __post_init__(self) -> None:
         self.policy  # noqa: B018 -- bad settings are refused before any token is streamed
@@ -199,6 +202,8 @@ class AuditPlan:
         self.needs_audit_tokens = self.lam is not None and stats.lam_totals is None
         self.state = _Pass2State(self.families, self.atoms.shape, self.atoms.device, self.needs_audit_tokens,
                                  self.options.code_gap_tokens)
+        self.pair_map = PairMap(stats.codes, stats.active_count, stats.n_tokens, self.atoms, self.options.pair_map)
+        self.pair_map.add_states(self.state)
 
     def _lam(self) -> tuple[float | None, str | None]:
         audit = self.audit
@@ -217,12 +222,16 @@ class AuditPlan:
         idx = lambda mask: torch.nonzero(mask.to(dev)).flatten()  # noqa: E731
         alive = idx(st.active_count > 0)
         families: dict[str, Any] = {}
+        # near-duplicate latents are the pair map's finding (duplicates to merge), never a C2 pair
+        duplicate_rho = math.inf if opts.pair_map is None else opts.pair_map.duplicate_rho
+        self.duplicate_pairs = int((self.pairs.rho >= duplicate_rho).sum())
+        candidates = torch.nonzero(self.pairs.rho < duplicate_rho).flatten()
         if self.lam is not None:  # C1 and C2 descend by lam times a lam-free margin
             floor_ids = idx(self.floor.violated)
             families["C1"] = FloorCertificates(floor_ids, self.floor.floor.to(dev)[floor_ids])
             # capped by the first-order gain per unit step, lam * margin: chance pairs of rare
             # features have tiny margins (at most mu_j) and fall below the cap first
-            order = torch.argsort(self.pairs.margin, descending=True, stable=True)
+            order = candidates[torch.argsort(self.pairs.margin[candidates], descending=True, stable=True)]
             if opts.max_pairs is not None:
                 order = order[: opts.max_pairs]
             self.pair_order = order
@@ -231,7 +240,7 @@ class AuditPlan:
                 p.i[order].to(dev), p.j[order].to(dev), p.kind[order].to(dev), p.bound[order].to(dev), p.rho[order].to(dev)
             )
         else:
-            self.pair_order = torch.arange(len(self.pairs))
+            self.pair_order = candidates
         decoder_ids = idx((self.decoder.size > opts.c3_tol) & (st.active_count > 0))
         grads = self.decoder.gradient.to(dev)[decoder_ids]
         families["C3"] = DecoderCertificates(
@@ -288,6 +297,7 @@ class AuditPlan:
         for name, family in self.families.items():
             state.add(name, family.held_out(tokens, lam))
         state.value_sum += c4_codes.feature_values(tokens, lam)
+        self.pair_map.held_out(x, tokens, self.bias, state)
         entries, values = tokens.entries, tokens.entries.values.double()
         w = tokens.weights()
         mse = w * (tokens.r.double() ** 2).sum(-1)  # the SAE's own (weighted) squared error
@@ -512,13 +522,24 @@ class _LayerAssembler:
                 f"only {self.n_held} held-out token(s): no certificate can be certified (each needs at least "
                 f"{self.policy.min_touched} held-out tokens it changes); raise held_out or the number of tokens"
             )
-        if len(plan.pairs) > len(plan.pair_order):
+        if len(plan.pairs) - plan.duplicate_pairs > len(plan.pair_order):
             notes.append(
-                f"{len(plan.pairs)} C2 pairs violated; certificates evaluated for the "
+                f"{len(plan.pairs) - plan.duplicate_pairs} C2 pairs violated; certificates evaluated for the "
                 f"{len(plan.pair_order)} with the largest margins (AuditOptions.max_pairs)"
             )
+        if plan.duplicate_pairs:
+            notes.append(
+                f"{plan.duplicate_pairs} C2 violation(s) between near-duplicate latents (rho >= "
+                f"{self.opts.pair_map.duplicate_rho:g}) are listed as duplicates to merge, not as pairs"
+            )
         layer_conditions = {"C5": self._c5(), "C6": self._c6()}
-        rows = self._feature_rows(found)
+        pair_map = plan.pair_map
+        absorption = pair_map.absorption_rows(plan.state, self.policy, st.mu, plan.lam)
+        if not pair_map.available:
+            skipped["absorption"] = pair_map.unavailable
+        mapped = {f for r in absorption for f in (r.parent, r.child)}
+        mapped |= {f for r in [*pair_map.duplicates, *pair_map.antipodal] for f in (r.i, r.j)}
+        rows = self._feature_rows(found, mapped)
         return LayerResult(
             hook_name=plan.audit.hook_name, architecture=plan.audit.architecture, scope=plan.audit.scope,
             lam=plan.lam, lam_estimated=plan.lam_estimated and plan.lam is not None,
@@ -526,7 +547,8 @@ class _LayerAssembler:
             features=rows, pairs=pairs, layer_conditions=layer_conditions,
             objective=self._objective(), gaps=self._gaps(layer_conditions), skipped=skipped,
             n_tests=plan.n_tests, alpha=self.policy.alpha,
-            dead_features=torch.nonzero(st.dead).flatten().tolist(), notes=notes,
+            dead_features=torch.nonzero(st.dead).flatten().tolist(), notes=notes, absorption=absorption,
+            duplicates=pair_map.duplicates, antipodal=pair_map.antipodal, pair_map=pair_map.settings(),
             **{k: plan.audit.meta.get(k) for k in ("sae_id", "neuronpedia_id")},
         )
 
@@ -667,9 +689,10 @@ class _LayerAssembler:
         }
 
     # -- features -------------------------------------------------------------------------
-    def _feature_rows(self, found: list[dict[str, CertificateCheck]]) -> list[FeatureRow]:
+    def _feature_rows(self, found: list[dict[str, CertificateCheck]], mapped: set[int]) -> list[FeatureRow]:
+        """`mapped`: latents of the pair map, which carry top tokens (contexts) like flagged ones."""
         st, plan = self.stats, self.plan
-        flagged = [k for k, c in enumerate(found) if c]
+        flagged = sorted({k for k, c in enumerate(found) if c} | mapped)
         top: dict[int, tuple[list[float], list[int]]] = {}
         if flagged and st.codes is not None and st.codes.n_tokens:
             values, tokens = (t.tolist() for t in st.codes.top_tokens(torch.tensor(flagged), self.opts.top_tokens))

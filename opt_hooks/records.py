@@ -16,9 +16,10 @@ from typing import Any
 
 from opt_hooks.policy import TIER_RANK, TIERS, rank_key
 
-SCHEMA_VERSION = "2.0"
+SCHEMA_VERSION = "2.1"
 
-__all__ = ["TIERS", "TIER_RANK", "CONDITIONS", "CertificateCheck", "FeatureRow", "PairRow", "LayerResult", "AuditRecord"]
+__all__ = ["TIERS", "TIER_RANK", "CONDITIONS", "CertificateCheck", "FeatureRow", "PairRow", "AbsorptionRow",
+           "DuplicateRow", "AntipodalRow", "LayerResult", "AuditRecord"]
 
 # Human-readable names of the conditions of THEORY.md section 2.
 CONDITIONS = {
@@ -125,6 +126,60 @@ class PairRow:
 
 
 @dataclass
+class AbsorptionRow:
+    """A parent latent absorbed into a child latent (THEORY.md section 6), found without labels.
+
+    The child's atom is split into its parent part and its own part,
+    d_child = rho d_parent + sqrt(1 - rho^2) d_own; the parent is off on `fraction` of the
+    child's audit tokens; on the held-out tokens where the child is on and the parent off, the
+    input's component along d_parent is `evidence` times its mean where the parent fires."""
+
+    parent: int
+    child: int
+    rho: float  # <d_parent, d_child>: the parent part of the child's decoder
+    own_part: float  # sqrt(1 - rho^2): the child's own part
+    count_parent: int  # audit tokens where the parent is active
+    count_child: int  # audit tokens where the child is active
+    co_count: int  # audit tokens where both are active
+    fraction: float  # (count_child - co_count) / count_child: share of the child's tokens without the parent
+    l1_price: float | None  # lam * mu_child * (rho + sqrt(1 - rho^2) - 1): the rise of L when split back
+    evidence: float  # held out: mean <d_parent, x - b> with the child on and the parent off / with the parent on
+    evidence_se: float
+    evidence_p: float  # one-sided p-value of evidence >= min_evidence failing, before the multiplicity correction
+    n_evidence: int  # held-out tokens with the child on and the parent off
+    reverse_evidence: float | None  # the same share with the roles swapped (orientation check)
+
+
+@dataclass
+class LatentPair:
+    """Two latents of the pair map with their atoms' cosine and their audit-token counts."""
+
+    i: int
+    j: int
+    rho: float
+    count_i: int
+    count_j: int
+    co_count: int  # tokens where both are active
+
+
+@dataclass
+class DuplicateRow(LatentPair):
+    """Two alive latents with nearly the same atom (rho >= duplicate_rho): one direction coded
+    twice; merge them. Never an absorption pair."""
+
+    jaccard: float  # co_count / (count_i + count_j - co_count): how often they fire together
+
+
+@dataclass
+class AntipodalRow(LatentPair):
+    """Two dense latents with nearly opposite atoms (rho <= -antipodal_rho) that rarely fire
+    together: a nonnegative code for one dense direction, `direction` = normalise(d_i - d_j)."""
+
+    share: float  # (count_i + count_j - co_count) / audit tokens: the tokens the pair covers
+    direction: list[float] = field(default_factory=list)
+
+
+@dataclass
 class LayerResult:
     """Everything audited for one SAE at one hook point."""
 
@@ -149,6 +204,36 @@ class LayerResult:
     neuronpedia_id: str | None = None
     dead_features: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # the label-free pair map (THEORY.md section 6), ordered by L1 price (trees by their total)
+    absorption: list[AbsorptionRow] = field(default_factory=list)
+    duplicates: list[DuplicateRow] = field(default_factory=list)
+    antipodal: list[AntipodalRow] = field(default_factory=list)
+    pair_map: dict[str, Any] = field(default_factory=dict)  # its thresholds and candidate counts
+
+    def duplicate_groups(self) -> list[list[int]]:
+        """Latents joined by duplicate pairs (connected components), largest group first: each
+        group codes one direction several times and merges into one latent."""
+        parent: dict[int, int] = {}
+
+        def root(k: int) -> int:
+            while parent.setdefault(k, k) != k:
+                parent[k] = parent[parent[k]]
+                k = parent[k]
+            return k
+
+        for row in self.duplicates:
+            parent[root(row.i)] = root(row.j)
+        groups: dict[int, list[int]] = {}
+        for k in sorted(parent):
+            groups.setdefault(root(k), []).append(k)
+        return sorted(groups.values(), key=lambda g: (-len(g), g[0]))
+
+    def absorption_trees(self) -> dict[int, list[AbsorptionRow]]:
+        """Parent latent -> its absorption rows (siblings together), in the map's order."""
+        trees: dict[int, list[AbsorptionRow]] = {}
+        for row in self.absorption:
+            trees.setdefault(row.parent, []).append(row)
+        return trees
 
     def flagged(self) -> list[int]:
         """Feature ids with a descent, certified first, then by held-out gain (THEORY.md 3.5)."""
@@ -242,6 +327,8 @@ def _layer_from_dict(d: dict[str, Any]) -> LayerResult:
     ]
     d["pairs"] = [PairRow(**{**p, "certificate": _certificate(p["certificate"])}) for p in d["pairs"]]
     d["layer_conditions"] = _layer_conditions(d["layer_conditions"])
+    for name, row in (("absorption", AbsorptionRow), ("duplicates", DuplicateRow), ("antipodal", AntipodalRow)):
+        d[name] = [row(**r) for r in d.get(name, [])]
     return LayerResult(**d)
 
 

@@ -362,11 +362,22 @@ def special_tokens(windows: Tensor, model: Any) -> Tensor | None:
 
 
 CONTEXT_FEATURES = 200  # per layer: the top-ranked features whose top tokens get context snippets
+CONTEXT_MAP_ROWS = 100  # per layer: absorption trees, duplicates and antipodal pairs whose latents get them too
+
+
+def _map_latents(layer: Any) -> set[int]:
+    """The latents of the pair map's first CONTEXT_MAP_ROWS trees, duplicates and antipodal pairs."""
+    trees = list(layer.absorption_trees().items())[:CONTEXT_MAP_ROWS]
+    latents = {f for parent, rows in trees for f in (parent, *(r.child for r in rows))}
+    for row in [*layer.duplicates[:CONTEXT_MAP_ROWS], *layer.antipodal[:CONTEXT_MAP_ROWS]]:
+        latents.update((row.i, row.j))
+    return latents
 
 
 def _token_texts(result: AuditResult, windows: Tensor, model: Any, before: int = 12, after: int = 4) -> dict[int, str]:
     """Context snippets for the top tokens of every certified feature and of the top-ranked others
-    (at least CONTEXT_FEATURES per layer), and for the worst residuals."""
+    (at least CONTEXT_FEATURES per layer), for the latents of the pair map (`_map_latents`) and for the
+    worst residuals."""
     wanted: set[int] = set()
     for layer in result.layers.values():
         for rank, feature_id in enumerate(layer.flagged()):
@@ -374,6 +385,8 @@ def _token_texts(result: AuditResult, windows: Tensor, model: Any, before: int =
             if f.tier == "certified" or rank < CONTEXT_FEATURES:
                 wanted.update(f.top_tokens)
         wanted.update(layer.layer_conditions.get("C6", {}).get("worst_tokens", []))
+        for feature_id in _map_latents(layer):
+            wanted.update(layer.features[feature_id].top_tokens)
     try:
         tokenizer = as_tokenizer(model)
     except ValueError:

@@ -8,19 +8,37 @@ every C2 flag be sorted into "planted hierarchy" or "false flag".
 
 `ground_truth_audit` audits the ground-truth dictionary itself: codes and bias solved exactly
 (float64) for the L1 objective by `theory.reference`, then `engine.LayerAudit`.
+
+For the absorption map (docs/VALIDATION.md, section E): `absorbed_audit` (an exactly absorbed
+dictionary), `match_latents` / `learned_features` / `true_absorption` (an SAE against the truth),
+`absorption_category` (sorting a map row), `probe_absorption` (an SAEBench-style probe score),
+`batchtopk_sae` (BatchTopK and Matryoshka SAEs) and `zipfian_hierarchy_world` / `sample_columns`
+(a 4,096-feature world of sae_lens' SyntheticModel).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
+from sae_lens import (
+    BatchTopKTrainingSAE,
+    BatchTopKTrainingSAEConfig,
+    MatryoshkaBatchTopKTrainingSAE,
+    MatryoshkaBatchTopKTrainingSAEConfig,
+    StandardTrainingSAE,
+    StandardTrainingSAEConfig,
+)
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.synthetic import (
     ActivationGenerator,
     FeatureDictionary,
+    HierarchyConfig,
     HierarchyNode,
+    SyntheticModel,
+    SyntheticModelConfig,
+    ZipfianFiringProbabilityConfig,
     create_correlation_matrix_from_correlations,
     hierarchy_modifier,
     init_sae_to_match_feature_dict,
@@ -198,6 +216,32 @@ def ground_truth_audit(
     return GroundTruthAudit(plan.result(), bias, acts, z, held)
 
 
+def absorbed_atoms(world: World) -> Tensor:
+    """The ground-truth dictionary with every planted hierarchy absorbed (THEORY.md section 6):
+    each child's atom becomes normalise(parent + child), the parent's stays. Exact L1 codes for
+    it switch the parent off on most of the child's tokens: absorption with a known truth."""
+    atoms = world.atoms.clone()
+    for parent, child in world.planted:
+        mixed = world.atoms[parent] + world.atoms[child]
+        atoms[child] = mixed / mixed.norm()
+    return atoms
+
+
+def absorbed_audit(world: World, lam: float, *, n_audit: int, n_held_out: int, seed: int) -> GroundTruthAudit:
+    """`ground_truth_audit` of the absorbed dictionary (`absorbed_atoms`), the world's own bias
+    kept: exact float64 L1 codes on every token, audit and held-out."""
+    n = n_audit + n_held_out
+    acts, x = world.sample(n, seed)
+    held = held_out_windows(0, n, n_held_out / n)
+    atoms, bias = absorbed_atoms(world), world.feature_dict.bias.detach().double()
+    z = nonneg_lasso(x, atoms, bias, lam)
+    audit = LayerAudit(atoms, bias, lam=lam, hook_name=world.name)
+    audit.update(x[~held], z[~held])
+    plan = audit.plan()
+    plan.update(x, z, held_out=held)
+    return GroundTruthAudit(plan.result(), bias, acts, z, held)
+
+
 def standard_sae(
     world: World, l1: float, seed: int, *, d_sae: int | None = None, init: GroundTruthAudit | None = None
 ) -> StandardTrainingSAE:
@@ -290,3 +334,186 @@ def role(world: World, feature: int) -> str:
     if feature in world.dead:
         return "dead"
     return "independent"
+
+
+# -- the absorption map against the ground truth (docs/VALIDATION.md, section E) ---------------
+
+LEARNED_COS = 0.5  # a latent represents its matched feature when it fires and its decoder has at least this cosine
+NEAREST_TIE = 1e-3  # cosines closer than this count as equally near (`learned_features`)
+
+
+def match_latents(true_atoms: Tensor, sae_atoms: Tensor) -> dict[int, int]:
+    """True feature -> SAE latent, one-to-one by |cosine| of the unit atoms (Hungarian, as sae_lens'
+    `mean_correlation_coefficient` matches them). With more features than latents, only as many
+    features as there are latents get one."""
+    from scipy.optimize import linear_sum_assignment  # a dependency of the study and the tests only
+
+    cos = (sae_atoms.double() @ true_atoms.double().T).abs()
+    latents, features = linear_sum_assignment(-cos.cpu().numpy())
+    return {int(f): int(k) for k, f in zip(latents, features)}
+
+
+def learned_features(
+    true_atoms: Tensor, sae_atoms: Tensor, z: Tensor, latent_of: dict[int, int], *, nearest: bool = False
+) -> set[int]:
+    """The features the SAE learned: the matched latent fires on some token of `z` (n, K) and its
+    decoder has cosine >= LEARNED_COS with the feature's atom (a one-to-one matching always pairs
+    a feature with some latent; an absorbing child latent keeps cos ~0.7 with its own atom).
+    With `nearest`, also no other true atom is nearer to that decoder (larger |cosine|, by more
+    than NEAREST_TIE): a child latent that absorbed its parent (cos 0.70 with the parent, 0.71
+    with the child) then does not count as the parent's; normalise(parent + child), equally near
+    to both, still counts as the child's."""
+    fires = (z > 0).any(dim=0)
+    cos = sae_atoms.double() @ true_atoms.double().T
+    closest = cos.abs().max(dim=1).values
+    return {
+        f for f, k in latent_of.items()
+        if bool(fires[k]) and float(cos[k, f]) >= LEARNED_COS
+        and (not nearest or float(closest[k]) - float(cos[k, f]) <= NEAREST_TIE)
+    }
+
+
+def true_absorption(acts: Tensor, z: Tensor, parent_latent: int, child: int) -> float:
+    """Share of the child's true firing tokens (acts (n, K_true)) on which the parent's latent is
+    off in the codes z (n, K): the ground truth of a planted pair's absorption (NaN if the child
+    never fires)."""
+    on = acts[:, child] > 0
+    if not bool(on.any()):
+        return math.nan
+    return float((z[on, parent_latent] == 0).double().mean())
+
+
+def absorption_category(world: World, i: int | None, j: int | None) -> str:
+    """What the ground truth says about an absorption row whose parent latent is matched to true
+    feature i and whose child latent to feature j: "planted" ((i, j) is a strict hierarchy's
+    (parent, child)), "reversed" ((j, i) is), "sibling" (two children of one parent),
+    "near-hierarchy" (a leaky pair, either orientation), "distractor" (i or j an independent or
+    copula-correlated feature), "other"; "unmatched" where a latent has no feature."""
+    if i is None or j is None:
+        return "unmatched"
+    if (i, j) in world.planted:
+        return "planted"
+    if (j, i) in world.planted:
+        return "reversed"
+    if any(i in children and j in children for _, children in world.hierarchies):
+        return "sibling"
+    if any({i, j} == {parent, child} for parent, child, _ in world.leaky):
+        return "near-hierarchy"
+    correlated = {f for a, b, _ in world.correlated for f in (a, b)}
+    if {i, j} & (set(world.independent) | correlated):
+        return "distractor"
+    return "other"
+
+
+@dataclass
+class ProbeAbsorption:
+    """A probe-based absorption score of one planted (parent, child) pair, after SAEBench's
+    absorption eval (`FeatureAbsorptionCalculator`), with the true parent atom as the probe."""
+
+    n_tokens: int  # the child's true firing tokens on which the probe sees the parent
+    full: float  # share of them with full absorption by a single latent (SAEBench `is_full_absorption`)
+    fraction: float  # mean absorption fraction (SAEBench `absorption_fraction`, up to 3 absorbing latents)
+
+
+def probe_absorption(
+    acts: Tensor, centred: Tensor, z: Tensor, sae_atoms: Tensor, probe: Tensor, parent_latent: int, parent: int,
+    child: int, *, present: float = 0.5, full_cos: float = 0.025, fraction_cos: float = 0.1, share: float = 0.4,
+    max_absorbers: int = 3,
+) -> ProbeAbsorption:
+    """SAEBench's absorption score of a (parent, child) pair, on labels the map does not use.
+
+    probe: unit vector (the parent's true atom); centred (n, d): the input minus the world's bias,
+    so s_n = <centred_n, probe> is the probe's projection; z (n, K) the SAE's codes on unit
+    atoms, so latent k contributes q_nk = z_nk <d_k, probe> to the reconstruction's projection.
+    Tokens: the child fires (acts) and s_n > present * the parent's mean true magnitude. The
+    parent's latent is the "main" latent. On such a token, full absorption: the main latent is
+    off, the top-projecting latent has <d_k, probe> >= full_cos and carries q >= share * s_n.
+    Absorption fraction: A = the sum of the (at most max_absorbers) largest q_nk > 0 among other
+    latents with <d_k, probe> >= fraction_cos and m = q_n,main; 0 if m >= s_n or A < share * s_n,
+    1 if m <= 0, else min(A, s_n - m) / (min(A, s_n - m) + m)."""
+    typical = float(acts[acts[:, parent] > 0, parent].double().mean()) if bool((acts[:, parent] > 0).any()) else 0.0
+    s = centred.double() @ probe.double()
+    tokens = (acts[:, child] > 0) & (s > present * typical)
+    n = int(tokens.sum())
+    if n == 0:
+        return ProbeAbsorption(0, math.nan, math.nan)
+    cos = sae_atoms.double() @ probe.double()
+    s, codes = s[tokens], z[tokens].double()
+    q = codes * cos
+    main = q[:, parent_latent]
+    top = q.argmax(dim=1)
+    full = (codes[:, parent_latent] == 0) & (cos[top] >= full_cos) & (q.gather(1, top[:, None])[:, 0] >= share * s)
+    others = q.clone()
+    others[:, parent_latent] = 0.0
+    others = torch.where((cos >= fraction_cos) & (others > 0), others, torch.zeros_like(others))
+    absorbed = others.topk(min(max_absorbers, others.shape[1]), dim=1).values.sum(dim=1)
+    credited = torch.minimum(absorbed, s - main)
+    partial = (credited / (credited + main)).clamp(0.0, 1.0)
+    fraction = torch.where((main >= s) | (absorbed < share * s), 0.0, torch.where(main <= 0, 1.0, partial))
+    return ProbeAbsorption(n, float(full.double().mean()), float(fraction.mean()))
+
+
+def zipfian_hierarchy_world(
+    seed: int = 0, *, n_features: int = 4096, d: int = 256, roots: int = 48, branching: tuple[int, int] = (2, 4),
+    exclusive: float = 0.5, exponent: float = 1.0, max_prob: float = 0.3, min_prob: float = 1e-4,
+) -> World:
+    """A larger world from sae_lens' SyntheticModel: Zipfian firing probabilities
+    (ZipfianFiringProbabilityConfig: feature r fires with about max_prob / r, at least
+    min_prob), a forest of `roots` one-level trees from HierarchyConfig (the roots take the
+    most frequent indices, their `branching` children the next ones; a share `exclusive` of the
+    trees has mutually exclusive children; firing probabilities compensated for the gating, so
+    a child fires about as often as its index says), magnitudes relu(N(1, MAGNITUDE_STD)), a
+    bias of norm 1, FeatureDictionary's default atoms. Every other feature is independent."""
+    cfg = SyntheticModelConfig(
+        num_features=n_features, hidden_dim=d,
+        firing_probability=ZipfianFiringProbabilityConfig(exponent=exponent, max_prob=max_prob, min_prob=min_prob),
+        hierarchy=HierarchyConfig(total_root_nodes=roots, branching_factor=branching, max_depth=1,
+                                  mutually_exclusive_portion=exclusive, compensate_probabilities=True),
+        std_firing_magnitudes=MAGNITUDE_STD, mean_firing_magnitudes=1.0, bias=1.0, seed=seed,
+    )
+    model = SyntheticModel(cfg)
+    assert model.hierarchy is not None
+    hierarchies = [(r.feature_index, [c.feature_index for c in r.children]) for r in model.hierarchy.roots]
+    in_trees = {f for parent, children in hierarchies for f in (parent, *children)}
+    return World(
+        name=f"zipfian hierarchies, K={n_features}, d={d}", feature_dict=model.feature_dict,
+        generator=model.activation_generator, hierarchies=hierarchies,
+        independent=[f for f in range(n_features) if f not in in_trees],
+    )
+
+
+def sample_columns(
+    world: World, n: int, seed: int, columns: Sequence[int], *, chunk: int = 4096
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`World.sample` for a large world, in chunks: (acts of `columns` (n, len(columns)) float64,
+    x (n, d) float64, true L0 per token (n,)), without the dense (n, K) activations."""
+    vectors = world.feature_dict.feature_vectors.detach().double()
+    bias = world.feature_dict.bias.detach().double()
+    cols = torch.as_tensor(list(columns), dtype=torch.int64)
+    parts: list[tuple[Tensor, Tensor, Tensor]] = []
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
+        for start in range(0, n, chunk):
+            acts = world.generator.sample(min(chunk, n - start))
+            acts = (acts.to_dense() if acts.is_sparse else acts).double()
+            x = torch.sparse.mm(acts.to_sparse(), vectors) + bias  # a few active features per token
+            parts.append((acts[:, cols], x, (acts > 0).sum(dim=1)))
+    return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
+
+
+def batchtopk_sae(
+    world: World, k: float, seed: int, *, d_sae: int | None = None, matryoshka_widths: Sequence[int] | None = None
+) -> BatchTopKTrainingSAE:
+    """A fresh BatchTopKTrainingSAE for the world (seeded), k latents active per token on average
+    over a batch; with `matryoshka_widths` a MatryoshkaBatchTopKTrainingSAE whose nested levels
+    end at those widths (the last is d_sae, added if missing). Both train with train_toy_sae."""
+    torch.manual_seed(seed)
+    width = d_sae or world.n_features
+    shape = {"d_in": world.feature_dict.hidden_dim, "d_sae": width, "k": k,
+             "metadata": SAEMetadata(hook_name="synthetic")}
+    if matryoshka_widths is None:
+        return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**shape))
+    widths = list(matryoshka_widths)
+    if widths[-1] != width:
+        widths.append(width)
+    return MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(**shape, matryoshka_widths=widths))

@@ -1,4 +1,5 @@
-"""Benchmark the exact C2 pair engine against the dense K x K baseline (not a test).
+"""Benchmark the exact C2 pair engine against the dense K x K baseline, and the absorption
+map's candidate search (not a test).
 
 Synthetic codes: ~L0 active features per token with heavy-tailed feature frequencies (a few
 features are on at most tokens, so every path of the engine runs), planted parent/child
@@ -9,6 +10,11 @@ with the command line that produced it.
     python scripts/bench_pairs.py --quick
     python scripts/bench_pairs.py --k 4096 16384 65536 131072 --n 100000
     python scripts/bench_pairs.py --device cuda --k 131072 --n 1000000
+    python scripts/bench_pairs.py --map --k 131072 --n 100000 --d 768   # + the absorption map
+
+The map's row ("map") times `opt_hooks.pair_map.PairMap` after pass 1: the nearest-atom search
+in blocks, the rho spread, the exact co-activation counts of the candidates, duplicates and
+antipodal pairs; its last column counts the ordered pairs it will measure on held-out tokens.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from opt_hooks.pair_map import PairMap  # noqa: E402
+from opt_hooks.theory.absorption import MapOptions  # noqa: E402
 from opt_hooks.theory.codes import CSR  # noqa: E402
 from opt_hooks.theory.pairs import pair_bounds_dense, pair_violations  # noqa: E402
 
@@ -129,6 +137,9 @@ def measure(method: str, n_features: int, n_tokens: int, args: argparse.Namespac
     started = time.perf_counter()
     if method == "dense":
         n_violations = dense_violation_count(z, atoms, mu, args.chunk_elements)
+    elif method == "map":
+        counts = torch.bincount(codes.col.long(), minlength=n_features)
+        n_violations = len(PairMap(codes, counts, n_tokens, atoms, MapOptions()))
     else:
         n_violations = len(pair_violations(codes, atoms, mu, chunk_elements=args.chunk_elements))
     if cuda:
@@ -167,7 +178,7 @@ def markdown_table(rows: list[dict], device: str) -> str:
     cuda = device.startswith("cuda")
     header = ["K", "N", "nnz", "method", "time (s)", "peak RSS delta (GiB)", "process peak RSS (GiB)"]
     header += ["CUDA max allocated delta (GiB)"] if cuda else []
-    header += ["violations"]
+    header += ["violations (map: measured pairs)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if "skipped" in row or "error" in row:
@@ -203,6 +214,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="small sizes only: K 1024 4096, N 10000, dense baseline up to K 1024"
     )
+    parser.add_argument("--map", action="store_true", help="also time the absorption map's candidate search")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "K", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -226,6 +238,9 @@ def main(argv: list[str]) -> None:
             else:
                 rows.append(run_in_subprocess("dense", n_features, n_tokens, argv))
             print(json.dumps(rows[-2]), json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            if args.map:
+                rows.append(run_in_subprocess("map", n_features, n_tokens, argv))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
     print(f"Command: `python {shlex.join(['scripts/bench_pairs.py', *argv])}`  \n")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())

@@ -196,8 +196,16 @@ def assert_matches_brute_force(layer: LayerResult, expected: Expected) -> None:
     close(c6["worst_rnorms"], rnorm[worst])
     assert c6["n_over_threshold"] == int((rnorm > layer.lam / 2).sum())
 
-    pairs = expected.pairs()
+    # C2 violations between near-duplicate latents are the pair map's duplicates, not pairs
+    duplicate_rho = oh.AuditOptions().pair_map.duplicate_rho
+    pairs, duplicates = {}, set()
+    for (i, j), violation in expected.pairs().items():
+        if float(expected.atoms[i] @ expected.atoms[j]) >= duplicate_rho:
+            duplicates.add((min(i, j), max(i, j)))
+        else:
+            pairs[(i, j)] = violation
     assert {(p.i, p.j): (p.kind, p.bound) for p in layer.pairs} == pairs
+    assert duplicates <= {(d.i, d.j) for d in layer.duplicates}
     on = z > 0
     for p in layer.pairs:
         rho = float(expected.atoms[p.i] @ expected.atoms[p.j])

@@ -138,6 +138,12 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
         assert layer.scope == "L1 objective (exact)" and not layer.lam_estimated
         assert 0.9 * report["meta"]["n_tokens"] < layer.n_tokens + layer.n_held_out  # all but BOS/EOS tokens
         assert f"-- {layer.hook_name} " in captured.out  # the per-layer terminal summary
+        # the pair map's latents carry contexts (the embedded SAEs have duplicate groups)
+        assert layer.duplicates
+        for row in layer.duplicates[:5]:
+            for latent in (row.i, row.j):
+                assert layer.features[latent].top_tokens
+                assert all(t in result.token_texts for t in layer.features[latent].top_tokens)
     assert report["meta"]["n_tokens"] >= 8000 and report["meta"]["run"]["source"] == "embedded default"
     page = (out / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "blocks.2.hook_resid_post" in page

@@ -4,6 +4,7 @@ tests need no model and no audit."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import math
@@ -13,6 +14,7 @@ import shutil
 import struct
 import subprocess
 import zlib
+from html import escape
 from pathlib import Path
 
 import jsonschema
@@ -21,7 +23,9 @@ import yaml
 
 from opt_hooks.report import REPORT_HTML, REPORT_JSON, load_schema, render_html, render_summary, write_report
 from opt_hooks.report.neuronpedia import feature_url, sae_url
-from opt_hooks.records import SCHEMA_VERSION, CertificateCheck, FeatureRow, LayerResult, PairRow
+from opt_hooks.records import (
+    SCHEMA_VERSION, AbsorptionRow, AntipodalRow, CertificateCheck, DuplicateRow, FeatureRow, LayerResult, PairRow,
+)
 from opt_hooks.result import AuditResult
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -67,6 +71,19 @@ def _pair(i: int, j: int, kind: str, tier: str) -> PairRow:
     )
 
 
+PAIR_MAP = {"available": True, "rho_spread": 0.02, "rho_min": 0.1, "min_evidence": 0.5, "duplicate_rho": 0.9,
+            "antipodal_rho": 0.9, "neighbours": 8, "measured_pairs": 40}
+MAP_OFF = "switched off (AuditOptions(pair_map=None))"
+
+
+def _absorbed(parent: int, child: int, rho: float, l1_price: float) -> AbsorptionRow:
+    return AbsorptionRow(
+        parent=parent, child=child, rho=rho, own_part=math.sqrt(1 - rho**2), count_parent=60, count_child=45,
+        co_count=5, fraction=40 / 45, l1_price=l1_price, evidence=0.93, evidence_se=0.012, evidence_p=1e-9,
+        n_evidence=120, reverse_evidence=0.36,
+    )
+
+
 def _layer(hook: str, neuronpedia_id: str | None, exact: bool) -> LayerResult:
     features = [_feature(k) for k in range(24)]
     features[3] = _feature(3, "certified", ("C2", "C4"))
@@ -94,15 +111,28 @@ def _layer(hook: str, neuronpedia_id: str | None, exact: bool) -> LayerResult:
         features=features, pairs=[_pair(3, 5, "hierarchy", "certified"), _pair(9, 3, "complementary", "violated")],
         layer_conditions={"C5": c5, "C6": c6}, objective=objective, gaps=gaps, n_tests=50, alpha=0.05,
         sae_id=hook, neuronpedia_id=neuronpedia_id,
-        dead_features=[20], notes=["a note about this layer"],
+        dead_features=[20], notes=["a note about this layer"], pair_map=PAIR_MAP,
+    )
+
+
+def _mapped(layer: LayerResult) -> LayerResult:
+    """The layer with a pair map of every kind: parent 3 absorbed into its siblings 7 and 11 (the
+    costlier tree first), parent 12 into 5 (no contexts kept), one duplicate, one antipodal pair.
+    The latents with contexts are flagged ones: the snippets decoded for them are unchanged."""
+    return dataclasses.replace(
+        layer,
+        absorption=[_absorbed(3, 7, 0.6, 4e-3), _absorbed(3, 11, 0.8, 3e-3), _absorbed(12, 5, 0.5, 1e-3)],
+        duplicates=[DuplicateRow(14, 15, 0.97, 50, 48, 40, 40 / 58)],
+        antipodal=[AntipodalRow(16, 17, -0.98, 450, 430, 2, 878 / 900, [0.6, -0.8] + [0.0] * 14)],
     )
 
 
 def make_result() -> AuditResult:
-    """Two layers (one exact, one L1 surrogate), every tier, both pair kinds, C5/C6, a dead feature."""
+    """Two layers (one exact, one L1 surrogate), every tier, both pair kinds, C5/C6, a dead feature;
+    the first with a pair map of every kind, the second with an empty one."""
     layers = {
-        "blocks.0.hook_resid_pre": _layer("blocks.0.hook_resid_pre", "gpt2-small/0-res-jb", exact=True),
-        "blocks.1.hook_resid_pre": _layer("blocks.1.hook_resid_pre", None, exact=False),
+        "blocks.0.hook_resid_pre": _mapped(_layer("blocks.0.hook_resid_pre", "gpt2-small/0-res-jb", exact=True)),
+        "blocks.1.hook_resid_pre": _layer("blocks.1.hook_resid_pre", None, exact=False),  # an empty pair map
     }
     texts = {k: f"context of token {k}: the [[dog]] barks" for k in (3, 7, 11, 12, 103, 107, 111, 112, 300)}
     texts[5] = HOSTILE_TEXT
@@ -140,6 +170,11 @@ def test_schema_version_is_the_one_results_write():
         lambda r: r["layers"]["blocks.1.hook_resid_pre"].update(scope="exact"),
         lambda r: r["layers"]["blocks.1.hook_resid_pre"].update(unknown_field=1),
         lambda r: r["token_texts"].update(abc="not a token index"),
+        lambda r: r["layers"]["blocks.0.hook_resid_pre"]["absorption"][0].update(sibling=11),
+        lambda r: r["layers"]["blocks.0.hook_resid_pre"]["absorption"][1].pop("own_part"),
+        lambda r: r["layers"]["blocks.0.hook_resid_pre"]["duplicates"][0].pop("jaccard"),
+        lambda r: r["layers"]["blocks.0.hook_resid_pre"]["antipodal"][0].update(share="98%"),
+        lambda r: r["layers"]["blocks.1.hook_resid_pre"].update(pair_map={"available": "yes"}),
     ],
 )
 def test_schema_rejects_broken_reports(result, break_it):
@@ -157,6 +192,18 @@ def test_report_round_trips_through_json(result, tmp_path):
     again = AuditResult.from_dict(json.loads((out / REPORT_JSON).read_text()))
     assert again.layers["blocks.0.hook_resid_pre"].pairs[1].hull_max == 1.58
     assert render_summary(again) == render_summary(result)
+
+
+def test_pair_map_rows_round_trip_through_json(result):
+    layer = result.layers["blocks.0.hook_resid_pre"]
+    again = AuditResult.from_dict(json.loads(json.dumps(result.to_dict(), allow_nan=False)))
+    assert again.to_dict() == result.to_dict()
+    mapped = again.layers["blocks.0.hook_resid_pre"]
+    assert mapped.absorption == layer.absorption and isinstance(mapped.absorption[0], AbsorptionRow)
+    assert mapped.duplicates == layer.duplicates and isinstance(mapped.duplicates[0], DuplicateRow)
+    assert mapped.antipodal == layer.antipodal and isinstance(mapped.antipodal[0], AntipodalRow)
+    assert mapped.pair_map == PAIR_MAP
+    assert list(mapped.absorption_trees()) == [3, 12]
 
 
 # ---- the output folder --------------------------------------------------------------------
@@ -286,6 +333,111 @@ def test_terminal_summary_has_one_block_per_layer(result):
     assert text.index("#7 ") < text.index("#3 ") < text.index("#11 ") < text.index("#12 ")
 
 
+# ---- the pair map (absorption, duplicates, antipodal) ------------------------------------
+
+
+def _layer_html(page: str, k: int) -> str:
+    return page.split(f'<section class="layer" id="layer-{k}">')[1].split("</section>")[0]
+
+
+def _tree(section: str, parent: int) -> str:
+    return section.split(f'<div class="tree" data-parent="{parent}">')[1].split('<div class="tree"')[0]
+
+
+def test_terminal_shows_absorption_trees_with_their_children(result):
+    text = render_summary(result)
+    mapped, empty = text.split("-- blocks.1.hook_resid_pre ")
+    assert "  absorption  2 tree(s), 3 absorbed child(ren) (label-free: rho >= 0.1, evidence >= 0.5)" in mapped
+    lines = mapped.splitlines()
+    start = lines.index("    parent 3 (on 60 tokens) absorbed into 2 child(ren):")
+    assert lines[start + 1].startswith("      child 7: rho 0.6 / own 0.8, parent off on 89% of 45 tokens, "
+                                       "evidence 0.93 ± 0.012, L1 price 0.004")
+    assert lines[start + 2].startswith("      child 11: rho 0.8 / own 0.6")
+    assert lines[start + 3] == "    parent 12 (on 60 tokens) absorbed into 1 child(ren):"
+    assert lines[start + 4].startswith("      child 5: rho 0.5 / own 0.866")
+    assert "  duplicates  1 pair(s) to merge (rho >= 0.9): 14 = 15 rho 0.97, jaccard 0.69" in mapped
+    assert "  antipodal   1 pair(s) of dense latents (rho <= -0.9): 16 / 17 rho -0.98, covering 98% of tokens" in mapped
+    assert "  absorption  none found (label-free: rho >= 0.1, evidence >= 0.5)" in empty
+    assert "  duplicates  none found (rho >= 0.9)" in empty and "  antipodal   none found (rho <= -0.9)" in empty
+
+
+def test_terminal_and_html_say_why_a_pair_map_is_missing(result):
+    layer = result.layers["blocks.1.hook_resid_pre"]
+    missing = dataclasses.replace(layer, pair_map={**PAIR_MAP, "available": False}, skipped={"absorption": MAP_OFF})
+    text = render_summary(AuditResult(layers={"l": missing}))
+    assert f"  absorption  not computed: {MAP_OFF}" in text
+    assert "absorption skipped" not in text and "duplicates" not in text  # one line, not three
+    section = _layer_html(render_html(AuditResult(layers={"l": missing})), 0)
+    assert f"<h3>Absorption map</h3><p>Not computed: {escape(MAP_OFF)}</p>" in section
+
+
+def test_html_absorption_map_nests_siblings_under_their_parent(result):
+    section = _layer_html(render_html(result), 0)
+    assert section.index("<h3>Absorption map</h3>") < section.index("Top-activating contexts")
+    assert "Label-free (THEORY.md section 6)" in section
+    assert "absorption ρ &ge; 0.1" in section and "evidence &ge; 0.5" in section  # the thresholds
+    assert "Absorption trees: 2 parent(s), 3 absorbed child(ren)" in section
+    assert section.index('data-parent="3"') < section.index('data-parent="12"')  # the costlier tree first
+    tree = _tree(section, 3)
+    assert re.findall(r'<tr data-child="(\d+)">', tree) == ["7", "11"]  # both siblings, in one tree
+    assert re.findall(r'<tr data-child="(\d+)">', _tree(section, 12)) == ["5"]
+    assert "total L1 price 0.007" in tree  # 4e-3 + 3e-3
+    child = tree.split('<tr data-child="7">')[1].split('<tr data-child="11">')[0]
+    # the decoder split: parent part rho^2 = 36% of the 120 px bar, own part the rest, and both numbers
+    assert 'width="43.2" height="12" class="split-parent"' in child and 'width="76.8"' in child
+    assert "ρ 0.6 | own 0.8" in child
+    for cell in ("<td>89%</td>", "0.93 ± 0.012 (n 120)", "<td>0.36</td>", "<td>0.004</td>", "<td>45</td>",
+                 "<td>5</td>"):
+        assert cell in child, cell
+    # contexts of the parent (before its children) and of each child (in its row)
+    assert tree.index("context of token 103: the <mark>dog</mark> barks") < tree.index('<tr data-child="7">')
+    assert "top contexts of child 7 (2)" in child and "context of token 107: the <mark>dog</mark>" in child
+    assert "no contexts kept for child 5" in _tree(section, 12)
+
+
+def test_html_absorption_map_links_latents_to_neuronpedia_in_a_new_tab(result):
+    section = _layer_html(render_html(result), 0)
+    tree = _tree(section, 3)
+    for latent in (3, 7, 11):
+        link = f'href="https://www.neuronpedia.org/gpt2-small/0-res-jb/{latent}" target="_blank" rel="noopener"'
+        assert link in tree, latent
+    layer = dataclasses.replace(result.layers["blocks.0.hook_resid_pre"], neuronpedia_id=None)
+    unlinked = _layer_html(render_html(AuditResult(layers={"l": layer})), 0)
+    assert "<h3>Absorption map</h3>" in unlinked and "neuronpedia" not in unlinked
+
+
+def test_html_lists_duplicates_and_antipodal_pairs(result):
+    page = render_html(result)
+    section = _layer_html(page, 0)
+    duplicates = section.split('<table class="sortable duplicates">')[1].split("</table>")[0]
+    cells = re.findall(r'<td data-v="([^"]*)">', duplicates)
+    assert cells == ["14", "15", "0.97", "50", "48", "40", repr(40 / 58)]  # i, j, rho, counts, jaccard
+    antipodal = section.split('<table class="sortable antipodal">')[1].split("</table>")[0]
+    assert re.findall(r'<td data-v="([^"]*)">', antipodal) == ["16", "17", "-0.98", repr(878 / 900), "450", "430", "2"]
+    assert "<h4>Duplicates to merge: 1</h4>" in section and "<h4>Antipodal dense pairs: 1</h4>" in section
+    empty = _layer_html(page, 1)
+    assert "<p>No absorption, duplicate or antipodal pair found.</p>" in empty and "ρ &ge; 0.1" in empty
+    assert "sortable duplicates" not in empty
+
+
+def test_engine_absorption_map_validates_and_renders_as_trees(tmp_path):
+    """End to end from the engine: an exactly coded absorbed world has absorption trees of
+    siblings; its report.json validates and both renderers put each child under its parent."""
+    from opt_hooks.synthetic import absorbed_audit, mixed_world
+
+    layer = absorbed_audit(mixed_world(0), 0.2, n_audit=4000, n_held_out=3000, seed=0).layer
+    trees = layer.absorption_trees()
+    parent, children = next((p, rows) for p, rows in trees.items() if len(rows) > 1)
+    result = AuditResult(layers={"absorbed": layer})
+    out = result.save(tmp_path / "out")
+    jsonschema.Draft202012Validator(load_schema()).validate(json.loads((out / REPORT_JSON).read_text()))
+    tree = _tree(_layer_html((out / REPORT_HTML).read_text(), 0), parent)
+    assert re.findall(r'<tr data-child="(\d+)">', tree) == [str(r.child) for r in children]
+    lines = render_summary(result).splitlines()
+    start = next(k for k, line in enumerate(lines) if line.startswith(f"    parent {parent} "))
+    assert lines[start + 1].startswith(f"      child {children[0].child}: rho ")
+
+
 # ---- Neuronpedia -------------------------------------------------------------------------
 
 
@@ -409,12 +561,19 @@ def test_context_snippets_cover_certified_and_top_ranked_features(monkeypatch, m
 
     from opt_hooks import run
 
+    with_map = make_result()
     result = make_result()
+    for layer in result.layers.values():  # first without the pair map
+        layer.absorption, layer.duplicates, layer.antipodal = [], [], []
     windows = torch.randint(1000, 2000, (4, 128), generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(run, "CONTEXT_FEATURES", 1)
     texts = run._token_texts(result, windows, minilm_tokenizer)
     # per layer: certified 7 and 3, rank-0 feature 7; violated 11 and 12 (ranks 2, 3) left out; C6's worst tokens
     assert set(texts) == {7, 107, 3, 103, 5, 300}
     assert all("[[" in text and "]]" in text for text in texts.values())
+    # the pair map's latents get snippets too, flagged or not
+    mapped = {t for layer in with_map.layers.values() for f in run._map_latents(layer) for t in layer.features[f].top_tokens}
+    assert mapped - set(texts)  # the fixture's map reaches beyond the flagged features
+    assert set(run._token_texts(with_map, windows, minilm_tokenizer)) == set(texts) | mapped
     monkeypatch.setattr(run, "CONTEXT_FEATURES", 4)
     assert set(run._token_texts(result, windows, minilm_tokenizer)) == {7, 107, 3, 103, 11, 111, 12, 112, 5, 300}

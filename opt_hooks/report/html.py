@@ -4,7 +4,8 @@ Page layout: overview (what the tiers mean, tier and certified-condition counts 
 facts), then one section per layer: the held-out objective and the layer gaps first (every gain
 needs a scale), facts and scope, size distributions of C3 and C4, layer-wide conditions (C5,
 C6), a sortable table of features with a descent ranked by held-out gain (THEORY.md 3.5), the
-flagged pairs (table and the paper's scatter figure) and the top-activating contexts of the
+flagged pairs (table and the paper's scatter figure), the label-free absorption map (THEORY.md
+section 6: absorption trees, duplicates, antipodal pairs) and the top-activating contexts of the
 top-ranked features. Long lists are cut to the top-ranked entries; report.json has everything.
 """
 from __future__ import annotations
@@ -15,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from opt_hooks.report import neuronpedia
-from opt_hooks.report.svg import condition_grid, fmt, histogram, pair_scatter, tier_bars
-from opt_hooks.records import CONDITIONS, TIER_RANK, AuditRecord, CertificateCheck, FeatureRow, LayerResult, PairRow
-from opt_hooks.report.terminal import gap_text, objective_text
+from opt_hooks.report.svg import condition_grid, fmt, histogram, pair_scatter, split_bar, tier_bars
+from opt_hooks.records import (
+    CONDITIONS, TIER_RANK, AbsorptionRow, AntipodalRow, AuditRecord, CertificateCheck, DuplicateRow, FeatureRow,
+    LayerResult, PairRow,
+)
+from opt_hooks.report.terminal import gap_text, map_unavailable, objective_text, percent
 
 HERE = Path(__file__).resolve().parent
 MAX_FEATURE_ROWS = 500  # per layer, top-ranked first
@@ -25,6 +29,8 @@ MAX_PAIR_ROWS = 500
 MAX_SCATTERS = 12
 MAX_CONTEXT_FEATURES = 12
 MAX_LISTED_DEAD = 60
+MAX_TREES = 100  # absorption trees per layer, in the map's order
+MAX_MAP_ROWS = 500  # duplicates, antipodal pairs
 
 TIER_TEXT = {
     "certified": "a certificate (a fixed change of the SAE, chosen on the audit tokens) lowers the objective "
@@ -35,6 +41,7 @@ TIER_TEXT = {
     "significant or not material (its numbers and the reason are listed)",
     "satisfied": "no certificate lowers the objective on the audit tokens",
 }
+NEW_TAB = ' target="_blank" rel="noopener"'
 SURROGATE_NOTE = (
     "This SAE was not trained with an L1 penalty: C1, C2, C4 and C6 are the conditions of the L1 "
     "surrogate objective, not proofs about its own objective. C3 and C5 hold for every architecture."
@@ -149,6 +156,7 @@ def _layer_section(k: int, layer: LayerResult, texts: dict[int, str]) -> str:
         _layer_conditions(layer, texts),
         _feature_table(layer),
         _pair_section(layer),
+        _absorption_section(layer, texts),
         _contexts(layer, texts),
         "</section>",
     ]
@@ -159,7 +167,8 @@ def _layer_summary(layer: LayerResult) -> list[tuple[str, str]]:
     """The held-out objective and the layer gaps: the scale of every gain below."""
     rows = [("held-out objective", escape(objective_text(layer)))]
     rows += [(f"{name} gap", escape(text)) for name, text in gap_text(layer)]
-    rows += [(f"{name} skipped", escape(reason)) for name, reason in layer.skipped.items()]
+    # the pair map's reason stands in its own section
+    rows += [(f"{name} skipped", escape(reason)) for name, reason in layer.skipped.items() if name != "absorption"]
     return rows
 
 
@@ -184,7 +193,7 @@ def _layer_facts(layer: LayerResult) -> list[tuple[str, str]]:
         rows.append(("SAE id", escape(layer.sae_id)))
     if layer.neuronpedia_id:
         url = neuronpedia.sae_url(layer.neuronpedia_id)
-        rows.append(("Neuronpedia", f'<a href="{escape(url)}">{escape(layer.neuronpedia_id)}</a>'))
+        rows.append(("Neuronpedia", f'<a href="{escape(url)}"{NEW_TAB}>{escape(layer.neuronpedia_id)}</a>'))
     return rows
 
 
@@ -232,9 +241,11 @@ def _more(hidden: int, what: str) -> str:
 
 
 def _feature_link(layer: LayerResult, feature: int) -> str:
+    """The feature's id, linked to its Neuronpedia dashboard when the layer has one (new tab:
+    the report stays open)."""
     if not layer.neuronpedia_id:
         return str(feature)
-    return f'<a href="{escape(neuronpedia.feature_url(layer.neuronpedia_id, feature))}">{feature}</a>'
+    return f'<a href="{escape(neuronpedia.feature_url(layer.neuronpedia_id, feature))}"{NEW_TAB}>{feature}</a>'
 
 
 def _layer_conditions(layer: LayerResult, texts: dict[int, str]) -> str:
@@ -349,23 +360,164 @@ def _pair_figure(p: PairRow) -> str:
     )
 
 
+def _context_lines(f: FeatureRow, texts: dict[int, str]) -> str:
+    """The feature's top-activating contexts, strongest first, each with its code."""
+    return "".join(
+        f'<div class="context"><b>{fmt(value)}</b>  {_context(texts.get(token, f"token #{token}"))}</div>'
+        for token, value in zip(f.top_tokens, f.top_values)
+    )
+
+
 def _contexts(layer: LayerResult, texts: dict[int, str]) -> str:
     blocks = []
     for feature_id in layer.flagged()[:MAX_CONTEXT_FEATURES]:
         f = layer.feature(feature_id)
         if not f.top_tokens:
             continue
-        lines = "".join(
-            f'<div class="context"><b>{fmt(value)}</b>  {_context(texts.get(token, f"token #{token}"))}</div>'
-            for token, value in zip(f.top_tokens, f.top_values)
-        )
         blocks.append(
             f"<h4>feature {_feature_link(layer, f.id)} <span class=\"badge {f.tier}\">{f.tier}</span> "
-            f"{escape(' '.join(f.conditions))}</h4>{lines}"
+            f"{escape(' '.join(f.conditions))}</h4>{_context_lines(f, texts)}"
         )
     if not blocks:
         return ""
     return "<h3>Top-activating contexts of the top-ranked features</h3>" + "".join(blocks)
+
+
+MAP_INTRO = (
+    "Label-free (THEORY.md section 6): found from the SAE's decoder and its codes alone, with no concept labels. "
+    "It shows what C2 cannot: once a hierarchy is absorbed the child fires without its parent and C2 is silent."
+)
+MAP_FINDINGS = {
+    "absorption": "a child latent's atom took in its parent's direction (ρ well above unrelated atom pairs) and "
+    "the parent is off on most of the child's tokens, although the held-out input there carries the parent's "
+    "direction (evidence: its size there as a share of its size where the parent fires; about 1 when absorbed, "
+    "about ρ² in the reverse orientation). Siblings that absorbed the same parent sit under it; the L1 price is "
+    "the rise of L per token if the child were split back, what keeps the absorption stable.",
+    "duplicates": "two latents with nearly the same atom code one direction twice; merge them.",
+    "antipodal": "two dense latents with nearly opposite atoms that rarely fire together code one dense "
+    "direction (d_i − d_j) as a nonnegative pair.",
+}
+
+
+def _absorption_section(layer: LayerResult, texts: dict[int, str]) -> str:
+    head = "<h3>Absorption map</h3>"
+    why_not = map_unavailable(layer)
+    if why_not is not None:
+        return f"{head}<p>Not computed: {escape(why_not)}</p>"
+    caption = _map_caption(layer.pair_map)
+    if not (layer.absorption or layer.duplicates or layer.antipodal):
+        return f"{head}<p>No absorption, duplicate or antipodal pair found.</p>{caption}"
+    findings = "".join(f"<li><b>{name}</b>: {escape(text)}</li>" for name, text in MAP_FINDINGS.items())
+    return (
+        f'{head}<p class="muted">{escape(MAP_INTRO)}</p><ul class="muted">{findings}</ul>{caption}'
+        f"{_absorption_trees(layer, texts)}{_duplicate_table(layer)}{_antipodal_table(layer)}"
+    )
+
+
+def _map_caption(m: dict[str, Any]) -> str:
+    return (
+        f'<p class="muted caption">Thresholds: absorption ρ &ge; {fmt(m.get("rho_min"))} (spread of unrelated '
+        f'atom pairs {fmt(m.get("rho_spread"))}) and evidence &ge; {fmt(m.get("min_evidence"))}; duplicates '
+        f'ρ &ge; {fmt(m.get("duplicate_rho"))}; antipodal ρ &le; −{fmt(m.get("antipodal_rho"))}; '
+        f'{fmt(m.get("measured_pairs"))} candidate pairs measured ({fmt(m.get("neighbours"))} nearest atoms '
+        "per latent).</p>"
+    )
+
+
+def _latent_contexts(f: FeatureRow, role: str, texts: dict[int, str]) -> str:
+    """The latent's top contexts, folded: a tree stays a few lines until a reader opens them."""
+    if not f.top_tokens:
+        return f'<span class="muted">no contexts kept for {role} {f.id}</span>'
+    return (f'<details class="contexts"><summary>top contexts of {role} {f.id} ({len(f.top_tokens):,})</summary>'
+            f"{_context_lines(f, texts)}</details>")
+
+
+def _absorption_trees(layer: LayerResult, texts: dict[int, str]) -> str:
+    trees = list(layer.absorption_trees().items())
+    if not trees:
+        return "<h4>Absorption trees</h4><p>None found.</p>"
+    forest = "".join(_absorption_tree(layer, parent, rows, texts) for parent, rows in trees[:MAX_TREES])
+    return (
+        f"<h4>Absorption trees: {len(trees):,} parent(s), {len(layer.absorption):,} absorbed child(ren)</h4>"
+        f"{forest}{_more(len(trees) - MAX_TREES, 'absorption trees')}"
+    )
+
+
+def _absorption_tree(layer: LayerResult, parent: int, rows: list[AbsorptionRow], texts: dict[int, str]) -> str:
+    header = _header(
+        ("child", "text"), ("decoder: parent part ρ | own part √(1 − ρ²)", "text"), "parent off on its tokens",
+        "evidence ± SE (n)", "reverse evidence", "L1 price", "child active", "both active",
+    )
+    children = "".join(_absorption_row(layer, r, texts) for r in rows)
+    return (
+        f'<div class="tree" data-parent="{parent}"><div class="tree-parent">parent latent '
+        f"<b>{_feature_link(layer, parent)}</b>: active on {rows[0].count_parent:,} audit tokens, absorbed into "
+        f"{len(rows):,} child(ren), total L1 price {fmt(_total_price(rows))} "
+        f"{_latent_contexts(layer.feature(parent), 'parent', texts)}</div>"
+        f'<table class="children"><thead>{header}</thead><tbody>{children}</tbody></table></div>'
+    )
+
+
+def _total_price(rows: list[AbsorptionRow]) -> float | None:
+    prices = [r.l1_price for r in rows]
+    return None if None in prices else sum(prices)
+
+
+def _absorption_row(layer: LayerResult, r: AbsorptionRow, texts: dict[int, str]) -> str:
+    evidence = f"{fmt(r.evidence)} ± {fmt(r.evidence_se)} (n {r.n_evidence:,})"
+    p_text = f"one-sided p-value of evidence >= min_evidence failing (before correction): {fmt(r.evidence_p)}"
+    return (
+        f'<tr data-child="{r.child}"><td class="text">{_feature_link(layer, r.child)}</td>'
+        f'<td class="text split">{split_bar(r.rho, r.own_part)} ρ {fmt(r.rho)} | own {fmt(r.own_part)}</td>'
+        f'<td>{percent(r.fraction)}</td><td><abbr title="{escape(p_text)}">{evidence}</abbr></td>'
+        f"<td>{fmt(r.reverse_evidence)}</td><td>{fmt(r.l1_price)}</td><td>{r.count_child:,}</td>"
+        f"<td>{r.co_count:,}</td></tr>"
+        # the child's contexts span the table: a snippet needs the width
+        f'<tr class="contexts-row"><td class="text" colspan="8">'
+        f"{_latent_contexts(layer.feature(r.child), 'child', texts)}</td></tr>"
+    )
+
+
+def _duplicate_table(layer: LayerResult) -> str:
+    if not layer.duplicates:
+        return "<h4>Duplicates to merge</h4><p>None found.</p>"
+    header = _header("i", "j", "ρ", "i active", "j active", "both", "jaccard")
+    rows = "".join(_duplicate_row(layer, d) for d in layer.duplicates[:MAX_MAP_ROWS])
+    groups = layer.duplicate_groups()
+    sizes = ", ".join(str(len(g)) for g in groups[:20]) + (", ..." if len(groups) > 20 else "")
+    return (
+        f"<h4>Duplicates to merge: {len(layer.duplicates):,}</h4>"
+        f"<p>{len(groups):,} group(s) of {sum(map(len, groups)):,} latents, each group one direction coded "
+        f"several times (sizes {sizes}).</p>"
+        f'<table class="sortable duplicates"><thead>{header}</thead><tbody>{rows}</tbody></table>'
+        f"{_more(len(layer.duplicates) - MAX_MAP_ROWS, 'duplicates')}"
+    )
+
+
+def _duplicate_row(layer: LayerResult, d: DuplicateRow) -> str:
+    return (
+        f'<tr><td data-v="{d.i}">{_feature_link(layer, d.i)}</td><td data-v="{d.j}">{_feature_link(layer, d.j)}</td>'
+        f"{_num(d.rho)}{_num(d.count_i)}{_num(d.count_j)}{_num(d.co_count)}{_num(d.jaccard)}</tr>"
+    )
+
+
+def _antipodal_table(layer: LayerResult) -> str:
+    if not layer.antipodal:
+        return "<h4>Antipodal dense pairs</h4><p>None found.</p>"
+    header = _header("i", "j", "ρ", "share of tokens covered", "i active", "j active", "both")
+    rows = "".join(_antipodal_row(layer, a) for a in layer.antipodal[:MAX_MAP_ROWS])
+    return (
+        f"<h4>Antipodal dense pairs: {len(layer.antipodal):,}</h4>"
+        f'<table class="sortable antipodal"><thead>{header}</thead><tbody>{rows}</tbody></table>'
+        f"{_more(len(layer.antipodal) - MAX_MAP_ROWS, 'antipodal pairs')}"
+    )
+
+
+def _antipodal_row(layer: LayerResult, a: AntipodalRow) -> str:
+    return (
+        f'<tr><td data-v="{a.i}">{_feature_link(layer, a.i)}</td><td data-v="{a.j}">{_feature_link(layer, a.j)}</td>'
+        f"{_num(a.rho)}{_num(a.share)}{_num(a.count_i)}{_num(a.count_j)}{_num(a.co_count)}</tr>"
+    )
 
 
 def _footer() -> str:

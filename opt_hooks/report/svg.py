@@ -173,3 +173,15 @@ def pair_scatter(
         f"z_j  (feature {escape(labels[1])})</text>"
     )
     return _svg(width, height, body, f"pair {labels[0]} -> {labels[1]}: {kind}")
+
+
+def split_bar(rho: float, own_part: float, width: int = 120, height: int = 12) -> str:
+    """A child's decoder row split as d_child = rho d_parent + own_part d_own: one bar, its two
+    parts as long as their shares of the unit norm, rho^2 and own_part^2 (they sum to 1)."""
+    parent_w = width * rho**2 / (rho**2 + own_part**2)
+    label = f"decoder split: parent part ρ = {fmt(rho)}, own part √(1 − ρ²) = {fmt(own_part)}"
+    body = [
+        f'<rect x="0" y="0" width="{parent_w:.1f}" height="{height}" class="split-parent"/>',
+        f'<rect x="{parent_w:.1f}" y="0" width="{width - parent_w:.1f}" height="{height}" class="split-own"/>',
+    ]
+    return _svg(width, height, body, label)

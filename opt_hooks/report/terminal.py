@@ -2,15 +2,26 @@
 
 Each block leads with the scale every gain is judged against (the held-out objective and the
 layer gaps), then the verdict counts and the top findings in the policy's order (held-out gain
-per token within each tier, THEORY.md 3.5).
+per token within each tier, THEORY.md 3.5), then the label-free pair map (THEORY.md section 6):
+absorption trees, duplicates to merge, antipodal dense pairs.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
 from opt_hooks.report.svg import fmt
-from opt_hooks.records import CONDITIONS, AuditRecord, CertificateCheck, FeatureRow, LayerResult, PairRow
+from opt_hooks.records import (
+    CONDITIONS, AbsorptionRow, AntipodalRow, AuditRecord, CertificateCheck, DuplicateRow, FeatureRow, LayerResult,
+    PairRow,
+)
 
 TOP_FEATURES = 5
 TOP_PAIRS = 3
+TOP_TREES = 2  # absorption trees, in the map's order (total L1 price)
+TOP_CHILDREN = 3  # per tree
+TOP_MAP_PAIRS = 3  # duplicates, antipodal pairs
+MapPair = TypeVar("MapPair", DuplicateRow, AntipodalRow)
 WIDTH = 78
 
 # How each condition's certificate changes the SAE, for the finding lines.
@@ -43,7 +54,7 @@ def objective_text(layer: LayerResult) -> str:
     l1 = f", L1 {fmt(o['l1'])}" if o.get("l1") is not None else " (no lam: L is the MSE)"
     return (
         f"L {fmt(o['L'])} ± {fmt(o.get('se'))} per token: MSE {fmt(o['mse'])}{l1}; L0 {fmt(o.get('l0'))}; "
-        f"explained variance {fmt(o.get('explained_variance'))}; dead {_percent(o.get('dead_share'))}"
+        f"explained variance {fmt(o.get('explained_variance'))}; dead {percent(o.get('dead_share'))}"
     )
 
 
@@ -55,7 +66,7 @@ def gap_text(layer: LayerResult) -> list[tuple[str, str]]:
         if gap is None:
             continue
         se_share = gap["se"] / layer.objective["L"] if gap.get("se") is not None and layer.objective.get("L") else None
-        text = f"{_percent(gap.get('share'))} of L (± {_percent(se_share)}; gain {fmt(gap.get('gain'))} per token)"
+        text = f"{percent(gap.get('share'))} of L (± {percent(se_share)}; gain {fmt(gap.get('gain'))} per token)"
         if name == "codes":
             text += (f", L0 {fmt(gap['l0_before'])} -> {fmt(gap['l0_after'])} with exact codes "
                      f"on {gap['n_tokens']:,} held-out tokens")
@@ -99,12 +110,15 @@ def _layer_block(layer: LayerResult) -> str:
     if pairs:
         lines.append("  top pairs")
         lines += [f"    {_pair_line(p)}" for p in pairs]
-    lines += [f"  {condition} skipped: {reason}" for condition, reason in layer.skipped.items() if condition != "codes"]
+    lines += pair_map_lines(layer)
+    # the code gap's reason is on its own line above, the pair map's in its lines
+    lines += [f"  {condition} skipped: {reason}" for condition, reason in layer.skipped.items()
+              if condition not in ("codes", "absorption")]
     lines += [f"  note: {note}" for note in layer.notes]
     return "\n".join(lines)
 
 
-def _percent(share: float | None) -> str:
+def percent(share: float | None) -> str:
     return "n/a" if share is None else f"{fmt(100 * share, 2)}%"
 
 
@@ -112,7 +126,7 @@ def _finding(check: CertificateCheck, change: str, scale: str) -> str:
     if check.gain is None:
         return f"{check.tier}: {change}: {check.reason}"
     text = (f"{check.tier}: {change}: gain {fmt(check.gain)} ± {fmt(check.held_out_se)} (p {fmt(check.p_value)}), "
-            f"{_percent(check.share)} {scale}")
+            f"{percent(check.share)} {scale}")
     return text + (f"; {check.reason}" if check.reason else "")
 
 
@@ -135,3 +149,63 @@ def _pair_line(p: PairRow) -> str:
         f"{p.i} -> {p.j} {p.kind} ({p.tier}{verdict}): {finding}, rho {fmt(p.rho)}; "
         f"j on {p.count_j:,} tokens, i on {p.co_count:,} of them{reason}"
     )
+
+
+def map_unavailable(layer: LayerResult) -> str | None:
+    """Why the layer has no pair map (None when it has one)."""
+    if layer.pair_map.get("available"):
+        return None
+    return layer.skipped.get("absorption", "the record carries no pair map")
+
+
+def pair_map_lines(layer: LayerResult) -> list[str]:
+    """The pair map: absorption trees (each parent with its absorbed children), then the
+    duplicates and antipodal pairs, "none found" where the map is empty."""
+    why_not = map_unavailable(layer)
+    if why_not is not None:
+        return [f"  {'absorption':<11} not computed: {why_not}"]
+    m = layer.pair_map
+    trees = layer.absorption_trees()
+    found = f"{len(trees):,} tree(s), {len(layer.absorption):,} absorbed child(ren)" if trees else "none found"
+    lines = [f"  {'absorption':<11} {found} (label-free: rho >= {fmt(m.get('rho_min'))}, "
+             f"evidence >= {fmt(m.get('min_evidence'))})"]
+    for parent, rows in list(trees.items())[:TOP_TREES]:
+        shown = f", top {TOP_CHILDREN}" if len(rows) > TOP_CHILDREN else ""
+        lines.append(f"    parent {parent} (on {rows[0].count_parent:,} tokens) absorbed into {len(rows):,} "
+                     f"child(ren){shown}:")
+        lines += [f"      {_absorption_line(r)}" for r in rows[:TOP_CHILDREN]]
+    lines.append(f"  {'duplicates':<11} " + _map_pairs(layer.duplicates, f"rho >= {fmt(m.get('duplicate_rho'))}",
+                                                        "to merge", _duplicate_text))
+    groups = layer.duplicate_groups()
+    if groups:
+        lines.append(f"    in {len(groups):,} group(s) of {sum(map(len, groups)):,} latents, each one direction "
+                     f"coded several times; largest: {_group_text(groups[0])}")
+    lines.append(f"  {'antipodal':<11} " + _map_pairs(layer.antipodal, f"rho <= -{fmt(m.get('antipodal_rho'))}",
+                                                       "of dense latents", _antipodal_text))
+    return lines
+
+
+def _absorption_line(r: AbsorptionRow) -> str:
+    return (f"child {r.child}: rho {fmt(r.rho)} / own {fmt(r.own_part)}, parent off on {percent(r.fraction)} "
+            f"of {r.count_child:,} tokens, evidence {fmt(r.evidence)} ± {fmt(r.evidence_se)}, "
+            f"L1 price {fmt(r.l1_price)}")
+
+
+def _map_pairs(rows: Sequence[MapPair], threshold: str, what: str, text: Callable[[MapPair], str]) -> str:
+    if not rows:
+        return f"none found ({threshold})"
+    more = "; ..." if len(rows) > TOP_MAP_PAIRS else ""
+    return f"{len(rows):,} pair(s) {what} ({threshold}): " + "; ".join(map(text, rows[:TOP_MAP_PAIRS])) + more
+
+
+def _group_text(group: list[int], limit: int = 8) -> str:
+    shown = ", ".join(map(str, group[:limit]))
+    return f"{len(group)} latents ({shown}{', ...' if len(group) > limit else ''})"
+
+
+def _duplicate_text(d: DuplicateRow) -> str:
+    return f"{d.i} = {d.j} rho {fmt(d.rho)}, jaccard {fmt(d.jaccard)}"
+
+
+def _antipodal_text(a: AntipodalRow) -> str:
+    return f"{a.i} / {a.j} rho {fmt(a.rho)}, covering {percent(a.share)} of tokens"

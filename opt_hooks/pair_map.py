@@ -1,0 +1,187 @@
+"""The label-free pair map of one layer (THEORY.md section 6), alongside the audit's two passes.
+
+    pair_map = PairMap(codes, counts, n, atoms, opts)   # after pass 1: candidates, exact counts,
+                                                        #   duplicates and antipodal pairs
+    pair_map.held_out(x, tokens, bias, state)           # pass 2: held-out evidence sums
+    rows = pair_map.absorption_rows(state, ...)         # the absorption rows, oriented, one parent
+                                                        #   per child, ordered by L1 price
+
+The held-out sums live in pass 2's mergeable state (`add_states`), so batch splits, resumed runs
+and distributed ranks give the same map. Maths in theory/absorption.py; nothing here knows about
+TransformerLens or SAE-Lens.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from opt_hooks.policy import VerdictPolicy
+from opt_hooks.records import AbsorptionRow, AntipodalRow, DuplicateRow
+from opt_hooks.theory import absorption as ab
+from opt_hooks.theory.codes import CSR
+from opt_hooks.theory.pairs import co_counts
+from opt_hooks.theory.stats import TokenBatch
+
+SUMS = ("pair_count", "pair_sum", "pair_sum_sq", "own_count", "own_sum", "own_sum_sq")
+
+
+class PairMap:
+    """Candidates from each alive atom's nearest atoms; counts exact on the audit tokens."""
+
+    def __init__(self, codes: CSR, active_count: Tensor, n_tokens: int, atoms: Tensor,
+                 options: ab.MapOptions | None, chunk_elements: int = ab.DEFAULT_CHUNK_ELEMENTS) -> None:
+        """`codes`: pass 1's kept codes of the audit tokens; `active_count` (K,) and `n_tokens`
+        their counts. `options` None (switched off): an empty map that says why."""
+        self.options, self.atoms, self.chunk = options, atoms, chunk_elements
+        self.n_tokens = n_tokens
+        count = active_count.to(atoms.device)
+        self.count = count
+        empty = torch.zeros(0, dtype=torch.int64, device=atoms.device)
+        self.parent, self.child, self.rho, self.co = empty, empty, empty.double(), empty
+        self.duplicates: list[DuplicateRow] = []
+        self.antipodal: list[AntipodalRow] = []
+        self.unavailable = "switched off (AuditOptions(pair_map=None))" if options is None else None
+        if options is None:
+            return
+        alive = count > 0
+        # the spread of unrelated pairs: the SAE's own (robust), at most that of random directions
+        # in d dimensions, 1/sqrt(d): a clumpy dictionary's duplicate clusters must not hide its absorption
+        self.spread = min(ab.rho_spread(atoms, alive), 1 / math.sqrt(atoms.shape[1]))
+        self.rho_min = max(options.min_rho, options.spread_z * self.spread)
+        codes = codes.to(atoms.device)
+        near = ab.nearest_atoms(atoms, alive, options.neighbours, chunk_elements=chunk_elements)
+        absorbing = (near.rho >= self.rho_min) & (near.rho < options.duplicate_rho)
+        parent, child = _both_orientations(near.i[absorbing], near.j[absorbing], atoms.shape[0])
+        co = co_counts(codes, parent, child, chunk_elements=chunk_elements)
+        keep = co < count[child]  # the parent is off on at least one of the child's audit tokens
+        order = torch.argsort(child[keep], stable=True)  # sorted by child, as held_out_evidence expects
+        self.parent, self.child, self.co = parent[keep][order], child[keep][order], co[keep][order]
+        self.rho = ab.pair_rho(atoms, self.parent, self.child, chunk_elements)
+        self.duplicates = self._duplicates(near, codes)
+        self.antipodal = self._antipodal(near, codes)
+
+    def __len__(self) -> int:
+        return len(self.parent)
+
+    # -- pass 2 ---------------------------------------------------------------------------
+    def add_states(self, state: Any) -> None:
+        """Register the held-out sums on pass 2's mergeable state."""
+        n_pairs, n_features, device = len(self), self.atoms.shape[0], self.atoms.device
+        for name in SUMS:
+            size = n_pairs if name.startswith("pair") else n_features
+            dtype = torch.int64 if name.endswith("count") else torch.float64
+            state.add_state(f"map_{name}", torch.zeros(size, dtype=dtype, device=device), "sum")
+
+    def held_out(self, x: Tensor, tokens: TokenBatch, bias: Tensor, state: Any) -> None:
+        if not len(self):
+            return
+        entries = tokens.entries
+        centred = x.to(self.atoms.device) - bias
+        sums = ab.held_out_evidence(centred, entries.rows, entries.cols, tokens.z, self.atoms, self.parent,
+                                    self.child, chunk_elements=self.chunk)
+        for name in SUMS:
+            getattr(state, f"map_{name}").add_(getattr(sums, name))
+
+    # -- rows -----------------------------------------------------------------------------
+    def absorption_rows(self, state: Any, policy: VerdictPolicy, mu: Tensor, lam: float | None) -> list[AbsorptionRow]:
+        if not len(self):
+            return []
+        sums = {name: getattr(state, f"map_{name}") for name in SUMS}
+        p, c = self.parent, self.child
+        ratio = ab.evidence_ratio(sums["pair_count"], sums["pair_sum"], sums["pair_sum_sq"], sums["own_count"][p],
+                                  sums["own_sum"][p], sums["own_sum_sq"][p], self.options.min_evidence)
+        z_crit = policy.critical_z(len(self))
+        n_evidence = sums["pair_count"]
+        reverse = ab.reverse_of(p, c, self.atoms.shape[0])
+        passes = ((n_evidence >= policy.min_touched) & (ratio.z >= z_crit) & torch.isfinite(ratio.value)
+                  & (ab.orientation_z(ratio, reverse) >= z_crit))
+        chosen = ab.choose_parents(c, self.rho, passes)
+        if not len(chosen):
+            return []
+        reverse_evidence = torch.where(reverse[chosen] >= 0, ratio.value[reverse[chosen].clamp(min=0)], math.nan)
+        mu = mu.to(p.device)
+        price = ab.l1_price(self.rho[chosen], mu[c[chosen]], 1.0 if lam is None else lam)
+        p_value = torch.special.ndtr(-ratio.z[chosen])
+        columns = {  # Python lists: no per-row tensor access
+            "parent": p[chosen], "child": c[chosen], "rho": self.rho[chosen], "co": self.co[chosen],
+            "count_parent": self.count[p[chosen]], "count_child": self.count[c[chosen]], "price": price,
+            "evidence": ratio.value[chosen], "se": ratio.se[chosen], "p": p_value, "n": n_evidence[chosen],
+            "reverse": reverse_evidence,
+        }
+        col = {name: t.tolist() for name, t in columns.items()}
+        rows = []
+        for k in range(len(chosen)):
+            rho, count_child, co, rev = col["rho"][k], col["count_child"][k], col["co"][k], col["reverse"][k]
+            rows.append(AbsorptionRow(
+                parent=col["parent"][k], child=col["child"][k], rho=rho, own_part=math.sqrt(max(1 - rho**2, 0.0)),
+                count_parent=col["count_parent"][k], count_child=count_child, co_count=co,
+                fraction=(count_child - co) / count_child, l1_price=None if lam is None else col["price"][k],
+                evidence=col["evidence"][k], evidence_se=col["se"][k], evidence_p=col["p"][k],
+                n_evidence=col["n"][k], reverse_evidence=rev if math.isfinite(rev) else None,
+            ))
+        # trees by their total price, then each tree's children by price (lam-free order without lam)
+        factor = {(r.parent, r.child): v for r, v in zip(rows, col["price"])}
+        total: dict[int, float] = {}
+        for r in rows:
+            total[r.parent] = total.get(r.parent, 0.0) + factor[(r.parent, r.child)]
+        rows.sort(key=lambda r: (-total[r.parent], r.parent, -factor[(r.parent, r.child)], r.child))
+        return rows
+
+    @property
+    def available(self) -> bool:
+        return self.unavailable is None
+
+    def settings(self) -> dict[str, Any]:
+        o = self.options
+        if not self.available:
+            return {"available": False}
+        return {"available": True, "rho_spread": self.spread, "rho_min": self.rho_min,
+                "min_evidence": o.min_evidence, "duplicate_rho": o.duplicate_rho, "antipodal_rho": o.antipodal_rho,
+                "neighbours": o.neighbours, "measured_pairs": len(self)}
+
+    # -- duplicates and antipodal pairs (atoms and audit counts only) ---------------------
+    def _duplicates(self, near: ab.Neighbours, codes: Any) -> list[DuplicateRow]:
+        i, j = _unordered(near.i[near.rho >= self.options.duplicate_rho], near.j[near.rho >= self.options.duplicate_rho],
+                          self.atoms.shape[0])
+        if not len(i):
+            return []
+        co = co_counts(codes, i, j, chunk_elements=self.chunk).tolist()
+        rho = ab.pair_rho(self.atoms, i, j, self.chunk).tolist()
+        rows = []
+        for a, b, r, both in zip(i.tolist(), j.tolist(), rho, co):
+            ca, cb = int(self.count[a]), int(self.count[b])
+            rows.append(DuplicateRow(a, b, r, ca, cb, both, both / (ca + cb - both)))
+        rows.sort(key=lambda r: (-r.rho, r.i, r.j))
+        return rows
+
+    def _antipodal(self, near: ab.Neighbours, codes: Any) -> list[AntipodalRow]:
+        o, n = self.options, self.n_tokens
+        i, j = _unordered(near.i[near.rho <= -o.antipodal_rho], near.j[near.rho <= -o.antipodal_rho], self.atoms.shape[0])
+        dense = (self.count[i] >= o.antipodal_min_share * n) & (self.count[j] >= o.antipodal_min_share * n)
+        i, j = i[dense], j[dense]
+        if not len(i):
+            return []
+        co = co_counts(codes, i, j, chunk_elements=self.chunk)
+        rarer = torch.minimum(self.count[i], self.count[j])
+        apart = co <= o.antipodal_max_overlap * rarer
+        rows = []
+        for a, b, both in zip(i[apart].tolist(), j[apart].tolist(), co[apart].tolist()):
+            ca, cb = int(self.count[a]), int(self.count[b])
+            direction = self.atoms[a].double() - self.atoms[b].double()
+            rows.append(AntipodalRow(a, b, float(self.atoms[a].double() @ self.atoms[b].double()), ca, cb, both,
+                                     (ca + cb - both) / n, (direction / direction.norm()).tolist()))
+        rows.sort(key=lambda r: (-r.share, r.i, r.j))
+        return rows
+
+
+def _both_orientations(i: Tensor, j: Tensor, n_features: int) -> tuple[Tensor, Tensor]:
+    key = torch.unique(torch.cat([i * n_features + j, j * n_features + i]))
+    return key // n_features, key % n_features
+
+
+def _unordered(i: Tensor, j: Tensor, n_features: int) -> tuple[Tensor, Tensor]:
+    key = torch.unique(torch.minimum(i, j) * n_features + torch.maximum(i, j))
+    return key // n_features, key % n_features

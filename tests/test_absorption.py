@@ -1,0 +1,271 @@
+"""The label-free pair map (THEORY.md section 6): absorption rows, duplicates, antipodal pairs.
+
+A hand-built world with every structure planted exactly (float64): parent 0 absorbed into its
+mutually exclusive children 1 and 2 (child atoms normalise(e_0 + e_c), the parent off on most
+of their tokens), independent features 3-8, a near-duplicate pair (9, 10) at rho = 0.9998, and a
+dense antipodal pair (11, 12) coding one dense direction. Counts, fractions and held-out evidence
+are checked against brute force; the L1 price against the split it prices; the map against any
+batch split, rank merge and checkpoint round trip."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+
+import pytest
+import torch
+
+from opt_hooks.engine import AuditOptions, LayerAudit
+from opt_hooks.records import DuplicateRow
+from opt_hooks.theory import absorption as ab
+from opt_hooks.theory.objective import objective
+
+LAM = 0.2
+N, D = 6000, 24
+PARENT, CHILDREN, INDEPENDENT, DUPLICATE, ANTIPODAL = 0, (1, 2), range(3, 9), (9, 10), (11, 12)
+
+
+def planted_world(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(D, D, generator=gen, dtype=torch.float64))[0].T  # orthonormal rows
+    atoms = torch.zeros(13, D, dtype=torch.float64)
+    atoms[PARENT] = basis[0]
+    for c in CHILDREN:
+        atoms[c] = (basis[0] + basis[c]) / math.sqrt(2)
+    for k in INDEPENDENT:
+        atoms[k] = basis[k]
+    atoms[9] = basis[9]
+    atoms[10] = (basis[9] + 0.02 * basis[10]) / math.sqrt(1 + 0.02**2)
+    atoms[11], atoms[12] = basis[11], -basis[11]
+    size = lambda: 1 + 0.15 * torch.randn(N, generator=gen, dtype=torch.float64)  # noqa: E731
+    u = torch.rand(N, generator=gen, dtype=torch.float64)
+    z = torch.zeros(N, 13, dtype=torch.float64)
+    parent_on = u < 0.3
+    which = torch.rand(N, generator=gen) < 0.5
+    child_on = parent_on & (torch.rand(N, generator=gen) < 0.5)
+    z[parent_on & ~child_on, PARENT] = size()[parent_on & ~child_on]
+    for c, mask in zip(CHILDREN, (which, ~which)):
+        on = child_on & mask
+        z[on, c] = math.sqrt(2) * size()[on]  # parent and child at their usual size, coded on c
+    also = child_on & (torch.rand(N, generator=gen) < 0.2)  # the parent stays on for a fifth of them
+    z[also, PARENT] = 0.3 * size()[also]
+    for k in INDEPENDENT:
+        on = torch.rand(N, generator=gen) < 0.1
+        z[on, k] = size()[on]
+    dup = torch.rand(N, generator=gen) < 0.15
+    half = torch.rand(N, generator=gen) < 0.5
+    z[dup & half, 9], z[dup & ~half, 10] = size()[dup & half], size()[dup & ~half]
+    t = torch.randn(N, generator=gen, dtype=torch.float64)
+    z[:, 11], z[:, 12] = t.clamp(min=0), (-t).clamp(min=0)
+    z = z.clamp(min=0)
+    bias = 0.1 * torch.randn(D, generator=gen, dtype=torch.float64)
+    x = bias + z @ atoms + 0.01 * torch.randn(N, D, generator=gen, dtype=torch.float64)
+    held = torch.arange(N) % 3 == 2
+    return atoms, bias, x, z, held
+
+
+def audit(atoms, bias, x, z, held, splits=(N,)):
+    stage = LayerAudit(atoms, bias, lam=LAM)
+    start = 0
+    for stop in splits:
+        part = slice(start, stop)
+        keep = ~held[part]
+        stage.update(x[part][keep], z[part][keep], torch.arange(start, stop)[keep])
+        start = stop
+    plan = stage.plan()
+    plan.update(x, z, torch.arange(N), held_out=held)
+    return stage, plan
+
+
+@pytest.fixture(scope="module")
+def world():
+    return planted_world()
+
+
+@pytest.fixture(scope="module")
+def layer(world):
+    return audit(*world)[1].result()
+
+
+def test_absorbed_parent_found_with_its_children_as_one_tree(layer):
+    assert {(r.parent, r.child) for r in layer.absorption} == {(PARENT, c) for c in CHILDREN}
+    assert list(layer.absorption_trees()) == [PARENT]
+    for row in layer.absorption:
+        assert row.rho == pytest.approx(1 / math.sqrt(2), abs=1e-12)
+        assert row.own_part == pytest.approx(1 / math.sqrt(2), abs=1e-12)
+        assert row.evidence == pytest.approx(1.0, abs=0.1)  # the parent at its own size
+        assert row.reverse_evidence == pytest.approx(0.5, abs=0.1)  # the reverse sees ~rho^2 of it
+        assert row.fraction == pytest.approx(0.8, abs=0.05)
+
+
+def test_duplicates_and_antipodal_pairs_are_their_own_findings(layer, world):
+    atoms = world[0]
+    assert [(r.i, r.j) for r in layer.duplicates] == [DUPLICATE]
+    assert layer.duplicates[0].rho == pytest.approx(float(atoms[9] @ atoms[10]), abs=1e-12)
+    assert [(r.i, r.j) for r in layer.antipodal] == [ANTIPODAL]
+    row = layer.antipodal[0]
+    assert row.rho == pytest.approx(-1.0) and row.co_count == 0
+    assert row.share == pytest.approx(1.0, abs=1e-3)  # one of the two codes every token
+    assert torch.allclose(torch.tensor(row.direction, dtype=torch.float64), atoms[11], atol=1e-12)
+    mapped = {f for r in layer.absorption for f in (r.parent, r.child)}
+    assert not mapped & {*INDEPENDENT, *DUPLICATE, *ANTIPODAL}
+    assert not any({p.i, p.j} == set(DUPLICATE) for p in layer.pairs)  # never a "hierarchy" pair
+
+
+def test_counts_and_evidence_equal_brute_force(layer, world):
+    atoms, bias, x, z, held = world
+    audit_z, held_x, held_z = z[~held], x[held], z[held]
+    for row in layer.absorption:
+        on_c, on_p = audit_z[:, row.child] > 0, audit_z[:, row.parent] > 0
+        assert (row.count_child, row.count_parent, row.co_count) == (
+            int(on_c.sum()), int(on_p.sum()), int((on_c & on_p).sum()))
+        assert row.fraction == (int(on_c.sum()) - int((on_c & on_p).sum())) / int(on_c.sum())
+        s = (held_x - bias) @ atoms[row.parent]
+        alone = (held_z[:, row.child] > 0) & (held_z[:, row.parent] == 0)
+        own = held_z[:, row.parent] > 0
+        assert row.n_evidence == int(alone.sum())
+        assert row.evidence == pytest.approx(float(s[alone].mean() / s[own].mean()), rel=1e-12)
+        se = math.sqrt(float(s[alone].var() / alone.sum() + row.evidence**2 * s[own].var() / own.sum())) / float(s[own].mean())
+        assert row.evidence_se == pytest.approx(se, rel=1e-9)
+        mu = float(audit_z[:, row.child].mean())
+        assert row.l1_price == pytest.approx(LAM * mu * (row.rho + row.own_part - 1), rel=1e-12)
+
+
+def test_l1_price_is_the_change_of_L_when_the_child_is_split(layer, world):
+    atoms, bias, x, z, held = world
+    xa, za = x[~held], z[~held]
+    before = objective(xa, atoms, za, bias, LAM)
+    for row in layer.absorption:
+        split_atoms, split_z = ab.split_child(atoms, za, row.parent, row.child)
+        assert torch.allclose(split_z @ split_atoms, za @ atoms, atol=1e-12)  # every reconstruction kept
+        assert float(split_atoms[row.child].norm()) == pytest.approx(1.0, abs=1e-12)
+        measured = objective(xa, split_atoms, split_z, bias, LAM) - before
+        assert measured == pytest.approx(row.l1_price, rel=1e-9)
+        assert measured > 0
+
+
+def test_nearest_atoms_match_the_dense_gram():
+    gen = torch.Generator().manual_seed(3)
+    atoms = torch.nn.functional.normalize(torch.randn(40, 8, generator=gen, dtype=torch.float64), dim=1)
+    alive = torch.ones(40, dtype=torch.bool)
+    alive[[5, 17]] = False
+    near = ab.nearest_atoms(atoms, alive, 3, chunk_elements=40)  # blocks of one row
+    ids = torch.nonzero(alive).flatten()
+    gram = atoms[ids] @ atoms[ids].T
+    gram.fill_diagonal_(math.nan)
+    expected = set()
+    for col, j in enumerate(ids.tolist()):
+        column = gram[:, col]
+        order = torch.argsort(torch.nan_to_num(column, nan=0.0))  # atoms in general position: no ties
+        finite = [int(k) for k in order if not math.isnan(float(column[k]))]
+        expected |= {(int(ids[k]), j) for k in finite[:3] + finite[-3:]}
+    assert set(zip(near.i.tolist(), near.j.tolist())) == expected
+    assert len(near.i) == len(expected)  # one entry per ordered pair
+    assert torch.allclose(near.rho, (atoms[near.i] * atoms[near.j]).sum(-1), atol=1e-15)
+
+
+def _map(layer):
+    return ([(r.parent, r.child, r.count_child, r.co_count, r.n_evidence) for r in layer.absorption],
+            [(r.i, r.j, r.co_count) for r in layer.duplicates], [(r.i, r.j, r.co_count) for r in layer.antipodal],
+            [r.evidence for r in layer.absorption])
+
+
+def test_any_batch_split_rank_merge_and_checkpoint_give_the_same_map(layer, world):
+    atoms, bias, x, z, held = world
+    whole = _map(layer)
+    _, split = audit(*world, splits=(7, 1000, 4001, N))
+    assert _map(split.result())[:3] == whole[:3]
+    assert _map(split.result())[3] == pytest.approx(whole[3], rel=1e-12)
+    # two ranks: each streams half of pass 1 and half of pass 2, then the states merge
+    stage = [LayerAudit(atoms, bias, lam=LAM) for _ in range(2)]
+    halves = (slice(0, N // 2), slice(N // 2, N))
+    for part, half in zip(stage, halves):
+        keep = ~held[half]
+        part.update(x[half][keep], z[half][keep], torch.arange(N)[half][keep])
+    merged = stage[0].merge(stage[1])
+    plans = [merged.plan() for _ in range(2)]
+    for plan, half in zip(plans, halves):
+        plan.update(x[half], z[half], torch.arange(N)[half], held_out=held[half])
+    ranks = _map(plans[0].merge(plans[1]).result())
+    assert ranks[:3] == whole[:3] and ranks[3] == pytest.approx(whole[3], rel=1e-12)
+    # checkpoint after the first half of pass 2, resume in a fresh plan
+    first = merged.plan()
+    first.update(x[halves[0]], z[halves[0]], torch.arange(N)[halves[0]], held_out=held[halves[0]])
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = merged.plan()
+    resumed.load_state_dict(torch.load(buffer))
+    resumed.update(x[halves[1]], z[halves[1]], torch.arange(N)[halves[1]], held_out=held[halves[1]])
+    again = _map(resumed.result())
+    assert again[:3] == whole[:3] and again[3] == pytest.approx(whole[3], rel=1e-12)
+
+
+def test_nothing_on_independent_features():
+    # the same world without the absorbed parent, duplicates or antipodes: an empty map
+    atoms, bias, x, z, held = planted_world(seed=1)
+    keep = list(INDEPENDENT)
+    layer = audit(atoms[keep], bias, x - z[:, [0, 1, 2, 9, 10, 11, 12]] @ atoms[[0, 1, 2, 9, 10, 11, 12]],
+                  z[:, keep], held)[1].result()
+    assert layer.absorption == [] and layer.duplicates == [] and layer.antipodal == []
+    assert layer.pair_map["measured_pairs"] == 0
+
+
+def test_orientation_must_be_measured_and_one_parent_per_child():
+    parent = torch.tensor([0, 1, 0, 1, 2, 3])
+    child = torch.tensor([1, 0, 2, 2, 1, 2])
+    rho = torch.tensor([0.7, 0.7, 0.7, 0.5, 0.5, 0.6], dtype=torch.float64)
+    evidence = torch.tensor([1.0, 0.5, 0.95, 0.62, 0.6, 0.9], dtype=torch.float64)
+    se = torch.full((6,), 0.01, dtype=torch.float64)
+    ratio = ab.EvidenceRatio(evidence, se, (evidence - 0.5) / se)
+    reverse = ab.reverse_of(parent, child, 4)
+    assert reverse.tolist() == [1, 0, -1, 4, 3, -1]
+    z = ab.orientation_z(ratio, reverse)
+    assert z[0] == pytest.approx(0.5 / math.sqrt(2 * 0.01**2)) and z[1] == pytest.approx(-z[0])
+    assert z[3] == pytest.approx(0.02 / math.sqrt(2 * 0.01**2))  # siblings: no measured orientation
+    assert z[2] == -math.inf and z[5] == -math.inf  # reverse not measured: the orientation cannot be
+    passes = torch.tensor([True, True, True, True, True, True]) & (z >= 3.0)
+    assert passes.tolist() == [True, False, False, False, False, False]
+    # child 2 with two passing parents keeps the one its atom leans to most
+    assert ab.choose_parents(child, rho, torch.tensor([False, False, True, True, False, True])).tolist() == [2]
+
+
+def test_map_options_are_checked():
+    with pytest.raises(ValueError, match="duplicate_rho"):
+        ab.MapOptions(min_rho=0.95)
+    with pytest.raises(ValueError, match="neighbours"):
+        AuditOptions(pair_map=ab.MapOptions(neighbours=0))
+
+
+def test_duplicate_pairs_join_into_groups(layer):
+    assert layer.duplicate_groups() == [list(DUPLICATE)]
+    rows = [DuplicateRow(i, j, 0.95, 10, 10, 5, 1 / 3) for i, j in ((5, 6), (1, 2), (2, 3), (7, 3))]
+    assert dataclasses.replace(layer, duplicates=rows).duplicate_groups() == [[1, 2, 3, 7], [5, 6]]
+
+
+def test_the_map_can_be_switched_off(world):
+    atoms, bias, x, z, held = world
+    stage = LayerAudit(atoms, bias, lam=LAM, options=AuditOptions(pair_map=None))
+    stage.update(x[~held], z[~held])
+    plan = stage.plan()
+    plan.update(x, z, held_out=held)
+    layer = plan.result()
+    assert layer.absorption == [] and layer.duplicates == [] and layer.pair_map == {"available": False}
+    assert "switched off" in layer.skipped["absorption"]
+
+
+def test_a_near_duplicate_that_breaks_c2_is_a_duplicate_not_a_hierarchy_pair(world):
+    atoms, bias, x, z, held = world
+    z = z.clone()
+    z[:, 10] = torch.where(z[:, 9] > 0, 0.5 * z[:, 9], 0.0)  # 10 fires only with 9: C2's hierarchy pattern
+    x = bias + z @ atoms
+    layer = audit(atoms, bias, x, z, held)[1].result()
+    assert [(r.i, r.j) for r in layer.duplicates] == [DUPLICATE]
+    assert not any({p.i, p.j} == set(DUPLICATE) for p in layer.pairs)
+    assert any("near-duplicate latents" in note for note in layer.notes)
+    switched_off = AuditOptions(pair_map=None)
+    stage = LayerAudit(atoms, bias, lam=LAM, options=switched_off)
+    stage.update(x[~held], z[~held])
+    plan = stage.plan()
+    plan.update(x, z, held_out=held)
+    assert any((p.i, p.j) == DUPLICATE for p in plan.result().pairs)  # the violation C2 sees without the map
