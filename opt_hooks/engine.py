@@ -17,7 +17,9 @@ and the layer's held-out objective and gaps. Only C4's inactive terms (the G4 si
 every (token, feature), so they are summed in pass 1 when lam is known. The API estimates an
 unknown lam beforehand on the first audit windows (`LamCalibration`); a LayerAudit given
 lam=None estimates it on every audit token after pass 1 and its plan then needs the audit
-tokens again. When no lam can be had, C4, C6 and the code gap are skipped.
+tokens again. When no lam can be had, C4, C6 and the code gap are skipped. The plan also builds
+the layer's label-free pair map (opt_hooks/pair_map.py: candidates and exact counts from pass 1's
+codes); pass 2 sums its held-out evidence beside the certificates'.
 
 Both stages are mergeable (`merge`, `state_dict`), so batches, resumed runs and distributed
 ranks combine exactly. Pure tensor code: no TransformerLens / SAE-Lens import.
