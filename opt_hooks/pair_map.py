@@ -53,15 +53,26 @@ class PairMap:
         self.rho_min = max(options.min_rho, options.spread_z * self.spread)
         codes = codes.to(atoms.device)
         near = ab.nearest_atoms(atoms, alive, options.neighbours, chunk_elements=chunk_elements)
+        n_features = atoms.shape[0]
         absorbing = (near.rho >= self.rho_min) & (near.rho < options.duplicate_rho)
-        parent, child = _both_orientations(near.i[absorbing], near.j[absorbing], atoms.shape[0])
-        co = co_counts(codes, parent, child, chunk_elements=chunk_elements)
+        parent, child = _both_orientations(near.i[absorbing], near.j[absorbing], n_features)
+        dup_i, dup_j = _unordered(near.i[near.rho >= options.duplicate_rho], near.j[near.rho >= options.duplicate_rho],
+                                  n_features)
+        anti_i, anti_j = _unordered(near.i[near.rho <= -options.antipodal_rho],
+                                    near.j[near.rho <= -options.antipodal_rho], n_features)
+        dense = options.antipodal_min_share * n_tokens
+        anti = (count[anti_i] >= dense) & (count[anti_j] >= dense)
+        anti_i, anti_j = anti_i[anti], anti_j[anti]
+        # one exact co-activation scan (one index of the codes) for the three kinds of pairs
+        co = co_counts(codes, torch.cat([parent, dup_i, anti_i]), torch.cat([child, dup_j, anti_j]),
+                       chunk_elements=chunk_elements)
+        co, dup_co, anti_co = co.split([len(parent), len(dup_i), len(anti_i)])
         keep = co < count[child]  # the parent is off on at least one of the child's audit tokens
         order = torch.argsort(child[keep], stable=True)  # sorted by child, as held_out_evidence expects
         self.parent, self.child, self.co = parent[keep][order], child[keep][order], co[keep][order]
         self.rho = ab.pair_rho(atoms, self.parent, self.child, chunk_elements)
-        self.duplicates = self._duplicates(near, codes)
-        self.antipodal = self._antipodal(near, codes)
+        self.duplicates = self._duplicates(dup_i, dup_j, dup_co)
+        self.antipodal = self._antipodal(anti_i, anti_j, anti_co)
 
     def __len__(self) -> int:
         return len(self.parent)
@@ -123,12 +134,12 @@ class PairMap:
                 n_evidence=col["n"][k], reverse_evidence=rev if math.isfinite(rev) else None,
             ))
         # trees by their total price, then each tree's children by price (lam-free order without lam)
-        factor = {(r.parent, r.child): v for r, v in zip(rows, col["price"])}
         total: dict[int, float] = {}
-        for r in rows:
-            total[r.parent] = total.get(r.parent, 0.0) + factor[(r.parent, r.child)]
-        rows.sort(key=lambda r: (-total[r.parent], r.parent, -factor[(r.parent, r.child)], r.child))
-        return rows
+        for r, v in zip(rows, col["price"]):
+            total[r.parent] = total.get(r.parent, 0.0) + v
+        order = sorted(range(len(rows)), key=lambda k: (-total[rows[k].parent], rows[k].parent, -col["price"][k],
+                                                        rows[k].child))
+        return [rows[k] for k in order]
 
     @property
     def available(self) -> bool:
@@ -143,36 +154,24 @@ class PairMap:
                 "neighbours": o.neighbours, "measured_pairs": len(self)}
 
     # -- duplicates and antipodal pairs (atoms and audit counts only) ---------------------
-    def _duplicates(self, near: ab.Neighbours, codes: Any) -> list[DuplicateRow]:
-        i, j = _unordered(near.i[near.rho >= self.options.duplicate_rho], near.j[near.rho >= self.options.duplicate_rho],
-                          self.atoms.shape[0])
-        if not len(i):
-            return []
-        co = co_counts(codes, i, j, chunk_elements=self.chunk).tolist()
+    def _duplicates(self, i: Tensor, j: Tensor, co: Tensor) -> list[DuplicateRow]:
         rho = ab.pair_rho(self.atoms, i, j, self.chunk).tolist()
         rows = []
-        for a, b, r, both in zip(i.tolist(), j.tolist(), rho, co):
-            ca, cb = int(self.count[a]), int(self.count[b])
+        for a, b, r, both, ca, cb in zip(i.tolist(), j.tolist(), rho, co.tolist(), self.count[i].tolist(),
+                                         self.count[j].tolist()):
             rows.append(DuplicateRow(a, b, r, ca, cb, both, both / (ca + cb - both)))
         rows.sort(key=lambda r: (-r.rho, r.i, r.j))
         return rows
 
-    def _antipodal(self, near: ab.Neighbours, codes: Any) -> list[AntipodalRow]:
-        o, n = self.options, self.n_tokens
-        i, j = _unordered(near.i[near.rho <= -o.antipodal_rho], near.j[near.rho <= -o.antipodal_rho], self.atoms.shape[0])
-        dense = (self.count[i] >= o.antipodal_min_share * n) & (self.count[j] >= o.antipodal_min_share * n)
-        i, j = i[dense], j[dense]
-        if not len(i):
-            return []
-        co = co_counts(codes, i, j, chunk_elements=self.chunk)
-        rarer = torch.minimum(self.count[i], self.count[j])
-        apart = co <= o.antipodal_max_overlap * rarer
+    def _antipodal(self, i: Tensor, j: Tensor, co: Tensor) -> list[AntipodalRow]:
+        apart = co <= self.options.antipodal_max_overlap * torch.minimum(self.count[i], self.count[j])
+        i, j, co = i[apart], j[apart], co[apart]
+        rho = ab.pair_rho(self.atoms, i, j, self.chunk).tolist()
+        direction = torch.nn.functional.normalize(self.atoms[i].double() - self.atoms[j].double(), dim=1)
         rows = []
-        for a, b, both in zip(i[apart].tolist(), j[apart].tolist(), co[apart].tolist()):
-            ca, cb = int(self.count[a]), int(self.count[b])
-            direction = self.atoms[a].double() - self.atoms[b].double()
-            rows.append(AntipodalRow(a, b, float(self.atoms[a].double() @ self.atoms[b].double()), ca, cb, both,
-                                     (ca + cb - both) / n, (direction / direction.norm()).tolist()))
+        for a, b, r, both, ca, cb, u in zip(i.tolist(), j.tolist(), rho, co.tolist(), self.count[i].tolist(),
+                                            self.count[j].tolist(), direction.tolist()):
+            rows.append(AntipodalRow(a, b, r, ca, cb, both, (ca + cb - both) / self.n_tokens, u))
         rows.sort(key=lambda r: (-r.share, r.i, r.j))
         return rows
 

@@ -355,7 +355,7 @@ def test_terminal_shows_absorption_trees_with_their_children(result):
     assert lines[start + 2].startswith("      child 11: rho 0.8 / own 0.6")
     assert lines[start + 3] == "    parent 12 (on 60 tokens) absorbed into 1 child(ren):"
     assert lines[start + 4].startswith("      child 5: rho 0.5 / own 0.866")
-    assert "  duplicates  1 pair(s) to merge (rho >= 0.9): 14 = 15 rho 0.97, jaccard 0.69" in mapped
+    assert "  duplicates  1 pair(s) to merge (rho >= 0.9): 14 = 15 rho 0.9700, jaccard 0.69" in mapped
     assert "  antipodal   1 pair(s) of dense latents (rho <= -0.9): 16 / 17 rho -0.98, covering 98% of tokens" in mapped
     assert "  absorption  none found (label-free: rho >= 0.1, evidence >= 0.5)" in empty
     assert "  duplicates  none found (rho >= 0.9)" in empty and "  antipodal   none found (rho <= -0.9)" in empty

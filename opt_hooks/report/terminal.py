@@ -204,7 +204,7 @@ def _group_text(group: list[int], limit: int = 8) -> str:
 
 
 def _duplicate_text(d: DuplicateRow) -> str:
-    return f"{d.i} = {d.j} rho {fmt(d.rho)}, jaccard {fmt(d.jaccard)}"
+    return f"{d.i} = {d.j} rho {d.rho:.4f}, jaccard {fmt(d.jaccard)}"  # 3 digits would round most to 1
 
 
 def _antipodal_text(a: AntipodalRow) -> str:
