@@ -6,6 +6,8 @@ the exactly absorbed dictionary it finds every planted pair and nothing else; on
 of the study its precision stays above a measured floor."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from sae_lens.synthetic import train_toy_sae
@@ -27,17 +29,23 @@ LAM = 0.2
 N_AUDIT, N_HELD_OUT, SEED = 2000, 1000, 1000
 
 
-@pytest.fixture(scope="module")
-def audited():
+@contextlib.contextmanager
+def one_thread():
     # Every tensor here is tiny: a second thread only adds synchronisation (the exact code solver
     # runs thousands of small steps, several times slower with two threads on a busy machine).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        world = mixed_world(seed=0)
-        yield world, ground_truth_audit(world, LAM, n_audit=N_AUDIT, n_held_out=N_HELD_OUT, seed=SEED)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def audited():
+    with one_thread():
+        world = mixed_world(seed=0)
+        yield world, ground_truth_audit(world, LAM, n_audit=N_AUDIT, n_held_out=N_HELD_OUT, seed=SEED)
 
 
 def test_codes_and_bias_are_exact(audited):
@@ -110,13 +118,9 @@ MAP_TOKENS = 4000  # audit and held-out tokens each: every planted pair gets >= 
 def absorbed():
     # The exactly absorbed ground-truth dictionary of mixed_world(0): each child's atom is
     # normalise(parent + child), exact L1 codes switch the parent off on most of the child's tokens.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         world = mixed_world(seed=0)
         yield world, absorbed_audit(world, LAM, n_audit=MAP_TOKENS, n_held_out=MAP_TOKENS, seed=SEED)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_map_finds_every_absorbed_pair_in_the_right_orientation(absorbed):
@@ -160,9 +164,7 @@ PRECISION_FLOOR, MIN_PLANTED_ROWS = 0.6, 5
 
 
 def test_map_precision_on_a_trained_standard_sae():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         world, seed, l1 = mixed_world(seed=2), 2, 0.2
         sae = standard_sae(world, l1, seed)
         torch.manual_seed(seed)  # as scripts/validate_theory.py trains every SAE
@@ -170,8 +172,6 @@ def test_map_precision_on_a_trained_standard_sae():
         sae.eval()
         _, x = world.sample(6000, SEED + seed)
         layer = oh.audit_activations(sae, [x.float()], held_out=1 / 3, lam=l1).layers["sae"]
-    finally:
-        torch.set_num_threads(threads)
     with torch.no_grad():
         atoms = torch.nn.functional.normalize(sae.W_dec.double(), dim=1)
     feature_of = {k: f for f, k in match_latents(world.atoms, atoms).items()}
