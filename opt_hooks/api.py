@@ -71,7 +71,7 @@ def audit(
         held_out=held_out, lam=lam, text_column=text_column, split=split, prepend_bos=prepend_bos,
         include_special_tokens=include_special_tokens, nonfinite=nonfinite, options=options, progress=progress,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
-    )
+    ).result
 
 
 def _place(model: Any, saes: Any, device: str | torch.device | None) -> torch.device:
@@ -117,7 +117,9 @@ def audit_activations(
     if not isinstance(saes, (Mapping, list, tuple)) and hook_names is None and not isinstance(batches, Mapping):
         hook_names = ["sae"]
     views = make_views(saes, hook_names)
-    return audit_rows(views, batches, held_out=held_out, lam=lam, nonfinite=nonfinite, options=options, progress=progress)
+    return audit_rows(
+        views, batches, held_out=held_out, lam=lam, nonfinite=nonfinite, options=options, progress=progress
+    ).result
 
 
 # -- monitor: the user's own forward passes --------------------------------------------------

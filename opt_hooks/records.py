@@ -16,7 +16,7 @@ from typing import Any
 
 from opt_hooks.policy import TIER_RANK, TIERS, rank_key
 
-SCHEMA_VERSION = "2.1"
+SCHEMA_VERSION = "2.2"
 
 __all__ = ["TIERS", "TIER_RANK", "CONDITIONS", "CertificateCheck", "FeatureRow", "PairRow", "AbsorptionRow",
            "DuplicateRow", "AntipodalRow", "LayerResult", "AuditRecord"]
@@ -275,14 +275,19 @@ class AuditRecord:
     layers: dict[str, LayerResult]
     meta: dict[str, Any] = field(default_factory=dict)
     token_texts: dict[int, str] = field(default_factory=dict)  # context snippets of top tokens
+    # a repair of these SAEs (opt_hooks.repair.RepairResult.to_dict()): {"meta", "table", "changes"}
+    repair: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "schema_version": SCHEMA_VERSION,
             "meta": _clean(self.meta),
             "layers": {name: _clean(dataclasses.asdict(layer)) for name, layer in self.layers.items()},
             "token_texts": {str(k): v for k, v in self.token_texts.items()},
         }
+        if self.repair is not None:
+            out["repair"] = _clean(self.repair)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AuditRecord":
@@ -293,7 +298,7 @@ class AuditRecord:
             )
         layers = {name: _layer_from_dict(d) for name, d in data["layers"].items()}
         texts = {int(k): v for k, v in data.get("token_texts", {}).items()}
-        return cls(layers=layers, meta=data.get("meta", {}), token_texts=texts)
+        return cls(layers=layers, meta=data.get("meta", {}), token_texts=texts, repair=data.get("repair"))
 
     def __repr__(self) -> str:
         names = ", ".join(self.layers)

@@ -232,11 +232,20 @@ def _lam_for(lam: float | Mapping[str, float] | None, key: str, view: SAEView) -
     return view.lam if lam is None else float(lam)
 
 
+@dataclass
+class AuditRun:
+    """A finished audit: its result, and the router holding every layer's plan (the certificates
+    with their steps, which `opt_hooks.repair` applies)."""
+
+    result: AuditResult
+    router: Router
+
+
 def audit_text(model: Any, views: dict[str, SAEView], dataset: Any, *, device: torch.device, n_tokens: int,
                batch_size: int, context_size: int, held_out: float, lam: float | Mapping[str, float] | None,
                text_column: str | None, split: str, prepend_bos: bool, include_special_tokens: bool,
                nonfinite: str, options: AuditOptions | None, progress: bool,
-               checkpoint_dir: str | os.PathLike | None, checkpoint_every: int | None, resume: bool) -> AuditResult:
+               checkpoint_dir: str | os.PathLike | None, checkpoint_every: int | None, resume: bool) -> AuditRun:
     """`api.audit`'s run, its stages in order: token windows; lam calibration (unknown lams, on the
     first audit windows); checkpoint restore; pass 1 (statistics); rank merge; the plans; pass 2
     (held-out windows, or every window when a lam was estimated after pass 1); rank merge; the
@@ -315,7 +324,7 @@ def audit_text(model: Any, views: dict[str, SAEView], dataset: Any, *, device: t
     result.token_texts = _token_texts(result, windows, model)
     lap("result_s")
     timings["total_s"] = time.perf_counter() - started
-    return result
+    return AuditRun(result, router)
 
 
 def _stream_windows(model, tap, router: Router, windows: Tensor, specials: Tensor | None, held: Tensor,
@@ -404,7 +413,7 @@ def _token_texts(result: AuditResult, windows: Tensor, model: Any, before: int =
 
 
 def audit_rows(views: dict[str, SAEView], batches: Any, *, held_out: float, lam: float | Mapping[str, float] | None,
-               nonfinite: str, options: AuditOptions | None, progress: bool) -> AuditResult:
+               nonfinite: str, options: AuditOptions | None, progress: bool) -> AuditRun:
     """`api.audit_activations`'s run: lam calibration on the first audit rows, pass 1, rank merge,
     the plans, pass 2, rank merge, the layer results. Every row is a window."""
     sources = _sources(views, batches)
@@ -437,7 +446,7 @@ def audit_rows(views: dict[str, SAEView], batches: Any, *, held_out: float, lam:
                 raise ValueError(f"{key}: the activation batches are empty; nothing to audit")
         router.merge_ranks()
     router.batch = None
-    return router.result({"source": "activations", "held_out": held_out, **versions()})
+    return AuditRun(router.result({"source": "activations", "held_out": held_out, **versions()}), router)
 
 
 def _calibrate_on_rows(router: Router, view: SAEView, key: str, source: Any, held_out: float) -> None:

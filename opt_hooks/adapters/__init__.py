@@ -1,14 +1,16 @@
 """Adapters from SAE-Lens SAEs, TransformerLens models and text datasets to theory units.
 
 - `sae`:   SAEView (x, atoms, z, bias, lam, scope of one SAE), make_views
-- `model`: ActivationTap / CodeTap (hooks, HookedSAETransformer splices), forward_to_deepest,
+- `model`: ActivationTap / CodeTap / InputTap (hooks, HookedSAETransformer splices), forward_to_deepest,
            check_attachment, model_device, model_name
+- `sae_edit`: SAEEdit, changes written into an SAE's own parameters (repair)
 - `data`:  token_windows (SAE-Lens style context windows), special_token_mask
 """
 from opt_hooks.adapters.data import special_token_mask, token_windows
 from opt_hooks.adapters.model import (
     ActivationTap,
     CodeTap,
+    InputTap,
     check_attachment,
     forward_to_deepest,
     model_device,
@@ -21,6 +23,7 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "ActivationTap",
     "CodeTap",
+    "InputTap",
     "SAEView",
     "check_attachment",
     "forward_to_deepest",

@@ -123,6 +123,25 @@ class ActivationTap:
         self._added.clear()
 
 
+def sae_routes(model: torch.nn.Module, views: Mapping[str, SAEView]) -> dict[str, tuple[str, str]]:
+    """{tapped hook name: (view key, role)}. An SAE spliced into the model is read at its own
+    hook_sae_input ("input") and hook_sae_acts_post ("codes"); at a hook where another SAE is
+    spliced, that SAE's hook_sae_input carries the activations ("acts"); otherwise the hook does."""
+    routes: dict[str, tuple[str, str]] = {}
+    spliced = spliced_saes(model)
+    for key, view in views.items():
+        own_splice = next((hook for hook, sae in spliced.items() if sae is view.sae), None)
+        if own_splice is not None:
+            routes[spliced_hook_name(model, own_splice, view.sae, "hook_sae_input")] = (key, "input")
+            routes[spliced_hook_name(model, own_splice, view.sae, "hook_sae_acts_post")] = (key, "codes")
+        elif view.hook_name in spliced:
+            other = spliced[view.hook_name]
+            routes[spliced_hook_name(model, view.hook_name, other, "hook_sae_input")] = (key, "acts")
+        else:
+            routes[view.hook_name] = (key, "acts")
+    return routes
+
+
 class CodeTap:
     """Context manager: calls `on_codes(hook_name, x, z, w)` (theory units, w the token weights
     or None, see SAEView) for every SAE.
@@ -136,18 +155,7 @@ class CodeTap:
     def __init__(self, model: torch.nn.Module, views: Mapping[str, SAEView], on_codes: OnCodes):
         self.model = model
         self.on_codes = on_codes
-        self._routes: dict[str, tuple[str, str]] = {}  # tapped name -> (view key, role)
-        spliced = spliced_saes(model)
-        for key, view in views.items():
-            own_splice = next((hook for hook, sae in spliced.items() if sae is view.sae), None)
-            if own_splice is not None:
-                self._routes[spliced_hook_name(model, own_splice, view.sae, "hook_sae_input")] = (key, "input")
-                self._routes[spliced_hook_name(model, own_splice, view.sae, "hook_sae_acts_post")] = (key, "codes")
-            elif view.hook_name in spliced:
-                other = spliced[view.hook_name]
-                self._routes[spliced_hook_name(model, view.hook_name, other, "hook_sae_input")] = (key, "acts")
-            else:
-                self._routes[view.hook_name] = (key, "acts")
+        self._routes = sae_routes(model, views)
         self.views = dict(views)
         self._pending_input: dict[str, torch.Tensor] = {}
         self._tap = ActivationTap(model, self._routes, self._dispatch)
@@ -175,6 +183,34 @@ class CodeTap:
         else:
             x, w = self._pending_input.pop(key)
             self.on_codes(key, x, view.codes(activations), w)
+
+
+class InputTap:
+    """Context manager: calls `on_rows(key, rows)` with each SAE's input rows (n, d_in), read where
+    `CodeTap` reads them (a spliced SAE's own hook_sae_input, else the hook), before any
+    normalisation: what `sae.encode` takes. The repair runs several versions of an SAE on them."""
+
+    def __init__(self, model: torch.nn.Module, views: Mapping[str, SAEView],
+                 on_rows: Callable[[str, torch.Tensor], None]):
+        self.views, self.on_rows = dict(views), on_rows
+        routes = sae_routes(model, views)
+        self._keys = {name: key for name, (key, role) in routes.items() if role in ("acts", "input")}
+        self._tap = ActivationTap(model, self._keys, self._dispatch)
+
+    @property
+    def hook_names(self) -> list[str]:
+        return list(self._keys)
+
+    def __enter__(self) -> InputTap:
+        self._tap.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._tap.__exit__(*exc_info)
+
+    def _dispatch(self, tapped_name: str, activations: torch.Tensor) -> None:
+        key = self._keys[tapped_name]
+        self.on_rows(key, self.views[key].rows(activations))
 
 
 def stop_layer(hook_names: Iterable[str]) -> int | None:
