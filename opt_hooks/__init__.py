@@ -24,10 +24,10 @@ _EXPORTS = {
     "FeatureRow": "opt_hooks.records",
     "LayerResult": "opt_hooks.records",
     "PairRow": "opt_hooks.records",
-    "repair": "opt_hooks.repair",
-    "repair_activations": "opt_hooks.repair",
-    "RepairOptions": "opt_hooks.repair",
-    "RepairResult": "opt_hooks.repair",
+    "repair": "opt_hooks.repair_run",
+    "repair_activations": "opt_hooks.repair_run",
+    "RepairOptions": "opt_hooks.repair_run",
+    "RepairResult": "opt_hooks.repair_run",
 }
 
 __all__ = sorted(_EXPORTS)

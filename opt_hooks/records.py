@@ -275,7 +275,7 @@ class AuditRecord:
     layers: dict[str, LayerResult]
     meta: dict[str, Any] = field(default_factory=dict)
     token_texts: dict[int, str] = field(default_factory=dict)  # context snippets of top tokens
-    # a repair of these SAEs (opt_hooks.repair.RepairResult.to_dict()): {"meta", "table", "changes"}
+    # a repair of these SAEs (opt_hooks.repair_run.RepairResult.to_dict()): {"meta", "table", "changes"}
     repair: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -172,6 +172,8 @@ class SAEEdit:
         c = factor * float(units[1] / units[0])  # f_keep + c f_drop carries z_keep + factor z_drop
         self._set("W_enc", (slice(None), keep), self._param("W_enc")[:, keep].double() + c * self._param("W_enc")[:, drop].double())
         self._set("b_enc", keep, float(self._param("b_enc")[keep]) + c * float(self._param("b_enc")[drop]))
+        if self.architecture == "jumprelu":  # thresholds add as the pre-activations do
+            self._set("threshold", keep, float(self._param("threshold")[keep]) + c * float(self._param("threshold")[drop]))
         self.silence(drop)
 
     @torch.no_grad()

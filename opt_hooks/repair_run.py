@@ -1,0 +1,642 @@
+"""Repair (THEORY.md section 7): an audit's certified changes written into the SAE, each kept only
+where it lowers L on tokens it was not chosen on, and the result measured on tokens neither saw.
+
+The tokens (windows of text, or rows of activations; every part evenly spaced) fall in three parts:
+
+- test: a share `held_out` (0.2) that neither the audit nor the repair reads until the end, where
+  the before / after table (`RepairResult.table`) is measured with the SAEs' own encode / decode;
+- validation: the share `RepairOptions.audit_held_out` of the rest, which the audit holds out. The
+  certificates are certified there, and every step of the repair is checked there, as the SAE's
+  own objective of the changed SAE against the SAE it was built from, token by token (a paired
+  test, significant at Bonferroni over the layer's steps);
+- audit: where the audit chose every certificate (its pass 1) and where a resampled latent's code
+  rule is fitted (`PlantFit`).
+
+One round, per layer: the audit's certified findings become steps, in this order (each one an SAE
+built from the previous one, `SAEEdit`): C1 floors into b_dec ("floor"), the C5 bias step ("bias"),
+the C3 atom turns ("atoms"), the C4 code scales ("codes"), then "respawn": duplicate latents merged
+(the pair map's duplicates that fire together) and free latents (the merged ones, and the dead ones
+when C6 is certified) resampled towards the audit's worst residuals, with an encoder row that fires
+where the input points that way. A step that lowers L insignificantly on the validation part is
+dropped (so is a resampled latent whose own change is not significant), the chain rebuilt without
+it and measured again. `rounds` > 1 audits the repaired SAEs again on the same tokens, with the
+first round's lam, so every round optimises the same objective.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from opt_hooks import policy as pol
+from opt_hooks.adapters import InputTap, SAEView, check_attachment, forward_to_deepest, make_views
+from opt_hooks.adapters.sae_edit import NotExpressible, SAEEdit, mark_modified, median_alive_norm, refusal
+from opt_hooks.adapters.data import token_windows
+from opt_hooks.engine import AuditOptions, AuditPlan
+from opt_hooks.records import LayerResult, atomic_write_text
+from opt_hooks.result import AuditResult
+from opt_hooks.run import (
+    AuditRun, _iterate, _progress, _sources, audit_rows, audit_text, check_share, held_out_windows, special_tokens,
+    versions,
+)
+from opt_hooks.theory.repair_sums import LatentChanges, PlantFit, VariantSums
+
+REPAIR_JSON = "repair.json"
+SAE_FOLDER = "saes"
+
+
+@dataclass
+class RepairOptions:
+    """Settings of a repair beyond the audit's (`AuditOptions`, whose alpha every step's test uses)."""
+
+    audit_held_out: float = 0.25  # share of the fit tokens the audit holds out: the validation part
+    rounds: int = 1  # audit -> apply, repeated on the repaired SAEs
+    merge_min_jaccard: float = 0.5  # duplicates merged only where they fire together this often
+    max_planted: int = 256  # resampled latents per layer and round, at most
+    plant_max_cos: float = 0.5  # resampled atoms differ at least this much from one another
+    plant_quantiles: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)  # threshold grid
+    max_validations: int = 3  # validation passes per round (a rebuilt chain is measured again)
+
+    def __post_init__(self) -> None:
+        check_share(self.audit_held_out)
+        if self.audit_held_out == 0:
+            raise ValueError("audit_held_out must be > 0: the repair checks its steps on the audit's held-out tokens")
+        if self.rounds < 1 or self.max_validations < 1:
+            raise ValueError("rounds and max_validations must be at least 1")
+
+
+@dataclass
+class RepairResult:
+    """`saes` {key: repaired SAE}, `table` {key: before / after on the test tokens}, `changes`
+    {key: the steps, applied or not, with their measured gains}, `audits` (one per round)."""
+
+    saes: dict[str, Any]
+    table: dict[str, dict[str, Any]]
+    changes: dict[str, list[dict[str, Any]]]
+    audits: list[AuditResult]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"meta": self.meta, "table": self.table, "changes": self.changes}
+
+    def summary(self) -> str:
+        from opt_hooks.report.terminal import render_repair
+
+        return render_repair(self.to_dict())
+
+    def save(self, out: str | os.PathLike, *, overwrite: bool = True) -> Path:
+        """out/saes/<key>/ (each SAE's `save_model`), out/repair.json, and out/report.json +
+        report.html: the first round's audit with the repair's table and steps."""
+        import json
+
+        from opt_hooks.report import write_report
+
+        out = Path(out)
+        report = self.audits[0]
+        report.repair = self.to_dict()
+        write_report(report, out, overwrite=overwrite)
+        for key, sae in self.saes.items():
+            sae.save_model(out / SAE_FOLDER / folder_name(key))
+        atomic_write_text(out / REPAIR_JSON, json.dumps(self.to_dict(), indent=1, allow_nan=False))
+        return out
+
+
+def folder_name(key: str) -> str:
+    """A hook name as a folder name (dots kept, anything else unusual replaced)."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
+
+
+# -- the entry points ---------------------------------------------------------------------------
+
+
+def repair(model: Any, saes: Any, dataset: Any, n_tokens: int = 1_000_000, batch_size: int = 16,
+           context_size: int = 128, held_out: float = 0.2, device: str | torch.device | None = None, *,
+           hook_names: Any = None, lam: float | Mapping[str, float] | None = None, text_column: str | None = None,
+           split: str = "train", prepend_bos: bool = True, include_special_tokens: bool = False,
+           options: AuditOptions | None = None, repair_options: RepairOptions | None = None,
+           progress: bool = True) -> RepairResult:
+    """Audit the SAEs on `dataset` through `model` (as `oh.audit`), apply the certified changes and
+    measure them (module docstring). The SAEs given are not changed: `result.saes` are new ones."""
+    from opt_hooks.api import _place
+
+    check_share(held_out)
+    if held_out == 0:
+        raise ValueError("held_out must be > 0: the before / after table is measured on those tokens")
+    ropts = repair_options or RepairOptions()
+    device = _place(model, saes, device)
+    views = make_views(saes, hook_names)
+    check_attachment(model, views)
+    windows = torch.cat(list(token_windows(dataset, model, context_size, n_tokens=n_tokens, batch_size=batch_size,
+                                           text_column=text_column, prepend_bos=prepend_bos, split=split)))
+    specials = None if include_special_tokens else special_tokens(windows, model)
+    test = held_out_windows(0, len(windows), held_out)
+    fit = torch.nonzero(~test).flatten()
+    validation = held_out_windows(0, len(fit), ropts.audit_held_out)
+    parts = _TextParts(model, windows, specials, batch_size, progress,
+                       {"audit": fit[~validation], "validation": fit[validation], "test": torch.nonzero(test).flatten()})
+
+    def audit_round(round_views: dict[str, SAEView], round_lam: Any) -> AuditRun:
+        return audit_text(
+            model, round_views, windows[fit], device=device, n_tokens=int(windows[fit].numel()), batch_size=batch_size,
+            context_size=int(windows.shape[1]), held_out=ropts.audit_held_out, lam=round_lam, text_column=None,
+            split=split, prepend_bos=prepend_bos, include_special_tokens=include_special_tokens, nonfinite="raise",
+            options=options, progress=progress, checkpoint_dir=None, checkpoint_every=None, resume=False,
+        )
+
+    meta = {"source": "text", "n_tokens": int(windows.numel()), "held_out": held_out,
+            "test_tokens": int(windows[test].numel()), "audit_held_out": ropts.audit_held_out, **versions()}
+    return _repair(views, audit_round, parts, lam, options, ropts, meta)
+
+
+def repair_activations(saes: Any, batches: Any, held_out: float = 0.2, *, hook_names: Any = None,
+                       lam: float | Mapping[str, float] | None = None, options: AuditOptions | None = None,
+                       repair_options: RepairOptions | None = None, progress: bool = False) -> RepairResult:
+    """`repair` on activations you already have (as `oh.audit_activations`): rows are tokens."""
+    check_share(held_out)
+    if held_out == 0:
+        raise ValueError("held_out must be > 0: the before / after table is measured on those tokens")
+    ropts = repair_options or RepairOptions()
+    if not isinstance(saes, (Mapping, list, tuple)) and hook_names is None and not isinstance(batches, Mapping):
+        hook_names = ["sae"]
+    views = make_views(saes, hook_names)
+    sources = _sources(views, batches)
+    parts = _RowParts(views, sources, held_out, ropts.audit_held_out)
+
+    def audit_round(round_views: dict[str, SAEView], round_lam: Any) -> AuditRun:
+        fit = {key: parts.fit_source(key) for key in round_views}
+        return audit_rows(round_views, fit, held_out=ropts.audit_held_out, lam=round_lam, nonfinite="raise",
+                          options=options, progress=progress)
+
+    meta = {"source": "activations", "held_out": held_out, "audit_held_out": ropts.audit_held_out, **versions()}
+    return _repair(views, audit_round, parts, lam, options, ropts, meta)
+
+
+# -- the token parts ----------------------------------------------------------------------------
+
+
+class _TextParts:
+    """The SAE input rows of each part's windows, batch by batch: {key: rows (n, d_in)}."""
+
+    def __init__(self, model: Any, windows: Tensor, specials: Tensor | None, batch_size: int, progress: bool,
+                 chosen: dict[str, Tensor]) -> None:
+        self.model, self.windows, self.specials = model, windows, specials
+        self.batch_size, self.progress, self.chosen = batch_size, progress, chosen
+
+    def rows(self, part: str, views: Mapping[str, SAEView]) -> Iterator[dict[str, Tensor]]:
+        chosen = self.chosen[part]
+        found: dict[str, Tensor] = {}
+        with InputTap(self.model, views, found.__setitem__) as tap:
+            for start in _progress(range(0, len(chosen), self.batch_size), f"repair: {part} tokens", self.progress,
+                                   total_items=len(chosen), step=self.batch_size):
+                rows = chosen[start:start + self.batch_size]
+                found.clear()
+                forward_to_deepest(self.model, self.windows[rows], tap.hook_names)
+                keep = None if self.specials is None else ~self.specials[rows].flatten()
+                yield {key: acts if keep is None else acts[keep.to(acts.device)] for key, acts in found.items()}
+
+
+class _RowParts:
+    """Rows of activations split like windows: row t is a test row when held_out_windows says so;
+    the others (the fit rows, numbered f = 0, 1, ...) are validation rows where the audit holds out."""
+
+    def __init__(self, views: Mapping[str, SAEView], sources: dict[str, Any], held_out: float,
+                 audit_held_out: float) -> None:
+        self.views, self.sources = dict(views), sources
+        self.held_out, self.audit_held_out = held_out, audit_held_out
+
+    def _parts(self, key: str) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """(rows, test mask, validation mask) per batch of one SAE's source."""
+        seen = fit_seen = 0
+        for acts in _iterate(self.sources[key], key):
+            rows = self.views[key].rows(acts)
+            test = held_out_windows(seen, len(rows), self.held_out)
+            seen += len(rows)
+            validation = torch.zeros_like(test)
+            validation[~test] = held_out_windows(fit_seen, int((~test).sum()), self.audit_held_out)
+            fit_seen += int((~test).sum())
+            yield rows, test, validation
+
+    def fit_source(self, key: str) -> Callable[[], Iterator[Tensor]]:
+        return lambda: (rows[~test.to(rows.device)] for rows, test, _ in self._parts(key) if bool((~test).any()))
+
+    def rows(self, part: str, views: Mapping[str, SAEView]) -> Iterator[dict[str, Tensor]]:
+        for key in views:
+            for rows, test, validation in self._parts(key):
+                mask = {"test": test, "validation": validation, "audit": ~test & ~validation}[part]
+                if bool(mask.any()):
+                    yield {key: rows[mask.to(rows.device)]}
+
+
+# -- one repair ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Step:
+    """One step of a layer's repair: a change of the SAE made by `apply` on an SAEEdit."""
+
+    name: str
+    condition: str
+    apply: Callable[[SAEEdit], None]
+    items: list[dict[str, Any]]
+    reference: int = -1  # the chain version it is measured against (set when the chain is built)
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def _repair(views: dict[str, SAEView], audit_round: Callable[[dict[str, SAEView], Any], AuditRun], parts: Any,
+            lam: Any, options: AuditOptions | None, ropts: RepairOptions, meta: dict[str, Any]) -> RepairResult:
+    policy = (options or AuditOptions()).policy
+    current = {key: view.sae for key, view in views.items()}
+    changes: dict[str, list[dict[str, Any]]] = {key: [] for key in views}
+    audits: list[AuditResult] = []
+    lams: Any = lam
+    for round_number in range(1, ropts.rounds + 1):
+        round_views = views if round_number == 1 else {key: _view(sae, key, views[key]) for key, sae in current.items()}
+        run = audit_round(round_views, lams)
+        audits.append(run.result)
+        if round_number == 1:  # every round optimises the first round's objective
+            lams = {key: layer.lam for key, layer in run.result.layers.items()}
+        layers = {key: _LayerRepair(key, round_views[key], run.router.plans[key], run.result.layers[key], ropts)
+                  for key in views}
+        _fit_plants(parts, layers)
+        for _ in range(ropts.max_validations):
+            for layer in layers.values():
+                layer.build()
+            _validate(parts, layers)
+            if not any([layer.decide(policy) for layer in layers.values()]):
+                break
+        else:  # still dropping after the last pass: keep what every pass so far let through
+            for layer in layers.values():
+                layer.build()
+        for key, layer in layers.items():
+            current[key] = layer.chain[-1]
+            changes[key].extend({"round": round_number, **step} for step in layer.records())
+    table = _measure_test(parts, views, current, lams)
+    for key, sae in current.items():
+        if sae is not views[key].sae:
+            applied = sorted({c["step"] for c in changes[key] if c["applied"]})
+            mark_modified(sae, f"repaired by opt_hooks (THEORY.md section 7): {', '.join(applied)}")
+    return RepairResult(saes=current, table=table, changes=changes, audits=audits, meta=meta)
+
+
+def _view(sae: Any, key: str, like: SAEView) -> SAEView:
+    with warnings.catch_warnings():  # the original view already warned about this SAE's setup
+        warnings.simplefilter("ignore")
+        return SAEView(sae, hook_name=key, lam=like.lam if like.lam_source == "argument" else None,
+                       release=like.release, sae_id=like.sae_id)
+
+
+class _LayerRepair:
+    """One layer's round: its steps from the audit, the chain of SAEs they build, the decisions."""
+
+    def __init__(self, key: str, view: SAEView, plan: AuditPlan, layer: LayerResult, ropts: RepairOptions) -> None:
+        self.key, self.view, self.plan, self.layer, self.ropts = key, view, plan, layer, ropts
+        self.lam = layer.lam
+        self.steps = [s for s in (self._floor(), self._bias(), self._atoms(), self._codes()) if s is not None]
+        candidates, dead = self._merges(), self._dead_to_resample()
+        # why the respawn cannot be made in this class, said only where there was something to do
+        self.merge_refusal = (refusal(view.sae, "merge") if candidates else None) or (
+            refusal(view.sae, "plant") if candidates or dead else None)
+        self.merges = [] if self.merge_refusal else candidates
+        self.free = [] if self.merge_refusal else sorted({drop for _, drop, _ in self.merges} | set(dead))
+        self.plants: list[dict[str, Any]] = []  # (feature, atom, beta, threshold, audit_gain) after _fit_plants
+        self.dropped: set[str] = set()  # steps rejected on the validation part
+        self.dropped_plants: set[int] = set()
+        self.chain: list[Any] = []
+        self.changes: dict[str, Any] = {}  # each step's latest measurement on the validation part
+
+    # ---- steps from certified findings ------------------------------------------------------------
+    def _certified(self, condition: str) -> tuple[list[int], list[Any]]:
+        """(family indices, checks) of the certified certificates of one per-feature family."""
+        family = self.plan.families.get(condition)
+        if family is None:
+            return [], []
+        ks, checks = [], []
+        for k, feature in enumerate(family.features.tolist()):
+            check = self.layer.features[feature].certificates.get(condition)
+            if check is not None and check.tier == "certified":
+                ks.append(k)
+                checks.append(check)
+        return ks, checks
+
+    @staticmethod
+    def _item(feature: int, check: Any, **extra: Any) -> dict[str, Any]:
+        return {"feature": feature, "step": check.step, "certified_gain": check.gain, "se": check.held_out_se,
+                "p_value": check.p_value, **extra}
+
+    def _floor(self) -> _Step | None:
+        ks, checks = self._certified("C1")
+        if not ks:
+            return None
+        family = self.plan.families["C1"]
+        ids, amounts = family.features[ks].cpu(), family.step[ks].cpu()
+        atoms = self.plan.atoms.double().cpu()
+
+        def apply(edit: SAEEdit) -> None:
+            edit.lower_codes(ids, amounts)  # first: it is the one a class may refuse
+            edit.shift_bias((amounts[:, None] * atoms[ids]).sum(0))
+
+        items = [self._item(int(i), c) for i, c in zip(ids.tolist(), checks)]
+        return _Step("floor", "C1", apply, items)
+
+    def _bias(self) -> _Step | None:
+        c5 = self.layer.layer_conditions.get("C5", {})
+        if c5.get("tier") != "certified":
+            return None
+        family = self.plan.families["C5"]
+        delta = (float(family.step[0]) * family.direction.double()).cpu()
+        check = c5["certificate"]
+        item = {"step": check.step, "certified_gain": check.gain, "se": check.held_out_se, "p_value": check.p_value}
+        return _Step("bias", "C5", lambda edit: edit.shift_bias(delta), [item])
+
+    def _atoms(self) -> _Step | None:
+        ks, checks = self._certified("C3")
+        if not ks:
+            return None
+        family = self.plan.families["C3"]
+        theta = family.step[ks].cpu()[:, None]
+        ids = family.features[ks].cpu()
+        new = torch.cos(theta) * family.atom[ks].double().cpu() + torch.sin(theta) * family.direction[ks].double().cpu()
+        items = [self._item(int(i), c) for i, c in zip(ids.tolist(), checks)]
+        return _Step("atoms", "C3", lambda edit: edit.turn_atoms(ids, new), items)
+
+    def _codes(self) -> _Step | None:
+        ks, checks = self._certified("C4")
+        if not ks:
+            return None
+        family = self.plan.families["C4"]
+        ids, factors = family.features[ks].cpu(), 1 + family.step[ks].double().cpu()
+        items = [self._item(int(i), c, factor=float(f)) for i, c, f in zip(ids.tolist(), checks, factors.tolist())]
+        return _Step("codes", "C4", lambda edit: edit.scale_codes(ids, factors), items)
+
+    def _merges(self) -> list[tuple[int, int, float]]:
+        """(keep, drop, rho): the pair map's duplicates that fire together, each latent in one pair
+        at most, the more active one kept, closest pairs first."""
+        used: set[int] = set()
+        merges = []
+        for d in sorted(self.layer.duplicates, key=lambda d: -d.rho):
+            if d.jaccard < self.ropts.merge_min_jaccard or d.i in used or d.j in used:
+                continue
+            keep, drop = (d.i, d.j) if d.count_i >= d.count_j else (d.j, d.i)
+            used.update((keep, drop))
+            merges.append((keep, drop, d.rho))
+        return merges
+
+    def _dead_to_resample(self) -> list[int]:
+        c6 = self.layer.layer_conditions.get("C6", {})
+        return list(c6.get("dead", [])) if c6.get("tier") == "certified" else []
+
+    # ---- the chain ----------------------------------------------------------------------------
+    def _merge(self, edit: SAEEdit) -> None:
+        for keep, drop, rho in self.merges:
+            edit.merge(keep, drop, rho)
+
+    def _plant(self, edit: SAEEdit) -> None:
+        norm = median_alive_norm(self.view.sae)
+        for p in self.plants:
+            if p["feature"] not in self.dropped_plants:
+                edit.plant(p["feature"], p["atom"], p["beta"], p["threshold"], norm)
+
+    def merged_sae(self) -> Any:
+        """The SAE after the kept exact steps and the merges: what planted latents are fitted on."""
+        sae = self.view.sae
+        for step in self.steps:
+            sae = self._apply(step, sae)
+        return self._apply_merges(sae)
+
+    def _apply(self, step: _Step, sae: Any) -> Any:
+        edit = SAEEdit(sae)
+        try:
+            step.apply(edit)
+        except NotExpressible as error:
+            step.record = {"applied": False, "reason": str(error)}
+            return sae
+        return edit.sae
+
+    def _apply_merges(self, sae: Any) -> Any:
+        if not self.merges:
+            return sae
+        edit = SAEEdit(sae)
+        self._merge(edit)
+        return edit.sae
+
+    def build(self) -> None:
+        """The chain: the SAE, then one version per kept step (each measured against the last kept
+        version before it), then merged (diagnostic) and respawned versions."""
+        self.chain, self.reference, self.names = [self.view.sae], [-1], ["base"]
+        for step in self.steps:
+            if step.name in self.dropped or step.record.get("reason"):
+                continue
+            sae = self._apply(step, self.chain[-1])
+            if step.record.get("reason"):
+                continue
+            self.reference.append(len(self.chain) - 1)
+            self.chain.append(sae)
+            self.names.append(step.name)
+        before_respawn = len(self.chain) - 1
+        plants = [p for p in self.plants if p["feature"] not in self.dropped_plants]
+        if "respawn" not in self.dropped and plants:  # merges only free latents for planting
+            merged = self._apply_merges(self.chain[-1])
+            self.reference.append(before_respawn)
+            self.chain.append(merged)
+            self.names.append("merged")
+            edit = SAEEdit(merged)
+            self._plant(edit)
+            self.reference.append(before_respawn)
+            self.chain.append(edit.sae)
+            self.names.append("respawn")
+        self.sums = VariantSums(self.reference, self.view.d_sae, self.view.d_in)
+        self.plant_sums = None
+        if "respawn" in self.names:
+            merged = self.chain[self.names.index("merged")]
+            ids = [p["feature"] for p in plants]
+            self.merged_view = _view(merged, self.key, self.view)
+            self.respawn_view = _view(self.chain[-1], self.key, self.view)
+            self.plant_ids = torch.tensor(ids, dtype=torch.long)
+            self.plant_sums = LatentChanges(self.merged_view.atoms()[ids].cpu(), self.respawn_view.atoms()[ids].cpu())
+
+    def decide(self, policy: pol.VerdictPolicy) -> bool:
+        """Judge every step on the validation part; True when something was dropped (rebuild)."""
+        sums, n = self.sums, int(self.sums.n_tokens)
+        tested = [name for name in self.names[1:] if name != "merged"]
+        z = policy.critical_z(len(tested))
+        est = pol.estimate(sums.change_sum, sums.change_sq, n)
+        dropped_any = False
+        for v, name in enumerate(self.names):
+            if v == 0:
+                continue
+            mean, se, p = float(est.mean[v]), float(est.se[v]), float(est.p_value[v])
+            significant = n >= 2 and math.isfinite(se) and mean + z * se < 0
+            self.changes[name] = {"gain": -mean, "se": se, "p_value": p, "n_tokens": n, "significant": significant}
+            if name != "merged" and not significant:
+                self.dropped.add(name)
+                dropped_any = True
+        if self.plant_sums is not None and "respawn" not in self.dropped:
+            plant_est = pol.estimate(self.plant_sums.sum, self.plant_sums.sum_sq, n)
+            z_plant = policy.critical_z(len(self.plant_ids))
+            for k, feature in enumerate(self.plant_ids.tolist()):
+                mean, se = float(plant_est.mean[k]), float(plant_est.se[k])
+                record = next(p for p in self.plants if p["feature"] == feature)
+                record.update(gain=-mean, se=se, p_value=float(plant_est.p_value[k]))
+                if not (math.isfinite(se) and mean + z_plant * se < 0 and int(self.plant_sums.touched[k]) >= policy.min_touched):
+                    self.dropped_plants.add(feature)
+                    dropped_any = True
+        return dropped_any
+
+    def records(self) -> list[dict[str, Any]]:
+        out = []
+        for step in self.steps:
+            measured = self.changes.get(step.name, {})
+            applied = step.name in self.names
+            reason = step.record.get("reason") or ("" if applied else "not significant on the validation tokens")
+            out.append({"step": step.name, "condition": step.condition, "applied": applied, "reason": reason,
+                        **{k: measured.get(k) for k in ("gain", "se", "p_value", "n_tokens")}, "items": step.items})
+        if self.merges or self.plants or self.merge_refusal:
+            measured = self.changes.get("respawn", {})
+            applied = "respawn" in self.names
+            items = [{"keep": k, "drop": d, "rho": r} for k, d, r in self.merges]
+            items += [{"feature": p["feature"], "threshold": p["threshold"], "scale": p["beta"],
+                       "audit_gain": p["audit_gain"], "gain": p.get("gain"), "se": p.get("se"),
+                       "kept": p["feature"] not in self.dropped_plants} for p in self.plants]
+            reason = self.merge_refusal or ("" if applied else (
+                "no resampled latent lowered L on the audit tokens" if not self.plants
+                else "not significant on the validation tokens"))
+            merged = self.changes.get("merged", {})
+            out.append({"step": "respawn", "condition": "duplicates + C6", "applied": applied, "reason": reason,
+                        **{k: measured.get(k) for k in ("gain", "se", "p_value", "n_tokens")},
+                        "merge_only_gain": merged.get("gain"), "merge_only_se": merged.get("se"), "items": items})
+        return out
+
+
+# -- the passes -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sae_objective(sae: Any, rows: Tensor, lam: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per token, with the SAE's own encode and decode on its input rows (n, d_in): (loss, squared error
+    summed over the input dimensions, L1 term sum_i f_i ||W_dec[i]||, L0), and (K,) bool of the latents
+    that fired. loss = squared error + lam * L1 (lam None: the squared error alone)."""
+    sae_in = rows[:, None, :] if sae.hook_z_reshaping_mode else rows
+    codes = sae.encode(sae_in)
+    if codes.is_sparse:
+        codes = codes.to_dense()
+    out = sae.decode(codes).reshape(len(rows), -1)
+    codes = codes.reshape(len(rows), -1)
+    mse = ((out.double() - rows.double()) ** 2).sum(-1)
+    scaled = codes.double() if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False) else \
+        codes.double() * sae.W_dec.detach().double().norm(dim=1)
+    l1 = scaled.sum(-1)
+    loss = mse + (0.0 if lam is None else lam) * l1
+    return loss, mse, l1, (codes != 0).sum(-1), (codes != 0).any(0)
+
+
+def _add_variants(sums: VariantSums, saes: list[Any], rows: Tensor, lam: float | None) -> None:
+    parts = [sae_objective(sae, rows, lam) for sae in saes]
+    loss, mse, l1, l0 = (torch.stack([p[i] for p in parts], 1) for i in range(4))
+    sums.update(loss, mse, l1, l0, torch.stack([p[4] for p in parts]), rows)
+
+
+def _fit_plants(parts: Any, layers: dict[str, _LayerRepair]) -> None:
+    """Fit every layer's resampled latents on the audit tokens: candidate atoms from the audit's worst
+    residuals, each one's threshold and scale by `PlantFit` on the SAE after the exact steps and merges."""
+    wanted = {key: layer for key, layer in layers.items() if layer.free and layer.lam is not None}
+    if not wanted:
+        return
+    fits: dict[str, tuple[SAEView, Tensor, PlantFit | None]] = {}
+    for key, layer in wanted.items():
+        view = _view(layer.merged_sae(), key, layer.view)
+        fits[key] = (view, _candidate_atoms(layer), None)
+    for batch in parts.rows("audit", {key: layers[key].view for key in wanted}):
+        for key, rows in batch.items():
+            view, atoms, fit = fits[key]
+            x, z, w = view.encode(rows)
+            bias = view.bias()
+            if fit is None:  # thresholds from the first batch's projections
+                p = ((x.double() - bias.double()) @ atoms.to(x.device).T)
+                q = torch.tensor(layers[key].ropts.plant_quantiles, dtype=torch.float64, device=p.device)
+                fit = PlantFit(atoms.to(x.device), torch.quantile(p, q, dim=0).T.contiguous())
+                fits[key] = (view, atoms, fit)
+            fit.update(x, x - bias - z @ view.atoms(), bias, w)
+    for key, (view, atoms, fit) in fits.items():
+        layer = layers[key]
+        if fit is None:
+            continue
+        threshold, beta, gain = fit.best(layer.lam)
+        good = torch.nonzero(gain > 0).flatten().tolist()[: len(layer.free)]
+        layer.plants = [{"feature": f, "atom": atoms[r].cpu(), "beta": float(beta[r]), "threshold": float(threshold[r]),
+                         "audit_gain": float(gain[r]) / max(int(layer.plan.stats.n_tokens), 1)}
+                        for f, r in zip(layer.free, good)]
+
+
+def _candidate_atoms(layer: _LayerRepair) -> Tensor:
+    """Directions of the audit's worst residuals, worst first, each at most `plant_max_cos` from the
+    ones before it (cosine), as many as there are free latents (up to `max_planted`)."""
+    stats = layer.plan.stats
+    residuals = stats.worst_residual[stats.worst_rnorm > 0].double().cpu()
+    directions = residuals / residuals.norm(dim=1, keepdim=True)
+    chosen: list[Tensor] = []
+    limit = min(len(layer.free), layer.ropts.max_planted)
+    for direction in directions:
+        if len(chosen) >= limit:
+            break
+        if not chosen or float((torch.stack(chosen) @ direction).abs().max()) <= layer.ropts.plant_max_cos:
+            chosen.append(direction)
+    return torch.stack(chosen) if chosen else torch.zeros(0, directions.shape[1], dtype=torch.float64)
+
+
+def _validate(parts: Any, layers: dict[str, _LayerRepair]) -> None:
+    """One pass over the validation tokens: every chain version's objective, and each planted latent's
+    own change."""
+    for batch in parts.rows("validation", {key: layer.view for key, layer in layers.items()}):
+        for key, rows in batch.items():
+            layer = layers[key]
+            _add_variants(layer.sums, layer.chain, rows, layer.lam)
+            if layer.plant_sums is not None:
+                x, z_old, w = layer.merged_view.encode(rows)
+                _, z_new, _ = layer.respawn_view.encode(rows)
+                r = x - layer.merged_view.bias() - z_old @ layer.merged_view.atoms()
+                ids = layer.plant_ids.to(z_old.device)
+                layer.plant_sums.update(r, z_old[:, ids], z_new[:, ids], w, layer.lam or 0.0)
+
+
+def _measure_test(parts: Any, views: dict[str, SAEView], repaired: dict[str, Any], lams: Any) -> dict[str, dict[str, Any]]:
+    """Before / after on the test tokens, with the SAEs' own encode / decode."""
+    sums = {key: VariantSums([-1, 0], view.d_sae, view.d_in) for key, view in views.items()}
+    for batch in parts.rows("test", views):
+        for key, rows in batch.items():
+            _add_variants(sums[key], [views[key].sae, repaired[key]], rows, lams.get(key))
+    return {key: _table(s, lams.get(key)) for key, s in sums.items()}
+
+
+def _table(sums: VariantSums, lam: float | None) -> dict[str, Any]:
+    n = int(sums.n_tokens)
+    spread = sums.spread()
+    sides = {}
+    for v, side in enumerate(("before", "after")):
+        row: dict[str, Any] = {}
+        for part in VariantSums.PARTS:
+            est = pol.estimate(getattr(sums, f"{part}_sum")[v:v + 1], getattr(sums, f"{part}_sq")[v:v + 1], n)
+            key = "L" if part == "loss" else part
+            row[key], row[f"{key}_se"] = _number(est.mean[0]), _number(est.se[0])
+        if lam is None:
+            row["l1"] = row["l1_se"] = None
+        else:
+            row["l1"], row["l1_se"] = (None if row[k] is None else lam * row[k] for k in ("l1", "l1_se"))
+        row["explained_variance"] = 1 - float(sums.mse_sum[v]) / spread if spread > 0 else None
+        row["dead"] = int((sums.fired[v] == 0).sum())
+        sides[side] = row
+    change = pol.estimate(sums.change_sum[1:2], sums.change_sq[1:2], n)
+    return {**sides, "change": {"L": _number(change.mean[0]), "se": _number(change.se[0]),
+                                "p_value": _number(change.p_value[0])},
+            "n_tokens": n, "lam": lam, "objective": "mse + lam * l1" if lam is not None else "mse (no lam)"}
+
+
+def _number(value: Any) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
