@@ -235,7 +235,7 @@ def _lam_for(lam: float | Mapping[str, float] | None, key: str, view: SAEView) -
 @dataclass
 class AuditRun:
     """A finished audit: its result, and the router holding every layer's plan (the certificates
-    with their steps, which `opt_hooks.repair` applies)."""
+    with their steps, which `opt_hooks.repair_run` applies)."""
 
     result: AuditResult
     router: Router
