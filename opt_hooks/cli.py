@@ -1,8 +1,13 @@
-"""`opt-hooks report`: audit SAEs on a model and write report.json, report.html and run.log.
+"""The `opt-hooks` command line.
 
-The command only gathers inputs (model, SAEs, text), calls `opt_hooks.api.audit` and writes
-the report; all maths lives behind the API. `main(argv)` returns the exit code, so tests and
-`scripts/layer_report.py` can call it in-process.
+- `opt-hooks report`: audit SAEs on a model and write report.json, report.html and run.log;
+- `opt-hooks repair`: the same inputs; audit, write the certified changes into the SAEs
+  (`opt_hooks.repair`, THEORY.md section 7) and write report.json and report.html (the audit with
+  a Repair section), repair.json, the repaired SAEs (saes/<hook>/, sae_lens folders) and run.log.
+
+The commands only gather inputs (model, SAEs, text), call the API (`opt_hooks.api.audit`,
+`opt_hooks.repair_run.repair`) and write the results; all maths lives behind the API. `main(argv)`
+returns the exit code, so tests and `scripts/layer_report.py` can call it in-process.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ RUN_LOG = "run.log"
 DEFAULT_TOKENS = 1_000_000  # as opt_hooks.audit; the embedded default uses its own, smaller count
 LAYER_TEMPLATE = "{layer}"
 POLICY = VerdictPolicy()  # the verdict defaults the flags show
+REPAIR_HELD_OUT = 0.2  # as opt_hooks.repair_run.repair: the test share
+REPAIR_AUDIT_HELD_OUT = 0.25  # as opt_hooks.RepairOptions: the validation share of the rest
 
 log = logging.getLogger("opt_hooks.cli")
 
@@ -81,6 +88,48 @@ exit codes:
 """
 
 
+REPAIR_DESCRIPTION = """\
+Repair sparse autoencoders (SAEs): audit them as `opt-hooks report` does, write the certified
+changes into them (C1 floors into b_dec, the C5 bias step, C3 atom turns, C4 code scales, then
+duplicates merged and free latents resampled; THEORY.md section 7), keep each change only where
+it lowers the objective on tokens it was not chosen on, and measure the repaired SAEs against
+the originals on test tokens that neither the audit nor the repair read.
+
+With no arguments it repairs the embedded default, offline (the tiny bundled GPT-2-style model
+and its SAEs), and writes reports/embedded-repair/.
+"""
+
+REPAIR_EPILOG = """\
+examples:
+  opt-hooks repair
+  opt-hooks repair --tokens 64k --rounds 2
+  opt-hooks repair --sae-release gpt2-small-res-jb --layers 6,8 \\
+      --dataset NeelNanda/pile-10k --tokens 2M --out reports/gpt2-repair
+
+  The inputs are those of `opt-hooks report` (see opt-hooks report --help).
+
+tokens (windows of text, every part evenly spaced):
+  test        --held-out of them (default 0.2): read only at the end, for the before / after table
+  validation  --audit-held-out of the rest (default 0.25): the audit's held-out tokens, where
+              every certificate is certified and every step of the repair is kept only when it
+              lowers L significantly (Bonferroni over the layer's steps, --alpha)
+  audit       the rest: where the audit chooses its certificates
+
+output, in --out (default reports/<name>-repair; refused if not empty, unless --overwrite):
+  report.json  the (first round's) audit with the repair: schema opt_hooks/report/schema.json
+  report.html  one self-contained page, with a Repair section: before / after and every step
+  repair.json  the repair alone: {meta, table, changes}
+  saes/<hook>/ each repaired SAE, a sae_lens folder (sae_lens.SAE.load_from_disk reads it)
+  run.log      the run's log: arguments, versions, timings, warnings, errors with tracebacks
+
+exit codes:
+  0    repair written
+  1    the run failed (the message and run.log say why)
+  2    usage error: unknown, malformed or conflicting flags
+  130  interrupted (Ctrl-C)
+"""
+
+
 class UsageError(Exception):
     """Flags that cannot work together; reported like argparse's own errors (exit 2)."""
 
@@ -95,7 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    source = report.add_argument_group("what to audit")
+    add_arguments(report, "report")
+    repair = commands.add_parser(
+        "repair",
+        help="audit SAEs, apply the certified changes, write the repaired SAEs and a report",
+        description=REPAIR_DESCRIPTION,
+        epilog=REPAIR_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(repair, "repair")
+    return parser
+
+
+def add_arguments(command: argparse.ArgumentParser, name: str) -> None:
+    """The flags of `opt-hooks report` (name "report") or `opt-hooks repair` ("repair"): the same
+    inputs; each command has its own --held-out and a few flags of its own."""
+    source = command.add_argument_group("what to audit")
     source.add_argument(
         "--model", metavar="NAME|FOLDER", help="TransformerLens model name, or a local Hugging Face model folder"
     )
@@ -107,47 +171,69 @@ def build_parser() -> argparse.ArgumentParser:
         "--sae-path", nargs="+", metavar="FOLDER", help="local SAE folder(s) (sae_lens format), or one with {layer}"
     )
     source.add_argument("--layers", type=parse_layers, metavar="SPEC", help="layers to audit: 0-11, 3,5,7 or 0-3,8")
-    data = report.add_argument_group("data")
+    data = command.add_argument_group("data")
     data.add_argument(
         "--dataset", metavar="NAME|PATH",
         help="Hugging Face dataset name, or a local .txt/.jsonl/.parquet file or folder of them",
     )
     data.add_argument(
         "--tokens", type=parse_count, metavar="N",
-        help=f"tokens to audit, e.g. 200000, 200k, 2M (default {DEFAULT_TOKENS:,}; embedded: 32,768)",
+        help=f"tokens to {'audit' if name == 'report' else 'read in all'}, e.g. 200000, 200k, 2M "
+        f"(default {DEFAULT_TOKENS:,}; embedded: 32,768)",
     )
     data.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per forward pass (default 16)")
     data.add_argument("--context-size", type=int, default=128, metavar="N", help="tokens per sequence (default 128)")
-    data.add_argument(
-        "--held-out", type=float, default=0.1, metavar="SHARE",
-        help="share of tokens kept to confirm certificates (default 0.1)",
-    )
-    run = report.add_argument_group("run")
+    if name == "report":
+        data.add_argument(
+            "--held-out", type=float, default=0.1, metavar="SHARE",
+            help="share of tokens kept to confirm certificates (default 0.1)",
+        )
+    else:
+        data.add_argument(
+            "--held-out", type=float, default=REPAIR_HELD_OUT, metavar="SHARE",
+            help=f"share of tokens kept as test tokens for the before / after table (default {REPAIR_HELD_OUT:g})",
+        )
+        data.add_argument(
+            "--audit-held-out", type=float, default=REPAIR_AUDIT_HELD_OUT, metavar="SHARE",
+            help="share of the other tokens the audit holds out: the validation tokens every step is checked on "
+            f"(default {REPAIR_AUDIT_HELD_OUT:g})",
+        )
+        data.add_argument(
+            "--rounds", type=int, default=1, metavar="N",
+            help="audit -> apply, repeated on the repaired SAEs (default 1)",
+        )
+    run = command.add_argument_group("run")
     run.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
     run.add_argument("--seed", type=int, default=0, help="seed of every random generator (default 0)")
-    run.add_argument("--out", type=Path, metavar="FOLDER", help="output folder (default reports/<name>)")
-    run.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing report files")
     run.add_argument(
-        "--checkpoint-every", type=parse_count, metavar="N",
-        help="save the audit's state to <out>/checkpoint every N tokens (e.g. 1M); it is also saved after each pass",
+        "--out", type=Path, metavar="FOLDER",
+        help=f"output folder (default reports/<name>{'' if name == 'report' else '-repair'})",
     )
     run.add_argument(
-        "--resume", action="store_true",
-        help="continue an interrupted run from <out>/checkpoint (give the same flags again)",
+        "--overwrite", action="store_true",
+        help="write into a non-empty --out, replacing report files" + ("" if name == "report" else " and saes/"),
     )
-    run.add_argument(
-        "--fail-on", choices=("certified", "violated"),
-        help="exit 3 when anything reaches this tier (violated includes certified)",
-    )
+    if name == "report":
+        run.add_argument(
+            "--checkpoint-every", type=parse_count, metavar="N",
+            help="save the audit's state to <out>/checkpoint every N tokens (e.g. 1M); it is also saved after each pass",
+        )
+        run.add_argument(
+            "--resume", action="store_true",
+            help="continue an interrupted run from <out>/checkpoint (give the same flags again)",
+        )
+        run.add_argument(
+            "--fail-on", choices=("certified", "violated"),
+            help="exit 3 when anything reaches this tier (violated includes certified)",
+        )
     run.add_argument("--quiet", action="store_true", help="no progress bars and no summary; errors only")
-    verdicts = report.add_argument_group("verdicts (THEORY.md section 3)")
+    verdicts = command.add_argument_group("verdicts (THEORY.md section 3)")
     verdicts.add_argument("--alpha", type=float, default=POLICY.alpha, metavar="A",
                           help=f"significance level per layer, Bonferroni-corrected (default {POLICY.alpha:g})")
     verdicts.add_argument("--min-share", type=float, default=POLICY.min_share, metavar="S",
                           help=f"materiality: held-out gain / the feature's value (default {POLICY.min_share:g})")
     verdicts.add_argument("--min-layer-share", type=float, default=POLICY.min_layer_share, metavar="S",
                           help=f"materiality of layer findings: gain / held-out L (default {POLICY.min_layer_share:g})")
-    return parser
 
 
 def parse_layers(spec: str) -> list[int]:
@@ -222,6 +308,12 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UsageError("--model needs SAEs: give --sae-release or --sae-path")
     if not 0 <= args.held_out < 1:
         raise UsageError(f"--held-out is a share in [0, 1), got {args.held_out}")
+    if args.command == "repair":
+        for flag, value in (("--held-out", args.held_out), ("--audit-held-out", args.audit_held_out)):
+            if not 0 < value < 1:
+                raise UsageError(f"{flag} of a repair is a share in (0, 1), got {value}")
+        if args.rounds < 1:
+            raise UsageError(f"--rounds must be at least 1, got {args.rounds}")
     for flag, value in (("--batch-size", args.batch_size), ("--context-size", args.context_size)):
         if value < 1:
             raise UsageError(f"{flag} must be positive, got {value}")
@@ -346,11 +438,12 @@ def uses_embedded(args: argparse.Namespace) -> bool:
 
 
 def default_out(args: argparse.Namespace) -> Path:
-    """reports/embedded, or reports/<model, release or SAE folder name>."""
+    """reports/embedded, or reports/<model, release or SAE folder name>; a repair's with "-repair"."""
+    suffix = "-repair" if getattr(args, "command", "report") == "repair" else ""
     if uses_embedded(args):
-        return Path("reports") / "embedded"
+        return Path("reports") / f"embedded{suffix}"
     name = Path(args.model or args.sae_release or args.sae_path[0]).name
-    return Path("reports") / (re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "report")
+    return Path("reports") / ((re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "report") + suffix)
 
 
 @contextmanager
@@ -445,6 +538,18 @@ def reached(result: Any, fail_on: str) -> bool:
     return False
 
 
+def start_run(args: argparse.Namespace, argv: list[str], name: str) -> tuple[str, str, Inputs]:
+    """Log the command line and versions, seed, pick the device and load the inputs of `name`."""
+    command = shlex.join(["opt-hooks", name, *argv])
+    log.debug("command: %s", command)
+    log.debug("versions: %s", versions())
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    with library_prints(args.quiet):
+        inputs = embedded_inputs(args, device) if uses_embedded(args) else user_inputs(args, device)
+    return command, device, inputs
+
+
 def run_report(args: argparse.Namespace, argv: list[str]) -> int:
     from opt_hooks.report import REPORT_HTML, check_out_dir, render_summary, write_report
 
@@ -464,13 +569,7 @@ def run_report(args: argparse.Namespace, argv: list[str]) -> int:
     # which turns into minutes of spinning when other processes share the cores.
     with run_log(out, args.quiet, append=args.resume), torch_threads(1 if uses_embedded(args) else None):
         try:
-            command = shlex.join(["opt-hooks", "report", *argv])
-            log.debug("command: %s", command)
-            log.debug("versions: %s", versions())
-            seed_everything(args.seed)
-            device = resolve_device(args.device)
-            with library_prints(args.quiet):
-                inputs = embedded_inputs(args, device) if uses_embedded(args) else user_inputs(args, device)
+            command, device, inputs = start_run(args, argv, "report")
             log.info("auditing %d SAE(s) on %s tokens (device %s)", len(inputs.saes), f"{inputs.n_tokens:,}", device)
             with library_prints(args.quiet):
                 result = audit(  # device=None: the model and SAEs were loaded on `device` already
@@ -526,25 +625,82 @@ def audit_share(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_repair(args: argparse.Namespace, argv: list[str]) -> int:
+    """`opt-hooks repair`: the inputs of `opt-hooks report`, `opt_hooks.repair_run.repair`, then
+    RepairResult.save(out) and the repair's summary."""
+    from opt_hooks.report import check_out_dir
+
+    start = time.perf_counter()
+    out = args.out or default_out(args)
+    check_out_dir(out, args.overwrite)  # before anything slow happens
+    from opt_hooks.repair_run import SAE_FOLDER, RepairOptions, folder_name, repair
+    from opt_hooks.report import REPORT_HTML
+    from opt_hooks.report.terminal import render_repair
+
+    out.mkdir(parents=True, exist_ok=True)
+    with run_log(out, args.quiet), torch_threads(1 if uses_embedded(args) else None):
+        try:
+            command, device, inputs = start_run(args, argv, "repair")
+            log.info("repairing %d SAE(s) on %s tokens (device %s)", len(inputs.saes), f"{inputs.n_tokens:,}", device)
+            with library_prints(args.quiet):
+                result = repair(  # device=None: the model and SAEs were loaded on `device` already
+                    inputs.model, inputs.saes, inputs.dataset, n_tokens=inputs.n_tokens, batch_size=args.batch_size,
+                    context_size=args.context_size, held_out=args.held_out, device=None, options=audit_options(args),
+                    repair_options=RepairOptions(audit_held_out=args.audit_held_out, rounds=args.rounds),
+                    progress=not args.quiet,
+                )
+            seconds = time.perf_counter() - start
+            facts = {**inputs.facts, "command": command, "seed": args.seed, "seconds": round(seconds, 1)}
+            result.meta["run"] = facts
+            for audit in result.audits:
+                audit.meta["run"] = facts
+            shutil.rmtree(out / SAE_FOLDER, ignore_errors=True)  # with --overwrite: an earlier run's SAEs
+            result.save(out, overwrite=True)  # the folder was checked above; run.log is ours
+            folders = {hook: out / SAE_FOLDER / folder_name(hook) for hook in result.saes}
+            summary = render_repair(result.to_dict())
+            log.debug("summary:\n%s", summary)
+            for hook, folder in folders.items():
+                log.debug("repaired SAE %s: %s", hook, folder)
+            log.info("repair written in %.1f s: %s", seconds, out / REPORT_HTML)
+        except UsageError as error:  # found only once the registry was read; main() reports it
+            log.debug("usage error: %s", error)
+            raise
+        except Exception as error:
+            log.debug("traceback", exc_info=True)
+            log.error("error: %s (details in %s)", error, out / RUN_LOG)
+            return EXIT_FAILED
+    if not args.quiet:
+        print(summary)
+        print("repaired SAEs (sae_lens.SAE.load_from_disk reads each folder):")
+        for hook, folder in folders.items():
+            print(f"  {hook}: {folder}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on usage errors, 0 on --help
-    report_argv = argv[argv.index("report") + 1 :]
+    command_argv = argv[argv.index(args.command) + 1 :]
+    name = f"opt-hooks {args.command}"
     try:
         check_flags(args)
+        if args.command == "repair":
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise UsageError("repair runs in one process; torchrun is for opt-hooks report")
+            return run_repair(args, command_argv)
         from opt_hooks.distributed import process_group_from_env
 
         with process_group_from_env(args.device):
-            return run_report(args, report_argv)
+            return run_report(args, command_argv)
     except UsageError as error:
-        print(f"opt-hooks report: error: {error} (see opt-hooks report --help)", file=sys.stderr)
+        print(f"{name}: error: {error} (see {name} --help)", file=sys.stderr)
         return EXIT_USAGE
     except (FileExistsError, NotADirectoryError) as error:
-        print(f"opt-hooks report: error: {error}", file=sys.stderr)
+        print(f"{name}: error: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("opt-hooks report: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

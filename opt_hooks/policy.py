@@ -76,6 +76,22 @@ def estimate(total: Tensor, total_sq: Tensor, n: int) -> Estimate:
     return Estimate(mean, se, p_value(mean, se))
 
 
+def clustered_estimate(total: Tensor, cluster_sq: Tensor, cluster_cross: Tensor, count_sq: float, n: int,
+                       n_clusters: int) -> Estimate:
+    """Mean per token of a change summed over n tokens in `n_clusters` windows, with the standard
+    error of a ratio estimator over windows (tokens of one window are not independent): from
+    sum_w T_w^2 (`cluster_sq`), sum_w n_w T_w (`cluster_cross`) and sum_w n_w^2 (`count_sq`), T_w the
+    window's total and n_w its tokens, var = W / (W - 1) sum_w (T_w - n_w mean)^2 / n^2."""
+    total = total.double()
+    if n < 2 or n_clusters < 2:
+        nan = torch.full_like(total, math.nan)
+        return Estimate(total / n if n else nan, nan, torch.ones_like(total))
+    mean = total / n
+    spread = (cluster_sq.double() - 2 * mean * cluster_cross.double() + mean**2 * count_sq).clamp(min=0)
+    se = torch.sqrt(n_clusters / (n_clusters - 1) * spread) / n
+    return Estimate(mean, se, p_value(mean, se))
+
+
 def p_value(mean: Tensor, se: Tensor) -> Tensor:
     """One-sided p-value of a descent (normal approximation). A change that is the same on every
     token (SE 0) is exact: p = 0 for a descent, 1 otherwise."""

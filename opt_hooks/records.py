@@ -281,12 +281,12 @@ class AuditRecord:
     def to_dict(self) -> dict[str, Any]:
         out = {
             "schema_version": SCHEMA_VERSION,
-            "meta": _clean(self.meta),
-            "layers": {name: _clean(dataclasses.asdict(layer)) for name, layer in self.layers.items()},
+            "meta": json_safe(self.meta),
+            "layers": {name: json_safe(dataclasses.asdict(layer)) for name, layer in self.layers.items()},
             "token_texts": {str(k): v for k, v in self.token_texts.items()},
         }
         if self.repair is not None:
-            out["repair"] = _clean(self.repair)
+            out["repair"] = json_safe(self.repair)
         return out
 
     @classmethod
@@ -305,14 +305,14 @@ class AuditRecord:
         return f"{type(self).__name__}(layers=[{names}])"
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe copy: non-finite floats become None (strict JSON has no NaN or inf)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

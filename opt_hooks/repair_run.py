@@ -40,13 +40,13 @@ from opt_hooks.adapters import InputTap, SAEView, check_attachment, forward_to_d
 from opt_hooks.adapters.sae_edit import NotExpressible, SAEEdit, mark_modified, median_alive_norm, refusal
 from opt_hooks.adapters.data import token_windows
 from opt_hooks.engine import AuditOptions, AuditPlan
-from opt_hooks.records import LayerResult, atomic_write_text
+from opt_hooks.records import LayerResult, atomic_write_text, json_safe
 from opt_hooks.result import AuditResult
 from opt_hooks.run import (
     AuditRun, _iterate, _progress, _sources, audit_rows, audit_text, check_share, held_out_windows, special_tokens,
     versions,
 )
-from opt_hooks.theory.repair_sums import LatentChanges, PlantFit, VariantSums
+from opt_hooks.theory.repair_sums import Clustered, LatentChanges, PlantFit, VariantSums
 
 REPAIR_JSON = "repair.json"
 SAE_FOLDER = "saes"
@@ -84,7 +84,8 @@ class RepairResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"meta": self.meta, "table": self.table, "changes": self.changes}
+        """JSON-safe (no NaN): what repair.json holds and the report's "repair" entry."""
+        return json_safe({"meta": self.meta, "table": self.table, "changes": self.changes})
 
     def summary(self) -> str:
         from opt_hooks.report.terminal import render_repair
@@ -151,7 +152,7 @@ def repair(model: Any, saes: Any, dataset: Any, n_tokens: int = 1_000_000, batch
         )
 
     meta = {"source": "text", "n_tokens": int(windows.numel()), "held_out": held_out,
-            "test_tokens": int(windows[test].numel()), "audit_held_out": ropts.audit_held_out, **versions()}
+            "audit_held_out": ropts.audit_held_out, "rounds": ropts.rounds, **versions()}
     return _repair(views, audit_round, parts, lam, options, ropts, meta)
 
 
@@ -174,7 +175,8 @@ def repair_activations(saes: Any, batches: Any, held_out: float = 0.2, *, hook_n
         return audit_rows(round_views, fit, held_out=ropts.audit_held_out, lam=round_lam, nonfinite="raise",
                           options=options, progress=progress)
 
-    meta = {"source": "activations", "held_out": held_out, "audit_held_out": ropts.audit_held_out, **versions()}
+    meta = {"source": "activations", "held_out": held_out, "audit_held_out": ropts.audit_held_out,
+            "rounds": ropts.rounds, **versions()}
     return _repair(views, audit_round, parts, lam, options, ropts, meta)
 
 
@@ -182,7 +184,7 @@ def repair_activations(saes: Any, batches: Any, held_out: float = 0.2, *, hook_n
 
 
 class _TextParts:
-    """The SAE input rows of each part's windows, batch by batch: {key: rows (n, d_in)}."""
+    """The SAE input rows of each part's windows, batch by batch: {key: (rows (n, d_in), window of each)}."""
 
     def __init__(self, model: Any, windows: Tensor, specials: Tensor | None, batch_size: int, progress: bool,
                  chosen: dict[str, Tensor]) -> None:
@@ -198,8 +200,9 @@ class _TextParts:
                 rows = chosen[start:start + self.batch_size]
                 found.clear()
                 forward_to_deepest(self.model, self.windows[rows], tap.hook_names)
-                keep = None if self.specials is None else ~self.specials[rows].flatten()
-                yield {key: acts if keep is None else acts[keep.to(acts.device)] for key, acts in found.items()}
+                window = rows[:, None].expand(-1, self.windows.shape[1]).flatten()
+                keep = torch.ones_like(window, dtype=torch.bool) if self.specials is None else ~self.specials[rows].flatten()
+                yield {key: (acts[keep.to(acts.device)], window[keep]) for key, acts in found.items()}
 
 
 class _RowParts:
@@ -211,27 +214,29 @@ class _RowParts:
         self.views, self.sources = dict(views), sources
         self.held_out, self.audit_held_out = held_out, audit_held_out
 
-    def _parts(self, key: str) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """(rows, test mask, validation mask) per batch of one SAE's source."""
+    def _parts(self, key: str) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """(rows, row index, test mask, validation mask) per batch of one SAE's source."""
         seen = fit_seen = 0
         for acts in _iterate(self.sources[key], key):
             rows = self.views[key].rows(acts)
+            index = torch.arange(seen, seen + len(rows))
             test = held_out_windows(seen, len(rows), self.held_out)
             seen += len(rows)
             validation = torch.zeros_like(test)
             validation[~test] = held_out_windows(fit_seen, int((~test).sum()), self.audit_held_out)
             fit_seen += int((~test).sum())
-            yield rows, test, validation
+            yield rows, index, test, validation
 
     def fit_source(self, key: str) -> Callable[[], Iterator[Tensor]]:
-        return lambda: (rows[~test.to(rows.device)] for rows, test, _ in self._parts(key) if bool((~test).any()))
+        return lambda: (rows[~test.to(rows.device)] for rows, _, test, _ in self._parts(key) if bool((~test).any()))
 
-    def rows(self, part: str, views: Mapping[str, SAEView]) -> Iterator[dict[str, Tensor]]:
+    def rows(self, part: str, views: Mapping[str, SAEView]) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
+        """{key: (rows, row index)}: every row is its own window."""
         for key in views:
-            for rows, test, validation in self._parts(key):
+            for rows, index, test, validation in self._parts(key):
                 mask = {"test": test, "validation": validation, "audit": ~test & ~validation}[part]
                 if bool(mask.any()):
-                    yield {key: rows[mask.to(rows.device)]}
+                    yield {key: (rows[mask.to(rows.device)], index[mask])}
 
 
 # -- one repair ---------------------------------------------------------------------------------
@@ -463,10 +468,10 @@ class _LayerRepair:
 
     def decide(self, policy: pol.VerdictPolicy) -> bool:
         """Judge every step on the validation part; True when something was dropped (rebuild)."""
-        sums, n = self.sums, int(self.sums.n_tokens)
+        sums, n = self.sums, self.sums.n_tokens
         tested = [name for name in self.names[1:] if name != "merged"]
         z = policy.critical_z(len(tested))
-        est = pol.estimate(sums.change_sum, sums.change_sq, n)
+        est = _estimate(sums.parts["change"])
         dropped_any = False
         for v, name in enumerate(self.names):
             if v == 0:
@@ -477,14 +482,15 @@ class _LayerRepair:
             if name != "merged" and not significant:
                 self.dropped.add(name)
                 dropped_any = True
-        if self.plant_sums is not None and "respawn" not in self.dropped:
-            plant_est = pol.estimate(self.plant_sums.sum, self.plant_sums.sum_sq, n)
+        if self.plant_sums is not None:  # measured either way; they matter only when respawn is kept
+            plant_est = _estimate(self.plant_sums.changes)
             z_plant = policy.critical_z(len(self.plant_ids))
             for k, feature in enumerate(self.plant_ids.tolist()):
                 mean, se = float(plant_est.mean[k]), float(plant_est.se[k])
                 record = next(p for p in self.plants if p["feature"] == feature)
                 record.update(gain=-mean, se=se, p_value=float(plant_est.p_value[k]))
-                if not (math.isfinite(se) and mean + z_plant * se < 0 and int(self.plant_sums.touched[k]) >= policy.min_touched):
+                held = math.isfinite(se) and mean + z_plant * se < 0 and int(self.plant_sums.touched[k]) >= policy.min_touched
+                if not held and "respawn" not in self.dropped:
                     self.dropped_plants.add(feature)
                     dropped_any = True
         return dropped_any
@@ -503,7 +509,7 @@ class _LayerRepair:
             items = [{"keep": k, "drop": d, "rho": r} for k, d, r in self.merges]
             items += [{"feature": p["feature"], "threshold": p["threshold"], "scale": p["beta"],
                        "audit_gain": p["audit_gain"], "gain": p.get("gain"), "se": p.get("se"),
-                       "kept": p["feature"] not in self.dropped_plants} for p in self.plants]
+                       "kept": applied and p["feature"] not in self.dropped_plants} for p in self.plants]
             reason = self.merge_refusal or ("" if applied else (
                 "no resampled latent lowered L on the audit tokens" if not self.plants
                 else "not significant on the validation tokens"))
@@ -536,10 +542,16 @@ def sae_objective(sae: Any, rows: Tensor, lam: float | None) -> tuple[Tensor, Te
     return loss, mse, l1, (codes != 0).sum(-1), (codes != 0).any(0)
 
 
-def _add_variants(sums: VariantSums, saes: list[Any], rows: Tensor, lam: float | None) -> None:
+def _add_variants(sums: VariantSums, saes: list[Any], rows: Tensor, windows: Tensor, lam: float | None) -> None:
     parts = [sae_objective(sae, rows, lam) for sae in saes]
     loss, mse, l1, l0 = (torch.stack([p[i] for p in parts], 1) for i in range(4))
-    sums.update(loss, mse, l1, l0, torch.stack([p[4] for p in parts]), rows)
+    sums.update(loss, mse, l1, l0, torch.stack([p[4] for p in parts]), rows, windows)
+
+
+def _estimate(sums: Clustered) -> pol.Estimate:
+    """Mean per token and its standard error over windows (tokens of one window are not independent)."""
+    return pol.clustered_estimate(sums.total, sums.cluster_sq, sums.cluster_cross, float(sums.count_sq),
+                                  int(sums.n_tokens), int(sums.n_windows))
 
 
 def _fit_plants(parts: Any, layers: dict[str, _LayerRepair]) -> None:
@@ -553,7 +565,7 @@ def _fit_plants(parts: Any, layers: dict[str, _LayerRepair]) -> None:
         view = _view(layer.merged_sae(), key, layer.view)
         fits[key] = (view, _candidate_atoms(layer), None)
     for batch in parts.rows("audit", {key: layers[key].view for key in wanted}):
-        for key, rows in batch.items():
+        for key, (rows, _) in batch.items():
             view, atoms, fit = fits[key]
             x, z, w = view.encode(rows)
             bias = view.bias()
@@ -594,47 +606,48 @@ def _validate(parts: Any, layers: dict[str, _LayerRepair]) -> None:
     """One pass over the validation tokens: every chain version's objective, and each planted latent's
     own change."""
     for batch in parts.rows("validation", {key: layer.view for key, layer in layers.items()}):
-        for key, rows in batch.items():
+        for key, (rows, windows) in batch.items():
             layer = layers[key]
-            _add_variants(layer.sums, layer.chain, rows, layer.lam)
+            _add_variants(layer.sums, layer.chain, rows, windows, layer.lam)
             if layer.plant_sums is not None:
                 x, z_old, w = layer.merged_view.encode(rows)
                 _, z_new, _ = layer.respawn_view.encode(rows)
                 r = x - layer.merged_view.bias() - z_old @ layer.merged_view.atoms()
                 ids = layer.plant_ids.to(z_old.device)
-                layer.plant_sums.update(r, z_old[:, ids], z_new[:, ids], w, layer.lam or 0.0)
+                layer.plant_sums.update(r, z_old[:, ids], z_new[:, ids], w, layer.lam or 0.0, windows)
 
 
 def _measure_test(parts: Any, views: dict[str, SAEView], repaired: dict[str, Any], lams: Any) -> dict[str, dict[str, Any]]:
     """Before / after on the test tokens, with the SAEs' own encode / decode."""
     sums = {key: VariantSums([-1, 0], view.d_sae, view.d_in) for key, view in views.items()}
     for batch in parts.rows("test", views):
-        for key, rows in batch.items():
-            _add_variants(sums[key], [views[key].sae, repaired[key]], rows, lams.get(key))
+        for key, (rows, windows) in batch.items():
+            _add_variants(sums[key], [views[key].sae, repaired[key]], rows, windows, lams.get(key))
     return {key: _table(s, lams.get(key)) for key, s in sums.items()}
 
 
 def _table(sums: VariantSums, lam: float | None) -> dict[str, Any]:
-    n = int(sums.n_tokens)
+    n = sums.n_tokens
     spread = sums.spread()
+    estimates = {part: _estimate(sums.parts[part]) for part in VariantSums.PARTS}
     sides = {}
     for v, side in enumerate(("before", "after")):
         row: dict[str, Any] = {}
-        for part in VariantSums.PARTS:
-            est = pol.estimate(getattr(sums, f"{part}_sum")[v:v + 1], getattr(sums, f"{part}_sq")[v:v + 1], n)
+        for part in ("loss", "mse", "l1", "l0"):
             key = "L" if part == "loss" else part
-            row[key], row[f"{key}_se"] = _number(est.mean[0]), _number(est.se[0])
+            row[key], row[f"{key}_se"] = _number(estimates[part].mean[v]), _number(estimates[part].se[v])
         if lam is None:
             row["l1"] = row["l1_se"] = None
         else:
             row["l1"], row["l1_se"] = (None if row[k] is None else lam * row[k] for k in ("l1", "l1_se"))
-        row["explained_variance"] = 1 - float(sums.mse_sum[v]) / spread if spread > 0 else None
+        row["explained_variance"] = 1 - float(sums.parts["mse"].total[v]) / spread if spread > 0 else None
         row["dead"] = int((sums.fired[v] == 0).sum())
         sides[side] = row
-    change = pol.estimate(sums.change_sum[1:2], sums.change_sq[1:2], n)
-    return {**sides, "change": {"L": _number(change.mean[0]), "se": _number(change.se[0]),
-                                "p_value": _number(change.p_value[0])},
-            "n_tokens": n, "lam": lam, "objective": "mse + lam * l1" if lam is not None else "mse (no lam)"}
+    change = estimates["change"]
+    return {**sides, "change": {"L": _number(change.mean[1]), "se": _number(change.se[1]),
+                                "p_value": _number(change.p_value[1])},
+            "n_tokens": n, "n_windows": int(sums.parts["loss"].n_windows), "lam": lam,
+            "objective": "mse + lam * l1" if lam is not None else "mse (no lam)"}
 
 
 def _number(value: Any) -> float | None:

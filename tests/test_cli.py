@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -205,3 +206,101 @@ def test_failures_exit_1_with_the_traceback_in_run_log(tmp_path, capsys):
     assert "not in SAE-Lens's registry" in capsys.readouterr().err
     log = (out / "run.log").read_text()
     assert "Traceback" in log and "no-such-release" in log
+
+
+# ---- opt-hooks repair ---------------------------------------------------------------------
+
+
+def test_repair_help_and_defaults_match_the_api(capsys):
+    import inspect
+
+    from opt_hooks.repair_run import RepairOptions, repair
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["repair", "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    for needle in ("--rounds", "--audit-held-out", "--held-out", "examples:", "saes/<hook>/", "repair.json",
+                   "exit codes:", "reports/embedded-repair/"):
+        assert needle in text, needle
+    assert "--fail-on" not in text and "--resume" not in text  # report's own flags
+    assert cli.REPAIR_HELD_OUT == inspect.signature(repair).parameters["held_out"].default
+    assert cli.REPAIR_AUDIT_HELD_OUT == RepairOptions().audit_held_out
+    args = cli.build_parser().parse_args(["repair"])
+    assert (args.held_out, args.audit_held_out, args.rounds) == (0.2, 0.25, 1)
+    assert cli.default_out(args) == Path("reports") / "embedded-repair"
+    args = cli.build_parser().parse_args(["repair", "--sae-release", "gpt2-small-res-jb", "--layers", "6"])
+    assert cli.default_out(args) == Path("reports") / "gpt2-small-res-jb-repair"
+    args = cli.build_parser().parse_args(["report", "--sae-release", "gpt2-small-res-jb", "--layers", "6"])
+    assert cli.default_out(args) == Path("reports") / "gpt2-small-res-jb"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--held-out", "0"], "--held-out of a repair is a share in (0, 1)"),
+        (["--audit-held-out", "1"], "--audit-held-out of a repair is a share in (0, 1)"),
+        (["--rounds", "0"], "--rounds must be at least 1"),
+        (["--model", "gpt2"], "--model needs SAEs"),
+    ],
+)
+def test_repair_usage_errors(argv, message, capsys, tmp_path):
+    assert cli.main(["repair", "--out", str(tmp_path / "out"), *argv]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err and "opt-hooks repair: error:" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["repair", "--fail-on", "certified"])  # a report flag
+    assert exited.value.code == cli.EXIT_USAGE
+
+
+def test_repair_embedded_default_end_to_end(tmp_path, capsys):
+    from opt_hooks import embedded
+    from opt_hooks.records import AuditRecord
+    from opt_hooks.report.terminal import render_repair
+    from sae_lens import SAE
+
+    out = tmp_path / "repair"
+    assert cli.main(["repair", "--out", str(out), "--tokens", "8k"]) == cli.EXIT_OK, (out / "run.log").read_text()
+    printed = capsys.readouterr().out
+    hooks = [f"blocks.{k}.hook_resid_post" for k in range(3)]
+    assert sorted(p.name for p in out.iterdir()) == ["repair.json", "report.html", "report.json", "run.log", "saes"]
+
+    report = json.loads((out / "report.json").read_text())
+    jsonschema.Draft202012Validator(load_schema()).validate(report)
+    repair = json.loads((out / "repair.json").read_text())
+    assert report["repair"] == repair and set(repair) == {"meta", "table", "changes"}
+    assert list(report["layers"]) == hooks == list(repair["table"]) == list(repair["changes"])
+    assert report["meta"]["run"]["source"] == "embedded default"
+    assert repair["meta"]["run"]["command"].startswith("opt-hooks repair --out")
+    assert AuditRecord.from_dict(report).repair == repair
+    for hook in hooks:
+        row = repair["table"][hook]
+        assert row["n_tokens"] > 1000 and row["before"]["L"] > 0 and row["objective"] == "mse + lam * l1"
+        # the embedded SAEs have a certified C5 bias step in every layer, and the repair keeps it
+        assert any(step["step"] == "bias" and step["applied"] for step in repair["changes"][hook])
+
+    page = (out / "report.html").read_text()
+    assert '<a href="#repair">repair</a>' in page and "<h2>Repair</h2>" in page
+    section = page.split('<section id="repair">')[1].split("</section>")[0]
+    assert re.findall(r'<div class="repair-layer" data-hook="([^"]+)">', section) == hooks
+
+    assert printed.startswith(render_repair(repair))  # the summary, then where the SAEs went
+    for hook in hooks:
+        assert f"-- {hook} " in printed and f"  {hook}: {out / 'saes' / hook}" in printed
+    assert "before" in printed and "after" in printed
+
+    _, originals, _ = embedded.load_default(device="cpu")
+    for hook in hooks:
+        folder = out / "saes" / hook
+        assert (folder / "cfg.json").is_file()
+        sae = SAE.load_from_disk(str(folder), device="cpu")
+        original = originals[hook]
+        assert sae.cfg.metadata.hook_name == hook and sae.cfg.d_sae == original.cfg.d_sae
+        assert not torch.equal(sae.b_dec, original.b_dec)  # the bias step is in the saved SAE
+
+    log = (out / "run.log").read_text()
+    assert "command: opt-hooks repair --out" in log and "repair written" in log
+    # the same folder again: refused without --overwrite, before any work
+    assert cli.main(["repair", "--out", str(out), "--tokens", "8k"]) == cli.EXIT_FAILED
+    assert "--overwrite" in capsys.readouterr().err

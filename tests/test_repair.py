@@ -401,3 +401,30 @@ def test_two_rounds_audit_the_repaired_sae_again_with_the_first_rounds_lam():
     assert second.layer_conditions["C5"]["tier"] != "certified" or second.layer_conditions["C5"]["size"] < \
         rep.audits[0].layers["sae"].layer_conditions["C5"]["size"]
     assert rep.table["sae"]["change"]["L"] < 0
+
+
+def test_window_clustered_standard_error_matches_brute_force():
+    """Tokens of a window are not independent: the SE is the ratio estimator's over windows, and the
+    sums merge exactly however the tokens are split."""
+    from opt_hooks.policy import clustered_estimate
+    from opt_hooks.theory.repair_sums import Clustered
+
+    gen = torch.Generator().manual_seed(3)
+    windows = torch.arange(40).repeat_interleave(torch.randint(1, 9, (40,), generator=gen))
+    values = torch.randn(len(windows), 2, generator=gen, dtype=torch.float64) + torch.randn(40, 2, generator=gen, dtype=torch.float64)[windows]
+    whole, parts = Clustered(2), Clustered(2)
+    whole.update(values, windows)
+    cut = int((windows < 17).sum())
+    parts.update(values[:cut], windows[:cut])
+    other = Clustered(2)
+    other.update(values[cut:], windows[cut:])
+    parts.merge(other)
+    for sums in (whole, parts):
+        est = clustered_estimate(sums.total, sums.cluster_sq, sums.cluster_cross, float(sums.count_sq),
+                                 int(sums.n_tokens), int(sums.n_windows))
+        totals = torch.stack([values[windows == w].sum(0) for w in range(40)])
+        counts = torch.stack([(windows == w).sum() for w in range(40)]).double()
+        mean = values.sum(0) / len(values)
+        se = torch.sqrt(40 / 39 * ((totals - counts[:, None] * mean) ** 2).sum(0)) / len(values)
+        torch.testing.assert_close(est.mean, mean)
+        torch.testing.assert_close(est.se, se)

@@ -577,3 +577,161 @@ def test_context_snippets_cover_certified_and_top_ranked_features(monkeypatch, m
     assert set(run._token_texts(with_map, windows, minilm_tokenizer)) == set(texts) | mapped
     monkeypatch.setattr(run, "CONTEXT_FEATURES", 4)
     assert set(run._token_texts(result, windows, minilm_tokenizer)) == {7, 107, 3, 103, 11, 111, 12, 112, 5, 300}
+
+
+# ---- the repair (RepairResult.to_dict() in AuditRecord.repair) -------------------------------
+
+
+def _side(L: float, dead: int) -> dict:
+    return {"L": L, "L_se": 0.01, "mse": L - 0.3, "mse_se": 0.008, "l1": 0.3, "l1_se": 0.002, "l0": 3.0,
+            "l0_se": 0.1, "explained_variance": 0.9 if dead else 0.92, "dead": dead}
+
+
+def _step(name: str, condition: str, applied: bool, gain: float | None, items: list[dict], **extra) -> dict:
+    reason = "" if applied else extra.pop("reason", "not significant on the validation tokens")
+    return {"round": extra.pop("round", 1), "step": name, "condition": condition, "applied": applied,
+            "reason": reason, "gain": gain, "se": None if gain is None else gain / 5,
+            "p_value": None if gain is None else 1e-6, "n_tokens": None if gain is None else 400, "items": items,
+            **extra}
+
+
+def make_repair() -> dict:
+    """A repair of both fixture layers: layer 0 with an applied step of each exact kind, a refused
+    floor (its reason hostile) and a respawn not applied with 25 items; layer 1 with no steps."""
+    certified = [{"feature": k, "step": 0.1, "certified_gain": 1e-3, "se": 1e-4, "p_value": 1e-7} for k in (3, 7)]
+    merges = [{"keep": 14 + 2 * k, "drop": 15 + 2 * k, "rho": 0.97} for k in range(5)]
+    plants = [{"feature": 100 + k, "threshold": 2.5, "scale": 1.1, "audit_gain": 1e-4, "gain": None, "se": None,
+               "kept": True} for k in range(20)]
+    steps = [
+        _step("floor", "C1", False, None, certified[:1], reason=HOSTILE_TEXT),
+        _step("bias", "C5", True, 0.0123, [{"step": 0.5, "certified_gain": 0.012, "se": 1e-3, "p_value": 1e-9}]),
+        _step("atoms", "C3", True, 0.00456, certified),
+        _step("codes", "C4", True, 0.00789, [{**c, "factor": 1.1} for c in certified]),
+        _step("respawn", "duplicates + C6", False, 0.0011, merges + plants, merge_only_gain=-0.0022,
+              merge_only_se=0.0004),
+    ]
+    table = {
+        "blocks.0.hook_resid_pre": {"before": _side(0.5, 1), "after": _side(0.4762, 0),
+                                    "change": {"L": -0.0238, "se": 0.0031, "p_value": 2e-12},
+                                    "n_tokens": 300, "lam": 0.04, "objective": "mse + lam * l1"},
+        "blocks.1.hook_resid_pre": {"before": _side(0.6, 0), "after": _side(0.6, 0),
+                                    "change": {"L": 0.0, "se": 0.0, "p_value": None},
+                                    "n_tokens": 300, "lam": 0.04, "objective": "mse + lam * l1"},
+    }
+    meta = {"source": "text", "n_tokens": 2048, "held_out": 0.2, "test_tokens": 384, "audit_held_out": 0.25}
+    return {"meta": meta, "table": table, "changes": {"blocks.0.hook_resid_pre": steps, "blocks.1.hook_resid_pre": []}}
+
+
+@pytest.fixture
+def repaired() -> AuditResult:
+    result = make_result()
+    result.repair = make_repair()
+    return result
+
+
+def _repair_html(page: str) -> str:
+    return page.split('<section id="repair">')[1].split("</section>")[0]
+
+
+def test_repair_report_json_matches_schema_and_round_trips(repaired, tmp_path):
+    out = write_report(repaired, tmp_path / "out")
+    report = json.loads((out / REPORT_JSON).read_text())
+    jsonschema.Draft202012Validator(load_schema()).validate(report)
+    assert report["repair"] == make_repair()
+    assert AuditResult.from_dict(report).repair == make_repair()
+    assert "repair" not in make_result().to_dict()  # an audit alone has none
+
+
+@pytest.mark.parametrize(
+    "break_it",
+    [
+        lambda r: r.update(extra=1),
+        lambda r: r.pop("changes"),
+        lambda r: r["table"]["blocks.0.hook_resid_pre"]["before"].pop("L"),
+        lambda r: r["table"]["blocks.0.hook_resid_pre"]["after"].update(dead=-1),
+        lambda r: r["table"]["blocks.0.hook_resid_pre"]["change"].update(L="lower"),
+        lambda r: r["changes"]["blocks.0.hook_resid_pre"][1].update(applied="yes"),
+        lambda r: r["changes"]["blocks.0.hook_resid_pre"][1].update(step="polish"),
+        lambda r: r["changes"]["blocks.0.hook_resid_pre"][2].pop("reason"),
+        lambda r: r["changes"]["blocks.0.hook_resid_pre"][2].update(items={"feature": 3}),
+    ],
+)
+def test_schema_rejects_broken_repairs(repaired, break_it):
+    report = json.loads(json.dumps(repaired.to_dict()))
+    validator = jsonschema.Draft202012Validator(load_schema())
+    validator.validate(report)
+    break_it(report["repair"])
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate(report)
+
+
+def test_terminal_repair_shows_before_after_and_every_step():
+    from opt_hooks.report.terminal import render_repair
+
+    text = render_repair(make_repair())
+    lines = text.splitlines()
+    assert lines[0] == "opt_hooks repair: 2 layer(s); L lower on the test tokens in 1 of 2; 3 of 5 step(s) applied"
+    first, second = text.split("-- blocks.1.hook_resid_pre ")
+    assert "-- blocks.0.hook_resid_pre " in first
+    assert "  test        300 tokens neither the audit nor the repair read; objective mse + lam * l1 (lam 0.04)" in first
+    header = next(line for line in lines if "before" in line)
+    assert header.split() == ["before", "after", "change"]
+    assert "  L           0.5 ± 0.01         0.4762 ± 0.01      -0.0238 ± 0.0031 (p 2.00e-12)" in first
+    assert "  dead        1                  0                  -1" in first
+    assert "    bias       C5              applied     gain 0.0123 ± 0.00246 (p 1.00e-06), 1 item(s)" in first
+    assert "    codes      C4              applied     gain 0.00789 ± 0.00158 (p 1.00e-06), 2 item(s)" in first
+    assert f"    floor      C1              not applied, 1 item(s): {HOSTILE_TEXT}" in first
+    respawn = next(line for line in lines if line.startswith("    respawn "))
+    assert "not applied gain 0.0011 ± 2.20e-04" in respawn and "5 merge(s), 20 resampled latent(s);" in respawn
+    assert "merges alone -0.0022 ± 4.00e-04: not significant on the validation tokens" in respawn
+    assert "kept" not in respawn  # a step not applied keeps none of its latents
+    assert "    none: the audit certified nothing the repair could write" in second
+    # a second round's steps carry their round; JSON's view of the dict renders the same
+    two = make_repair()
+    two["changes"]["blocks.1.hook_resid_pre"] = [_step("bias", "C5", True, 0.001, [{}], round=2)]
+    assert "    r2 bias    C5              applied     gain 0.001" in render_repair(two)
+    assert render_repair(json.loads(json.dumps(make_repair()))) == text
+
+
+def test_html_repair_section(repaired):
+    page = render_html(repaired)
+    assert '<a href="#overview">overview</a> <a href="#repair">repair</a>' in page
+    assert page.index('<section id="overview">') < page.index('<section id="repair">') < page.index('id="layer-0"')
+    section = _repair_html(page)
+    assert "<h2>Repair</h2>" in section and "test tokens, which neither the audit nor the repair read" in section
+    blocks = re.findall(r'<div class="repair-layer" data-hook="([^"]+)">', section)
+    assert blocks == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+    layer0 = section.split('data-hook="blocks.0.hook_resid_pre">')[1].split('data-hook="blocks.1.hook_resid_pre">')[0]
+    table = layer0.split('<table class="repair-table">')[1].split("</table>")[0]
+    assert "<th>before</th><th>after</th><th>change</th>" in table
+    assert ('<tr><td class="text"><b>L</b></td><td>0.5 ± 0.01</td><td>0.4762 ± 0.01</td>'
+            "<td>-0.0238 ± 0.0031 (p 2.00e-12)</td></tr>") in table
+    assert "<td>-1</td>" in table.split("<b>dead</b>")[1]
+    steps = layer0.split('<table class="repair-steps">')[1]
+    rows = re.findall(r'<tr><td class="text"><abbr title="[^"]*">(\w+)</abbr>.*?</tr>', steps)
+    assert rows == ["floor", "bias", "atoms", "codes", "respawn"]
+    assert steps.count('<span class="badge applied">yes</span>') == 3
+    assert steps.count('<span class="badge not-applied">no</span>') == 2
+    assert '<td data-v="0.0123">0.0123</td>' in steps  # the validation gain, sortable by its exact value
+    assert HOSTILE_TEXT not in page and escape(HOSTILE_TEXT) in steps  # the reason, escaped
+    assert "merges alone: gain -0.0022 ± 4.00e-04" in steps
+    # every step's items folded below it, the first 20 of the respawn's 25
+    folded = re.findall(r'<details class="items"><summary>([^<]+)</summary>', steps)
+    assert folded == ["1 item(s)", "1 item(s)", "2 item(s)", "2 item(s)", "first 20 of 25 items"]
+    respawn = steps.split("first 20 of 25 items")[1].split("</details>")[0]
+    assert respawn.count("<tr>") == 21  # header + 20 items
+    assert "<th class=\"text\">keep</th>" in respawn and "<th class=\"num\">threshold</th>" in respawn
+    assert "5 more items in report.json" in respawn
+    assert 'href="https://www.neuronpedia.org/gpt2-small/0-res-jb/14"' in respawn  # latents link like the rest
+    layer1 = section.split('data-hook="blocks.1.hook_resid_pre">')[1]
+    assert "None: the audit certified nothing the repair could write." in layer1
+    plain = render_html(make_result())  # an audit alone: no section, no link
+    assert 'id="repair"' not in plain and 'href="#repair"' not in plain
+
+
+def test_html_with_a_repair_runs_without_script_errors(repaired, tmp_path):
+    page = tmp_path / REPORT_HTML
+    page.write_text(render_html(repaired))
+    run = _chromium(tmp_path, page, "--dump-dom")
+    assert 'data-report-status="ready"' in run.stdout, run.stderr[-3000:]
+    assert re.search(r'<pre id="js-errors"></pre>', run.stdout)

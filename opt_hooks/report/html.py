@@ -6,7 +6,10 @@ needs a scale), facts and scope, size distributions of C3 and C4, layer-wide con
 C6), a sortable table of features with a descent ranked by held-out gain (THEORY.md 3.5), the
 flagged pairs (table and the paper's scatter figure), the label-free absorption map (THEORY.md
 section 6: absorption trees, duplicates, antipodal pairs) and the top-activating contexts of the
-top-ranked features. Long lists are cut to the top-ranked entries; report.json has everything.
+top-ranked features. A record that carries a repair (`AuditRecord.repair`, THEORY.md section 7)
+gets a Repair section after the overview: per layer, the objective before / after on the test
+tokens and the repair's steps, applied or not, with their first items. Long lists are cut to the
+top-ranked entries; report.json has everything.
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ from opt_hooks.records import (
     CONDITIONS, TIER_RANK, AbsorptionRow, AntipodalRow, AuditRecord, CertificateCheck, DuplicateRow, FeatureRow,
     LayerResult, PairRow,
 )
-from opt_hooks.report.terminal import gap_text, map_unavailable, objective_text, percent
+from opt_hooks.report.terminal import (
+    REPAIR_STEPS, gap_text, items_text, map_unavailable, objective_text, percent, repair_cells,
+)
 
 HERE = Path(__file__).resolve().parent
 MAX_FEATURE_ROWS = 500  # per layer, top-ranked first
@@ -31,6 +36,7 @@ MAX_CONTEXT_FEATURES = 12
 MAX_LISTED_DEAD = 60
 MAX_TREES = 100  # absorption trees per layer, in the map's order
 MAX_MAP_ROWS = 500  # duplicates, antipodal pairs
+MAX_STEP_ITEMS = 20  # items shown per repair step
 
 TIER_TEXT = {
     "certified": "a certificate (a fixed change of the SAE, chosen on the audit tokens) lowers the objective "
@@ -63,8 +69,9 @@ def render_html(result: AuditRecord) -> str:
             '<body data-report-status="loading">',
             '<pre id="js-errors"></pre>',
             f"<h1>{escape(title)}</h1>",
-            _nav(layers),
+            _nav(layers, result.repair is not None),
             _overview(result, layers),
+            "" if result.repair is None else _repair_section(result.repair, result.layers),
             *sections,
             _footer(),
             f"<script>{script}</script>",
@@ -77,8 +84,10 @@ def _model_name(result: AuditRecord) -> str:
     return str(result.meta.get("model") or "SAE optimality report")
 
 
-def _nav(layers: list[LayerResult]) -> str:
+def _nav(layers: list[LayerResult], repair: bool = False) -> str:
     links = ['<a href="#overview">overview</a>']
+    if repair:
+        links.append('<a href="#repair">repair</a>')
     links += [f'<a href="#layer-{k}">{escape(layer.hook_name)}</a>' for k, layer in enumerate(layers)]
     return f"<nav>{' '.join(links)}</nav>"
 
@@ -518,6 +527,119 @@ def _antipodal_row(layer: LayerResult, a: AntipodalRow) -> str:
         f'<tr><td data-v="{a.i}">{_feature_link(layer, a.i)}</td><td data-v="{a.j}">{_feature_link(layer, a.j)}</td>'
         f"{_num(a.rho)}{_num(a.share)}{_num(a.count_i)}{_num(a.count_j)}{_num(a.co_count)}</tr>"
     )
+
+
+REPAIR_INTRO = (
+    "The audit's certified changes written into the SAE (THEORY.md section 7). The tokens fall in three "
+    "parts: the audit tokens, where every certificate was chosen; the validation tokens (the audit's "
+    "held-out part), where every step of the repair was measured against the SAE it was built from and kept "
+    "only when it lowered L significantly (Bonferroni over the layer's steps); and the test tokens, which "
+    "neither the audit nor the repair read, where the table below compares the SAE before and after, with "
+    "the SAEs' own encode and decode."
+)
+
+
+def _repair_section(repair: dict[str, Any], layers: dict[str, LayerResult]) -> str:
+    table, changes = repair.get("table") or {}, repair.get("changes") or {}
+    hooks = list(table) + [hook for hook in changes if hook not in table]
+    steps = [step for hook in hooks for step in changes.get(hook, [])]
+    rounds = max([int(step.get("round") or 1) for step in steps], default=1) > 1
+    blocks = "".join(_repair_layer(hook, table.get(hook), changes.get(hook, []), layers.get(hook), rounds)
+                     for hook in hooks)
+    meta = repair.get("meta") or {}
+    facts = f"<details><summary>Repair run</summary>{_facts(_flatten(meta))}</details>" if meta else ""
+    return (
+        f'<section id="repair"><h2>Repair</h2><p class="muted">{escape(REPAIR_INTRO)}</p>{facts}'
+        f"{blocks or '<p>No layer was repaired.</p>'}</section>"
+    )
+
+
+def _repair_layer(hook: str, row: dict[str, Any] | None, steps: list[dict[str, Any]], layer: LayerResult | None,
+                  rounds: bool) -> str:
+    parts = [f'<div class="repair-layer" data-hook="{escape(hook)}"><h3>{escape(hook)}</h3>']
+    if row is None:
+        parts.append("<p>Not measured on the test tokens.</p>")
+    else:
+        lam = f" (lam {fmt(row['lam'], 4)})" if row.get("lam") is not None else ""
+        n = row.get("n_tokens")
+        parts.append(
+            f"<p>On {f'{n:,}' if isinstance(n, int) else 'n/a'} test tokens; objective "
+            f"{escape(str(row.get('objective') or 'n/a'))}{lam}; values per token, ± their SE; the change of L "
+            "is paired (the same tokens on both sides).</p>"
+        )
+        cells = "".join(
+            f'<tr><td class="text"><b>{escape(label)}</b></td><td>{escape(before)}</td><td>{escape(after)}</td>'
+            f"<td>{escape(change)}</td></tr>"
+            for label, before, after, change in repair_cells(row)
+        )
+        header = "".join(f"<th>{name}</th>" for name in ("before", "after", "change"))
+        parts.append(f'<table class="repair-table"><thead><tr><th class="text">test tokens</th>{header}</tr>'
+                     f"</thead><tbody>{cells}</tbody></table>")
+    parts.append(_repair_steps(steps, layer, rounds))
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _repair_steps(steps: list[dict[str, Any]], layer: LayerResult | None, rounds: bool) -> str:
+    head = "<h4>Steps (gain per token on the validation tokens)</h4>"
+    if not steps:
+        return f"{head}<p>None: the audit certified nothing the repair could write.</p>"
+    columns = (["round"] if rounds else []) + ["step", "condition", "applied", "gain", "± SE", "p", "tokens",
+                                                 "items", "reason"]
+    header = "".join(
+        f'<th class="{"num" if name in ("round", "gain", "± SE", "p", "tokens") else "text"}">{name}</th>'
+        for name in columns
+    )
+    rows = []
+    for step in steps:
+        applied = bool(step.get("applied"))
+        badge = f'<span class="badge {"applied" if applied else "not-applied"}">{"yes" if applied else "no"}</span>'
+        name = str(step.get("step"))
+        reason = str(step.get("reason") or "")
+        if step.get("merge_only_gain") is not None:
+            merged = f"merges alone: gain {fmt(step['merge_only_gain'])} ± {fmt(step.get('merge_only_se'))}"
+            reason = f"{reason}; {merged}" if reason else merged
+        rows.append(
+            "<tr>" + (_num(step.get("round")) if rounds else "")
+            + f'<td class="text"><abbr title="{escape(REPAIR_STEPS.get(name, name))}">{escape(name)}</abbr></td>'
+            f'<td class="text">{escape(str(step.get("condition") or ""))}</td><td class="text">{badge}</td>'
+            f'{_num(step.get("gain"))}{_num(step.get("se"))}{_num(step.get("p_value"))}{_num(step.get("n_tokens"))}'
+            f'<td class="text">{escape(items_text(step))}</td><td class="text">{escape(reason)}</td></tr>'
+        )
+        items = step.get("items") or []
+        if items:
+            rows.append(f'<tr class="items-row"><td class="text" colspan="{len(columns)}">'
+                        f"{_step_items(items, layer)}</td></tr>")
+    return f'{head}<table class="repair-steps"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+LATENT_KEYS = ("feature", "keep", "drop")  # item fields that name a latent
+
+
+def _step_items(items: list[dict[str, Any]], layer: LayerResult | None) -> str:
+    """The first MAX_STEP_ITEMS items of a step in a folded table, one column per field."""
+    shown = items[:MAX_STEP_ITEMS]
+    keys: list[str] = []
+    for item in shown:
+        keys += [key for key in item if key not in keys]
+    header = "".join(f'<th class="{"text" if key in LATENT_KEYS else "num"}">{escape(key)}</th>' for key in keys)
+    rows = "".join(
+        "<tr>" + "".join(_item_cell(key, item.get(key), layer) for key in keys) + "</tr>" for item in shown
+    )
+    what = f"first {len(shown):,} of {len(items):,} items" if len(items) > len(shown) else f"{len(items):,} item(s)"
+    return (f'<details class="items"><summary>{what}</summary><table class="items"><thead><tr>{header}</tr>'
+            f"</thead><tbody>{rows}</tbody></table>{_more(len(items) - len(shown), 'items')}</details>")
+
+
+def _item_cell(key: str, value: Any, layer: LayerResult | None) -> str:
+    if key in LATENT_KEYS and isinstance(value, int) and not isinstance(value, bool):
+        shown = _feature_link(layer, value) if layer is not None else str(value)
+        return f'<td class="text">{shown}</td>'
+    if isinstance(value, bool):
+        return f'<td class="text">{"yes" if value else "no"}</td>'
+    if value is None or isinstance(value, (int, float)):
+        return _num(value)
+    return f'<td class="text">{escape(value if isinstance(value, str) else json.dumps(value))}</td>'
 
 
 def _footer() -> str:

@@ -1,14 +1,18 @@
-"""Plain-text summary of an AuditRecord: one block per layer, for terminals and logs.
+"""Plain-text summaries for terminals and logs: of an AuditRecord (`render_summary`) and of a
+repair (`render_repair`), one block per layer.
 
-Each block leads with the scale every gain is judged against (the held-out objective and the
+Each audit block leads with the scale every gain is judged against (the held-out objective and the
 layer gaps), then the verdict counts and the top findings in the policy's order (held-out gain
 per token within each tier, THEORY.md 3.5), then the label-free pair map (THEORY.md section 6):
 absorption trees, duplicates to merge, antipodal dense pairs.
+
+Each repair block (THEORY.md section 7) shows the objective before / after on the test tokens, then
+the steps: the applied ones with their gain on the validation tokens, the others with the reason.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from opt_hooks.report.svg import fmt
 from opt_hooks.records import (
@@ -209,3 +213,122 @@ def _duplicate_text(d: DuplicateRow) -> str:
 
 def _antipodal_text(a: AntipodalRow) -> str:
     return f"{a.i} / {a.j} rho {fmt(a.rho)}, covering {percent(a.share)} of tokens"
+
+
+# ---- repair (opt_hooks.repair_run.RepairResult.to_dict()) ------------------------------------------
+
+# The rows of a repair's before / after table: (label, key in each side, key of its SE or None).
+REPAIR_ROWS = (
+    ("L", "L", "L_se"),
+    ("mse", "mse", "mse_se"),
+    ("lam * l1", "l1", "l1_se"),
+    ("l0", "l0", "l0_se"),
+    ("expl. var.", "explained_variance", None),
+    ("dead", "dead", None),
+)
+REPAIR_STEPS = {  # what each step writes into the SAE
+    "floor": "C1 floors into b_dec",
+    "bias": "C5 bias step",
+    "atoms": "C3 atom turns",
+    "codes": "C4 code scales",
+    "respawn": "duplicates merged, free latents resampled",
+}
+
+
+def render_repair(repair: dict[str, Any]) -> str:
+    """The repair's summary: a head line, then per layer the before / after table on the test
+    tokens and the steps (`repair` is `RepairResult.to_dict()`, or its JSON)."""
+    table, changes = repair.get("table") or {}, repair.get("changes") or {}
+    hooks = list(table) + [hook for hook in changes if hook not in table]
+    steps = [step for hook in hooks for step in changes.get(hook, [])]
+    lower = sum(1 for hook in hooks if ((table.get(hook) or {}).get("change") or {}).get("L") is not None
+                and table[hook]["change"]["L"] < 0)
+    head = (f"opt_hooks repair: {len(hooks)} layer(s); L lower on the test tokens in {lower} of "
+            f"{len(hooks)}; {sum(1 for s in steps if s.get('applied')):,} of {len(steps):,} step(s) applied")
+    rounds = max([int(s.get("round") or 1) for s in steps], default=1)
+    return "\n".join([head, *(_repair_block(hook, table.get(hook), changes.get(hook, []), rounds > 1)
+                              for hook in hooks)])
+
+
+def _repair_block(hook: str, row: dict[str, Any] | None, steps: list[dict[str, Any]], rounds: bool) -> str:
+    lines = [f"-- {hook} " + "-" * max(2, WIDTH - len(hook) - 4)]
+    if row is None:
+        lines.append("  test        not measured")
+    else:
+        lam = f" (lam {fmt(row['lam'], 4)})" if row.get("lam") is not None else ""
+        lines.append(f"  test        {_count(row.get('n_tokens'))} tokens neither the audit nor the repair read; "
+                     f"objective {row.get('objective') or 'n/a'}{lam}")
+        lines.append(f"  {'':<11} {'before':<18} {'after':<18} change")
+        lines += [f"  {line}" for line in repair_table_lines(row)]
+    lines.append("  steps       gain per token on the validation tokens (kept where significant)")
+    if not steps:
+        lines.append("    none: the audit certified nothing the repair could write")
+    lines += [f"    {repair_step_text(step, rounds)}" for step in steps]
+    return "\n".join(lines)
+
+
+def repair_table_lines(row: dict[str, Any]) -> list[str]:
+    return [f"{label:<11} {before:<18} {after:<18} {change}" for label, before, after, change in repair_cells(row)]
+
+
+def repair_cells(row: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(label, before, after, change) per row of one layer's table: value ± SE on each side, and
+    the change (L's with its paired SE and p-value: the same tokens on both sides)."""
+    before, after = row.get("before") or {}, row.get("after") or {}
+    cells = []
+    for label, key, se_key in REPAIR_ROWS:
+        sides = [with_se(side.get(key), side.get(se_key) if se_key else None) for side in (before, after)]
+        if key == "L":
+            change = row.get("change") or {}
+            delta = f"{signed(change.get('L'))} ± {fmt(change.get('se'))} (p {fmt(change.get('p_value'))})"
+        else:
+            delta = signed(difference(before.get(key), after.get(key)))
+        cells.append((label, sides[0], sides[1], delta))
+    return cells
+
+
+def repair_step_text(step: dict[str, Any], rounds: bool = False) -> str:
+    """One step: applied with its validation gain, or not applied with the reason."""
+    name = f"r{step.get('round', 1)} {step.get('step')}" if rounds else str(step.get("step"))
+    state = "applied" if step.get("applied") else "not applied"
+    parts = [f"{name:<10} {step.get('condition') or '':<15} {state:<11}"]
+    if step.get("gain") is not None:
+        parts.append(f" gain {fmt(step['gain'])} ± {fmt(step.get('se'))} (p {fmt(step.get('p_value'))})")
+    parts.append(f", {items_text(step)}")
+    if step.get("merge_only_gain") is not None:
+        parts.append(f"; merges alone {fmt(step['merge_only_gain'])} ± {fmt(step.get('merge_only_se'))}")
+    if not step.get("applied"):
+        parts.append(f": {step.get('reason') or 'no reason given'}")
+    return "".join(parts)
+
+
+def items_text(step: dict[str, Any]) -> str:
+    """How many changes a step holds: respawn's merges and resampled latents apart."""
+    items = step.get("items") or []
+    if step.get("step") != "respawn":
+        return f"{len(items):,} item(s)"
+    merges = sum(1 for item in items if "keep" in item)
+    planted = [item for item in items if "keep" not in item]
+    text = f"{merges:,} merge(s), {len(planted):,} resampled latent(s)"
+    if step.get("applied") and planted:  # a step not applied keeps none of them
+        text += f" ({sum(1 for item in planted if item.get('kept')):,} kept)"
+    return text
+
+
+def difference(before: Any, after: Any) -> float | int | None:
+    if before is None or after is None:
+        return None
+    return after - before
+
+
+def signed(value: float | int | None) -> str:
+    return fmt(value) if value is None or value <= 0 else f"+{fmt(value)}"
+
+
+def with_se(value: Any, se: Any) -> str:
+    """A value to 4 digits (the change below it is small), with its SE where there is one."""
+    return fmt(value, 4) if se is None else f"{fmt(value, 4)} ± {fmt(se)}"
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else "n/a"

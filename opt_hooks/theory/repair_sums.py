@@ -2,14 +2,15 @@
 
 - `VariantSums`: per-token losses of several versions of one SAE on the same tokens (the SAE's own
   encode / decode, computed by the caller), their parts and, for each version, the paired change
-  against the version it was built from: sums and sums of squares, so every mean has its standard
-  error and a change is judged on the same tokens (a paired test).
+  against the version it was built from (a paired test on the same tokens). Tokens of one window
+  (a row of a forward pass) are not independent, so the sums are also kept per window (`Clustered`):
+  every mean gets the standard error of a ratio estimator over windows.
 - `PlantFit`: the choice of a resampled latent's code rule on the audit tokens. For candidate unit
   atoms a_r and thresholds tau_rg, the code z = beta max(0, p - tau) (p = <a_r, x - b>) changes the
   loss by beta^2 S_zz - beta (2 S_zq - lam S_z) with S_z = sum u, S_zz = sum w u^2,
   S_zq = sum w u <a_r, r> (u = max(0, p - tau)): the best beta and its gain are closed forms.
 - `LatentChanges`: per planted latent, the exact per-token change of the loss on held-out tokens
-  (sum, squares), from the latent's old and new codes and the residual before planting.
+  (clustered by window), from the latent's old and new codes and the residual before planting.
 
 Pure tensor code: nothing here knows about TransformerLens or SAE-Lens.
 """
@@ -25,48 +26,76 @@ def _f64(*shape: int, device: torch.device | str = "cpu") -> Tensor:
     return torch.zeros(*shape, dtype=torch.float64, device=device)
 
 
+class Clustered(Accumulator):
+    """Sums of F per-token quantities over tokens grouped in windows, for `policy.clustered_estimate`:
+    sum_n v, sum_w T_w^2, sum_w n_w T_w (T_w: a window's total), sum_w n_w^2, tokens and windows.
+    A window's tokens must arrive in one update (each forward pass holds whole windows)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.add_state("total", _f64(n), "sum")
+        self.add_state("cluster_sq", _f64(n), "sum")
+        self.add_state("cluster_cross", _f64(n), "sum")
+        self.add_state("count_sq", _f64(()), "sum")
+        self.add_state("n_tokens", torch.zeros((), dtype=torch.int64), "sum")
+        self.add_state("n_windows", torch.zeros((), dtype=torch.int64), "sum")
+
+    def update(self, values: Tensor, windows: Tensor) -> None:
+        """values (n, F) per token, windows (n,) each token's window id."""
+        values = values.double().cpu()
+        ids, slot = torch.unique(windows.cpu(), return_inverse=True)
+        totals = _f64(len(ids), values.shape[1]).index_add_(0, slot, values)
+        counts = _f64(len(ids)).index_add_(0, slot, torch.ones(len(slot), dtype=torch.float64))
+        self.total = self.total + values.sum(0)
+        self.cluster_sq = self.cluster_sq + (totals**2).sum(0)
+        self.cluster_cross = self.cluster_cross + counts @ totals
+        self.count_sq = self.count_sq + (counts**2).sum()
+        self.n_tokens = self.n_tokens + len(values)
+        self.n_windows = self.n_windows + len(ids)
+
+
 class VariantSums(Accumulator):
     """Sums over tokens for V versions of one SAE. `reference[v]`: the version v is compared with
     (-1: none). Each update takes per-token (n, V) loss, mse and l1 (unweighted, in the SAE's input
-    space), (n, V) L0 counts, (V, K) bool of latents that fired, and the inputs (n, d) for the
-    explained variance."""
+    space), (n, V) L0 counts, (V, K) bool of latents that fired, the inputs (n, d) for the explained
+    variance and each token's window (n,). `parts[name]` holds each part's `Clustered` sums, "change"
+    the paired change against the reference."""
 
-    PARTS = ("loss", "mse", "l1", "l0")
+    PARTS = ("loss", "mse", "l1", "l0", "change")
 
     def __init__(self, reference: list[int], n_features: int, d_in: int) -> None:
         super().__init__()
         self.reference = list(reference)
         n = len(reference)
-        self.add_state("n_tokens", torch.zeros((), dtype=torch.int64), "sum")
-        for part in self.PARTS:
-            self.add_state(f"{part}_sum", _f64(n), "sum")
-            self.add_state(f"{part}_sq", _f64(n), "sum")
-        self.add_state("change_sum", _f64(n), "sum")
-        self.add_state("change_sq", _f64(n), "sum")
+        self.parts = {part: Clustered(n) for part in self.PARTS}
         self.add_state("fired", torch.zeros(n, n_features, dtype=torch.int64), "sum")
         self.add_state("x_sum", _f64(d_in), "sum")
         self.add_state("x_sq", _f64(()), "sum")
 
-    def update(self, loss: Tensor, mse: Tensor, l1: Tensor, l0: Tensor, fired: Tensor, x: Tensor) -> None:
-        for part, values in zip(self.PARTS, (loss, mse, l1, l0)):
-            values = values.double().cpu()
-            setattr(self, f"{part}_sum", getattr(self, f"{part}_sum") + values.sum(0))
-            setattr(self, f"{part}_sq", getattr(self, f"{part}_sq") + (values**2).sum(0))
+    @property
+    def n_tokens(self) -> int:
+        return int(self.parts["loss"].n_tokens)
+
+    def update(self, loss: Tensor, mse: Tensor, l1: Tensor, l0: Tensor, fired: Tensor, x: Tensor,
+               windows: Tensor) -> None:
         loss = loss.double().cpu()
         ref = torch.tensor([max(r, 0) for r in self.reference])
         has = torch.tensor([r >= 0 for r in self.reference], dtype=torch.float64)
         change = (loss - loss[:, ref]) * has
-        self.change_sum = self.change_sum + change.sum(0)
-        self.change_sq = self.change_sq + (change**2).sum(0)
+        for part, values in zip(self.PARTS, (loss, mse, l1, l0, change)):
+            self.parts[part].update(values, windows)
         self.fired = self.fired + fired.long().cpu()
         x = x.double().cpu()
         self.x_sum = self.x_sum + x.sum(0)
         self.x_sq = self.x_sq + (x**2).sum()
-        self.n_tokens = self.n_tokens + loss.shape[0]
+
+    def _merge_extra(self, other: "VariantSums") -> None:
+        for part in self.PARTS:
+            self.parts[part].merge(other.parts[part])
 
     def spread(self) -> float:
         """sum_n ||x_n - mean x||^2: what the explained variance compares the MSE with."""
-        n = int(self.n_tokens)
+        n = self.n_tokens
         return float(self.x_sq) - float((self.x_sum**2).sum()) / n if n else 0.0
 
 
@@ -102,20 +131,19 @@ class PlantFit(Accumulator):
 
 
 class LatentChanges(Accumulator):
-    """Per planted latent k (R of them): sum and sum of squares of the per-token change of the loss,
-    w (||r + z_old d_old - z_new a||^2 - ||r||^2) + lam (z_new - z_old), and the tokens it touches."""
+    """Per planted latent k (R of them): the per-token change of the loss,
+    w (||r + z_old d_old - z_new a||^2 - ||r||^2) + lam (z_new - z_old), summed by window (`changes`),
+    and the tokens it touches."""
 
     def __init__(self, old_atoms: Tensor, new_atoms: Tensor) -> None:
         super().__init__()
         self.old_atoms, self.new_atoms = old_atoms.double(), new_atoms.double()
         self.cross = (self.old_atoms * self.new_atoms).sum(-1)  # <d_old, a>
         self.old_norm2 = (self.old_atoms**2).sum(-1)
-        n = len(new_atoms)
-        self.add_state("sum", _f64(n), "sum")
-        self.add_state("sum_sq", _f64(n), "sum")
-        self.add_state("touched", torch.zeros(n, dtype=torch.int64), "sum")
+        self.changes = Clustered(len(new_atoms))
+        self.add_state("touched", torch.zeros(len(new_atoms), dtype=torch.int64), "sum")
 
-    def update(self, r: Tensor, z_old: Tensor, z_new: Tensor, w: Tensor | None, lam: float) -> None:
+    def update(self, r: Tensor, z_old: Tensor, z_new: Tensor, w: Tensor | None, lam: float, windows: Tensor) -> None:
         """r (n, d) residuals before planting; z_old, z_new (n, R) the latents' codes before/after."""
         r, z_old, z_new = r.double(), z_old.double(), z_new.double()
         old_q = r @ self.old_atoms.to(r.device).T
@@ -124,6 +152,8 @@ class LatentChanges(Accumulator):
                    - 2 * z_old * z_new * self.cross.to(r.device) + z_new**2)
         weight = 1.0 if w is None else w.double()[:, None]
         change = (weight * squared + lam * (z_new - z_old)).cpu()
-        self.sum = self.sum + change.sum(0)
-        self.sum_sq = self.sum_sq + (change**2).sum(0)
+        self.changes.update(change, windows)
         self.touched = self.touched + (change != 0).sum(0)
+
+    def _merge_extra(self, other: "LatentChanges") -> None:
+        self.changes.merge(other.changes)
