@@ -58,7 +58,8 @@ class RepairOptions:
 
     audit_held_out: float = 0.25  # share of the fit tokens the audit holds out: the validation part
     rounds: int = 1  # audit -> apply, repeated on the repaired SAEs
-    merge_min_jaccard: float = 0.5  # duplicates merged only where they fire together this often
+    merge_min_rho: float = 0.99  # duplicates merged only this parallel: a merge drops sqrt(1 - rho^2) of the code
+    merge_min_jaccard: float = 0.5  # and only where they fire together this often
     max_planted: int = 256  # resampled latents per layer and round, at most
     plant_max_cos: float = 0.5  # resampled atoms differ at least this much from one another
     plant_quantiles: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)  # threshold grid
@@ -386,7 +387,7 @@ class _LayerRepair:
         used: set[int] = set()
         merges = []
         for d in sorted(self.layer.duplicates, key=lambda d: -d.rho):
-            if d.jaccard < self.ropts.merge_min_jaccard or d.i in used or d.j in used:
+            if d.rho < self.ropts.merge_min_rho or d.jaccard < self.ropts.merge_min_jaccard or d.i in used or d.j in used:
                 continue
             keep, drop = (d.i, d.j) if d.count_i >= d.count_j else (d.j, d.i)
             used.update((keep, drop))
@@ -398,9 +399,11 @@ class _LayerRepair:
         return list(c6.get("dead", [])) if c6.get("tier") == "certified" else []
 
     # ---- the chain ----------------------------------------------------------------------------
-    def _merge(self, edit: SAEEdit) -> None:
+    def _merge(self, edit: SAEEdit, planted: set[int] | None) -> None:
+        """The merges (those freeing a latent in `planted`, unless None: all)."""
         for keep, drop, rho in self.merges:
-            edit.merge(keep, drop, rho)
+            if planted is None or drop in planted:
+                edit.merge(keep, drop, rho)
 
     def _plant(self, edit: SAEEdit) -> None:
         norm = median_alive_norm(self.view.sae)
@@ -413,7 +416,7 @@ class _LayerRepair:
         sae = self.view.sae
         for step in self.steps:
             sae = self._apply(step, sae)
-        return self._apply_merges(sae)
+        return self._apply_merges(sae, None)
 
     def _apply(self, step: _Step, sae: Any) -> Any:
         edit = SAEEdit(sae)
@@ -424,11 +427,11 @@ class _LayerRepair:
             return sae
         return edit.sae
 
-    def _apply_merges(self, sae: Any) -> Any:
+    def _apply_merges(self, sae: Any, planted: set[int] | None) -> Any:
         if not self.merges:
             return sae
         edit = SAEEdit(sae)
-        self._merge(edit)
+        self._merge(edit, planted)
         return edit.sae
 
     def build(self) -> None:
@@ -447,7 +450,7 @@ class _LayerRepair:
         before_respawn = len(self.chain) - 1
         plants = [p for p in self.plants if p["feature"] not in self.dropped_plants]
         if "respawn" not in self.dropped and plants:  # merges only free latents for planting
-            merged = self._apply_merges(self.chain[-1])
+            merged = self._apply_merges(self.chain[-1], {p["feature"] for p in plants})
             self.reference.append(before_respawn)
             self.chain.append(merged)
             self.names.append("merged")
@@ -479,21 +482,34 @@ class _LayerRepair:
             mean, se, p = float(est.mean[v]), float(est.se[v]), float(est.p_value[v])
             significant = n >= 2 and math.isfinite(se) and mean + z * se < 0
             self.changes[name] = {"gain": -mean, "se": se, "p_value": p, "n_tokens": n, "significant": significant}
-            if name != "merged" and not significant:
+            if name not in ("merged", "respawn") and not significant:
                 self.dropped.add(name)
                 dropped_any = True
-        if self.plant_sums is not None:  # measured either way; they matter only when respawn is kept
-            plant_est = _estimate(self.plant_sums.changes)
-            z_plant = policy.critical_z(len(self.plant_ids))
-            for k, feature in enumerate(self.plant_ids.tolist()):
-                mean, se = float(plant_est.mean[k]), float(plant_est.se[k])
-                record = next(p for p in self.plants if p["feature"] == feature)
-                record.update(gain=-mean, se=se, p_value=float(plant_est.p_value[k]))
-                held = math.isfinite(se) and mean + z_plant * se < 0 and int(self.plant_sums.touched[k]) >= policy.min_touched
-                if not held and "respawn" not in self.dropped:
-                    self.dropped_plants.add(feature)
-                    dropped_any = True
+        if "respawn" in self.names:
+            weak = self._weak_plants(policy)
+            if self.changes["respawn"]["significant"]:
+                pass  # the step holds as a whole: its latents are its items
+            elif len(weak) < len(self.plant_ids):  # try again with the latents that held up alone
+                self.dropped_plants |= weak
+                dropped_any = True
+            else:
+                self.dropped.add("respawn")
+                dropped_any = True
         return dropped_any
+
+    def _weak_plants(self, policy: pol.VerdictPolicy) -> set[int]:
+        """Record each resampled latent's own validation change; the ones not significant alone
+        (Bonferroni over the layer's resampled latents)."""
+        est = _estimate(self.plant_sums.changes)
+        z = policy.critical_z(len(self.plant_ids))
+        weak = set()
+        for k, feature in enumerate(self.plant_ids.tolist()):
+            mean, se = float(est.mean[k]), float(est.se[k])
+            record = next(p for p in self.plants if p["feature"] == feature)
+            record.update(gain=-mean, se=se, p_value=float(est.p_value[k]))
+            if not (math.isfinite(se) and mean + z * se < 0 and int(self.plant_sums.touched[k]) >= policy.min_touched):
+                weak.add(feature)
+        return weak
 
     def records(self) -> list[dict[str, Any]]:
         out = []
@@ -506,7 +522,8 @@ class _LayerRepair:
         if self.merges or self.plants or self.merge_refusal:
             measured = self.changes.get("respawn", {})
             applied = "respawn" in self.names
-            items = [{"keep": k, "drop": d, "rho": r} for k, d, r in self.merges]
+            planted = {p["feature"] for p in self.plants if p["feature"] not in self.dropped_plants}
+            items = [{"keep": k, "drop": d, "rho": r, "kept": applied and d in planted} for k, d, r in self.merges]
             items += [{"feature": p["feature"], "threshold": p["threshold"], "scale": p["beta"],
                        "audit_gain": p["audit_gain"], "gain": p.get("gain"), "se": p.get("se"),
                        "kept": applied and p["feature"] not in self.dropped_plants} for p in self.plants]
@@ -580,7 +597,8 @@ def _fit_plants(parts: Any, layers: dict[str, _LayerRepair]) -> None:
         if fit is None:
             continue
         threshold, beta, gain = fit.best(layer.lam)
-        good = torch.nonzero(gain > 0).flatten().tolist()[: len(layer.free)]
+        order = torch.argsort(gain, descending=True, stable=True)
+        good = [r for r in order.tolist() if float(gain[r]) > 0][: len(layer.free)]
         layer.plants = [{"feature": f, "atom": atoms[r].cpu(), "beta": float(beta[r]), "threshold": float(threshold[r]),
                          "audit_gain": float(gain[r]) / max(int(layer.plan.stats.n_tokens), 1)}
                         for f, r in zip(layer.free, good)]
@@ -593,7 +611,7 @@ def _candidate_atoms(layer: _LayerRepair) -> Tensor:
     residuals = stats.worst_residual[stats.worst_rnorm > 0].double().cpu()
     directions = residuals / residuals.norm(dim=1, keepdim=True)
     chosen: list[Tensor] = []
-    limit = min(len(layer.free), layer.ropts.max_planted)
+    limit = min(4 * len(layer.free), layer.ropts.max_planted)  # a pool: the best of them are planted
     for direction in directions:
         if len(chosen) >= limit:
             break
