@@ -141,7 +141,7 @@ class Monitor:
         check_attachment(model, self.views)
         self.include_special_tokens = include_special_tokens
         self.router = Router(self.views, lam, options, nonfinite)
-        self.seen: dict[str, list[tuple[Tensor, ...]]] = {key: [] for key in self.views}  # (x, z, index, held, w)
+        self.seen: dict[str, list[tuple[Tensor, ...]]] = {key: [] for key in self.views}  # (x, z, index, held, w, window)
         self._tap = CodeTap(model, self.views, self._on_codes)
         self._input_handle = None
         self._windows = self._tokens = 0
@@ -184,7 +184,7 @@ class Monitor:
         keep = batch.keep.to(x.device) & torch.isfinite(x).all(1) & torch.isfinite(z).all(1)
         w_kept = None if w is None else w[keep].cpu()
         self.seen[key].append((x[keep].cpu(), z[keep].to_sparse().cpu(), batch.token_index[keep.cpu()],
-                               batch.held[keep.cpu()], w_kept))
+                               batch.held[keep.cpu()], w_kept, batch.window[keep.cpu()]))
 
     def _start_pass(self, n: int) -> Batch:
         """Number the n tokens of a new forward pass, when its codes first arrive.
@@ -218,12 +218,12 @@ class Monitor:
             if audit.n_tokens == 0:
                 raise ValueError(f"{key}: the monitor has seen no audit tokens yet; run a forward pass first")
             plan = audit.plan()
-            for x, z, index, held, w in self.seen[key]:
+            for x, z, index, held, w, window in self.seen[key]:
                 if not (plan.needs_audit_tokens or bool(held.any())):
                     continue
                 device = audit.atoms.device
                 plan.update(x.to(device), z.to_dense().to(device), index.to(device), held_out=held.to(device),
-                            weight=None if w is None else w.to(device))
+                            weight=None if w is None else w.to(device), window=window.to(device))
             results[key] = self.router.layer_result(key, plan)
         meta = {"model": model_name(self.model), "source": "monitor", "n_tokens": self._tokens,
                 "held_out": self.held_out, **versions()}

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from opt_hooks import __version__
 
-FORMAT = 5
+FORMAT = 6
 PASSES = (1, 2)
 _NOT_OURS = "it is damaged or not an opt_hooks checkpoint; delete it to start over"
 

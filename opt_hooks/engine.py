@@ -267,9 +267,13 @@ class AuditPlan:
 
     # -- pass 2 -----------------------------------------------------------------------
     def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None, held_out: Tensor | None = None,
-               weight: Tensor | None = None) -> None:
+               weight: Tensor | None = None, window: Tensor | None = None) -> None:
         """Add a batch of held-out tokens (held_out True) and, when `needs_audit_tokens`, audit
-        tokens (False; otherwise they are ignored: pass 1's state already measured them)."""
+        tokens (False; otherwise they are ignored: pass 1's state already measured them).
+
+        `window` (n,): each token's window (a row of a forward pass), whose tokens must all be in
+        this batch; held-out standard errors are over windows, since the tokens of one window are
+        not independent. None: every token is its own window (rows of activations)."""
         _check_batch(x, z, self.atoms, token_index, weight)
         if held_out is None:
             held_out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
@@ -282,9 +286,10 @@ class AuditPlan:
         if not bool(rows.any()):
             return
         x, z, held_out, token_index = x[rows], z[rows], held_out[rows], token_index[rows]
-        weight = rows_of(weight, rows)
+        weight, window = rows_of(weight, rows), rows_of(window, rows)
         if bool(held_out.any()):
-            self._add_held_out(x[held_out], z[held_out], token_index[held_out], rows_of(weight, held_out))
+            self._add_held_out(x[held_out], z[held_out], token_index[held_out], rows_of(weight, held_out),
+                               rows_of(window, held_out))
         audit = ~held_out
         if self.needs_audit_tokens and bool(audit.any()):
             tokens = TokenBatch(x[audit], z[audit], self.atoms, self.bias, self.lam, rows_of(weight, audit))
@@ -292,12 +297,28 @@ class AuditPlan:
             totals = tokens.totals
             self.state.add_lam_terms(totals.over_count, totals.over_excess, totals.n_over_half_lam)
 
-    def _add_held_out(self, x: Tensor, z: Tensor, token_index: Tensor, weight: Tensor | None) -> None:
+    def _add_held_out(self, x: Tensor, z: Tensor, token_index: Tensor, weight: Tensor | None,
+                      window: Tensor | None) -> None:
         lam, state = self.lam_or_zero, self.state
         tokens = TokenBatch(x, z, self.atoms, self.bias, weight=weight)
         state.n_held_out += tokens.n_tokens
-        for name, family in self.families.items():
-            state.add(name, family.held_out(tokens, lam))
+        groups = _window_groups(window, tokens.n_tokens)
+        if groups is None:  # every token its own window: a window's total is the token's change
+            state.n_windows += tokens.n_tokens
+            state.count_sq += tokens.n_tokens
+            for name, family in self.families.items():
+                changes = family.held_out(tokens, lam)
+                state.add(name, changes, changes.sum_sq, changes.sum)
+        else:  # each window measured alone: its totals give the standard error over windows
+            state.n_windows += len(groups)
+            state.count_sq += sum(len(g) ** 2 for g in groups)
+            alone = [TokenBatch(x[g], z[g], self.atoms, self.bias, weight=rows_of(weight, g)) for g in groups]
+            for name, family in self.families.items():
+                parts = [family.held_out(batch, lam) for batch in alone]
+                totals = torch.stack([part.sum for part in parts])  # (windows, F)
+                counts = torch.tensor([float(len(g)) for g in groups], dtype=torch.float64, device=totals.device)
+                state.add(name, TokenChanges(totals.sum(0), sum(part.sum_sq for part in parts),
+                                             sum(part.touched for part in parts)), (totals**2).sum(0), counts @ totals)
         state.value_sum += c4_codes.feature_values(tokens, lam)
         self.pair_map.held_out(x, tokens, self.bias, state)
         entries, values = tokens.entries, tokens.entries.values.double()
@@ -307,6 +328,11 @@ class AuditPlan:
         loss = mse + lam * l1
         state.loss_sum += loss.sum()
         state.loss_sum_sq += (loss**2).sum()
+        totals = loss if groups is None else torch.stack([loss[g].sum() for g in groups])
+        sizes = torch.ones_like(totals) if groups is None else torch.tensor(
+            [float(len(g)) for g in groups], dtype=torch.float64, device=totals.device)
+        state.loss_cluster_sq += (totals**2).sum()
+        state.loss_cluster_cross += sizes @ totals
         state.mse_sum += mse.sum()
         state.l1_sum += l1.sum()
         state.nnz += len(values)
@@ -404,12 +430,18 @@ class _Pass2State(LamStatistics):
         count = lambda *size: torch.zeros(*size, dtype=torch.int64, device=device)  # noqa: E731
         self.add_state("n_held_out", count(()), "sum")
         self.add_state("n_seen", count(()), "sum")
+        self.add_state("n_windows", count(()), "sum")  # held-out windows
+        self.add_state("count_sq", torch.zeros((), **f64), "sum")  # sum over them of (tokens)^2
         for name, family in families.items():
             self.add_state(f"{name}_sum", torch.zeros(len(family), **f64), "sum")
             self.add_state(f"{name}_sum_sq", torch.zeros(len(family), **f64), "sum")
             self.add_state(f"{name}_touched", count(len(family)), "sum")
+            # over windows: sum_w T_w^2 and sum_w n_w T_w, T_w a window's total change
+            self.add_state(f"{name}_cluster_sq", torch.zeros(len(family), **f64), "sum")
+            self.add_state(f"{name}_cluster_cross", torch.zeros(len(family), **f64), "sum")
         self.add_state("value_sum", torch.zeros(n_features, **f64), "sum")
-        for name in ("loss_sum", "loss_sum_sq", "mse_sum", "l1_sum", "weight_sum", "x_sq_sum"):
+        for name in ("loss_sum", "loss_sum_sq", "loss_cluster_sq", "loss_cluster_cross", "mse_sum", "l1_sum",
+                     "weight_sum", "x_sq_sum"):
             self.add_state(name, torch.zeros((), **f64), "sum")
         self.add_state("nnz", count(()), "sum")
         self.add_state("x_sum", torch.zeros(d, **f64), "sum")
@@ -418,13 +450,22 @@ class _Pass2State(LamStatistics):
             self.add_lam_states(n_features, device)
         self.sample = TokenSample(sample_tokens)
 
-    def add(self, name: str, changes: TokenChanges) -> None:
-        getattr(self, f"{name}_sum").add_(changes.sum.to(self.value_sum.device))
-        getattr(self, f"{name}_sum_sq").add_(changes.sum_sq.to(self.value_sum.device))
-        getattr(self, f"{name}_touched").add_(changes.touched.to(self.value_sum.device))
+    def add(self, name: str, changes: TokenChanges, cluster_sq: Tensor, cluster_cross: Tensor) -> None:
+        device = self.value_sum.device
+        getattr(self, f"{name}_sum").add_(changes.sum.to(device))
+        getattr(self, f"{name}_sum_sq").add_(changes.sum_sq.to(device))
+        getattr(self, f"{name}_touched").add_(changes.touched.to(device))
+        getattr(self, f"{name}_cluster_sq").add_(cluster_sq.to(device))
+        getattr(self, f"{name}_cluster_cross").add_(cluster_cross.to(device))
 
     def changes(self, name: str) -> TokenChanges:
         return TokenChanges(getattr(self, f"{name}_sum"), getattr(self, f"{name}_sum_sq"), getattr(self, f"{name}_touched"))
+
+    def estimate(self, name: str) -> pol.Estimate:
+        """A family's held-out change per token, its standard error over windows."""
+        return pol.clustered_estimate(getattr(self, f"{name}_sum").cpu(), getattr(self, f"{name}_cluster_sq").cpu(),
+                                      getattr(self, f"{name}_cluster_cross").cpu(), float(self.count_sq),
+                                      int(self.n_held_out), int(self.n_windows))
 
     def _merge_extra(self, other: "_Pass2State") -> None:
         self.sample.merge(other.sample)
@@ -471,7 +512,7 @@ class _LayerAssembler:
         family, n_audit = plan.families[name], self.stats.n_tokens
         change, first = (t.cpu() for t in plan.audit_changes[name])
         held = plan.state.changes(name)
-        est = pol.estimate(held.sum.cpu(), held.sum_sq.cpu(), self.n_held)
+        est = plan.state.estimate(name)
         means, ses, p_values = (list(map(_number, t.tolist())) for t in (est.mean, est.se, est.p_value))
         touched, steps = held.touched.cpu().tolist(), family.step.cpu().tolist()
         changes, firsts = change.tolist(), first.tolist()
@@ -648,7 +689,8 @@ class _LayerAssembler:
             return {"L": None, "mse": None, "l1": None, "n_tokens": 0}
         # the inputs' (weighted) spread about their (weighted) mean: what explained variance compares with
         spread = float(state.x_sq_sum) - float((state.x_sum**2).sum()) / float(state.weight_sum)
-        est = pol.estimate(state.loss_sum[None], state.loss_sum_sq[None], n)
+        est = pol.clustered_estimate(state.loss_sum[None].cpu(), state.loss_cluster_sq[None].cpu(),
+                                     state.loss_cluster_cross[None].cpu(), float(state.count_sq), n, int(state.n_windows))
         return {
             "L": self.loss, "se": _number(est.se[0]), "mse": float(state.mse_sum) / n,
             "l1": None if lam is None else lam * float(state.l1_sum) / n, "n_tokens": n,
@@ -753,6 +795,17 @@ def _scatter_rows(zi: Tensor, zj: Tensor, limit: int) -> Tensor:
     neither = torch.nonzero((zi == 0) & (zj == 0)).flatten()
     take = lambda idx, n: idx[torch.linspace(0, len(idx) - 1, min(n, len(idx))).long()] if len(idx) else idx  # noqa: E731
     return torch.cat([take(either, limit - limit // 10), take(neither, limit // 10)])
+
+
+def _window_groups(window: Tensor | None, n: int) -> list[Tensor] | None:
+    """Row indices of each window in a batch, or None when every token is its own window."""
+    if window is None:
+        return None
+    ids, slot = torch.unique(window, return_inverse=True)
+    if len(ids) == n:
+        return None
+    order = torch.argsort(slot, stable=True)
+    return list(torch.split(order, torch.bincount(slot, minlength=len(ids)).tolist()))
 
 
 def rows_of(weight: Tensor | None, rows: Tensor) -> Tensor | None:

@@ -144,7 +144,8 @@ class Router:
             plan = self.plans[key]
             rows = keep if plan.needs_audit_tokens else keep & held
             if bool(rows.any()):
-                plan.update(x[rows], z[rows], index[rows], held_out=held[rows], weight=rows_of(w, rows))
+                plan.update(x[rows], z[rows], index[rows], held_out=held[rows], weight=rows_of(w, rows),
+                            window=batch.window.to(device)[rows])
 
     def _finite_rows(self, key: str, x: Tensor, z: Tensor, batch: Batch) -> Tensor:
         z_min, z_max = z.aminmax() if z.numel() else (z.new_zeros(()), z.new_zeros(()))  # NaN propagates

@@ -308,3 +308,44 @@ def test_bad_token_weights_are_refused():
     with pytest.raises(ValueError, match=r"weight must be \(2,\)"):
         audit.update(x, z, weight=torch.ones(3, dtype=torch.float64))
     assert audit.n_tokens == 0
+
+
+def test_held_out_standard_error_is_over_windows():
+    """Tokens of one window share a context: a certificate's held-out SE is the ratio estimator's
+    over windows (brute force here), not the independent-token one, and any split of the windows
+    into batches gives the same sums."""
+    world = Stationary(5)
+    n, size = 6000, 12
+    x = world.sample(n)
+    window = torch.arange(n) // size
+    gen = torch.Generator().manual_seed(0)
+    x = x + 0.3 * torch.randn(n // size, 1, generator=gen, dtype=torch.float64)[window] * world.outside[1]  # shared per window
+    bias = world.bias + 0.2 * world.outside[0]  # a C5 defect
+    z = torch.relu((x - bias) @ world.atoms.T - LAM / 2)
+    held = held_out_windows(0, n // size, HELD_OUT).repeat_interleave(size)
+    audit = LayerAudit(world.atoms, bias, lam=LAM)
+    audit.update(x[~held], z[~held])
+    results = []
+    for cuts in ([n], [1200, 3600, n]):
+        plan = audit.plan()
+        start = 0
+        for stop in cuts:
+            sl = slice(start, stop)
+            plan.update(x[sl], z[sl], held_out=held[sl], window=window[sl])
+            start = stop
+        results.append(plan.result())
+    check = results[0].layer_conditions["C5"]["certificate"]
+    assert check.held_out_se == pytest.approx(results[1].layer_conditions["C5"]["certificate"].held_out_se, rel=1e-12)
+    family = audit.plan().families["C5"]
+    step = float(family.step[0])
+    r = (x - bias - z @ world.atoms)[held]
+    change = -2 * step * (r @ family.direction.double()) + step**2
+    totals = torch.zeros(n // size, dtype=torch.float64).index_add_(0, window[held], change)[held_out_windows(0, n // size, HELD_OUT)]
+    mean = float(change.mean())
+    windows_held = len(totals)
+    se = math.sqrt(windows_held / (windows_held - 1) * float(((totals - size * mean) ** 2).sum())) / len(change)
+    token_se = float(change.std() / math.sqrt(len(change)))
+    print(f"C5 held-out change {mean:.5g}: SE over windows {se:.3g}, as if tokens were independent {token_se:.3g}")
+    assert check.held_out == pytest.approx(mean, rel=1e-9)
+    assert check.held_out_se == pytest.approx(se, rel=1e-9)
+    assert se > 1.5 * token_se  # the shared offsets make windows, not tokens, the unit
