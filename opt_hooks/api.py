@@ -63,7 +63,7 @@ def audit(
     check_share(held_out)
     if checkpoint_dir is None and (resume or checkpoint_every is not None):
         raise ValueError("resume and checkpoint_every need checkpoint_dir, the folder of the checkpoints")
-    device = _place(model, saes, device)
+    device = place_on(model, saes, device)
     views = make_views(saes, hook_names)
     check_attachment(model, views, allow_model_mismatch=allow_model_mismatch)
     return audit_text(
@@ -74,7 +74,7 @@ def audit(
     ).result
 
 
-def _place(model: Any, saes: Any, device: str | torch.device | None) -> torch.device:
+def place_on(model: Any, saes: Any, device: str | torch.device | None) -> torch.device:
     """Resolve the device; an explicit one moves the model and the SAEs there."""
     if device is None:
         return model_device(model)

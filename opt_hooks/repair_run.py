@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from opt_hooks import policy as pol
+from opt_hooks.api import place_on
 from opt_hooks.adapters import InputTap, SAEView, check_attachment, forward_to_deepest, make_views
 from opt_hooks.adapters.sae_edit import NotExpressible, SAEEdit, mark_modified, median_alive_norm, refusal
 from opt_hooks.adapters.data import token_windows
@@ -43,8 +44,8 @@ from opt_hooks.engine import AuditOptions, AuditPlan
 from opt_hooks.records import LayerResult, atomic_write_text, json_safe
 from opt_hooks.result import AuditResult
 from opt_hooks.run import (
-    AuditRun, _iterate, _progress, _sources, audit_rows, audit_text, check_share, held_out_windows, special_tokens,
-    versions,
+    AuditRun, audit_rows, audit_text, batch_sources, check_share, held_out_windows, iterate_batches, progress_bar,
+    special_tokens, versions,
 )
 from opt_hooks.theory.repair_sums import Clustered, LatentChanges, PlantFit, VariantSums
 
@@ -126,13 +127,11 @@ def repair(model: Any, saes: Any, dataset: Any, n_tokens: int = 1_000_000, batch
            progress: bool = True) -> RepairResult:
     """Audit the SAEs on `dataset` through `model` (as `oh.audit`), apply the certified changes and
     measure them (module docstring). The SAEs given are not changed: `result.saes` are new ones."""
-    from opt_hooks.api import _place
-
     check_share(held_out)
     if held_out == 0:
         raise ValueError("held_out must be > 0: the before / after table is measured on those tokens")
     ropts = repair_options or RepairOptions()
-    device = _place(model, saes, device)
+    device = place_on(model, saes, device)
     views = make_views(saes, hook_names)
     check_attachment(model, views)
     windows = torch.cat(list(token_windows(dataset, model, context_size, n_tokens=n_tokens, batch_size=batch_size,
@@ -168,7 +167,7 @@ def repair_activations(saes: Any, batches: Any, held_out: float = 0.2, *, hook_n
     if not isinstance(saes, (Mapping, list, tuple)) and hook_names is None and not isinstance(batches, Mapping):
         hook_names = ["sae"]
     views = make_views(saes, hook_names)
-    sources = _sources(views, batches)
+    sources = batch_sources(views, batches)
     parts = _RowParts(views, sources, held_out, ropts.audit_held_out)
 
     def audit_round(round_views: dict[str, SAEView], round_lam: Any) -> AuditRun:
@@ -196,7 +195,7 @@ class _TextParts:
         chosen = self.chosen[part]
         found: dict[str, Tensor] = {}
         with InputTap(self.model, views, found.__setitem__) as tap:
-            for start in _progress(range(0, len(chosen), self.batch_size), f"repair: {part} tokens", self.progress,
+            for start in progress_bar(range(0, len(chosen), self.batch_size), f"repair: {part} tokens", self.progress,
                                    total_items=len(chosen), step=self.batch_size):
                 rows = chosen[start:start + self.batch_size]
                 found.clear()
@@ -218,7 +217,7 @@ class _RowParts:
     def _parts(self, key: str) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """(rows, row index, test mask, validation mask) per batch of one SAE's source."""
         seen = fit_seen = 0
-        for acts in _iterate(self.sources[key], key):
+        for acts in iterate_batches(self.sources[key], key):
             rows = self.views[key].rows(acts)
             index = torch.arange(seen, seen + len(rows))
             test = held_out_windows(seen, len(rows), self.held_out)

@@ -342,7 +342,7 @@ def _stream_windows(model, tap, router: Router, windows: Tensor, specials: Tenso
         chosen = chosen[router.ranks.own(chosen)]
     pass_number = 1 if which == "audit" else 2
     batches = range(first, len(chosen), batch_size)
-    for start in _progress(batches, desc, progress, total_items=len(chosen) - first, step=batch_size):
+    for start in progress_bar(batches, desc, progress, total_items=len(chosen) - first, step=batch_size):
         rows = chosen[start:start + batch_size]
         tokens = windows[rows]
         positions = torch.arange(context)
@@ -417,7 +417,7 @@ def audit_rows(views: dict[str, SAEView], batches: Any, *, held_out: float, lam:
                nonfinite: str, options: AuditOptions | None, progress: bool) -> AuditRun:
     """`api.audit_activations`'s run: lam calibration on the first audit rows, pass 1, rank merge,
     the plans, pass 2, rank merge, the layer results. Every row is a window."""
-    sources = _sources(views, batches)
+    sources = batch_sources(views, batches)
     router = Router(views, lam, options, nonfinite)
     if router.start_calibration():  # every rank alike, from the first audit rows
         for key in router.calibrations:
@@ -430,7 +430,7 @@ def audit_rows(views: dict[str, SAEView], batches: Any, *, held_out: float, lam:
         for key, source in sources.items():
             seen = 0
             desc = f"{key}: pass {2 if pass_two else 1}/2"
-            for acts in _progress(_iterate(source, key), desc, progress):
+            for acts in progress_bar(iterate_batches(source, key), desc, progress):
                 rows = views[key].rows(acts)  # (n, d_in), one row per token, as encode reads them
                 index = torch.arange(seen, seen + len(rows))
                 held = held_out_windows(seen, len(rows), held_out)
@@ -453,7 +453,7 @@ def audit_rows(views: dict[str, SAEView], batches: Any, *, held_out: float, lam:
 def _calibrate_on_rows(router: Router, view: SAEView, key: str, source: Any, held_out: float) -> None:
     """Feed one SAE's lam calibration the first `router.calibration_tokens` audit rows."""
     seen = audit_seen = 0
-    for acts in _iterate(source, key):
+    for acts in iterate_batches(source, key):
         rows = view.rows(acts)
         held = held_out_windows(seen, len(rows), held_out)
         index = torch.arange(seen, seen + len(rows))
@@ -468,7 +468,7 @@ def _calibrate_on_rows(router: Router, view: SAEView, key: str, source: Any, hel
     router.batch = None
 
 
-def _sources(views: Mapping[str, SAEView], batches: Any) -> dict[str, Any]:
+def batch_sources(views: Mapping[str, SAEView], batches: Any) -> dict[str, Any]:
     if isinstance(batches, Mapping):
         missing = sorted(set(views) - set(batches))
         if missing:
@@ -481,7 +481,7 @@ def _sources(views: Mapping[str, SAEView], batches: Any) -> dict[str, Any]:
     return {next(iter(views)): batches}
 
 
-def _iterate(source: Any, key: str) -> Iterator[Tensor]:
+def iterate_batches(source: Any, key: str) -> Iterator[Tensor]:
     if isinstance(source, Tensor):
         yield source
         return
@@ -499,7 +499,7 @@ def _iterate(source: Any, key: str) -> Iterator[Tensor]:
         yield acts
 
 
-def _progress(items: Iterable, desc: str, enabled: bool, total_items: int | None = None, step: int = 1) -> Iterable:
+def progress_bar(items: Iterable, desc: str, enabled: bool, total_items: int | None = None, step: int = 1) -> Iterable:
     if not enabled:
         return items
     from tqdm.auto import tqdm

@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TUTORIALS = REPO / "tutorials"
-EXPECTED = ["01_quick_start.ipynb", "02_hierarchy_and_absorption.ipynb", "03_layer_report.ipynb"]
+EXPECTED = ["01_quick_start.ipynb", "02_hierarchy_and_absorption.ipynb", "03_layer_report.ipynb", "04_repair.ipynb"]
 OFFLINE_SWITCH = "OPT_HOOKS_TUTORIAL_OFFLINE"
 
 # The repository's public address; the organisation is a placeholder (tutorials/README.md).
@@ -75,7 +75,7 @@ def anchors(markdown_file: Path) -> set[str]:
 ids = [p.name for p in notebook_paths()]
 
 
-def test_the_three_tutorials_exist_and_are_listed_in_the_readme():
+def test_the_tutorials_exist_and_are_listed_in_the_readme():
     assert ids == EXPECTED
     readme = (TUTORIALS / "README.md").read_text(encoding="utf-8")
     for name in EXPECTED:

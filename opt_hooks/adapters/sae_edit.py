@@ -170,10 +170,12 @@ class SAEEdit:
         self._refuse("merge")
         units = self._code_units(torch.tensor([keep, drop]))
         c = factor * float(units[1] / units[0])  # f_keep + c f_drop carries z_keep + factor z_drop
-        self._set("W_enc", (slice(None), keep), self._param("W_enc")[:, keep].double() + c * self._param("W_enc")[:, drop].double())
-        self._set("b_enc", keep, float(self._param("b_enc")[keep]) + c * float(self._param("b_enc")[drop]))
-        if self.architecture == "jumprelu":  # thresholds add as the pre-activations do
-            self._set("threshold", keep, float(self._param("threshold")[keep]) + c * float(self._param("threshold")[drop]))
+        w_enc = self._param("W_enc").double()
+        self._set("W_enc", (slice(None), keep), w_enc[:, keep] + c * w_enc[:, drop])
+        # the bias and (JumpReLU) the threshold add as the pre-activations do
+        for name in ("b_enc", "threshold") if self.architecture == "jumprelu" else ("b_enc",):
+            values = self._param(name).double()
+            self._set(name, keep, float(values[keep] + c * values[drop]))
         self.silence(drop)
 
     @torch.no_grad()
