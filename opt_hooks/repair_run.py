@@ -76,8 +76,9 @@ class RepairOptions:
 
 @dataclass
 class RepairResult:
-    """`saes` {key: repaired SAE}, `table` {key: before / after on the test tokens}, `changes`
-    {key: the steps, applied or not, with their measured gains}, `audits` (one per round)."""
+    """`saes` {key: repaired SAE; a new object, except where no step was applied: then the SAE given},
+    `table` {key: before / after on the test tokens}, `changes` {key: the steps, applied or not, with
+    their measured gains}, `audits` (one per round)."""
 
     saes: dict[str, Any]
     table: dict[str, dict[str, Any]]
@@ -276,8 +277,10 @@ def _repair(views: dict[str, SAEView], audit_round: Callable[[dict[str, SAEView]
             _validate(parts, layers)
             if not any([layer.decide(policy) for layer in layers.values()]):
                 break
-        else:  # still dropping after the last pass: keep what every pass so far let through
-            for layer in layers.values():
+        else:  # still dropping after the last pass: keep what it let through, never a pruned respawn
+            for layer in layers.values():  # that no pass measured
+                if layer.pruned:
+                    layer.dropped.add("respawn")
                 layer.build()
         for key, layer in layers.items():
             current[key] = layer.chain[-1]
@@ -313,6 +316,7 @@ class _LayerRepair:
         self.plants: list[dict[str, Any]] = []  # (feature, atom, beta, threshold, audit_gain) after _fit_plants
         self.dropped: set[str] = set()  # steps rejected on the validation part
         self.dropped_plants: set[int] = set()
+        self.pruned = False  # the last decision pruned the respawn step's latents (not yet measured so)
         self.chain: list[Any] = []
         self.changes: dict[str, Any] = {}  # each step's latest measurement on the validation part
 
@@ -474,7 +478,7 @@ class _LayerRepair:
         tested = [name for name in self.names[1:] if name != "merged"]
         z = policy.critical_z(len(tested))
         est = _estimate(sums.parts["change"])
-        dropped_any = False
+        dropped_any = self.pruned = False
         for v, name in enumerate(self.names):
             if v == 0:
                 continue
@@ -485,14 +489,16 @@ class _LayerRepair:
                 self.dropped.add(name)
                 dropped_any = True
         if "respawn" in self.names:
+            # A step that holds as a whole keeps all its latents, rare ones included: a latent on 0.2% of
+            # the tokens is a typical SAE feature, and such gains add up though each is too small to test
+            # alone. One that does not hold is tried again with the latents that held up alone, if any.
             weak = self._weak_plants(policy)
-            if self.changes["respawn"]["significant"]:
-                pass  # the step holds as a whole: its latents are its items
-            elif len(weak) < len(self.plant_ids):  # try again with the latents that held up alone
-                self.dropped_plants |= weak
-                dropped_any = True
-            else:
-                self.dropped.add("respawn")
+            if not self.changes["respawn"]["significant"]:
+                if len(weak) < len(self.plant_ids):
+                    self.dropped_plants |= weak
+                    self.pruned = True
+                else:
+                    self.dropped.add("respawn")
                 dropped_any = True
         return dropped_any
 

@@ -96,6 +96,11 @@ def test_each_edit_is_its_theory_unit_change(architecture, apply_b_dec):
     expected[:, live] *= 0.7
     torch.testing.assert_close(theory(edit.sae, x)[1], expected, **exact)
 
+    edit = SAEEdit(sae)  # a factor 0 removes the latent and leaves every other code (a TopK ranking too)
+    edit.scale_codes(torch.tensor([live]), torch.tensor([0.0], dtype=torch.float64))
+    expected[:, live] = 0
+    torch.testing.assert_close(theory(edit.sae, x)[1], expected, **exact)
+
     free, direction = (live + 1) % sae.cfg.d_sae, torch.randn(D, generator=gen, dtype=torch.float64)
     edit = SAEEdit(sae)
     if architecture == "topk":

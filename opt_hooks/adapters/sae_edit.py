@@ -128,13 +128,14 @@ class SAEEdit:
         if bool((factors < 0).any()):
             raise ValueError("code scale factors must be >= 0")
         self._refuse("scale")
+        if self.architecture in TOPK_CODES:  # z = f ||W_dec[i]||: the decoder row's norm scales it, and
+            # the ranking, which silencing the encoder would change, stays as it was (a factor 0 too)
+            self._set("W_dec", ids, self._param("W_dec")[ids].double().cpu() * factors[:, None])
+            return
         dead = factors == 0
         for k in ids[dead].tolist():
             self.silence(k)
         ids, factors = ids[~dead], factors[~dead]
-        if self.architecture in TOPK_CODES:  # z = f ||W_dec[i]||: the decoder row's norm scales it
-            self._set("W_dec", ids, self._param("W_dec")[ids].double().cpu() * factors[:, None])
-            return
         if self.architecture == "gated":
             self._set("r_mag", ids, self._param("r_mag")[ids].double().cpu() + factors.log())
             self._set("b_mag", ids, self._param("b_mag")[ids].double().cpu() * factors)
