@@ -433,3 +433,29 @@ def test_window_clustered_standard_error_matches_brute_force():
         se = torch.sqrt(40 / 39 * ((totals - counts[:, None] * mean) ** 2).sum(0)) / len(values)
         torch.testing.assert_close(est.mean, mean)
         torch.testing.assert_close(est.se, se)
+
+
+def test_spliced_sae_is_repaired_from_its_own_input_as_the_plain_model_gives_it(tiny_model_cfg):
+    """A HookedSAETransformer user's spliced SAE: the repair reads it at its own hook_sae_input, so
+    repairing it gives what repairing the same SAE beside the plain model gives; the spliced SAE
+    itself stays as it was."""
+    from sae_lens import HookedSAETransformer
+    from transformer_lens import HookedTransformer
+
+    hook = "blocks.1.hook_resid_pre"
+    ids = torch.randint(0, tiny_model_cfg.d_vocab, (96, 16), generator=torch.Generator().manual_seed(0))
+    plain = HookedTransformer(tiny_model_cfg).eval()
+    acts = plain.run_with_cache(ids[:32], names_filter=[hook])[1][hook].reshape(-1, tiny_model_cfg.d_model)
+    trained = train_sae("standard", acts, hook_name=hook, d_sae=24, steps=200, dtype="float32")
+    with torch.no_grad():  # a bias defect for the repair to find
+        trained.b_dec.add_(0.5 * acts.std(0))
+    spliced_model = HookedSAETransformer(tiny_model_cfg).eval()
+    spliced = SAEEdit(trained).sae
+    spliced_model.add_sae(spliced)
+    before = {k: v.clone() for k, v in spliced.state_dict().items()}
+    reps = [oh.repair(m, sae, ids, n_tokens=ids.numel(), context_size=16, progress=False)
+            for m, sae in ((plain, trained), (spliced_model, spliced))]
+    print({s["step"]: s["applied"] for s in reps[0].changes[hook]}, reps[0].table[hook]["change"])
+    assert any(s["applied"] for s in reps[0].changes[hook]) and reps[0].table == reps[1].table
+    assert [s["applied"] for s in reps[0].changes[hook]] == [s["applied"] for s in reps[1].changes[hook]]
+    assert all(torch.equal(v, before[k]) for k, v in spliced.state_dict().items())
