@@ -247,8 +247,10 @@ def test_duplicates_merged_and_the_freed_latent_resampled_onto_the_missing_featu
     plants = [i for i in respawn["items"] if "threshold" in i]
     print(f"respawn: gain {respawn['gain']:.4g} ± {respawn['se']:.2g}; merges {merges}; plants {plants}")
     assert respawn["applied"] and {(m["keep"], m["drop"]) for m in merges} <= {(k - 2, k - 1), (k - 1, k - 2)}
-    freed = next(p["feature"] for p in plants if p["kept"])
-    atom = rep.saes["sae"].W_dec.detach()[freed]
+    planted = next(p for p in plants if p["kept"])
+    # the resampled latent's fitted gain on the audit tokens is its prediction; held out it agrees
+    assert abs(planted["gain"] - planted["audit_gain"]) < 4 * planted["se"]
+    atom = rep.saes["sae"].W_dec.detach()[planted["feature"]]
     assert abs(float(atom @ world.atoms[k - 1] / atom.norm())) > 0.9  # the missing feature's direction
     table = rep.table["sae"]
     print(f"test tokens: L {table['before']['L']:.5g} -> {table['after']['L']:.5g}")
@@ -265,6 +267,9 @@ def test_dead_latent_resampled_when_c6_is_certified():
     assert rep.audits[0].layers["sae"].layer_conditions["C6"]["tier"] == "certified"
     respawn = step(rep, "respawn")
     assert respawn["applied"], respawn
+    planted = next(i for i in respawn["items"] if i.get("feature") == k - 1)
+    print(f"resampled latent: audit gain {planted['audit_gain']:.4g}, held out {planted['gain']:.4g} ± {planted['se']:.2g}")
+    assert abs(planted["gain"] - planted["audit_gain"]) < 4 * planted["se"]
     atom = rep.saes["sae"].W_dec.detach()[k - 1]
     assert abs(float(atom @ world.atoms[k - 1] / atom.norm())) > 0.9
     assert rep.table["sae"]["after"]["dead"] < rep.table["sae"]["before"]["dead"]
