@@ -127,7 +127,8 @@ def repair(model: Any, saes: Any, dataset: Any, n_tokens: int = 1_000_000, batch
            options: AuditOptions | None = None, repair_options: RepairOptions | None = None,
            progress: bool = True) -> RepairResult:
     """Audit the SAEs on `dataset` through `model` (as `oh.audit`), apply the certified changes and
-    measure them (module docstring). The SAEs given are not changed: `result.saes` are new ones."""
+    measure them (module docstring). The SAEs given are not changed: `result.saes` are new ones, except
+    where no step was applied (there the SAE given)."""
     check_share(held_out)
     if held_out == 0:
         raise ValueError("held_out must be > 0: the before / after table is measured on those tokens")

@@ -135,3 +135,32 @@ def test_merged_statistics_are_exactly_one_process_statistics(runs):
             torch.testing.assert_close(ranked["pass_two"][name], value, rtol=1e-12, atol=1e-12)
     other = runs[1][1]["engine"]["statistics"]
     assert torch.equal(other.codes.val, b.codes.val) and torch.equal(other.sum_z_r, b.sum_z_r), "ranks differ"
+
+
+def test_torchrun_report_equals_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 -m opt_hooks.cli report` (gloo on the CPU, as the README shows for
+    several GPUs) writes the report one process writes: the same per-feature counts, maxima and minima,
+    exactly, and the same token counts."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["-m", "opt_hooks.cli", "report", "--tokens", "8k", "--quiet"]
+    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *common, "--out", str(tmp_path / "two")], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two")]
+    assert list(reports[0]["layers"]) == list(reports[1]["layers"]) and reports[0]["layers"]
+    for hook, layer in reports[0]["layers"].items():
+        other = reports[1]["layers"][hook]
+        assert (layer["n_tokens"], layer["n_held_out"]) == (other["n_tokens"], other["n_held_out"])
+        for mine, theirs in zip(layer["features"], other["features"], strict=True):
+            for name in ("id", "active_count", "max_code", "min_code"):
+                assert mine[name] == theirs[name], (hook, mine["id"], name)
+        assert layer["dead_features"] == other["dead_features"]
