@@ -11,7 +11,7 @@ streaming all windows would hold:
   all_gather_object, merged as batches are, so the codes come out identical to one process's.
   Every rank then keeps all audit tokens' codes: the pair condition C2 needs them all.
 - pass 2 (`merge_pass_two`): an AuditPlan's sums by all_reduce, its code-gap sample (the
-  lowest-indexed held-out tokens) gathered and merged.
+  held-out tokens whose index hashes lowest) gathered and merged.
 
 Counts, minima and maxima are then exactly a single process's, and so are the codes; float
 sums differ only in the order of additions. The collectives run on the default group; with

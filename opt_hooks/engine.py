@@ -340,7 +340,7 @@ class AuditPlan:
         state.x_sum += w @ x.double()
         state.x_sq_sum += w @ (x.double() ** 2).sum(-1)
         if self.lam is not None:
-            state.sample.update(x, z, token_index, w)
+            state.sample.update(x, z, token_index, w, token_index if window is None else window)
 
     def merge(self, other: "AuditPlan") -> "AuditPlan":
         self.state.merge(other.state)
@@ -369,48 +369,59 @@ class AuditPlan:
 
 
 class TokenSample:
-    """The k held-out tokens of lowest token index (inputs, codes, weights): the code gap's
-    sample. Chosen by index, so any batch split, merge order or rank split keeps the same tokens."""
+    """The code gap's sample: the k held-out tokens whose token index hashes lowest (inputs, codes,
+    weights, windows). The hash spreads the sample over the held-out windows (the lowest indices would
+    be the first window's tokens, one context); chosen by a function of the index alone, so any batch
+    split, merge order or rank split keeps the same tokens."""
 
     def __init__(self, k: int) -> None:
         self.k = k
         self.tokens = torch.zeros(0, dtype=torch.int64)
+        self.window = torch.zeros(0, dtype=torch.int64)
         self.x: Tensor | None = None  # (m, d), in the precision the batches came in
         self.z: Tensor | None = None  # (m, K), sparse COO while kept
         self.weight: Tensor | None = None  # (m,) float64 w_n (ones for an unweighted SAE)
 
-    def update(self, x: Tensor, z: Tensor, token_index: Tensor, weight: Tensor) -> None:
+    @staticmethod
+    def key(tokens: Tensor) -> Tensor:
+        """A fixed scramble of token indices (Knuth's multiplicative hash modulo 2^31, ties by index)."""
+        return (tokens * 2654435761) % (1 << 31) * (1 << 31) + tokens
+
+    def update(self, x: Tensor, z: Tensor, token_index: Tensor, weight: Tensor, window: Tensor) -> None:
         if self.k <= 0 or len(token_index) == 0:
             return
         token_index = token_index.cpu()
-        if len(self.tokens) >= self.k and int(token_index.min()) > int(self.tokens.max()):
+        if len(self.tokens) >= self.k and int(self.key(token_index).min()) > int(self.key(self.tokens).max()):
             return
         # the batch's precision
-        self._keep(token_index, x.detach().cpu(), z.detach().cpu().to_sparse(), weight.detach().cpu().double())
+        self._keep(token_index, x.detach().cpu(), z.detach().cpu().to_sparse(), weight.detach().cpu().double(),
+                   window.cpu())
 
-    def _keep(self, tokens: Tensor, x: Tensor, z: Tensor, weight: Tensor) -> None:
+    def _keep(self, tokens: Tensor, x: Tensor, z: Tensor, weight: Tensor, window: Tensor) -> None:
         if self.x is not None:
             tokens = torch.cat([self.tokens, tokens])
             x = torch.cat([self.x, x])
             z = torch.cat([self.z, z])
             weight = torch.cat([self.weight, weight])
-        order = torch.argsort(tokens, stable=True)[: self.k]
-        self.tokens, self.x, self.weight = tokens[order], x[order], weight[order]
+            window = torch.cat([self.window, window])
+        order = torch.argsort(self.key(tokens), stable=True)[: self.k]
+        self.tokens, self.x, self.weight, self.window = tokens[order], x[order], weight[order], window[order]
         self.z = z.index_select(0, order).coalesce()
 
     def merge(self, other: "TokenSample") -> None:
         if other.x is not None:
-            self._keep(other.tokens, other.x, other.z, other.weight)
+            self._keep(other.tokens, other.x, other.z, other.weight, other.window)
 
     def state_dict(self) -> dict[str, Any]:
         if self.x is None:
             return {"tokens": self.tokens}
         z = self.z.coalesce()
         return {"tokens": self.tokens, "x": self.x, "z_indices": z.indices(), "z_values": z.values(),
-                "n_features": z.shape[1], "weight": self.weight}
+                "n_features": z.shape[1], "weight": self.weight, "window": self.window}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tokens, self.x, self.z, self.weight = state["tokens"], None, None, state.get("weight")
+        self.window = state.get("window", torch.zeros(0, dtype=torch.int64))
         if "x" in state:
             self.x = state["x"]
             shape = (len(self.tokens), state["n_features"])
@@ -722,11 +733,15 @@ class _LayerAssembler:
         atoms, bias = plan.atoms.double(), plan.bias.double()
         solve = exact_codes(x, atoms, bias, plan.lam, z, max_iter=opts.code_gap_max_iter, tol=opts.code_gap_tol,
                             weight=sample.weight.to(device))
-        gains = solve.loss_before - solve.loss_after
+        gains = (solve.loss_before - solve.loss_after).double().cpu()
         n = len(gains)
-        est = pol.estimate(gains.sum()[None], (gains**2).sum()[None], n)
+        _, slot = torch.unique(sample.window, return_inverse=True)  # SE over the sample's windows
+        totals = torch.zeros(int(slot.max()) + 1, dtype=torch.float64).index_add_(0, slot, gains)
+        sizes = torch.bincount(slot).double()
+        est = pol.clustered_estimate(gains.sum()[None], (totals**2).sum()[None], (sizes @ totals)[None],
+                                     float((sizes**2).sum()), n, len(totals))
         return {  # a share of the layer's held-out L, as every gap (THEORY.md section 5)
-            "gain": float(est.mean[0]), "se": _number(est.se[0]), "n_tokens": n,
+            "gain": float(est.mean[0]), "se": _number(est.se[0]), "n_tokens": n, "n_windows": len(totals),
             "share": float(est.mean[0]) / self.loss if self.loss > 0 else None,
             "l0_before": float((z > 0).sum(1).double().mean()), "l0_after": float((solve.z > 0).sum(1).double().mean()),
             "iterations": solve.iterations, "converged": solve.converged, "tol": opts.code_gap_tol,

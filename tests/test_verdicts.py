@@ -15,7 +15,7 @@ from scipy import stats
 import opt_hooks as oh
 from opt_hooks.adapters.sae import SAEView
 from opt_hooks.run import held_out_windows
-from opt_hooks.engine import AuditOptions, LayerAudit
+from opt_hooks.engine import AuditOptions, LayerAudit, TokenSample
 from opt_hooks.report.html import render_html
 from opt_hooks.theory.objective import residuals, token_losses
 from opt_hooks.theory.reference import nonneg_lasso
@@ -243,7 +243,8 @@ def test_code_gap_equals_a_brute_force_lasso_solve(weighted):
     layer = plan.result()
     gap = layer.gaps["codes"]
     assert gap["share"] == pytest.approx(gap["gain"] / layer.objective["L"], rel=1e-12)  # of the held-out L
-    sample = torch.nonzero(held).flatten()[:200]  # the lowest-indexed held-out tokens
+    candidates = torch.nonzero(held).flatten()  # the sample: the held-out tokens whose index hashes lowest
+    sample = candidates[torch.argsort(TokenSample.key(candidates))[:200]]
     w_sample = torch.ones(200, dtype=torch.float64) if w is None else w[sample]
     exact = torch.zeros(200, k, dtype=torch.float64)
     for level in torch.unique(w_sample):
@@ -349,3 +350,6 @@ def test_held_out_standard_error_is_over_windows():
     assert check.held_out == pytest.approx(mean, rel=1e-9)
     assert check.held_out_se == pytest.approx(se, rel=1e-9)
     assert se > 1.5 * token_se  # the shared offsets make windows, not tokens, the unit
+    gap = results[0].gaps["codes"]  # its sample is spread over the held-out windows, its SE over them
+    assert gap["n_tokens"] == 128 and gap["n_windows"] > 50
+    assert results[1].gaps["codes"]["gain"] == pytest.approx(gap["gain"], rel=1e-9)
