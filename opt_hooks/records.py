@@ -210,6 +210,21 @@ class LayerResult:
     antipodal: list[AntipodalRow] = field(default_factory=list)
     pair_map: dict[str, Any] = field(default_factory=dict)  # its thresholds and candidate counts
 
+    TABLES = ("features", "pairs", "absorption", "duplicates", "antipodal")
+
+    def to_pandas(self, table: str = "features") -> Any:
+        """One of the layer's row lists (`TABLES`) as a pandas DataFrame, one row per row of
+        report.json with its scalar and list fields; nested records (a feature's certificates, a
+        pair's certificate) are left out: they stay in report.json and on the row objects.
+        A feature's `conditions` are joined with ","."""
+        import pandas as pd
+
+        if table not in self.TABLES:
+            raise ValueError(f"unknown table {table!r}; choose one of {', '.join(self.TABLES)}")
+        rows = [_flat_row(row) for row in getattr(self, table)]
+        columns = [f.name for f in dataclasses.fields(_ROW_TYPES[table]) if f.name not in _NESTED]
+        return pd.DataFrame(rows, columns=columns)
+
     def duplicate_groups(self) -> list[list[int]]:
         """Latents joined by duplicate pairs (connected components), largest group first: each
         group codes one direction several times and merges into one latent."""
@@ -300,6 +315,18 @@ class AuditRecord:
         texts = {int(k): v for k, v in data.get("token_texts", {}).items()}
         return cls(layers=layers, meta=data.get("meta", {}), token_texts=texts, repair=data.get("repair"))
 
+    def to_pandas(self, table: str = "features") -> Any:
+        """Every layer's `table` (LayerResult.TABLES) in one DataFrame, with `hook` and `sae_id` first."""
+        import pandas as pd
+
+        frames = []
+        for hook, layer in self.layers.items():
+            frame = layer.to_pandas(table)
+            frame.insert(0, "sae_id", layer.sae_id)
+            frame.insert(0, "hook", hook)
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
     def __repr__(self) -> str:
         names = ", ".join(self.layers)
         return f"{type(self).__name__}(layers=[{names}])"
@@ -335,6 +362,18 @@ def _layer_from_dict(d: dict[str, Any]) -> LayerResult:
     for name, row in (("absorption", AbsorptionRow), ("duplicates", DuplicateRow), ("antipodal", AntipodalRow)):
         d[name] = [row(**r) for r in d.get(name, [])]
     return LayerResult(**d)
+
+
+_NESTED = ("certificates", "certificate")  # records inside a row: not DataFrame columns
+_ROW_TYPES = {"features": FeatureRow, "pairs": PairRow, "absorption": AbsorptionRow,
+              "duplicates": DuplicateRow, "antipodal": AntipodalRow}
+
+
+def _flat_row(row: Any) -> dict[str, Any]:
+    values = {f.name: getattr(row, f.name) for f in dataclasses.fields(row) if f.name not in _NESTED}
+    if isinstance(values.get("conditions"), list):
+        values["conditions"] = ",".join(values["conditions"])
+    return values
 
 
 def atomic_write_text(path: Path, text: str) -> None:

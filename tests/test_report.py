@@ -206,6 +206,33 @@ def test_pair_map_rows_round_trip_through_json(result):
     assert list(mapped.absorption_trees()) == [3, 12]
 
 
+@pytest.mark.parametrize("table", ["features", "pairs", "absorption", "duplicates", "antipodal"])
+def test_to_pandas_rows_are_report_json_rows(result, table):
+    """Every DataFrame row is its report.json row (nested certificates left out, conditions joined),
+    in report.json's order, for every layer; the result's frame stacks the layers' with hook and sae_id."""
+    import math
+
+    report = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    frame = result.to_pandas(table)
+    expected = []
+    for hook, layer in report["layers"].items():
+        for row in layer[table]:
+            row = {k: v for k, v in row.items() if k not in ("certificates", "certificate")}
+            if table == "features":
+                row["conditions"] = ",".join(row["conditions"])
+            expected.append({"hook": hook, "sae_id": layer["sae_id"], **row})
+    assert len(frame) == len(expected) and (len(frame) > 0 or table == "antipodal" or table == "duplicates")
+    for got, want in zip(frame.to_dict("records"), expected, strict=True):
+        assert set(got) == set(want)
+        for key, value in want.items():
+            if value is None:
+                assert got[key] is None or (isinstance(got[key], float) and math.isnan(got[key])), key
+            else:
+                assert got[key] == value, key
+    with pytest.raises(ValueError, match="unknown table"):
+        result.layers["blocks.0.hook_resid_pre"].to_pandas("nothing")
+
+
 # ---- the output folder --------------------------------------------------------------------
 
 
