@@ -12,8 +12,10 @@ returns the exit code, so tests and `scripts/layer_report.py` can call it in-pro
 from __future__ import annotations
 
 import argparse
+import difflib
 import io
 import logging
+import math
 import os
 import random
 import re
@@ -22,7 +24,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, redirect_stdout
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from opt_hooks.policy import VerdictPolicy
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FINDINGS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 RUN_LOG = "run.log"
 DEFAULT_TOKENS = 1_000_000  # as opt_hooks.audit; the embedded default uses its own, smaller count
+DEFAULT_CONTEXT = 128  # as opt_hooks.audit; the SAE's metadata context_size comes first
 LAYER_TEMPLATE = "{layer}"
 POLICY = VerdictPolicy()  # the verdict defaults the flags show
 REPAIR_HELD_OUT = 0.2  # as opt_hooks.repair_run.repair: the test share
@@ -60,7 +63,9 @@ examples:
 
   --model defaults to the model named by the SAE release (or the SAE's own metadata);
   --sae-release without --sae-id picks the release's SAE for each of --layers;
-  --dataset defaults to the bundled text corpus (Python documentation).
+  --dataset, --context-size and --prepend-bos default to the SAE's metadata (dataset_path,
+  context_size, prepend_bos), as SAE-Lens's ActivationsStore.from_sae reads them; where it names
+  none, to the bundled text corpus (Python documentation), 128 and BOS. The run log says which.
 
 tiers (of each feature, C2 pair and layer-wide condition):
   certified  a certificate (a fixed change of the SAE, chosen on the audit tokens) lowers the
@@ -80,8 +85,9 @@ output, in --out (default reports/<name>; refused if not empty, unless --overwri
 
 exit codes:
   0    report written
-  1    the run failed: a model, SAE or dataset could not be loaded, --out is not empty and
-       --overwrite was not given, or an internal error (the message and run.log say which)
+  1    the run failed: a model, SAE or dataset could not be loaded (the hub offline: give local
+       folders), --out is not empty and --overwrite was not given, or an internal error (the
+       message and run.log say which)
   2    usage error: unknown, malformed or conflicting flags
   3    report written, and --fail-on found a feature, pair or layer condition at that tier
   130  interrupted (Ctrl-C)
@@ -171,18 +177,37 @@ def add_arguments(command: argparse.ArgumentParser, name: str) -> None:
         "--sae-path", nargs="+", metavar="FOLDER", help="local SAE folder(s) (sae_lens format), or one with {layer}"
     )
     source.add_argument("--layers", type=parse_layers, metavar="SPEC", help="layers to audit: 0-11, 3,5,7 or 0-3,8")
-    data = command.add_argument_group("data")
+    source.add_argument(
+        "--hook-name", nargs="+", metavar="HOOK",
+        help="hook point(s) to attach the SAEs to: one per SAE, or one with {layer} (default: each SAE's "
+        "metadata hook_name)",
+    )
+    data = command.add_argument_group("data (defaults: the SAEs' metadata, as SAE-Lens's ActivationsStore.from_sae)")
     data.add_argument(
         "--dataset", metavar="NAME|PATH",
-        help="Hugging Face dataset name, or a local .txt/.jsonl/.parquet file or folder of them",
+        help="Hugging Face dataset name, or a local .txt/.jsonl/.parquet file or folder of them (default: the "
+        "SAE's metadata dataset_path, else the bundled Python-documentation corpus)",
     )
+    data.add_argument("--text-column", metavar="NAME", help="the dataset's text column (default: text, else its only one)")
+    data.add_argument("--split", default="train", help="the Hugging Face dataset's split (default train)")
     data.add_argument(
         "--tokens", type=parse_count, metavar="N",
         help=f"tokens to {'audit' if name == 'report' else 'read in all'}, e.g. 200000, 200k, 2M "
         f"(default {DEFAULT_TOKENS:,}; embedded: 32,768)",
     )
     data.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per forward pass (default 16)")
-    data.add_argument("--context-size", type=int, default=128, metavar="N", help="tokens per sequence (default 128)")
+    data.add_argument(
+        "--context-size", type=int, metavar="N",
+        help=f"tokens per sequence (default: the SAE's metadata context_size, else {DEFAULT_CONTEXT})",
+    )
+    data.add_argument(
+        "--prepend-bos", action=argparse.BooleanOptionalAction,
+        help="start every sequence with the BOS token (default: the SAE's metadata prepend_bos, else yes)",
+    )
+    data.add_argument(
+        "--include-special-tokens", action="store_true",
+        help="audit BOS / EOS / padding positions too (default: left out)",
+    )
     if name == "report":
         data.add_argument(
             "--held-out", type=float, default=0.1, metavar="SHARE",
@@ -226,8 +251,21 @@ def add_arguments(command: argparse.ArgumentParser, name: str) -> None:
             "--fail-on", choices=("certified", "violated"),
             help="exit 3 when anything reaches this tier (violated includes certified)",
         )
+        run.add_argument(
+            "--nonfinite", choices=("raise", "skip"), default="raise",
+            help="NaN / inf activations or codes: stop (raise, the default) or leave those tokens out, counted (skip)",
+        )
+        run.add_argument(
+            "--allow-model-mismatch", action="store_true",
+            help="no warning when an SAE's metadata names another model than --model",
+        )
     run.add_argument("--quiet", action="store_true", help="no progress bars and no summary; errors only")
     verdicts = command.add_argument_group("verdicts (THEORY.md section 3)")
+    verdicts.add_argument(
+        "--lam", nargs="+", metavar="LAM|HOOK=LAM",
+        help="the L1 coefficient: one number for every SAE, or HOOK=LAM pairs (others keep the default: "
+        "the SAE's training config, else estimated on the first audit tokens)",
+    )
     verdicts.add_argument("--alpha", type=float, default=POLICY.alpha, metavar="A",
                           help=f"significance level per layer, Bonferroni-corrected (default {POLICY.alpha:g})")
     verdicts.add_argument("--min-share", type=float, default=POLICY.min_share, metavar="S",
@@ -282,13 +320,19 @@ def expand(templates: list[str], layers: list[int] | None, flag: str) -> list[st
 
 @dataclass
 class Inputs:
-    """Everything audit() needs, plus what the report says about where it came from."""
+    """Everything audit() / repair() need, plus what the report says about where it came from."""
 
     model: Any
     saes: list[Any]
     dataset: Any
     n_tokens: int
     facts: dict[str, Any] = field(default_factory=dict)
+    context_size: int = DEFAULT_CONTEXT
+    prepend_bos: bool = True
+    hook_names: list[str] | None = None  # the API's hook_names (--hook-name); None: each SAE's own
+    hooks: list[str] = field(default_factory=list)  # the hook of every SAE, in order
+    dataset_label: str = ""  # the dataset, in words, for messages
+    data_sources: dict[str, str] = field(default_factory=dict)  # where dataset, context size and BOS came from
 
 
 def resolve_device(device: str | None) -> str:
@@ -315,16 +359,46 @@ def check_flags(args: argparse.Namespace) -> None:
         if args.rounds < 1:
             raise UsageError(f"--rounds must be at least 1, got {args.rounds}")
     for flag, value in (("--batch-size", args.batch_size), ("--context-size", args.context_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise UsageError(f"{flag} must be positive, got {value}")
     try:
         audit_options(args)
     except ValueError as error:
         raise UsageError(f"--alpha / --min-share / --min-layer-share: {error}") from error
+    if args.lam:
+        args.lam = parse_lam(args.lam)
     if args.sae_id:
         args.sae_id = expand(args.sae_id, args.layers, "--sae-id")
     if args.sae_path:
         args.sae_path = expand(args.sae_path, args.layers, "--sae-path")
+    if args.hook_name:
+        args.hook_name = expand(args.hook_name, args.layers, "--hook-name")
+
+
+def parse_lam(values: list[str]) -> float | dict[str, float]:
+    """--lam: ['0.5'] -> 0.5 (every SAE); ['blocks.0.hook_resid_pre=0.5', ...] -> {hook: lam} (the
+    API's `lam`, a number or a mapping; hooks left out keep their default)."""
+    if len(values) == 1 and "=" not in values[0]:
+        return lam_value(values[0], "--lam")
+    pairs: dict[str, float] = {}
+    for item in values:
+        hook, equals, value = (part.strip() for part in item.partition("="))
+        if not (equals and hook):
+            raise UsageError(f"--lam takes one number, or HOOK=LAM pairs (blocks.6.hook_resid_pre=5.0), got {item!r}")
+        if hook in pairs:
+            raise UsageError(f"--lam gives {hook} twice")
+        pairs[hook] = lam_value(value, f"--lam {hook}")
+    return pairs
+
+
+def lam_value(text: str, flag: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{flag}: {text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(f"{flag} must be a finite number > 0, got {text}")
+    return value
 
 
 def audit_options(args: argparse.Namespace) -> Any:
@@ -336,17 +410,20 @@ def audit_options(args: argparse.Namespace) -> Any:
 def embedded_inputs(args: argparse.Namespace, device: str) -> Inputs:
     from opt_hooks import embedded
 
-    model, saes, texts = embedded.load_default(device=device)
+    model, saes, _ = embedded.load_default(device=device)
     if args.layers is not None:
         saes = {hook: sae for hook, sae in saes.items() if layer_of(hook) in args.layers}
         if not saes:
             raise ValueError(
                 f"the embedded model has no SAE at layers {args.layers}; it has layers 0-{model.cfg.n_layers - 1}"
             )
+    chosen = list(saes.values())
+    hooks = sae_hooks(args, chosen, list(saes))
+    data = choose_data(args, chosen, hooks, embedded=True)
     manifest = embedded.manifest()
     facts = {"source": "embedded default", "model": manifest["model"]["model_name"], "corpus": manifest["corpus"]}
-    dataset = args.dataset or texts
-    return Inputs(model, list(saes.values()), dataset, args.tokens or embedded.DEFAULT_TOKENS, facts)
+    return Inputs(model, chosen, n_tokens=args.tokens or embedded.DEFAULT_TOKENS, facts=facts,
+                  hook_names=args.hook_name, hooks=hooks, **data)
 
 
 def release_saes(args: argparse.Namespace, device: str) -> tuple[list[Any], str]:
@@ -364,10 +441,14 @@ def release_saes(args: argparse.Namespace, device: str) -> tuple[list[Any], str]
     unknown = [i for i in ids if i not in entry.saes_map]
     if unknown:
         raise ValueError(f"release {args.sae_release!r} has no SAE id {unknown[0]!r}; e.g. {list(entry.saes_map)[:3]}")
+    hook_names = args.hook_name or [None] * len(ids)
+    if len(hook_names) != len(ids):
+        raise UsageError(f"--hook-name gives {len(hook_names)} hook(s) for {len(ids)} SAE(s)")
     views = []
-    for sae_id in ids:
+    for sae_id, hook_name in zip(ids, hook_names):
         log.info("loading SAE %s / %s", args.sae_release, sae_id)
-        views.append(SAEView.from_pretrained(args.sae_release, sae_id, device=device))
+        with hub_errors(f"the SAE {args.sae_release} / {sae_id}", "give local SAE folders (sae_lens format) with --sae-path"):
+            views.append(SAEView.from_pretrained(args.sae_release, sae_id, device=device, hook_name=hook_name))
     return views, entry.model
 
 
@@ -386,7 +467,177 @@ def ids_for_layers(ids: list[str], layers: list[int] | None, release: str) -> li
     return chosen
 
 
-def load_model(name: str, device: str, model_kwargs: dict[str, Any]) -> Any:
+# -- what the SAEs' metadata says: hooks, dataset, context size, BOS ----------------------------
+
+FROM_METADATA = "from the SAE's metadata"
+BUNDLED = "the bundled Python-documentation corpus"
+
+
+def sae_metadata(sae: Any) -> Any:
+    """`cfg.metadata` of an SAE-Lens SAE, or of the one an SAEView (a release's SAE) holds."""
+    from opt_hooks.adapters.sae import SAEView
+
+    return (sae.sae if isinstance(sae, SAEView) else sae).cfg.metadata
+
+
+def sae_hooks(args: argparse.Namespace, saes: list[Any], labels: list[str]) -> list[str]:
+    """The hook of every SAE: --hook-name, else its own (an SAEView's, else its metadata hook_name)."""
+    if args.hook_name:
+        if len(args.hook_name) != len(saes):
+            raise UsageError(f"--hook-name gives {len(args.hook_name)} hook(s) for {len(saes)} SAE(s)")
+        hooks = list(args.hook_name)
+    else:
+        hooks = [getattr(sae, "hook_name", None) or sae_metadata(sae).hook_name for sae in saes]
+    for label, hook in zip(labels, hooks):
+        if not hook:
+            raise UsageError(f"the SAE {label} names no hook point (cfg.metadata.hook_name is empty): give --hook-name")
+    if isinstance(args.lam, dict):
+        unknown = [hook for hook in args.lam if hook not in hooks]
+        if unknown:
+            raise UsageError(f"--lam {unknown[0]}=...: no SAE here is on that hook; the hooks: {', '.join(hooks)}")
+    return hooks
+
+
+def first_named(saes: list[Any], hooks: list[str], name: str) -> Any:
+    """The metadata field `name` of the first SAE that names it (None: none does), with a warning
+    when the SAEs disagree."""
+    named = [(hook, value) for hook, sae in zip(hooks, saes) if (value := getattr(sae_metadata(sae), name)) is not None]
+    if not named:
+        return None
+    first = named[0][1]
+    if any(value != first for _, value in named):
+        each = ", ".join(f"{hook}: {value!r}" for hook, value in named)
+        log.warning("the SAEs' metadata disagree on %s (%s): using the first, %r", name, each, first)
+    return first
+
+
+def choose_data(args: argparse.Namespace, saes: list[Any], hooks: list[str], embedded: bool) -> dict[str, Any]:
+    """The dataset, context size and prepend-BOS of the run: each flag given, else the SAEs' metadata
+    (`dataset_path`, `context_size`, `prepend_bos`, as SAE-Lens's `ActivationsStore.from_sae` reads
+    them), else the defaults; the embedded default always audits the bundled corpus (its SAEs'
+    metadata names it by a name no hub knows). Logged in one line with where each value came from;
+    returned as Inputs' fields."""
+    from opt_hooks import embedded as bundled
+    from opt_hooks.adapters.data import looks_like_a_path
+
+    # only the fields no flag gives are read (and warned about when the SAEs disagree)
+    flags = {"dataset_path": args.dataset, "context_size": args.context_size, "prepend_bos": args.prepend_bos}
+    named = {key: None if flag is not None else first_named(saes, hooks, key) for key, flag in flags.items()}
+    where = {}
+    if args.dataset is not None:
+        dataset, label, where["dataset"] = args.dataset, str(args.dataset), "from --dataset"
+    elif embedded:
+        dataset, label, where["dataset"] = bundled.load_texts(), BUNDLED, "the embedded default"
+    elif named["dataset_path"]:
+        dataset = label = str(named["dataset_path"])
+        where["dataset"] = FROM_METADATA
+        if looks_like_a_path(dataset) and not Path(dataset).expanduser().exists():
+            raise FileNotFoundError(
+                f"the SAE's metadata names the dataset {dataset}, which is not here: give --dataset "
+                "(a local .txt/.jsonl/.parquet file or folder, or a Hugging Face dataset name)"
+            )
+    else:
+        log.warning(
+            "no --dataset: auditing on the bundled Python-documentation corpus; "
+            "give --dataset for text like the SAEs' training data"
+        )
+        dataset, label, where["dataset"] = bundled.load_texts(), BUNDLED, "no --dataset, and the SAE's metadata names none"
+    if args.context_size is not None:
+        context_size, where["context_size"] = args.context_size, "from --context-size"
+    elif named["context_size"]:
+        context_size, where["context_size"] = int(named["context_size"]), FROM_METADATA
+    else:
+        context_size, where["context_size"] = DEFAULT_CONTEXT, "the default"
+    if args.prepend_bos is not None:
+        prepend_bos = args.prepend_bos
+        where["prepend_bos"] = "from --prepend-bos" if prepend_bos else "from --no-prepend-bos"
+    elif named["prepend_bos"] is not None:
+        prepend_bos, where["prepend_bos"] = bool(named["prepend_bos"]), FROM_METADATA
+    else:
+        prepend_bos, where["prepend_bos"] = True, "the default"
+    shown = {"dataset": label, "context": context_size, "prepend_bos": prepend_bos}
+    groups: dict[str, list[str]] = {}
+    for (name, value), source in zip(shown.items(), (where["dataset"], where["context_size"], where["prepend_bos"])):
+        groups.setdefault(source, []).append(f"{name} {value}")
+    log.info("%s", "; ".join(f"{', '.join(items)}: {source}" for source, items in groups.items()))
+    return {"dataset": dataset, "context_size": context_size, "prepend_bos": prepend_bos, "dataset_label": label,
+            "data_sources": where}
+
+
+def data_facts(args: argparse.Namespace, inputs: Inputs) -> dict[str, Any]:
+    """meta.run.data: what was read and how, and where each of dataset, context size and BOS came from."""
+    facts = {"dataset": inputs.dataset_label, "context_size": inputs.context_size, "prepend_bos": inputs.prepend_bos,
+             "split": args.split, "text_column": args.text_column, "from": inputs.data_sources}
+    return {key: value for key, value in facts.items() if value is not None}
+
+
+# -- loading from the hub ----------------------------------------------------------------------
+
+OFFLINE_SETTINGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+# The errors of an unreachable hub, by exact class name, anywhere in the chain: huggingface_hub's
+# offline errors (which datasets and transformers raise from), the ConnectionError datasets raises,
+# the connection errors of requests, httpx and sockets. Subclasses (ConnectionResetError, ...) are
+# not the hub's.
+HUB_UNREACHABLE = {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectionError", "ConnectError",
+                   "ConnectTimeout", "gaierror"}
+
+
+class HubUnreachable(RuntimeError):
+    """A model, SAE or dataset that only the Hugging Face hub has, while the hub cannot be reached."""
+
+
+def hub_unreachable(error: BaseException | None) -> bool:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if type(error).__name__ in HUB_UNREACHABLE:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def offline_setting() -> str | None:
+    """'HF_HUB_OFFLINE=1' when one of the hub libraries' offline switches is set, else None."""
+    for name in OFFLINE_SETTINGS:
+        if os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+            return f"{name}={os.environ[name]}"
+    return None
+
+
+@contextmanager
+def hub_errors(what: str, instead: str) -> Iterator[None]:
+    """An unreachable hub while loading `what`: one line that says so (naming the offline switch
+    when one is set) and what to give instead; other errors pass through unchanged."""
+    try:
+        yield
+    except Exception as error:
+        if not hub_unreachable(error):
+            raise
+        setting = offline_setting()
+        why = f"the Hugging Face hub is offline ({setting} is set)" if setting else "the Hugging Face hub cannot be reached"
+        raise HubUnreachable(f"cannot load {what}: {why} and it is not in the local cache; {instead} instead") from error
+
+
+def check_model_name(name: str, named_by: str) -> None:
+    """A model name TransformerLens does not know: one line that says to give --model (instead of
+    TransformerLens's list of every name it knows)."""
+    from transformer_lens.loading_from_pretrained import get_official_model_name, make_model_alias_map
+
+    try:
+        get_official_model_name(name)
+    except ValueError:
+        close = difflib.get_close_matches(name.lower(), list(make_model_alias_map()), n=3)
+        hint = f" (close: {', '.join(close)})" if close else ""
+        if named_by == "--model":
+            unknown = f"--model {name!r} is not a folder, nor a model TransformerLens knows{hint}"
+        else:
+            unknown = f"{named_by} names the model {name!r}, which TransformerLens does not know{hint}"
+        raise UsageError(
+            f"{unknown}: give --model NAME (a TransformerLens model name, or a local Hugging Face model folder)"
+        ) from None
+
+
+def load_model(name: str, device: str, model_kwargs: dict[str, Any], named_by: str = "--model") -> Any:
     """A local folder boots a TransformerBridge; a name loads the TransformerLens model the way
     SAE-Lens trains on it (no weight processing, plus the SAE's own `model_from_pretrained_kwargs`)."""
     if Path(name).is_dir():
@@ -395,13 +646,16 @@ def load_model(name: str, device: str, model_kwargs: dict[str, Any]) -> Any:
         return TransformerBridge.boot_transformers(str(Path(name).resolve()), device=device)
     from sae_lens.load_model import load_model as sae_lens_load_model
 
-    return sae_lens_load_model("HookedTransformer", name, device=device, model_from_pretrained_kwargs=model_kwargs)
+    check_model_name(name, named_by)
+    with hub_errors(f"the model {name}", "give --model a local Hugging Face model folder"):
+        return sae_lens_load_model("HookedTransformer", name, device=device, model_from_pretrained_kwargs=model_kwargs)
 
 
 def user_inputs(args: argparse.Namespace, device: str) -> Inputs:
     if args.sae_release:
         saes, registry_model = release_saes(args, device)
-        metadata = saes[0].sae.cfg.metadata
+        labels = [f"{args.sae_release} / {view.sae_id}" for view in saes]
+        hook_names = None  # given to the SAEViews already
     else:
         from sae_lens import SAE
 
@@ -409,28 +663,70 @@ def user_inputs(args: argparse.Namespace, device: str) -> Inputs:
         for folder in args.sae_path:
             log.info("loading SAE %s", folder)
             saes.append(SAE.load_from_disk(folder, device=device))
-        metadata = saes[0].cfg.metadata
-        registry_model = None
+        registry_model, labels, hook_names = None, list(args.sae_path), args.hook_name
+    hooks = sae_hooks(args, saes, labels)
+    data = choose_data(args, saes, hooks, embedded=False)  # before the model: a missing dataset is found at once
+    metadata = sae_metadata(saes[0])
     model_name = args.model or registry_model or metadata.model_name
     if not model_name:
         raise UsageError("the SAEs do not name their model: give --model")
+    named_by = "--model" if args.model else f"the release {args.sae_release}" if registry_model else "the SAE's metadata"
     log.info("loading model %s", model_name)
-    model = load_model(model_name, device, dict(metadata.model_from_pretrained_kwargs or {}))
-    if args.dataset is None:
-        from opt_hooks import embedded
-
-        log.warning(
-            "no --dataset: auditing on the bundled Python-documentation corpus; "
-            "give --dataset for text like the SAEs' training data"
-        )
-        dataset = embedded.load_texts()
-    else:
-        dataset = args.dataset
+    model = load_model(model_name, device, dict(metadata.model_from_pretrained_kwargs or {}), named_by)
     facts = {
         "source": "user", "model": model_name,
         "sae_release": args.sae_release, "sae_ids": args.sae_id, "sae_paths": args.sae_path,
     }
-    return Inputs(model, saes, dataset, args.tokens or DEFAULT_TOKENS, {k: v for k, v in facts.items() if v})
+    return Inputs(model, saes, n_tokens=args.tokens or DEFAULT_TOKENS, facts={k: v for k, v in facts.items() if v},
+                  hook_names=hook_names, hooks=hooks, **data)
+
+
+def load_inputs(args: argparse.Namespace, device: str) -> Inputs:
+    inputs = embedded_inputs(args, device) if uses_embedded(args) else user_inputs(args, device)
+    inputs.facts["data"] = data_facts(args, inputs)
+    return inputs
+
+
+def run_kwargs(args: argparse.Namespace, inputs: Inputs) -> dict[str, Any]:
+    """The keywords of `opt_hooks.audit` and `opt_hooks.repair` alike, from the flags and the inputs."""
+    return {
+        "n_tokens": inputs.n_tokens, "batch_size": args.batch_size, "context_size": inputs.context_size,
+        "held_out": args.held_out, "device": None,  # the model and SAEs were loaded on the device already
+        "hook_names": inputs.hook_names, "lam": args.lam, "text_column": args.text_column, "split": args.split,
+        "prepend_bos": inputs.prepend_bos, "include_special_tokens": args.include_special_tokens,
+        "options": audit_options(args),
+    }
+
+
+def audit_kwargs(args: argparse.Namespace, inputs: Inputs, out: Path) -> dict[str, Any]:
+    """`opt_hooks.audit`'s keywords for `opt-hooks report`: run_kwargs and the report's own."""
+    return {
+        **run_kwargs(args, inputs), "allow_model_mismatch": args.allow_model_mismatch, "nonfinite": args.nonfinite,
+        "checkpoint_dir": out / CHECKPOINT_DIR, "checkpoint_every": args.checkpoint_every, "resume": args.resume,
+    }
+
+
+def dataset_errors(inputs: Inputs) -> Any:
+    """hub_errors for a Hugging Face dataset, which the API opens (local data never reaches the hub)."""
+    if not isinstance(inputs.dataset, str) or Path(inputs.dataset).expanduser().exists():
+        return nullcontext()
+    named = " (named by the SAE's metadata)" if inputs.data_sources.get("dataset") == FROM_METADATA else ""
+    return hub_errors(f"the dataset {inputs.dataset_label}{named}",
+                      "give --dataset a local .txt, .jsonl or .parquet file or folder")
+
+
+def check_out(out: Path, overwrite: bool, replaced: str, resumable: bool = False) -> None:
+    """`check_out_dir` before anything slow happens, in the CLI's words (--overwrite, not overwrite=True)."""
+    from opt_hooks.report import check_out_dir
+
+    try:
+        check_out_dir(out, overwrite)
+    except FileExistsError:
+        checkpointed = resumable and (out / CHECKPOINT_DIR).is_dir()
+        resume = ", or --resume to continue the run checkpointed there" if checkpointed else ""
+        raise FileExistsError(
+            f"output folder {out} is not empty: give --overwrite to replace {replaced}{resume}, or choose another --out"
+        ) from None
 
 
 def uses_embedded(args: argparse.Namespace) -> bool:
@@ -546,18 +842,18 @@ def start_run(args: argparse.Namespace, argv: list[str], name: str) -> tuple[str
     seed_everything(args.seed)
     device = resolve_device(args.device)
     with library_prints(args.quiet):
-        inputs = embedded_inputs(args, device) if uses_embedded(args) else user_inputs(args, device)
+        inputs = load_inputs(args, device)
     return command, device, inputs
 
 
 def run_report(args: argparse.Namespace, argv: list[str]) -> int:
-    from opt_hooks.report import REPORT_HTML, check_out_dir, render_summary, write_report
+    from opt_hooks.report import REPORT_HTML, render_summary, write_report
 
     start = time.perf_counter()
     out = args.out or default_out(args)
     if not is_writer():  # under torchrun only rank 0 writes; the others stream their share
         return audit_share(args)
-    check_out_dir(out, args.overwrite or args.resume)  # before anything slow happens
+    check_out(out, args.overwrite or args.resume, "its report files", resumable=True)  # before anything slow happens
     # Imported only now (torch, TransformerLens, SAE-Lens take seconds): --help, usage errors
     # and a refused --out answer at once.
     from opt_hooks.api import audit
@@ -571,12 +867,9 @@ def run_report(args: argparse.Namespace, argv: list[str]) -> int:
         try:
             command, device, inputs = start_run(args, argv, "report")
             log.info("auditing %d SAE(s) on %s tokens (device %s)", len(inputs.saes), f"{inputs.n_tokens:,}", device)
-            with library_prints(args.quiet):
-                result = audit(  # device=None: the model and SAEs were loaded on `device` already
-                    inputs.model, inputs.saes, inputs.dataset, n_tokens=inputs.n_tokens, batch_size=args.batch_size,
-                    context_size=args.context_size, held_out=args.held_out, device=None, options=audit_options(args),
-                    progress=not args.quiet,  # the API's own tqdm bars; the CLI adds none
-                    checkpoint_dir=out / CHECKPOINT_DIR, checkpoint_every=args.checkpoint_every, resume=args.resume,
+            with library_prints(args.quiet), dataset_errors(inputs):
+                result = audit(  # progress: the API's own tqdm bars; the CLI adds none
+                    inputs.model, inputs.saes, inputs.dataset, **audit_kwargs(args, inputs, out), progress=not args.quiet
                 )
             seconds = time.perf_counter() - start
             result.meta["run"] = {**inputs.facts, "command": command, "seed": args.seed, "seconds": round(seconds, 1)}
@@ -616,24 +909,21 @@ def audit_share(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     with library_prints(True):
-        inputs = embedded_inputs(args, device) if uses_embedded(args) else user_inputs(args, device)
-        audit(inputs.model, inputs.saes, inputs.dataset, n_tokens=inputs.n_tokens, batch_size=args.batch_size,
-              context_size=args.context_size, held_out=args.held_out, device=None, progress=False,
-              options=audit_options(args),
-              checkpoint_dir=(args.out or default_out(args)) / CHECKPOINT_DIR,
-              checkpoint_every=args.checkpoint_every, resume=args.resume)
+        inputs = load_inputs(args, device)
+        with dataset_errors(inputs):
+            audit(inputs.model, inputs.saes, inputs.dataset, **audit_kwargs(args, inputs, args.out or default_out(args)),
+                  progress=False)
     return EXIT_OK
 
 
 def run_repair(args: argparse.Namespace, argv: list[str]) -> int:
     """`opt-hooks repair`: the inputs of `opt-hooks report`, `opt_hooks.repair_run.repair`, then
     RepairResult.save(out) and the repair's summary."""
-    from opt_hooks.report import check_out_dir
-
     start = time.perf_counter()
     out = args.out or default_out(args)
-    check_out_dir(out, args.overwrite)  # before anything slow happens
-    from opt_hooks.repair_run import SAE_FOLDER, RepairOptions, folder_name, repair
+    check_out(out, args.overwrite, "its report files and saes/")  # before anything slow happens
+    from opt_hooks.records import file_name
+    from opt_hooks.repair_run import SAE_FOLDER, RepairOptions, repair
     from opt_hooks.report import REPORT_HTML
     from opt_hooks.report.terminal import render_repair
 
@@ -642,10 +932,9 @@ def run_repair(args: argparse.Namespace, argv: list[str]) -> int:
         try:
             command, device, inputs = start_run(args, argv, "repair")
             log.info("repairing %d SAE(s) on %s tokens (device %s)", len(inputs.saes), f"{inputs.n_tokens:,}", device)
-            with library_prints(args.quiet):
-                result = repair(  # device=None: the model and SAEs were loaded on `device` already
-                    inputs.model, inputs.saes, inputs.dataset, n_tokens=inputs.n_tokens, batch_size=args.batch_size,
-                    context_size=args.context_size, held_out=args.held_out, device=None, options=audit_options(args),
+            with library_prints(args.quiet), dataset_errors(inputs):
+                result = repair(
+                    inputs.model, inputs.saes, inputs.dataset, **run_kwargs(args, inputs),
                     repair_options=RepairOptions(audit_held_out=args.audit_held_out, rounds=args.rounds),
                     progress=not args.quiet,
                 )
@@ -656,7 +945,7 @@ def run_repair(args: argparse.Namespace, argv: list[str]) -> int:
                 audit.meta["run"] = facts
             shutil.rmtree(out / SAE_FOLDER, ignore_errors=True)  # with --overwrite: an earlier run's SAEs
             result.save(out, overwrite=True)  # the folder was checked above; run.log is ours
-            folders = {hook: out / SAE_FOLDER / folder_name(hook) for hook in result.saes}
+            folders = {hook: out / SAE_FOLDER / file_name(hook) for hook in result.saes}
             summary = render_repair(result.to_dict())
             log.debug("summary:\n%s", summary)
             for hook, folder in folders.items():

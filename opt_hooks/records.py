@@ -212,17 +212,21 @@ class LayerResult:
 
     TABLES = ("features", "pairs", "absorption", "duplicates", "antipodal")
 
-    def to_pandas(self, table: str = "features") -> Any:
+    def to_pandas(self, table: str = "features", certificates: bool = False) -> Any:
         """One of the layer's row lists (`TABLES`) as a pandas DataFrame, one row per row of
-        report.json with its scalar and list fields; nested records (a feature's certificates, a
-        pair's certificate) are left out: they stay in report.json and on the row objects.
-        A feature's `conditions` are joined with ","."""
+        report.json with its scalar and list fields. A feature's `conditions` are joined with ",".
+        Nested records (a feature's certificates, a pair's certificate) are left out, unless
+        `certificates`: then each becomes columns `<condition>_<field>` (features) or
+        `certificate_<field>` (pairs), empty where there is none."""
         import pandas as pd
 
         if table not in self.TABLES:
             raise ValueError(f"unknown table {table!r}; choose one of {', '.join(self.TABLES)}")
-        rows = [_flat_row(row) for row in getattr(self, table)]
+        rows = [_flat_row(row, certificates) for row in getattr(self, table)]
         columns = [f.name for f in dataclasses.fields(_ROW_TYPES[table]) if f.name not in _NESTED]
+        if certificates and table in ("features", "pairs"):
+            prefixes = list(CONDITIONS) if table == "features" else ["certificate"]
+            columns += [f"{prefix}_{name}" for prefix in prefixes for name in CERTIFICATE_COLUMNS]
         return pd.DataFrame(rows, columns=columns)
 
     def duplicate_groups(self) -> list[list[int]]:
@@ -369,11 +373,27 @@ _ROW_TYPES = {"features": FeatureRow, "pairs": PairRow, "absorption": Absorption
               "duplicates": DuplicateRow, "antipodal": AntipodalRow}
 
 
-def _flat_row(row: Any) -> dict[str, Any]:
+# the CertificateCheck fields a DataFrame carries, as <condition>_<field> columns
+CERTIFICATE_COLUMNS = ("step", "predicted", "measured", "held_out", "held_out_se", "p_value", "gain", "share",
+                       "tier", "n_touched", "count_p_value")
+
+
+def _flat_row(row: Any, certificates: bool = False) -> dict[str, Any]:
     values = {f.name: getattr(row, f.name) for f in dataclasses.fields(row) if f.name not in _NESTED}
     if isinstance(values.get("conditions"), list):
         values["conditions"] = ",".join(values["conditions"])
+    if certificates:
+        nested = getattr(row, "certificates", None)
+        checks = nested if nested is not None else {"certificate": getattr(row, "certificate", None)}
+        for prefix, check in checks.items():
+            if check is not None:
+                values.update({f"{prefix}_{name}": getattr(check, name) for name in CERTIFICATE_COLUMNS})
     return values
+
+
+def file_name(key: str) -> str:
+    """A hook name (or any key) as a file or folder name: dots kept, anything else unusual replaced."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

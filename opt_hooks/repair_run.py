@@ -41,7 +41,7 @@ from opt_hooks.adapters import InputTap, SAEView, check_attachment, forward_to_d
 from opt_hooks.adapters.sae_edit import NotExpressible, SAEEdit, mark_modified, median_alive_norm, refusal
 from opt_hooks.adapters.data import token_windows
 from opt_hooks.engine import AuditOptions, AuditPlan
-from opt_hooks.records import LayerResult, atomic_write_text, json_safe
+from opt_hooks.records import LayerResult, atomic_write_text, file_name, json_safe
 from opt_hooks.result import AuditResult
 from opt_hooks.run import (
     AuditRun, audit_rows, audit_text, batch_sources, check_share, held_out_windows, iterate_batches, progress_bar,
@@ -107,14 +107,9 @@ class RepairResult:
         report.repair = self.to_dict()
         write_report(report, out, overwrite=overwrite)
         for key, sae in self.saes.items():
-            sae.save_model(out / SAE_FOLDER / folder_name(key))
+            sae.save_model(out / SAE_FOLDER / file_name(key))
         atomic_write_text(out / REPAIR_JSON, json.dumps(self.to_dict(), indent=1, allow_nan=False))
         return out
-
-
-def folder_name(key: str) -> str:
-    """A hook name as a folder name (dots kept, anything else unusual replaced)."""
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
 
 
 # -- the entry points ---------------------------------------------------------------------------

@@ -150,7 +150,11 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
     assert page.startswith("<!DOCTYPE html>") and "blocks.2.hook_resid_post" in page
     log = (out / "run.log").read_text()
     assert "command: opt-hooks report --out" in log and "report written" in log
-    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "run.log"]
+    # the bundled texts, never the hub dataset its SAEs' metadata names; context and BOS from that metadata
+    assert "dataset the bundled Python-documentation corpus: the embedded default; context 128, prepend_bos True: " \
+           "from the SAE's metadata" in log
+    assert report["meta"]["dataset"] == "1144 in-memory documents" and report["meta"]["context_size"] == 128
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "run.log", "tables"]
 
     # same folder again: refused without --overwrite, replaced with it (quiet: nothing on stdout)
     assert cli.main(["report", "--out", str(out), "--tokens", "8k"]) == cli.EXIT_FAILED
@@ -168,26 +172,43 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
     assert layer["layer_conditions"]["C5"]["tier"] != "certified"  # a bias shift never recovers 20% of L
 
 
+def tiny_model_folder(folder: Path, tokenizer) -> Path:
+    """A 3-layer random GPT-2 (d_model 16, 32 positions) saved as a Hugging Face folder. A fresh model:
+    conftest's session-wide tiny_gpt2_hf may already be wrapped by a bridge."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=3, n_embd=16, n_head=4, n_positions=32, vocab_size=tokenizer.vocab_size)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def sae_folder(folder: Path, layer: int, **metadata) -> Path:
+    """An untrained standard SAE (lam 0.5 from its config) on blocks.<layer>.hook_resid_pre of the tiny
+    model, saved as a sae_lens folder, with these metadata fields."""
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+
+    torch.manual_seed(layer)
+    metadata = SAEMetadata(**{"hook_name": f"blocks.{layer}.hook_resid_pre", **metadata})
+    sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=16, d_sae=32, l1_coefficient=0.5, metadata=metadata))
+    sae.save_inference_model(folder)
+    return folder
+
+
+def paragraphs(n: int = 300) -> list[str]:
+    return [f"Paragraph {k}: the dog and the labrador walk home." for k in range(n)]
+
+
 def test_local_model_folder_and_sae_folders(tmp_path, minilm_tokenizer, capsys):
     """The user path, offline: a Hugging Face folder (booted as a TransformerBridge) and two
     sae_lens SAE folders chosen with a {layer} template."""
-    from sae_lens.saes.sae import SAEMetadata
-    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    # A fresh model: conftest's session-wide tiny_gpt2_hf may already be wrapped by a bridge.
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=3, n_embd=16, n_head=4, n_positions=32, vocab_size=minilm_tokenizer.vocab_size)
-    model_dir = tmp_path / "tiny-gpt2"
-    GPT2LMHeadModel(config).save_pretrained(model_dir)
-    minilm_tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_model_folder(tmp_path / "tiny-gpt2", minilm_tokenizer)
     for layer in (0, 2):
-        torch.manual_seed(layer)
-        metadata = SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_pre")  # untrained; lam from its config
-        sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=16, d_sae=32, l1_coefficient=0.5, metadata=metadata))
-        sae.save_inference_model(tmp_path / f"sae_{layer}")
+        sae_folder(tmp_path / f"sae_{layer}", layer)
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(f"Paragraph {k}: the dog and the labrador walk home." for k in range(300)))
+    corpus.write_text("\n\n".join(paragraphs()))
 
     out = tmp_path / "out"
     argv = ["report", "--model", str(model_dir), "--sae-path", str(tmp_path / "sae_{layer}"), "--layers", "0,2",
@@ -264,7 +285,8 @@ def test_repair_embedded_default_end_to_end(tmp_path, capsys):
     assert cli.main(["repair", "--out", str(out), "--tokens", "8k"]) == cli.EXIT_OK, (out / "run.log").read_text()
     printed = capsys.readouterr().out
     hooks = [f"blocks.{k}.hook_resid_post" for k in range(3)]
-    assert sorted(p.name for p in out.iterdir()) == ["repair.json", "report.html", "report.json", "run.log", "saes"]
+    assert sorted(p.name for p in out.iterdir()) == ["repair.json", "report.html", "report.json", "run.log", "saes",
+                                                     "tables"]
 
     report = json.loads((out / "report.json").read_text())
     jsonschema.Draft202012Validator(load_schema()).validate(report)
@@ -312,3 +334,258 @@ def test_repair_embedded_default_end_to_end(tmp_path, capsys):
     # the same folder again: refused without --overwrite, before any work
     assert cli.main(["repair", "--out", str(out), "--tokens", "8k"]) == cli.EXIT_FAILED
     assert "--overwrite" in capsys.readouterr().err
+
+
+# ---- the SAEs' metadata as defaults, the API's options as flags, messages -----------------------
+
+
+@pytest.fixture
+def api_calls(monkeypatch):
+    """(name, args, kwargs) of every opt_hooks.api.audit / opt_hooks.repair_run.repair call the CLI
+    makes; the calls themselves are made."""
+    import opt_hooks.api
+    import opt_hooks.repair_run
+
+    calls = []
+    for module, name in ((opt_hooks.api, "audit"), (opt_hooks.repair_run, "repair")):
+        def spy(*args, _real=getattr(module, name), _name=name, **kwargs):
+            calls.append((_name, args, kwargs))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def write_jsonl(folder: Path, rows: list[dict]) -> Path:
+    folder.mkdir()
+    (folder / "part-0.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    return folder
+
+
+def test_the_saes_metadata_names_the_dataset_context_and_bos(tmp_path, minilm_tokenizer, api_calls):
+    """No --dataset, --context-size or BOS flag: they come from the SAEs' metadata (a local dataset
+    folder, offline), as ActivationsStore.from_sae takes them; the first SAE's where they disagree."""
+    model_dir = tiny_model_folder(tmp_path / "tiny-gpt2", minilm_tokenizer)
+    corpus = write_jsonl(tmp_path / "corpus", [{"text": text} for text in paragraphs()])
+    named = {"model_name": str(model_dir), "dataset_path": str(corpus), "prepend_bos": False}
+    sae_folder(tmp_path / "sae_0", 0, context_size=16, **named)
+    sae_folder(tmp_path / "sae_2", 2, context_size=24, **named)
+
+    out = tmp_path / "out"
+    argv = ["report", "--sae-path", str(tmp_path / "sae_{layer}"), "--layers", "0,2", "--tokens", "1k",
+            "--out", str(out), "--quiet"]
+    assert cli.main(argv) == cli.EXIT_OK, (out / "run.log").read_text()
+    meta = json.loads((out / "report.json").read_text())["meta"]
+    assert meta["dataset"] == str(corpus) and meta["context_size"] == 16
+    metadata = "from the SAE's metadata"
+    assert meta["run"]["data"] == {
+        "dataset": str(corpus), "context_size": 16, "prepend_bos": False, "split": "train",
+        "from": {"dataset": metadata, "context_size": metadata, "prepend_bos": metadata},
+    }
+    log = (out / "run.log").read_text()
+    assert f"dataset {corpus}, context 16, prepend_bos False: from the SAE's metadata" in log
+    assert "the SAEs' metadata disagree on context_size (blocks.0.hook_resid_pre: 16, blocks.2.hook_resid_pre: 24)" in log
+    [(name, args, kwargs)] = api_calls
+    assert name == "audit" and args[2] == str(corpus)
+    assert kwargs["context_size"] == 16 and kwargs["prepend_bos"] is False
+
+
+def test_metadata_without_a_dataset_keeps_the_bundled_corpus(tmp_path, minilm_tokenizer, api_calls):
+    model_dir = tiny_model_folder(tmp_path / "tiny-gpt2", minilm_tokenizer)
+    sae_folder(tmp_path / "sae", 1, model_name=str(model_dir))
+    out = tmp_path / "out"
+    argv = ["report", "--sae-path", str(tmp_path / "sae"), "--context-size", "16", "--tokens", "512",
+            "--out", str(out), "--quiet"]
+    assert cli.main(argv) == cli.EXIT_OK, (out / "run.log").read_text()
+    log = (out / "run.log").read_text()
+    assert "no --dataset: auditing on the bundled Python-documentation corpus" in log  # today's warning
+    assert "context 16: from --context-size; prepend_bos True: the default" in log
+    from opt_hooks import embedded
+
+    [(_, args, kwargs)] = api_calls
+    assert args[2] == embedded.load_texts() and kwargs["prepend_bos"] is True
+
+
+def test_the_apis_options_are_flags(tmp_path, minilm_tokenizer, api_calls):
+    """--hook-name, --lam HOOK=LAM, --text-column, --split, --no-prepend-bos, --include-special-tokens,
+    --nonfinite, --allow-model-mismatch reach opt_hooks.audit (and its report)."""
+    model_dir = tiny_model_folder(tmp_path / "tiny-gpt2", minilm_tokenizer)
+    for layer in (0, 2):
+        sae_folder(tmp_path / f"sae_{layer}", layer, model_name="gpt2-small")  # another model: no warning asked
+    rows = write_jsonl(tmp_path / "rows", [{"title": f"Note {k}", "body": text} for k, text in enumerate(paragraphs())])
+    out = tmp_path / "out"
+    argv = ["report", "--model", str(model_dir), "--sae-path", str(tmp_path / "sae_{layer}"), "--layers", "0,2",
+            "--hook-name", "blocks.{layer}.hook_resid_post", "--dataset", str(rows), "--text-column", "body",
+            "--split", "validation", "--context-size", "16", "--no-prepend-bos", "--include-special-tokens",
+            "--lam", "blocks.0.hook_resid_post=0.25", "--nonfinite", "skip", "--allow-model-mismatch",
+            "--tokens", "1k", "--out", str(out), "--quiet"]
+    assert cli.main(argv) == cli.EXIT_OK, (out / "run.log").read_text()
+    report = json.loads((out / "report.json").read_text())
+    hooks = ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]
+    assert list(report["layers"]) == hooks
+    assert [report["layers"][hook]["lam"] for hook in hooks] == [0.25, 0.5]  # the other keeps its config's
+    assert report["meta"]["include_special_tokens"] is True and report["meta"]["context_size"] == 16
+    assert report["meta"]["run"]["data"]["text_column"] == "body"
+    [(_, _, kwargs)] = api_calls
+    expected = {"hook_names": hooks, "lam": {hooks[0]: 0.25}, "text_column": "body", "split": "validation",
+                "prepend_bos": False, "include_special_tokens": True, "nonfinite": "skip",
+                "allow_model_mismatch": True}
+    assert {key: kwargs[key] for key in expected} == expected
+    log = (out / "run.log").read_text()
+    assert f"dataset {rows}: from --dataset; context 16: from --context-size; prepend_bos False: from --no-prepend-bos" in log
+    assert "was trained on 'gpt2-small'" not in log
+
+    # without --text-column the two string columns cannot be told apart: the flag is what picked one
+    again = [a for a in argv if a not in ("--text-column", "body")] + ["--overwrite"]
+    assert cli.main(again) == cli.EXIT_FAILED
+    assert "cannot pick the text column" in (out / "run.log").read_text()
+
+
+def test_repair_takes_the_same_inputs(tmp_path, minilm_tokenizer, api_calls):
+    """opt-hooks repair reads the same flags and metadata (the shared input code): --lam as one number."""
+    model_dir = tiny_model_folder(tmp_path / "tiny-gpt2", minilm_tokenizer)
+    corpus = write_jsonl(tmp_path / "corpus", [{"text": text} for text in paragraphs()])
+    for layer in (0, 2):
+        sae_folder(tmp_path / f"sae_{layer}", layer, model_name=str(model_dir), dataset_path=str(corpus),
+                   context_size=16)
+    out = tmp_path / "out"
+    argv = ["repair", "--sae-path", str(tmp_path / "sae_{layer}"), "--layers", "0,2", "--lam", "0.3",
+            "--no-prepend-bos", "--include-special-tokens", "--text-column", "text", "--split", "test",
+            "--tokens", "2k", "--out", str(out), "--quiet"]
+    assert cli.main(argv) == cli.EXIT_OK, (out / "run.log").read_text()
+    [(name, args, kwargs)] = api_calls
+    assert name == "repair" and args[2] == str(corpus)
+    expected = {"lam": 0.3, "context_size": 16, "prepend_bos": False, "include_special_tokens": True,
+                "text_column": "text", "split": "test"}
+    assert {key: kwargs[key] for key in expected} == expected
+    report = json.loads((out / "report.json").read_text())
+    assert {layer["lam"] for layer in report["layers"].values()} == {0.3}
+    assert report["meta"]["run"]["data"]["from"]["dataset"] == "from the SAE's metadata"
+
+
+def test_parse_lam():
+    assert cli.parse_lam(["0.5"]) == 0.5
+    assert cli.parse_lam(["a=1", "b = 2e-1"]) == {"a": 1.0, "b": 0.2}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lam", "0"], "--lam must be a finite number > 0, got 0"),
+        (["--lam", "x"], "--lam: 'x' is not a number"),
+        (["--lam", "a=1", "2"], "--lam takes one number, or HOOK=LAM pairs"),
+        (["--lam", "a=1", "a=2"], "--lam gives a twice"),
+        (["--lam", "a=inf"], "--lam a must be a finite number > 0"),
+        (["--hook-name", "blocks.{layer}.hook_resid_pre"], "--hook-name 'blocks.{layer}.hook_resid_pre' has {layer}"),
+        (["--context-size", "0"], "--context-size must be positive"),
+    ],
+)
+def test_bad_new_flags_are_usage_errors(argv, message, capsys, tmp_path):
+    assert cli.main(["report", "--out", str(tmp_path / "out"), *argv]) == cli.EXIT_USAGE
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_flags_that_do_not_fit_the_saes(tmp_path, capsys):
+    """Found once the SAEs are read: a --lam hook no SAE is on, a --hook-name count that is not theirs,
+    an SAE without a hook and no --hook-name."""
+    out = tmp_path / "out"
+    assert cli.main(["report", "--lam", "blocks.9.hook_resid_post=1", "--out", str(out)]) == cli.EXIT_USAGE
+    assert "--lam blocks.9.hook_resid_post=...: no SAE here is on that hook; the hooks: blocks.0" in capsys.readouterr().err
+    argv = ["report", "--hook-name", "a", "b", "--out", str(out), "--overwrite"]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert "--hook-name gives 2 hook(s) for 3 SAE(s)" in capsys.readouterr().err
+    sae = sae_folder(tmp_path / "sae", 0, hook_name=None)
+    assert cli.main(["report", "--sae-path", str(sae), "--out", str(out), "--overwrite"]) == cli.EXIT_USAGE
+    assert f"the SAE {sae} names no hook point (cfg.metadata.hook_name is empty): give --hook-name" in (
+        capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "metadata, flags, message",
+    [
+        ({"model_name": "my-own-model"}, [],
+         "the SAE's metadata names the model 'my-own-model', which TransformerLens does not know: give --model NAME"),
+        ({}, ["--model", "gtp2"], "--model 'gtp2' is not a folder, nor a model TransformerLens knows (close: gpt2"),
+    ],
+)
+def test_a_model_transformerlens_does_not_know_is_one_line(metadata, flags, message, tmp_path, capsys):
+    sae = sae_folder(tmp_path / "sae", 0, **metadata)
+    assert cli.main(["report", "--sae-path", str(sae), *flags, "--out", str(tmp_path / "out")]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    *_, error = err.splitlines()
+    assert error.startswith("opt-hooks report: error: ") and message in error
+    assert "Valid official model names" not in err and len(error) < 300  # not TransformerLens's list of names
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 as the hub libraries read it (at import; conftest sets it for every test)."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+@pytest.mark.parametrize(
+    "what, message",
+    [
+        ("dataset", "cannot load the dataset NeelNanda/pile-10k (named by the SAE's metadata): the Hugging Face hub "
+                    "is offline (HF_HUB_OFFLINE=1 is set) and it is not in the local cache; give --dataset a local "
+                    ".txt, .jsonl or .parquet file or folder instead"),
+        ("model", "cannot load the model gpt2-small: the Hugging Face hub is offline (HF_HUB_OFFLINE=1 is set) and it "
+                  "is not in the local cache; give --model a local Hugging Face model folder instead"),
+        ("sae", "cannot load the SAE gpt2-small-res-jb / blocks.0.hook_resid_pre: the Hugging Face hub is offline "
+                "(HF_HUB_OFFLINE=1 is set) and it is not in the local cache; give local SAE folders (sae_lens format) "
+                "with --sae-path instead"),
+    ],
+)
+def test_an_offline_hub_is_named_with_what_to_give_instead(what, message, tmp_path, minilm_tokenizer, hub_offline,
+                                                            capsys):
+    model_dir = tiny_model_folder(tmp_path / "tiny-gpt2", minilm_tokenizer)
+    hub = {"dataset": {"model_name": str(model_dir), "dataset_path": "NeelNanda/pile-10k", "context_size": 16},
+           "model": {"model_name": "gpt2-small"}}
+    out = tmp_path / "out"
+    if what == "sae":
+        argv = ["report", "--sae-release", "gpt2-small-res-jb", "--layers", "0", "--out", str(out)]
+    else:
+        argv = ["report", "--sae-path", str(sae_folder(tmp_path / "sae", 0, **hub[what])), "--out", str(out)]
+    assert cli.main(argv) == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert "Traceback" in (out / "run.log").read_text()  # the library's own error stays in run.log
+
+
+def test_an_unreachable_hub_without_the_offline_switch(monkeypatch):
+    for name in cli.OFFLINE_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(cli.HubUnreachable, match="^cannot load the dataset d: the Hugging Face hub cannot be reached "
+                                                 "and it is not in the local cache; give --dataset x instead$"):
+        with cli.hub_errors("the dataset d", "give --dataset x"):
+            try:
+                raise ConnectionError("Couldn't reach 'd' on the Hub")  # what datasets raises
+            except ConnectionError as error:
+                raise ValueError("could not load the Hugging Face dataset 'd'") from error
+    with pytest.raises(ConnectionResetError):  # not the hub's: passes through
+        with cli.hub_errors("the dataset d", "give --dataset x"):
+            raise ConnectionResetError("peer")
+
+
+def test_a_metadata_dataset_path_that_is_not_here(tmp_path, capsys):
+    sae = sae_folder(tmp_path / "sae", 0, dataset_path=str(tmp_path / "gone.jsonl"))
+    assert cli.main(["report", "--sae-path", str(sae), "--out", str(tmp_path / "out")]) == cli.EXIT_FAILED
+    assert f"the SAE's metadata names the dataset {tmp_path / 'gone.jsonl'}, which is not here: give --dataset" in (
+        capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("command, replaced", [("report", "its report files"), ("repair", "its report files and saes/")])
+def test_a_refused_out_names_the_cli_flag(command, replaced, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / cli.CHECKPOINT_DIR).mkdir(parents=True)
+    assert cli.main([command, "--out", str(out)]) == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    resume = ", or --resume to continue the run checkpointed there" if command == "report" else ""
+    assert f"output folder {out} is not empty: give --overwrite to replace {replaced}{resume}, or choose another --out" in err
+    assert "overwrite=True" not in err

@@ -429,14 +429,15 @@ def test_reports_are_not_written_over_unless_asked(tmp_path):
     result = oh.audit(tiny_model(), tiny_sae(), token_ids(10), **{**RUN, "n_tokens": 10 * CONTEXT})
     out = tmp_path / "out"
     result.save(out, overwrite=False)
-    written = {p.name: p.read_bytes() for p in out.iterdir()}
+    written = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert sorted(written) == ["report.html", "report.json"]  # and no temporary file
+    assert sorted(p.name for p in (out / "tables").iterdir()) == sorted(result.layers)  # one folder per layer
     assert json.loads(written["report.json"]) == result.to_dict()
     with pytest.raises(FileExistsError, match="is not empty; pass overwrite=True \\(CLI: --overwrite\\)"):
         result.save(out, overwrite=False)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == written
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == written
     result.save(out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "tables"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
         result.save(tmp_path / "file")

@@ -233,6 +233,29 @@ def test_to_pandas_rows_are_report_json_rows(result, table):
         result.layers["blocks.0.hook_resid_pre"].to_pandas("nothing")
 
 
+def test_save_writes_every_layers_tables_as_parquet(result, tmp_path):
+    """tables/<hook>/<table>.parquet holds every row with its certificates as columns, equal to
+    `to_pandas(table, certificates=True)`; a feature's C3 columns are its C3 check's fields."""
+    import pandas as pd
+
+    out = result.save(tmp_path / "out")
+    for hook, layer in result.layers.items():
+        for table in layer.TABLES:
+            read = pd.read_parquet(out / "tables" / hook / f"{table}.parquet")
+            frame = layer.to_pandas(table, certificates=True)
+            assert list(read.columns) == list(frame.columns) and len(read) == len(frame)
+            pd.testing.assert_frame_equal(read, frame, check_dtype=False, check_column_type=False)
+    layer = result.layers["blocks.0.hook_resid_pre"]
+    features = pd.read_parquet(out / "tables" / "blocks.0.hook_resid_pre" / "features.parquet")
+    with_c3 = [f for f in layer.features if "C3" in f.certificates]
+    assert with_c3, "no C3 check in the fixture: the test would be vacuous"
+    for f in with_c3:
+        row = features[features["id"] == f.id].iloc[0]
+        assert row["C3_tier"] == f.certificates["C3"].tier and row["C3_step"] == f.certificates["C3"].step
+    pairs = pd.read_parquet(out / "tables" / "blocks.0.hook_resid_pre" / "pairs.parquet")
+    assert list(pairs["certificate_tier"]) == [p.certificate.tier if p.certificate else None for p in layer.pairs]
+
+
 # ---- the output folder --------------------------------------------------------------------
 
 
@@ -244,7 +267,8 @@ def test_write_report_refuses_a_folder_in_use(result, tmp_path):
         write_report(result, out)
     write_report(result, out, overwrite=True)
     # no temporary files left behind
-    assert sorted(p.name for p in out.iterdir()) == sorted(["notes.txt", REPORT_JSON, REPORT_HTML])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["notes.txt", REPORT_JSON, REPORT_HTML, "tables"])
+    assert not [p for p in out.rglob(".*.tmp")]
     (tmp_path / "file").write_text("")
     with pytest.raises(NotADirectoryError):
         write_report(result, tmp_path / "file", overwrite=True)

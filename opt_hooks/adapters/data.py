@@ -115,8 +115,7 @@ def _open(dataset: Any, split: str, streaming: bool) -> Any:
         path = Path(dataset).expanduser()
         if path.exists():
             return _load_local(path, streaming)
-        looks_like_a_path = path.suffix in LOCAL_BUILDERS or str(dataset).startswith((".", "/", "~"))
-        if isinstance(dataset, os.PathLike) or looks_like_a_path:
+        if looks_like_a_path(dataset):
             raise FileNotFoundError(f"no such file or directory: {dataset}")
         try:
             return datasets.load_dataset(str(dataset), split=split, streaming=streaming)
@@ -135,6 +134,13 @@ def _open(dataset: Any, split: str, streaming: bool) -> Any:
         f"unsupported dataset type {type(dataset).__name__}: pass a Hugging Face dataset name, a "
         "local file or directory, a datasets.Dataset, a list of strings or a tensor of token ids"
     )
+
+
+def looks_like_a_path(dataset: str | os.PathLike) -> bool:
+    """A path object, or a name that is one (a .txt/.jsonl/.parquet suffix, or starting with . / ~),
+    not a Hugging Face dataset name."""
+    text = str(dataset)
+    return isinstance(dataset, os.PathLike) or Path(text).suffix in LOCAL_BUILDERS or text.startswith((".", "/", "~"))
 
 
 def _load_local(path: Path, streaming: bool) -> Any:
