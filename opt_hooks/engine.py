@@ -391,8 +391,12 @@ class TokenSample:
         if self.k <= 0 or len(token_index) == 0:
             return
         token_index = token_index.cpu()
-        if len(self.tokens) >= self.k and int(self.key(token_index).min()) > int(self.key(self.tokens).max()):
-            return
+        if len(self.tokens) >= self.k:  # only rows that can enter the sample are copied
+            rows = self.key(token_index) < int(self.key(self.tokens).max())
+            if not bool(rows.any()):
+                return
+            token_index, x, z, weight, window = token_index[rows], x[rows.to(x.device)], z[rows.to(z.device)], \
+                weight[rows.to(weight.device)], window[rows.to(window.device)]
         # the batch's precision
         self._keep(token_index, x.detach().cpu(), z.detach().cpu().to_sparse(), weight.detach().cpu().double(),
                    window.cpu())

@@ -151,10 +151,17 @@ def test_torchrun_report_equals_one_process(tmp_path):
     one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          *common, "--out", str(tmp_path / "two")], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-2000:]
+    failures = []
+    for _ in range(2):  # its standalone rendezvous can fail to start on a loaded machine: one more try
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              *common, "--out", str(tmp_path / "two"), "--overwrite"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+        if two.returncode == 0:
+            break
+        failures.append(two.stderr[-3000:])
+    assert two.returncode == 0, "\n---\n".join(failures)
+    if failures:
+        print("torchrun needed a second try; the first said:", failures[0])
     reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two")]
     assert list(reports[0]["layers"]) == list(reports[1]["layers"]) and reports[0]["layers"]
     for hook, layer in reports[0]["layers"].items():
