@@ -846,6 +846,29 @@ def start_run(args: argparse.Namespace, argv: list[str], name: str) -> tuple[str
     return command, device, inputs
 
 
+class FailureLog:
+    """Around a command's run: a UsageError (found once a registry or an SAE was read) goes up to
+    main(), which reports it; any other error is logged, its traceback in run.log only, and
+    `failed` is set for the command to return EXIT_FAILED. Ctrl-C passes through."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.failed = out, False
+
+    def __enter__(self) -> "FailureLog":
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, trace: Any) -> bool:
+        if isinstance(error, UsageError):
+            log.debug("usage error: %s", error)
+            return False
+        if not isinstance(error, Exception):
+            return False
+        log.debug("traceback", exc_info=(kind, error, trace))
+        log.error("error: %s (details in %s)", error, self.out / RUN_LOG)
+        self.failed = True
+        return True
+
+
 def run_report(args: argparse.Namespace, argv: list[str]) -> int:
     from opt_hooks.report import REPORT_HTML, render_summary, write_report
 
@@ -863,28 +886,23 @@ def run_report(args: argparse.Namespace, argv: list[str]) -> int:
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     # The embedded model's matrices are tiny (width 64): extra threads only add synchronisation,
     # which turns into minutes of spinning when other processes share the cores.
-    with run_log(out, args.quiet, append=args.resume), torch_threads(1 if uses_embedded(args) else None):
-        try:
-            command, device, inputs = start_run(args, argv, "report")
-            log.info("auditing %d SAE(s) on %s tokens (device %s)", len(inputs.saes), f"{inputs.n_tokens:,}", device)
-            with library_prints(args.quiet), dataset_errors(inputs):
-                result = audit(  # progress: the API's own tqdm bars; the CLI adds none
-                    inputs.model, inputs.saes, inputs.dataset, **audit_kwargs(args, inputs, out), progress=not args.quiet
-                )
-            seconds = time.perf_counter() - start
-            result.meta["run"] = {**inputs.facts, "command": command, "seed": args.seed, "seconds": round(seconds, 1)}
-            write_report(result, out, overwrite=True)  # the folder was checked above; run.log is ours
-            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # every nonzero code: can be gigabytes
-            summary = render_summary(result)
-            log.debug("summary:\n%s", summary)
-            log.info("report written in %.1f s: %s", seconds, out / REPORT_HTML)
-        except UsageError as error:  # found only once the registry was read; main() reports it
-            log.debug("usage error: %s", error)
-            raise
-        except Exception as error:
-            log.debug("traceback", exc_info=True)
-            log.error("error: %s (details in %s)", error, out / RUN_LOG)
-            return EXIT_FAILED
+    with run_log(out, args.quiet, append=args.resume), torch_threads(1 if uses_embedded(args) else None), \
+            FailureLog(out) as failure:
+        command, device, inputs = start_run(args, argv, "report")
+        log.info("auditing %d SAE(s) on %s tokens (device %s)", len(inputs.saes), f"{inputs.n_tokens:,}", device)
+        with library_prints(args.quiet), dataset_errors(inputs):
+            result = audit(  # progress: the API's own tqdm bars; the CLI adds none
+                inputs.model, inputs.saes, inputs.dataset, **audit_kwargs(args, inputs, out), progress=not args.quiet
+            )
+        seconds = time.perf_counter() - start
+        result.meta["run"] = {**inputs.facts, "command": command, "seed": args.seed, "seconds": round(seconds, 1)}
+        write_report(result, out, overwrite=True)  # the folder was checked above; run.log is ours
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # every nonzero code: can be gigabytes
+        summary = render_summary(result)
+        log.debug("summary:\n%s", summary)
+        log.info("report written in %.1f s: %s", seconds, out / REPORT_HTML)
+    if failure.failed:
+        return EXIT_FAILED
     if not args.quiet:
         print(summary)
     if args.fail_on and reached(result, args.fail_on):
@@ -928,36 +946,30 @@ def run_repair(args: argparse.Namespace, argv: list[str]) -> int:
     from opt_hooks.report.terminal import render_repair
 
     out.mkdir(parents=True, exist_ok=True)
-    with run_log(out, args.quiet), torch_threads(1 if uses_embedded(args) else None):
-        try:
-            command, device, inputs = start_run(args, argv, "repair")
-            log.info("repairing %d SAE(s) on %s tokens (device %s)", len(inputs.saes), f"{inputs.n_tokens:,}", device)
-            with library_prints(args.quiet), dataset_errors(inputs):
-                result = repair(
-                    inputs.model, inputs.saes, inputs.dataset, **run_kwargs(args, inputs),
-                    repair_options=RepairOptions(audit_held_out=args.audit_held_out, rounds=args.rounds),
-                    progress=not args.quiet,
-                )
-            seconds = time.perf_counter() - start
-            facts = {**inputs.facts, "command": command, "seed": args.seed, "seconds": round(seconds, 1)}
-            result.meta["run"] = facts
-            for audit in result.audits:
-                audit.meta["run"] = facts
-            shutil.rmtree(out / SAE_FOLDER, ignore_errors=True)  # with --overwrite: an earlier run's SAEs
-            result.save(out, overwrite=True)  # the folder was checked above; run.log is ours
-            folders = {hook: out / SAE_FOLDER / file_name(hook) for hook in result.saes}
-            summary = render_repair(result.to_dict())
-            log.debug("summary:\n%s", summary)
-            for hook, folder in folders.items():
-                log.debug("repaired SAE %s: %s", hook, folder)
-            log.info("repair written in %.1f s: %s", seconds, out / REPORT_HTML)
-        except UsageError as error:  # found only once the registry was read; main() reports it
-            log.debug("usage error: %s", error)
-            raise
-        except Exception as error:
-            log.debug("traceback", exc_info=True)
-            log.error("error: %s (details in %s)", error, out / RUN_LOG)
-            return EXIT_FAILED
+    with run_log(out, args.quiet), torch_threads(1 if uses_embedded(args) else None), FailureLog(out) as failure:
+        command, device, inputs = start_run(args, argv, "repair")
+        log.info("repairing %d SAE(s) on %s tokens (device %s)", len(inputs.saes), f"{inputs.n_tokens:,}", device)
+        with library_prints(args.quiet), dataset_errors(inputs):
+            result = repair(
+                inputs.model, inputs.saes, inputs.dataset, **run_kwargs(args, inputs),
+                repair_options=RepairOptions(audit_held_out=args.audit_held_out, rounds=args.rounds),
+                progress=not args.quiet,
+            )
+        seconds = time.perf_counter() - start
+        facts = {**inputs.facts, "command": command, "seed": args.seed, "seconds": round(seconds, 1)}
+        result.meta["run"] = facts
+        for audit in result.audits:
+            audit.meta["run"] = facts
+        shutil.rmtree(out / SAE_FOLDER, ignore_errors=True)  # with --overwrite: an earlier run's SAEs
+        result.save(out, overwrite=True)  # the folder was checked above; run.log is ours
+        folders = {hook: out / SAE_FOLDER / file_name(hook) for hook in result.saes}
+        summary = render_repair(result.to_dict())
+        log.debug("summary:\n%s", summary)
+        for hook, folder in folders.items():
+            log.debug("repaired SAE %s: %s", hook, folder)
+        log.info("repair written in %.1f s: %s", seconds, out / REPORT_HTML)
+    if failure.failed:
+        return EXIT_FAILED
     if not args.quiet:
         print(summary)
         print("repaired SAEs (sae_lens.SAE.load_from_disk reads each folder):")
