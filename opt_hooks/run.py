@@ -500,9 +500,16 @@ def iterate_batches(source: Any, key: str) -> Iterator[Tensor]:
 
 
 def progress_bar(items: Iterable, desc: str, enabled: bool, total_items: int | None = None, step: int = 1) -> Iterable:
+    """A tqdm bar over `items`: the notebook widget where Jupyter's widgets are installed, text
+    otherwise (tqdm.auto without ipywidgets prints an "IProgress not found" warning in every notebook)."""
     if not enabled:
         return items
-    from tqdm.auto import tqdm
+    import importlib.util
+
+    if importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm.std import tqdm
 
     total = None if total_items is None else math.ceil(total_items / step)
     return tqdm(items, desc=desc, total=total, leave=False)

@@ -137,6 +137,10 @@ def test_notebook_runs_offline(path, tmp_path, monkeypatch):
     client.execute()
     errors = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
     assert not errors
+    # progress bars render cleanly: no tqdm "IProgress not found" warning (no ipywidgets in the kernel)
+    noisy = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code"
+             and any("IProgress not found" in o.get("text", "") for o in cell.outputs)]
+    assert not noisy, f"{path.name}: cells {noisy} print tqdm's IProgress warning"
     shell_failures = [cell.source for cell in nb.cells if cell.cell_type == "code" and cell.source.lstrip().startswith("!")
                       and any(SHELL_ERROR.search(o.get("text", "")) for o in cell.outputs)]
     assert not shell_failures, f"{path.name}: a shell command failed: {shell_failures}"
