@@ -39,6 +39,7 @@ from opt_hooks.policy import MIN_LAYER_SHARE, MIN_SHARE, MIN_TOUCHED, VerdictPol
 from opt_hooks.records import CertificateCheck, FeatureRow, LayerResult, PairRow
 from opt_hooks.theory import c4_codes
 from opt_hooks.theory.absorption import MapOptions
+from opt_hooks.theory.accumulator import Clustered
 from opt_hooks.theory.c1_floor import FloorCertificates, c1_floor
 from opt_hooks.theory.c2_pairs import PairCertificates, c2_pairs
 from opt_hooks.theory.c3_decoder import DecoderCertificates, c3_decoder
@@ -739,13 +740,11 @@ class _LayerAssembler:
                             weight=sample.weight.to(device))
         gains = (solve.loss_before - solve.loss_after).double().cpu()
         n = len(gains)
-        _, slot = torch.unique(sample.window, return_inverse=True)  # SE over the sample's windows
-        totals = torch.zeros(int(slot.max()) + 1, dtype=torch.float64).index_add_(0, slot, gains)
-        sizes = torch.bincount(slot).double()
-        est = pol.clustered_estimate(gains.sum()[None], (totals**2).sum()[None], (sizes @ totals)[None],
-                                     float((sizes**2).sum()), n, len(totals))
+        windows = Clustered(1)  # SE over the sample's windows
+        windows.update(gains[:, None], sample.window)
+        est = pol.window_estimate(windows)
         return {  # a share of the layer's held-out L, as every gap (THEORY.md section 5)
-            "gain": float(est.mean[0]), "se": _number(est.se[0]), "n_tokens": n, "n_windows": len(totals),
+            "gain": float(est.mean[0]), "se": _number(est.se[0]), "n_tokens": n, "n_windows": int(windows.n_windows),
             "share": float(est.mean[0]) / self.loss if self.loss > 0 else None,
             "l0_before": float((z > 0).sum(1).double().mean()), "l0_after": float((solve.z > 0).sum(1).double().mean()),
             "iterations": solve.iterations, "converged": solve.converged, "tol": opts.code_gap_tol,

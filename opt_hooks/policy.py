@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from opt_hooks.theory.accumulator import Clustered
+
 TIERS = ("certified", "violated", "satisfied")
 TIER_RANK = {"certified": 0, "violated": 1, "satisfied": 2}
 
@@ -90,6 +92,12 @@ def clustered_estimate(total: Tensor, cluster_sq: Tensor, cluster_cross: Tensor,
     spread = (cluster_sq.double() - 2 * mean * cluster_cross.double() + mean**2 * count_sq).clamp(min=0)
     se = torch.sqrt(n_clusters / (n_clusters - 1) * spread) / n
     return Estimate(mean, se, p_value(mean, se))
+
+
+def window_estimate(sums: Clustered) -> Estimate:
+    """`clustered_estimate` of a `Clustered` accumulator's sums."""
+    return clustered_estimate(sums.total, sums.cluster_sq, sums.cluster_cross, float(sums.count_sq),
+                              int(sums.n_tokens), int(sums.n_windows))
 
 
 def p_value(mean: Tensor, se: Tensor) -> Tensor:

@@ -47,7 +47,7 @@ from opt_hooks.run import (
     AuditRun, audit_rows, audit_text, batch_sources, check_share, held_out_windows, iterate_batches, progress_bar,
     special_tokens, versions,
 )
-from opt_hooks.theory.repair_sums import Clustered, LatentChanges, PlantFit, VariantSums
+from opt_hooks.theory.repair_sums import LatentChanges, PlantFit, VariantSums
 
 REPAIR_JSON = "repair.json"
 SAE_FOLDER = "saes"
@@ -188,7 +188,7 @@ class _TextParts:
         self.model, self.windows, self.specials = model, windows, specials
         self.batch_size, self.progress, self.chosen = batch_size, progress, chosen
 
-    def rows(self, part: str, views: Mapping[str, SAEView]) -> Iterator[dict[str, Tensor]]:
+    def rows(self, part: str, views: Mapping[str, SAEView]) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
         chosen = self.chosen[part]
         found: dict[str, Tensor] = {}
         with InputTap(self.model, views, found.__setitem__) as tap:
@@ -473,7 +473,7 @@ class _LayerRepair:
         sums, n = self.sums, self.sums.n_tokens
         tested = [name for name in self.names[1:] if name != "merged"]
         z = policy.critical_z(len(tested))
-        est = _estimate(sums.parts["change"])
+        est = pol.window_estimate(sums.parts["change"])
         dropped_any = self.pruned = False
         for v, name in enumerate(self.names):
             if v == 0:
@@ -501,7 +501,7 @@ class _LayerRepair:
     def _weak_plants(self, policy: pol.VerdictPolicy) -> set[int]:
         """Record each resampled latent's own validation change; the ones not significant alone
         (Bonferroni over the layer's resampled latents)."""
-        est = _estimate(self.plant_sums.changes)
+        est = pol.window_estimate(self.plant_sums.changes)
         z = policy.critical_z(len(self.plant_ids))
         weak = set()
         for k, feature in enumerate(self.plant_ids.tolist()):
@@ -564,12 +564,6 @@ def _add_variants(sums: VariantSums, saes: list[Any], rows: Tensor, windows: Ten
     parts = [sae_objective(sae, rows, lam) for sae in saes]
     loss, mse, l1, l0 = (torch.stack([p[i] for p in parts], 1) for i in range(4))
     sums.update(loss, mse, l1, l0, torch.stack([p[4] for p in parts]), rows, windows)
-
-
-def _estimate(sums: Clustered) -> pol.Estimate:
-    """Mean per token and its standard error over windows (tokens of one window are not independent)."""
-    return pol.clustered_estimate(sums.total, sums.cluster_sq, sums.cluster_cross, float(sums.count_sq),
-                                  int(sums.n_tokens), int(sums.n_windows))
 
 
 def _fit_plants(parts: Any, layers: dict[str, _LayerRepair]) -> None:
@@ -648,7 +642,7 @@ def _measure_test(parts: Any, views: dict[str, SAEView], repaired: dict[str, Any
 def _table(sums: VariantSums, lam: float | None) -> dict[str, Any]:
     n = sums.n_tokens
     spread = sums.spread()
-    estimates = {part: _estimate(sums.parts[part]) for part in VariantSums.PARTS}
+    estimates = {part: pol.window_estimate(sums.parts[part]) for part in VariantSums.PARTS}
     sides = {}
     for v, side in enumerate(("before", "after")):
         row: dict[str, Any] = {}

@@ -417,7 +417,7 @@ def test_window_clustered_standard_error_matches_brute_force():
     """Tokens of a window are not independent: the SE is the ratio estimator's over windows, and the
     sums merge exactly however the tokens are split."""
     from opt_hooks.policy import clustered_estimate
-    from opt_hooks.theory.repair_sums import Clustered
+    from opt_hooks.theory.accumulator import Clustered
 
     gen = torch.Generator().manual_seed(3)
     windows = torch.arange(40).repeat_interleave(torch.randint(1, 9, (40,), generator=gen))

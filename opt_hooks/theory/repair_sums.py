@@ -3,7 +3,7 @@
 - `VariantSums`: per-token losses of several versions of one SAE on the same tokens (the SAE's own
   encode / decode, computed by the caller), their parts and, for each version, the paired change
   against the version it was built from (a paired test on the same tokens). Tokens of one window
-  (a row of a forward pass) are not independent, so the sums are also kept per window (`Clustered`):
+  (a row of a forward pass) are not independent, so the sums are also kept per window (`accumulator.Clustered`):
   every mean gets the standard error of a ratio estimator over windows.
 - `PlantFit`: the choice of a resampled latent's code rule on the audit tokens. For candidate unit
   atoms a_r and thresholds tau_rg, the code z = beta max(0, p - tau) (p = <a_r, x - b>) changes the
@@ -19,39 +19,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from opt_hooks.theory.accumulator import Accumulator
+from opt_hooks.theory.accumulator import Accumulator, Clustered
 
 
 def _f64(*shape: int, device: torch.device | str = "cpu") -> Tensor:
     return torch.zeros(*shape, dtype=torch.float64, device=device)
-
-
-class Clustered(Accumulator):
-    """Sums of F per-token quantities over tokens grouped in windows, for `policy.clustered_estimate`:
-    sum_n v, sum_w T_w^2, sum_w n_w T_w (T_w: a window's total), sum_w n_w^2, tokens and windows.
-    A window's tokens must arrive in one update (each forward pass holds whole windows)."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.add_state("total", _f64(n), "sum")
-        self.add_state("cluster_sq", _f64(n), "sum")
-        self.add_state("cluster_cross", _f64(n), "sum")
-        self.add_state("count_sq", _f64(()), "sum")
-        self.add_state("n_tokens", torch.zeros((), dtype=torch.int64), "sum")
-        self.add_state("n_windows", torch.zeros((), dtype=torch.int64), "sum")
-
-    def update(self, values: Tensor, windows: Tensor) -> None:
-        """values (n, F) per token, windows (n,) each token's window id."""
-        values = values.double().cpu()
-        ids, slot = torch.unique(windows.cpu(), return_inverse=True)
-        totals = _f64(len(ids), values.shape[1]).index_add_(0, slot, values)
-        counts = _f64(len(ids)).index_add_(0, slot, torch.ones(len(slot), dtype=torch.float64))
-        self.total = self.total + values.sum(0)
-        self.cluster_sq = self.cluster_sq + (totals**2).sum(0)
-        self.cluster_cross = self.cluster_cross + counts @ totals
-        self.count_sq = self.count_sq + (counts**2).sum()
-        self.n_tokens = self.n_tokens + len(values)
-        self.n_windows = self.n_windows + len(ids)
 
 
 class VariantSums(Accumulator):
