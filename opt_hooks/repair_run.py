@@ -315,6 +315,7 @@ class _LayerRepair:
         self.pruned = False  # the last decision pruned the respawn step's latents (not yet measured so)
         self.chain: list[Any] = []
         self.changes: dict[str, Any] = {}  # each step's latest measurement on the validation part
+        self.made: dict[tuple, tuple[Any, Any]] = {}  # (id of an SAE, change) -> (that SAE, the SAE it made)
 
     # ---- steps from certified findings ------------------------------------------------------------
     def _certified(self, condition: str) -> tuple[list[int], list[Any]]:
@@ -417,21 +418,29 @@ class _LayerRepair:
             sae = self._apply(step, sae)
         return self._apply_merges(sae, None)
 
+    def _made(self, key: tuple, sae: Any, make: Callable[[SAEEdit], None]) -> Any:
+        """The SAE `make` builds from `sae`, built once: every validation pass rebuilds the chain,
+        and the versions whose steps did not change are the same SAEs (the key holds `sae` alive,
+        so its id stays its own)."""
+        key = (id(sae), *key)
+        if key not in self.made:
+            edit = SAEEdit(sae)
+            make(edit)
+            self.made[key] = (sae, edit.sae)
+        return self.made[key][1]
+
     def _apply(self, step: _Step, sae: Any) -> Any:
-        edit = SAEEdit(sae)
         try:
-            step.apply(edit)
+            return self._made((step.name,), sae, step.apply)
         except NotExpressible as error:
             step.record = {"applied": False, "reason": str(error)}
             return sae
-        return edit.sae
 
     def _apply_merges(self, sae: Any, planted: set[int] | None) -> Any:
         if not self.merges:
             return sae
-        edit = SAEEdit(sae)
-        self._merge(edit, planted)
-        return edit.sae
+        chosen = None if planted is None else frozenset(planted)
+        return self._made(("merge", chosen), sae, lambda edit: self._merge(edit, planted))
 
     def build(self) -> None:
         """The chain: the SAE, then one version per kept step (each measured against the last kept
