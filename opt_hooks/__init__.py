@@ -20,6 +20,7 @@ _EXPORTS = {
     "Monitor": "opt_hooks.api",
     "AuditOptions": "opt_hooks.engine",
     "AuditResult": "opt_hooks.result",
+    "compare": "opt_hooks.comparison",
     "CertificateCheck": "opt_hooks.records",
     "FeatureRow": "opt_hooks.records",
     "LayerResult": "opt_hooks.records",
@@ -28,6 +29,7 @@ _EXPORTS = {
     "repair_activations": "opt_hooks.repair_run",
     "RepairOptions": "opt_hooks.repair_run",
     "RepairResult": "opt_hooks.repair_run",
+    "TrainingAudits": "opt_hooks.training",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -18,7 +18,9 @@ from opt_hooks.adapters import CodeTap, check_attachment, make_views, model_devi
 from opt_hooks.adapters.model import model_name
 from opt_hooks.engine import AuditOptions
 from opt_hooks.result import AuditResult
-from opt_hooks.run import Batch, Router, audit_rows, audit_text, check_share, held_out_windows, special_tokens, versions
+from opt_hooks.run import (
+    Batch, Router, audit_rows, audit_text, check_share, held_out_windows, rows_hook_names, special_tokens, versions,
+)
 
 
 def audit(
@@ -114,9 +116,7 @@ def audit_activations(
     `held_out` of them (evenly spaced) confirms the certificates.
     """
     check_share(held_out)
-    if not isinstance(saes, (Mapping, list, tuple)) and hook_names is None and not isinstance(batches, Mapping):
-        hook_names = ["sae"]
-    views = make_views(saes, hook_names)
+    views = make_views(saes, rows_hook_names(saes, hook_names, batches))
     return audit_rows(
         views, batches, held_out=held_out, lam=lam, nonfinite=nonfinite, options=options, progress=progress
     ).result
@@ -141,7 +141,8 @@ class Monitor:
         check_attachment(model, self.views)
         self.include_special_tokens = include_special_tokens
         self.router = Router(self.views, lam, options, nonfinite)
-        self.seen: dict[str, list[tuple[Tensor, ...]]] = {key: [] for key in self.views}  # (x, z, index, held, w, window)
+        # (x, z, index, held, w, window, inputs) per batch
+        self.seen: dict[str, list[tuple[Tensor, ...]]] = {key: [] for key in self.views}
         self._tap = CodeTap(model, self.views, self._on_codes)
         self._input_handle = None
         self._windows = self._tokens = 0
@@ -174,17 +175,17 @@ class Monitor:
             return
         self._pending_tokens = tokens.cpu().reshape(-1, tokens.shape[-1])
 
-    def _on_codes(self, key: str, x: Tensor, z: Tensor, w: Tensor | None = None) -> None:
+    def _on_codes(self, key: str, x: Tensor, z: Tensor, w: Tensor | None = None, inputs: Tensor | None = None) -> None:
         batch = self._batch
         if batch is None or key in self._consumed or len(batch.token_index) != x.shape[0]:
             batch = self._start_pass(x.shape[0])
         self._consumed.add(key)
         self.router.batch = batch
-        self.router.on_codes(key, x, z, w)
+        self.router.on_codes(key, x, z, w, inputs)
         keep = batch.keep.to(x.device) & torch.isfinite(x).all(1) & torch.isfinite(z).all(1)
-        w_kept = None if w is None else w[keep].cpu()
+        kept = lambda t: None if t is None else t[keep].cpu()  # noqa: E731
         self.seen[key].append((x[keep].cpu(), z[keep].to_sparse().cpu(), batch.token_index[keep.cpu()],
-                               batch.held[keep.cpu()], w_kept, batch.window[keep.cpu()]))
+                               batch.held[keep.cpu()], kept(w), batch.window[keep.cpu()], kept(inputs)))
 
     def _start_pass(self, n: int) -> Batch:
         """Number the n tokens of a new forward pass, when its codes first arrive.
@@ -218,12 +219,13 @@ class Monitor:
             if audit.n_tokens == 0:
                 raise ValueError(f"{key}: the monitor has seen no audit tokens yet; run a forward pass first")
             plan = audit.plan()
-            for x, z, index, held, w, window in self.seen[key]:
+            device = audit.atoms.device
+            to = lambda t: None if t is None else t.to(device)  # noqa: E731
+            for x, z, index, held, w, window, inputs in self.seen[key]:
                 if not (plan.needs_audit_tokens or bool(held.any())):
                     continue
-                device = audit.atoms.device
                 plan.update(x.to(device), z.to_dense().to(device), index.to(device), held_out=held.to(device),
-                            weight=None if w is None else w.to(device), window=window.to(device))
+                            weight=to(w), window=window.to(device), inputs=to(inputs))
             results[key] = self.router.layer_result(key, plan)
         meta = {"model": model_name(self.model), "source": "monitor", "n_tokens": self._tokens,
                 "held_out": self.held_out, **versions()}

@@ -3,7 +3,9 @@
 - `opt-hooks report`: audit SAEs on a model and write report.json, report.html and run.log;
 - `opt-hooks repair`: the same inputs; audit, write the certified changes into the SAEs
   (`opt_hooks.repair`, THEORY.md section 7) and write report.json and report.html (the audit with
-  a Repair section), repair.json, the repaired SAEs (saes/<hook>/, sae_lens folders) and run.log.
+  a Repair section), repair.json, the repaired SAEs (saes/<hook>/, sae_lens folders) and run.log;
+- `opt-hooks compare`: saved reports side by side (`opt_hooks.comparison.compare`): compare.json,
+  compare.html and the terminal table.
 
 The commands only gather inputs (model, SAEs, text), call the API (`opt_hooks.api.audit`,
 `opt_hooks.repair_run.repair`) and write the results; all maths lives behind the API. `main(argv)`
@@ -77,10 +79,16 @@ tiers (of each feature, C2 pair and layer-wide condition):
   satisfied  no certificate lowers the objective on the audit tokens
   Standard (L1) SAEs get exact statements; TopK, JumpReLU, gated, Matryoshka SAEs are judged
   by the L1 surrogate's conditions, labelled "L1 surrogate" (C3 and C5 hold for all).
+  Transcoders (--sae-path folders of sae_lens' transcoder classes) are audited in their output
+  space, read at metadata.hook_name and compared at metadata.hook_name_out; skip transcoders
+  also get C7 (skip stationarity).
 
 output, in --out (default reports/<name>; refused if not empty, unless --overwrite):
-  report.json  everything, described by opt_hooks/report/schema.json
+  report.json  the audit (compact; a feature's non-certified checks as their verdicts), described
+               by opt_hooks/report/schema.json
   report.html  one self-contained page (works offline): plots, sortable tables, pair figures
+  tables/      per layer: every row as parquet (certificates as columns) and an SAEBench-style
+               <release>_<sae_id>_eval_results.json
   run.log      the run's log: arguments, versions, timings, warnings, errors with tracebacks
 
 exit codes:
@@ -136,6 +144,35 @@ exit codes:
 """
 
 
+COMPARE_DESCRIPTION = """\
+Compare saved reports side by side (folders written by opt-hooks report or opt-hooks repair, or
+their report.json): per layer, matched by hook name, each report's scope, lam, tokens, held-out
+objective, layer gaps, tier counts, certified counts per condition, pair-map counts and repair
+table, and each report's differences from the first, with an SE where both values have one.
+"""
+
+COMPARE_EPILOG = """\
+examples:
+  opt-hooks compare reports/a reports/b
+  opt-hooks compare reports/16k reports/32k reports/64k --names 16k,32k,64k --out reports/widths
+
+  The first report is the reference: the others' differences are taken from it. A difference's SE
+  is sqrt(se_a^2 + se_b^2), exact for reports on different tokens and conservative on the same
+  tokens; a difference is marked significant (*) only with an SE (two-sided, Bonferroni over the
+  comparison's differences, alpha 0.05). The settings the reports differ in are listed first.
+
+output, in --out (default reports/compare; refused if not empty, unless --overwrite):
+  compare.json  every report's values per matched layer, the differences and the settings
+  compare.html  one self-contained page (works offline)
+
+exit codes:
+  0    comparison written
+  1    a report could not be read (a folder without report.json, another schema version), or
+       --out is not empty and --overwrite was not given
+  2    usage error: fewer than two reports, --names not one name per report
+"""
+
+
 class UsageError(Exception):
     """Flags that cannot work together; reported like argparse's own errors (exit 2)."""
 
@@ -159,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(repair, "repair")
+    compare = commands.add_parser(
+        "compare",
+        help="saved reports side by side: compare.json, compare.html and a terminal table",
+        description=COMPARE_DESCRIPTION,
+        epilog=COMPARE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare.add_argument("reports", nargs="+", metavar="REPORT_DIR",
+                         help="report folders (or their report.json), the first the reference")
+    compare.add_argument("--names", metavar="A,B,...", help="one name per report (default: the folders' names)")
+    compare.add_argument("--out", type=Path, metavar="FOLDER", help="output folder (default reports/compare)")
+    compare.add_argument("--overwrite", action="store_true",
+                         help="write into a non-empty --out, replacing compare.json and compare.html")
     return parser
 
 
@@ -978,6 +1028,30 @@ def run_repair(args: argparse.Namespace, argv: list[str]) -> int:
     return EXIT_OK
 
 
+def run_compare(args: argparse.Namespace) -> int:
+    """`opt-hooks compare`: the reports' Comparison saved in --out, its table printed."""
+    if len(args.reports) < 2:
+        raise UsageError(f"compare needs at least two reports, got {len(args.reports)}")
+    names = [name.strip() for name in args.names.split(",")] if args.names is not None else None
+    if names is not None and len(names) != len(args.reports):
+        raise UsageError(f"--names gives {len(names)} name(s) for {len(args.reports)} report(s)")
+    if names is not None and (len(set(names)) != len(names) or not all(names)):
+        raise UsageError(f"--names must be distinct and not empty, got {args.names!r}")
+    out = args.out or Path("reports") / "compare"
+    check_out(out, args.overwrite, "its compare.json and compare.html")
+    from opt_hooks.comparison import COMPARE_HTML, COMPARE_JSON, compare
+
+    try:
+        comparison = compare(*args.reports, names=names)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"opt-hooks compare: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    comparison.save(out, overwrite=True)  # the folder was checked above
+    print(comparison.summary())
+    print(f"comparison written: {out / COMPARE_JSON}, {out / COMPARE_HTML}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -985,6 +1059,8 @@ def main(argv: list[str] | None = None) -> int:
     command_argv = argv[argv.index(args.command) + 1 :]
     name = f"opt-hooks {args.command}"
     try:
+        if args.command == "compare":  # reads saved reports: none of the audit flags
+            return run_compare(args)
         check_flags(args)
         if args.command == "repair":
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:

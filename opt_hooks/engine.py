@@ -46,6 +46,7 @@ from opt_hooks.theory.c3_decoder import DecoderCertificates, c3_decoder
 from opt_hooks.theory.c4_codes import CodeCertificates, estimate_lam
 from opt_hooks.theory.c5_bias import BiasCertificate, c5_bias
 from opt_hooks.theory.c6_spare import SpareCertificate, c6_spare
+from opt_hooks.theory.c7_skip import SkipCertificate, c7_skip
 from opt_hooks.theory.changes import TokenChanges
 from opt_hooks.theory.gaps import DecoderStep
 from opt_hooks.theory.lasso import exact_codes
@@ -60,6 +61,7 @@ class AuditOptions:
     pair_rel_tol: float = 1e-6  # C2 margin must exceed this share of mu_j
     c3_tol: float = 1e-5  # C3 size above which the decoder certificate is tried
     c5_tol: float = 1e-5  # C5 size above which the bias certificate is tried
+    c7_tol: float = 1e-5  # C7 size above which a skip transcoder's W_skip certificate is tried
     max_pairs: int | None = 50_000  # C2 pairs given certificates, largest margin first (None: all)
     lam_calibration_tokens: int = 16_384  # audit tokens whose active <d_i, r_n> estimate an unknown lam
     worst_k: int = 256  # worst-residual tokens kept for C6 (its certificate codes tokens beyond the 256th largest ||r||)
@@ -99,7 +101,12 @@ class LayerAudit:
         scope: str = "L1 objective (exact)",
         options: AuditOptions | None = None,
         meta: dict[str, Any] | None = None,
+        skip: Tensor | None = None,
     ) -> None:
+        """`skip`: a skip transcoder's W_skip (d, d_in), whose batches then carry its inputs x_n
+        (`update(..., inputs=)`) for C7; None for SAEs and plain transcoders. A transcoder's x is
+        the target its dictionary reconstructs, y_n - W_skip x_n (THEORY.md section 8); W_skip
+        gives back y_n for the held-out explained variance."""
         if lam is not None:
             check_lam(lam)
         # lam None: estimated from every audit token once pass 1 is done (pass 2 then streams
@@ -113,13 +120,17 @@ class LayerAudit:
         self.hook_name, self.architecture, self.scope = hook_name, architecture, scope
         self.options = options or AuditOptions()
         self.meta = dict(meta or {})
-        self.stats = LayerStats(atoms, bias, lam=lam, worst_k=self.options.worst_k)
+        self.skip = skip
+        self.stats = LayerStats(atoms, bias, lam=lam, worst_k=self.options.worst_k,
+                                skip_inputs=None if skip is None else skip.shape[1])
 
-    def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None, weight: Tensor | None = None) -> None:
+    def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None, weight: Tensor | None = None,
+               inputs: Tensor | None = None) -> None:
         """Add audit tokens: x (n, d), z (n, K) in theory units, `weight` (n,) their weights w_n
-        (THEORY.md section 1; None for an SAE without run-time normalisation)."""
-        _check_batch(x, z, self.atoms, token_index, weight)
-        self.stats.update(x, z, token_index, weight)
+        (THEORY.md section 1; None for an SAE without run-time normalisation), `inputs` (n, d_in) a
+        skip transcoder's inputs."""
+        _check_batch(x, z, self.atoms, token_index, weight, inputs)
+        self.stats.update(x, z, token_index, weight, inputs)
 
     def merge(self, other: "LayerAudit") -> "LayerAudit":
         self.stats.merge(other.stats)
@@ -175,7 +186,7 @@ class LamCalibration:
         return estimate_lam(torch.cat(self.projections) if self.projections else torch.zeros(0))
 
 
-VERDICT_FAMILIES = ("C1", "C2", "C3", "C4", "C5", "C6")  # certificates that get verdicts; "decoder" is a gap
+VERDICT_FAMILIES = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")  # certificates that get verdicts; "decoder" is a gap
 
 
 class AuditPlan:
@@ -195,6 +206,7 @@ class AuditPlan:
         self.decoder = c3_decoder(stats, self.atoms)
         self.bias_check = c5_bias(stats)
         self.spare = None if self.lam is None else c6_spare(stats, self.lam)
+        self.skip = None if stats.sum_rx is None else c7_skip(stats)
         self.families = self._build_certificates()
         self.audit_changes: dict[str, tuple[Tensor, Tensor]] = {}
         for name, family in self.families.items():
@@ -253,6 +265,8 @@ class AuditPlan:
             families["C4"] = CodeCertificates(alive, self.atoms[alive].double())
         if self.bias_check.size > opts.c5_tol:
             families["C5"] = BiasCertificate(self.bias_check.mean_residual.to(dev) / self.bias_check.norm)
+        if self.skip is not None and self.skip.size > opts.c7_tol:
+            families["C7"] = SkipCertificate(self.skip.gradient.to(dev) / self.skip.norm)
         if self.spare is not None and self.spare.violated:
             dead = int(torch.nonzero(self.spare.dead)[0])
             spare = SpareCertificate.best_of(st, dead, self.atoms[dead], self.lam)
@@ -268,14 +282,17 @@ class AuditPlan:
 
     # -- pass 2 -----------------------------------------------------------------------
     def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None, held_out: Tensor | None = None,
-               weight: Tensor | None = None, window: Tensor | None = None) -> None:
+               weight: Tensor | None = None, window: Tensor | None = None, inputs: Tensor | None = None) -> None:
         """Add a batch of held-out tokens (held_out True) and, when `needs_audit_tokens`, audit
         tokens (False; otherwise they are ignored: pass 1's state already measured them).
 
         `window` (n,): each token's window (a row of a forward pass), whose tokens must all be in
         this batch; held-out standard errors are over windows, since the tokens of one window are
-        not independent. None: every token is its own window (rows of activations)."""
-        _check_batch(x, z, self.atoms, token_index, weight)
+        not independent. None: every token is its own window (rows of activations). `inputs`: a
+        skip transcoder's inputs (see LayerAudit)."""
+        _check_batch(x, z, self.atoms, token_index, weight, inputs)
+        if (inputs is None) != (self.audit.skip is None):
+            raise ValueError(f"{self.audit.hook_name}: a skip transcoder's batches carry its inputs, and only its batches do")
         if held_out is None:
             held_out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         if held_out.shape != (x.shape[0],) or held_out.dtype != torch.bool:
@@ -287,10 +304,10 @@ class AuditPlan:
         if not bool(rows.any()):
             return
         x, z, held_out, token_index = x[rows], z[rows], held_out[rows], token_index[rows]
-        weight, window = rows_of(weight, rows), rows_of(window, rows)
+        weight, window, inputs = rows_of(weight, rows), rows_of(window, rows), rows_of(inputs, rows)
         if bool(held_out.any()):
             self._add_held_out(x[held_out], z[held_out], token_index[held_out], rows_of(weight, held_out),
-                               rows_of(window, held_out))
+                               rows_of(window, held_out), rows_of(inputs, held_out))
         audit = ~held_out
         if self.needs_audit_tokens and bool(audit.any()):
             tokens = TokenBatch(x[audit], z[audit], self.atoms, self.bias, self.lam, rows_of(weight, audit))
@@ -299,9 +316,9 @@ class AuditPlan:
             self.state.add_lam_terms(totals.over_count, totals.over_excess, totals.n_over_half_lam)
 
     def _add_held_out(self, x: Tensor, z: Tensor, token_index: Tensor, weight: Tensor | None,
-                      window: Tensor | None) -> None:
+                      window: Tensor | None, inputs: Tensor | None) -> None:
         lam, state = self.lam_or_zero, self.state
-        tokens = TokenBatch(x, z, self.atoms, self.bias, weight=weight)
+        tokens = TokenBatch(x, z, self.atoms, self.bias, weight=weight, inputs=inputs)
         state.n_held_out += tokens.n_tokens
         groups = _window_groups(window, tokens.n_tokens)
         if groups is None:  # every token its own window: a window's total is the token's change
@@ -313,7 +330,8 @@ class AuditPlan:
         else:  # each window measured alone: its totals give the standard error over windows
             state.n_windows += len(groups)
             state.count_sq += sum(len(g) ** 2 for g in groups)
-            alone = [TokenBatch(x[g], z[g], self.atoms, self.bias, weight=rows_of(weight, g)) for g in groups]
+            alone = [TokenBatch(x[g], z[g], self.atoms, self.bias, weight=rows_of(weight, g), inputs=rows_of(inputs, g))
+                     for g in groups]
             for name, family in self.families.items():
                 parts = [family.held_out(batch, lam) for batch in alone]
                 totals = torch.stack([part.sum for part in parts])  # (windows, F)
@@ -338,8 +356,10 @@ class AuditPlan:
         state.l1_sum += l1.sum()
         state.nnz += len(values)
         state.weight_sum += w.sum()
-        state.x_sum += w @ x.double()
-        state.x_sq_sum += w @ (x.double() ** 2).sum(-1)
+        # explained variance is of what the model computes: y_n = x_n + W_skip x_n for a skip transcoder
+        y = x.double() if inputs is None else x.double() + inputs.double() @ self.audit.skip.double().T.to(x.device)
+        state.x_sum += w @ y
+        state.x_sq_sum += w @ (y**2).sum(-1)
         if self.lam is not None:
             state.sample.update(x, z, token_index, w, token_index if window is None else window)
 
@@ -591,7 +611,9 @@ class _LayerAssembler:
                 f"{plan.duplicate_pairs} C2 violation(s) between near-duplicate latents (rho >= "
                 f"{self.opts.pair_map.duplicate_rho:g}) are listed as duplicates to merge, not as pairs"
             )
-        layer_conditions = {"C5": self._c5(), "C6": self._c6()}
+        layer_conditions = {"C5": self._stationarity("C5", plan.bias_check), "C6": self._c6()}
+        if plan.skip is not None:
+            layer_conditions["C7"] = self._stationarity("C7", plan.skip)
         pair_map = plan.pair_map
         absorption = pair_map.absorption_rows(plan.state, self.policy, st.mu, plan.lam)
         if not pair_map.available:
@@ -602,13 +624,13 @@ class _LayerAssembler:
         return LayerResult(
             hook_name=plan.audit.hook_name, architecture=plan.audit.architecture, scope=plan.audit.scope,
             lam=plan.lam, lam_estimated=plan.lam_estimated and plan.lam is not None,
-            d_in=int(plan.atoms.shape[1]), d_sae=n_features, n_tokens=st.n_tokens, n_held_out=self.n_held,
+            d_in=int(plan.audit.meta.get("d_in") or plan.atoms.shape[1]), d_sae=n_features, n_tokens=st.n_tokens, n_held_out=self.n_held,
             features=rows, pairs=pairs, layer_conditions=layer_conditions,
             objective=self._objective(), gaps=self._gaps(layer_conditions), skipped=skipped,
             n_tests=plan.n_tests, alpha=self.policy.alpha,
             dead_features=torch.nonzero(st.dead).flatten().tolist(), notes=notes, absorption=absorption,
             duplicates=pair_map.duplicates, antipodal=pair_map.antipodal, pair_map=pair_map.settings(),
-            **{k: plan.audit.meta.get(k) for k in ("sae_id", "neuronpedia_id")},
+            **{k: plan.audit.meta.get(k) for k in ("sae_id", "neuronpedia_id", "hook_name_out")},
         )
 
     # -- pairs ----------------------------------------------------------------------------
@@ -671,11 +693,12 @@ class _LayerAssembler:
             row.hull_min, row.hull_max = float(on_a_i.min()), float(on_a_i.max())
 
     # -- layer findings -------------------------------------------------------------------
-    def _c5(self) -> dict[str, Any]:
-        check = self.plan.bias_check
+    def _stationarity(self, name: str, check: Any) -> dict[str, Any]:
+        """C5 (the bias) or C7 (a skip transcoder's W_skip): the gradient's size and norm, and the
+        verdict of its certificate where one was tried."""
         out: dict[str, Any] = {"size": check.size, "norm": check.norm, "tier": "satisfied", "certificate": None}
-        if "C5" in self.plan.families:
-            cert = self.checks("C5", None, layer_finding=True)[0]
+        if name in self.plan.families:
+            cert = self.checks(name, None, layer_finding=True)[0]
             out["certificate"], out["tier"] = cert, cert.tier
         return out
 
@@ -718,8 +741,11 @@ class _LayerAssembler:
     def _gaps(self, layer_conditions: dict[str, Any]) -> dict[str, Any]:
         gaps: dict[str, Any] = {"decoder": self._gap_entry(self.checks("decoder", None, layer_finding=True)[0])}
         bias = layer_conditions["C5"]["certificate"]
-        gaps["bias"] = self._gap_entry(bias) if bias is not None else {
-            "gain": 0.0, "share": 0.0, "se": 0.0, "n_tokens": self.n_held, "p_value": None}
+        none = {"gain": 0.0, "share": 0.0, "se": 0.0, "n_tokens": self.n_held, "p_value": None}
+        gaps["bias"] = self._gap_entry(bias) if bias is not None else none
+        if "C7" in layer_conditions:  # a skip transcoder: its W_skip step, as the bias step
+            skip = layer_conditions["C7"]["certificate"]
+            gaps["skip"] = self._gap_entry(skip) if skip is not None else dict(none)
         if self.plan.lam is not None:
             gaps["codes"] = self._code_gap()
         return gaps
@@ -831,7 +857,8 @@ def rows_of(weight: Tensor | None, rows: Tensor) -> Tensor | None:
     return None if weight is None else weight[rows]
 
 
-def _check_batch(x: Tensor, z: Tensor, atoms: Tensor, token_index: Tensor | None, weight: Tensor | None = None) -> None:
+def _check_batch(x: Tensor, z: Tensor, atoms: Tensor, token_index: Tensor | None, weight: Tensor | None = None,
+                 inputs: Tensor | None = None) -> None:
     n_features, d = atoms.shape
     if x.ndim != 2 or x.shape[1] != d:
         raise ValueError(f"x must be (n, {d}) in the SAE's input space; got {tuple(x.shape)}")
@@ -855,3 +882,8 @@ def _check_batch(x: Tensor, z: Tensor, atoms: Tensor, token_index: Tensor | None
                 "token weights must be finite and > 0 (w_n = s_n^2, the square of the token's normalising "
                 "scale): a token with zero spread cannot be normalised; leave it out"
             )
+    if inputs is not None and (inputs.ndim != 2 or inputs.shape[0] != x.shape[0]):
+        raise ValueError(f"inputs must be (n, d_in), a skip transcoder's input for each of the {x.shape[0]} tokens; "
+                         f"got {tuple(inputs.shape)}")
+    if inputs is not None and not bool(torch.isfinite(inputs).all()):
+        raise ValueError("non-finite values (NaN or inf) in the transcoder's inputs: no verdict can be computed from them")

@@ -7,8 +7,10 @@ that render it). This module imports nothing from either side.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 
 from opt_hooks.policy import TIER_RANK, TIERS, rank_key
 
-SCHEMA_VERSION = "2.2"
+SCHEMA_VERSION = "3.0"
 
 __all__ = ["TIERS", "TIER_RANK", "CONDITIONS", "CertificateCheck", "FeatureRow", "PairRow", "AbsorptionRow",
            "DuplicateRow", "AntipodalRow", "LayerResult", "AuditRecord"]
@@ -29,7 +31,10 @@ CONDITIONS = {
     "C4": "code optimality (optimal shrinkage)",
     "C5": "bias stationarity",
     "C6": "dead features must not see large residuals",
+    "C7": "skip stationarity (skip transcoders: residual uncorrelated with the input)",
 }
+# The conditions that are one finding per layer, not per feature or pair.
+LAYER_CONDITIONS = ("C5", "C6", "C7")
 
 
 @dataclass
@@ -44,7 +49,7 @@ class CertificateCheck:
     (opt_hooks/policy.py)."""
 
     condition: str
-    step: float
+    step: float | None  # None only in a feature's non-certified check read back from report.json
     predicted: float | None  # None: not measurable (C1 and C2 without lam)
     measured: float | None
     held_out: float | None = None
@@ -202,6 +207,7 @@ class LayerResult:
     alpha: float = 0.05
     sae_id: str | None = None
     neuronpedia_id: str | None = None
+    hook_name_out: str | None = None  # a transcoder's output hook (THEORY.md section 8); None for an SAE
     dead_features: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     # the label-free pair map (THEORY.md section 6), ordered by L1 price (trees by their total)
@@ -282,7 +288,7 @@ class LayerResult:
                 if c != "C2" and TIER_RANK[check.tier] <= worst:
                     counts[c] += 1
         counts["C2"] = sum(1 for p in self.pairs if TIER_RANK[p.tier] <= worst)
-        for c in ("C5", "C6"):
+        for c in LAYER_CONDITIONS:
             counts[c] = int(TIER_RANK[self.layer_conditions.get(c, {}).get("tier", "satisfied")] <= worst)
         return counts
 
@@ -301,7 +307,7 @@ class AuditRecord:
         out = {
             "schema_version": SCHEMA_VERSION,
             "meta": json_safe(self.meta),
-            "layers": {name: json_safe(dataclasses.asdict(layer)) for name, layer in self.layers.items()},
+            "layers": {name: _layer_to_dict(layer) for name, layer in self.layers.items()},
             "token_texts": {str(k): v for k, v in self.token_texts.items()},
         }
         if self.repair is not None:
@@ -351,16 +357,87 @@ def _certificate(d: dict[str, Any] | None) -> CertificateCheck | None:
     return None if d is None else CertificateCheck(**d)
 
 
+# What report.json keeps of a feature's certificate that is not certified (THEORY.md 3.6: a descent
+# on the audit tokens that the held-out tokens do not confirm). Nearly every live feature has one
+# under C3 and C4, so writing each in full would make report.json grow by ~0.8 KB per feature; the
+# rest of the check (step, predicted, measured, held-out change, counts) is in the layer's
+# tables/<hook>/features.parquet as <condition>_<field> columns.
+VERDICT_FIELDS = ("tier", "reason")
+
+
+def _layer_to_dict(layer: LayerResult) -> dict[str, Any]:
+    """The layer as report.json holds it. Its tables hold up to one row per feature, so their rows
+    are copied as `_row_dict` (`dataclasses.asdict` and `json_safe` on every number took seconds
+    per layer of 24,576 features)."""
+    out = json_safe(dataclasses.asdict(dataclasses.replace(layer, **{table: [] for table in layer.TABLES})))
+    for table in layer.TABLES:
+        out[table] = [_row_dict(row) for row in getattr(layer, table)]
+    return out
+
+
+def _row_dict(row: Any) -> dict[str, Any]:
+    names, get = _fields_of(type(row))
+    out = dict(zip(names, get(row)))
+    for name, value in out.items():
+        kind = value.__class__
+        if kind is float:
+            if value - value != 0.0:  # NaN or an infinity
+                out[name] = None
+        elif name == "certificates":  # a FeatureRow's checks
+            out[name] = {condition: _feature_check(check) for condition, check in value.items()}
+        elif not (kind is int or kind is str or kind is bool or value is None):
+            out[name] = _row_value(value)
+    return out
+
+
+@functools.cache
+def _fields_of(kind: type) -> tuple[tuple[str, ...], operator.attrgetter]:
+    """A row dataclass's field names and one getter of all of them (a tuple, in C: rows have several fields)."""
+    names = tuple(f.name for f in dataclasses.fields(kind))
+    return names, operator.attrgetter(*names)
+
+
+def _row_value(value: Any) -> Any:
+    """json_safe for a row's field that is not a plain scalar, without a call per number of a list."""
+    if value.__class__ is list and all(x.__class__ is int or (x.__class__ is float and x - x == 0.0) for x in value):
+        return list(value)
+    if isinstance(value, CertificateCheck):
+        return _row_dict(value)
+    return json_safe(value)
+
+
+def _feature_check(check: CertificateCheck | None) -> dict[str, Any] | None:
+    """A feature's certified check in full; any other as its verdict (`VERDICT_FIELDS`)."""
+    if check is None:
+        return None
+    if check.tier == "certified":
+        return _row_dict(check)
+    return {name: getattr(check, name) for name in VERDICT_FIELDS}  # strings
+
+
+def _feature_from_dict(f: dict[str, Any], n_audit: int, n_held_out: int) -> FeatureRow:
+    best = f["conditions"][0] if f["conditions"] else None
+    checks = {}
+    for name, c in f["certificates"].items():
+        if c is None or "condition" in c:
+            checks[name] = _certificate(c)
+            continue
+        # a verdict: the row holds the held-out numbers of its best check (FeatureRow's docstring);
+        # what only the parquet tables keep stays None
+        held = {"held_out": None if f["gain"] is None else -f["gain"], "held_out_se": f["gain_se"],
+                "p_value": f["p_value"], "gain": f["gain"], "share": f["share"]} if name == best else {}
+        checks[name] = CertificateCheck(name, step=None, predicted=None, measured=None, tier=c["tier"],
+                                        reason=c["reason"], n_audit=n_audit, n_held_out=n_held_out, **held)
+    return FeatureRow(**{**f, "certificates": checks})
+
+
 def _layer_conditions(d: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {name: {**c, "certificate": _certificate(c.get("certificate"))} for name, c in d.items()}
 
 
 def _layer_from_dict(d: dict[str, Any]) -> LayerResult:
     d = dict(d)
-    d["features"] = [
-        FeatureRow(**{**f, "certificates": {k: _certificate(c) for k, c in f["certificates"].items()}})
-        for f in d["features"]
-    ]
+    d["features"] = [_feature_from_dict(f, d["n_tokens"], d["n_held_out"]) for f in d["features"]]
     d["pairs"] = [PairRow(**{**p, "certificate": _certificate(p["certificate"])}) for p in d["pairs"]]
     d["layer_conditions"] = _layer_conditions(d["layer_conditions"])
     for name, row in (("absorption", AbsorptionRow), ("duplicates", DuplicateRow), ("antipodal", AntipodalRow)):
@@ -408,4 +485,5 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def dumps(result: AuditRecord) -> str:
-    return json.dumps(result.to_dict(), indent=1, allow_nan=False)
+    """report.json's text: compact (no indentation, no spaces), the size docs/REPORT.md budgets."""
+    return json.dumps(result.to_dict(), separators=(",", ":"), allow_nan=False)

@@ -14,13 +14,17 @@ The tokens (windows of text, or rows of activations; every part evenly spaced) f
 
 One round, per layer: the audit's certified findings become steps, in this order (each one an SAE
 built from the previous one, `SAEEdit`): C1 floors into b_dec ("floor"), the C5 bias step ("bias"),
-the C3 atom turns ("atoms"), the C4 code scales ("codes"), then "respawn": duplicate latents merged
+a skip transcoder's C7 step on W_skip ("skip"), the C3 atom turns ("atoms"), the C4 code scales ("codes"), then "respawn": duplicate latents merged
 (the pair map's duplicates that fire together) and free latents (the merged ones, and the dead ones
 when C6 is certified) resampled towards the audit's worst residuals, with an encoder row that fires
 where the input points that way. A step that lowers L insignificantly on the validation part is
 dropped (so is a resampled latent whose own change is not significant), the chain rebuilt without
 it and measured again. `rounds` > 1 audits the repaired SAEs again on the same tokens, with the
 first round's lam, so every round optimises the same objective.
+
+Transcoders are repaired in their output space (THEORY.md section 8): their rows are (input,
+target) pairs, their objective the squared error of `transcoder(x)` against the output hook's y
+plus lam times the L1 term; respawn does not apply to them (`sae_edit.refusal`).
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ from opt_hooks.records import LayerResult, atomic_write_text, file_name, json_sa
 from opt_hooks.result import AuditResult
 from opt_hooks.run import (
     AuditRun, audit_rows, audit_text, batch_sources, check_share, held_out_windows, iterate_batches, progress_bar,
-    special_tokens, versions,
+    rows_hook_names, special_tokens, versions, view_rows,
 )
 from opt_hooks.theory.repair_sums import LatentChanges, PlantFit, VariantSums
 
@@ -161,9 +165,7 @@ def repair_activations(saes: Any, batches: Any, held_out: float = 0.2, *, hook_n
     if held_out == 0:
         raise ValueError("held_out must be > 0: the before / after table is measured on those tokens")
     ropts = repair_options or RepairOptions()
-    if not isinstance(saes, (Mapping, list, tuple)) and hook_names is None and not isinstance(batches, Mapping):
-        hook_names = ["sae"]
-    views = make_views(saes, hook_names)
+    views = make_views(saes, rows_hook_names(saes, hook_names, batches))
     sources = batch_sources(views, batches)
     parts = _RowParts(views, sources, held_out, ropts.audit_held_out)
 
@@ -199,7 +201,7 @@ class _TextParts:
                 forward_to_deepest(self.model, self.windows[rows], tap.hook_names)
                 window = rows[:, None].expand(-1, self.windows.shape[1]).flatten()
                 keep = torch.ones_like(window, dtype=torch.bool) if self.specials is None else ~self.specials[rows].flatten()
-                yield {key: (acts[keep.to(acts.device)], window[keep]) for key, acts in found.items()}
+                yield {key: (_take(rows, keep), window[keep]) for key, rows in found.items()}
 
 
 class _RowParts:
@@ -211,21 +213,24 @@ class _RowParts:
         self.views, self.sources = dict(views), sources
         self.held_out, self.audit_held_out = held_out, audit_held_out
 
-    def _parts(self, key: str) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """(rows, row index, test mask, validation mask) per batch of one SAE's source."""
+    def _parts(self, key: str) -> Iterator[tuple[Any, Tensor, Tensor, Tensor]]:
+        """(rows, row index, test mask, validation mask) per batch of one SAE's source; a
+        transcoder's rows are (inputs, targets) pairs."""
         seen = fit_seen = 0
-        for acts in iterate_batches(self.sources[key], key):
-            rows = self.views[key].rows(acts)
-            index = torch.arange(seen, seen + len(rows))
-            test = held_out_windows(seen, len(rows), self.held_out)
-            seen += len(rows)
+        view = self.views[key]
+        for acts in iterate_batches(self.sources[key], key, view.is_transcoder):
+            inputs, targets = view_rows(view, acts)
+            rows = inputs if targets is None else (inputs, targets)
+            index = torch.arange(seen, seen + len(inputs))
+            test = held_out_windows(seen, len(inputs), self.held_out)
+            seen += len(inputs)
             validation = torch.zeros_like(test)
             validation[~test] = held_out_windows(fit_seen, int((~test).sum()), self.audit_held_out)
             fit_seen += int((~test).sum())
             yield rows, index, test, validation
 
-    def fit_source(self, key: str) -> Callable[[], Iterator[Tensor]]:
-        return lambda: (rows[~test.to(rows.device)] for rows, _, test, _ in self._parts(key) if bool((~test).any()))
+    def fit_source(self, key: str) -> Callable[[], Iterator[Any]]:
+        return lambda: (_take(rows, ~test) for rows, _, test, _ in self._parts(key) if bool((~test).any()))
 
     def rows(self, part: str, views: Mapping[str, SAEView]) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
         """{key: (rows, row index)}: every row is its own window."""
@@ -233,7 +238,19 @@ class _RowParts:
             for rows, index, test, validation in self._parts(key):
                 mask = {"test": test, "validation": validation, "audit": ~test & ~validation}[part]
                 if bool(mask.any()):
-                    yield {key: (rows[mask.to(rows.device)], index[mask])}
+                    yield {key: (_take(rows, mask), index[mask])}
+
+
+def _take(rows: Any, mask: Tensor) -> Any:
+    """The masked rows of a batch: a tensor, or a transcoder's (inputs, targets) pair."""
+    if isinstance(rows, tuple):
+        return tuple(_take(part, mask) for part in rows)
+    return rows[mask.to(rows.device)]
+
+
+def _targets(rows: Any) -> Tensor:
+    """What a batch's squared error is measured against: the rows, or a transcoder's targets."""
+    return rows[1] if isinstance(rows, tuple) else rows
 
 
 # -- one repair ---------------------------------------------------------------------------------
@@ -292,8 +309,9 @@ def _repair(views: dict[str, SAEView], audit_round: Callable[[dict[str, SAEView]
 def _view(sae: Any, key: str, like: SAEView) -> SAEView:
     with warnings.catch_warnings():  # the original view already warned about this SAE's setup
         warnings.simplefilter("ignore")
-        return SAEView(sae, hook_name=key, lam=like.lam if like.lam_source == "argument" else None,
-                       release=like.release, sae_id=like.sae_id)
+        return SAEView(sae, hook_name=like.hook_name, lam=like.lam if like.lam_source == "argument" else None,
+                       release=like.release, sae_id=like.sae_id,
+                       hook_name_out=like.hook_name_out if like.is_transcoder else None)
 
 
 class _LayerRepair:
@@ -302,7 +320,7 @@ class _LayerRepair:
     def __init__(self, key: str, view: SAEView, plan: AuditPlan, layer: LayerResult, ropts: RepairOptions) -> None:
         self.key, self.view, self.plan, self.layer, self.ropts = key, view, plan, layer, ropts
         self.lam = layer.lam
-        self.steps = [s for s in (self._floor(), self._bias(), self._atoms(), self._codes()) if s is not None]
+        self.steps = [s for s in (self._floor(), self._bias(), self._skip(), self._atoms(), self._codes()) if s is not None]
         candidates, dead = self._merges(), self._dead_to_resample()
         # why the respawn cannot be made in this class, said only where there was something to do
         self.merge_refusal = (refusal(view.sae, "merge") if candidates else None) or (
@@ -360,6 +378,15 @@ class _LayerRepair:
         check = c5["certificate"]
         item = {"step": check.step, "certified_gain": check.gain, "se": check.held_out_se, "p_value": check.p_value}
         return _Step("bias", "C5", lambda edit: edit.shift_bias(delta), [item])
+
+    def _skip(self) -> _Step | None:
+        c7 = self.layer.layer_conditions.get("C7", {})
+        if c7.get("tier") != "certified":
+            return None
+        delta = self.plan.families["C7"].skip_change().cpu()
+        check = c7["certificate"]
+        item = {"step": check.step, "certified_gain": check.gain, "se": check.held_out_se, "p_value": check.p_value}
+        return _Step("skip", "C7", lambda edit: edit.shift_skip(delta), [item])
 
     def _atoms(self) -> _Step | None:
         ks, checks = self._certified("C3")
@@ -467,7 +494,7 @@ class _LayerRepair:
             self.reference.append(before_respawn)
             self.chain.append(edit.sae)
             self.names.append("respawn")
-        self.sums = VariantSums(self.reference, self.view.d_sae, self.view.d_in)
+        self.sums = VariantSums(self.reference, self.view.d_sae, self.view.d_out)
         self.plant_sums = None
         if "respawn" in self.names:
             merged = self.chain[self.names.index("merged")]
@@ -551,17 +578,23 @@ class _LayerRepair:
 
 
 @torch.no_grad()
-def sae_objective(sae: Any, rows: Tensor, lam: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def sae_objective(sae: Any, rows: Any, lam: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per token, with the SAE's own encode and decode on its input rows (n, d_in): (loss, squared error
     summed over the input dimensions, L1 term sum_i f_i ||W_dec[i]||, L0), and (K,) bool of the latents
-    that fired. loss = squared error + lam * L1 (lam None: the squared error alone)."""
-    sae_in = rows[:, None, :] if sae.hook_z_reshaping_mode else rows
-    codes = sae.encode(sae_in)
-    if codes.is_sparse:
-        codes = codes.to_dense()
-    out = sae.decode(codes).reshape(len(rows), -1)
+    that fired. loss = squared error + lam * L1 (lam None: the squared error alone). A transcoder's rows
+    are (inputs, targets): its own forward (skip included) is compared with the targets."""
+    if isinstance(rows, tuple):
+        rows, target = rows
+        codes = sae.encode(rows)
+        out = sae(rows)
+    else:
+        sae_in = rows[:, None, :] if sae.hook_z_reshaping_mode else rows
+        codes = sae.encode(sae_in)
+        if codes.is_sparse:
+            codes = codes.to_dense()
+        out, target = sae.decode(codes).reshape(len(rows), -1), rows
     codes = codes.reshape(len(rows), -1)
-    mse = ((out.double() - rows.double()) ** 2).sum(-1)
+    mse = ((out.double() - target.double()) ** 2).sum(-1)
     scaled = codes.double() if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False) else \
         codes.double() * sae.W_dec.detach().double().norm(dim=1)
     l1 = scaled.sum(-1)
@@ -572,7 +605,7 @@ def sae_objective(sae: Any, rows: Tensor, lam: float | None) -> tuple[Tensor, Te
 def _add_variants(sums: VariantSums, saes: list[Any], rows: Tensor, windows: Tensor, lam: float | None) -> None:
     parts = [sae_objective(sae, rows, lam) for sae in saes]
     loss, mse, l1, l0 = (torch.stack([p[i] for p in parts], 1) for i in range(4))
-    sums.update(loss, mse, l1, l0, torch.stack([p[4] for p in parts]), rows, windows)
+    sums.update(loss, mse, l1, l0, torch.stack([p[4] for p in parts]), _targets(rows), windows)
 
 
 def _fit_plants(parts: Any, layers: dict[str, _LayerRepair]) -> None:
@@ -641,7 +674,7 @@ def _validate(parts: Any, layers: dict[str, _LayerRepair]) -> None:
 
 def _measure_test(parts: Any, views: dict[str, SAEView], repaired: dict[str, Any], lams: Any) -> dict[str, dict[str, Any]]:
     """Before / after on the test tokens, with the SAEs' own encode / decode."""
-    sums = {key: VariantSums([-1, 0], view.d_sae, view.d_in) for key, view in views.items()}
+    sums = {key: VariantSums([-1, 0], view.d_sae, view.d_out) for key, view in views.items()}
     for batch in parts.rows("test", views):
         for key, (rows, windows) in batch.items():
             _add_variants(sums[key], [views[key].sae, repaired[key]], rows, windows, lams.get(key))

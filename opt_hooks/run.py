@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from sae_lens import SAE
 from torch import Tensor
 
 from opt_hooks.adapters import CodeTap, SAEView, forward_to_deepest
@@ -95,6 +96,7 @@ class Router:
             self.audits[key] = LayerAudit(
                 old.atoms, old.bias, lam=lam, lam_estimated=lam is not None, lam_unavailable=unavailable,
                 hook_name=key, architecture=old.architecture, scope=old.scope, options=old.options, meta=old.meta,
+                skip=old.skip,
             )
             if lam is not None:
                 self.lam_notes[key] = (
@@ -106,14 +108,15 @@ class Router:
     def replay_calibration(self) -> None:
         """Feed pass 1 the calibration windows' codes (this rank's share): not streamed twice."""
         for key, batches in (self.replay or {}).items():
-            for x, nonzero, values, index, w in batches:
+            for x, nonzero, values, index, w, inputs in batches:
                 z = values.new_zeros(x.shape[0], self.audits[key].atoms.shape[0])
                 z[nonzero] = values
-                self.audits[key].update(x, z, index, w)
+                self.audits[key].update(x, z, index, w, inputs)
         self.replay = None
 
-    def on_codes(self, key: str, x: Tensor, z: Tensor, w: Tensor | None = None) -> None:
-        """One batch of one SAE in theory units (x, z and the token weights w, see SAEView)."""
+    def on_codes(self, key: str, x: Tensor, z: Tensor, w: Tensor | None = None, inputs: Tensor | None = None) -> None:
+        """One batch of one SAE in theory units (x, z, the token weights w and a skip transcoder's
+        inputs, see SAEView.units)."""
         batch = self.batch
         if batch is None or len(batch.token_index) != x.shape[0]:
             raise RuntimeError(
@@ -128,24 +131,22 @@ class Router:
             if key in self.calibrations:
                 self.calibrations[key].update(x[rows], z[rows], rows_of(w, rows))
             mine = rows & self.ranks.own(batch.window.to(device))
-            if bool(mine.all()):
-                x_mine, z_mine, index_mine, w_mine = x, z, index, w
-            else:
-                x_mine, z_mine, index_mine, w_mine = x[mine], z[mine], index[mine], rows_of(w, mine)
-            nonzero = z_mine.nonzero(as_tuple=True)  # the codes kept sparse until pass 1 reads them
-            self.replay[key].append((x_mine, nonzero, z_mine[nonzero], index_mine, w_mine))
+            if not bool(mine.all()):
+                x, z, index, w, inputs = x[mine], z[mine], index[mine], rows_of(w, mine), rows_of(inputs, mine)
+            nonzero = z.nonzero(as_tuple=True)  # the codes kept sparse until pass 1 reads them
+            self.replay[key].append((x, nonzero, z[nonzero], index, w, inputs))
         elif self.plans is None:
             rows = keep & ~held
             if bool(rows.all()):  # no copy of the (n, K) codes when every row is kept
-                self.audits[key].update(x, z, index, w)
+                self.audits[key].update(x, z, index, w, inputs)
             else:
-                self.audits[key].update(x[rows], z[rows], index[rows], rows_of(w, rows))
+                self.audits[key].update(x[rows], z[rows], index[rows], rows_of(w, rows), rows_of(inputs, rows))
         else:
             plan = self.plans[key]
             rows = keep if plan.needs_audit_tokens else keep & held
             if bool(rows.any()):
                 plan.update(x[rows], z[rows], index[rows], held_out=held[rows], weight=rows_of(w, rows),
-                            window=batch.window.to(device)[rows])
+                            window=batch.window.to(device)[rows], inputs=rows_of(inputs, rows))
 
     def _finite_rows(self, key: str, x: Tensor, z: Tensor, batch: Batch) -> Tensor:
         z_min, z_max = z.aminmax() if z.numel() else (z.new_zeros(()), z.new_zeros(()))  # NaN propagates
@@ -221,9 +222,11 @@ class Router:
 
 def _layer_audit(key: str, view: SAEView, lam: float | None, options: AuditOptions | None) -> LayerAudit:
     meta = {"sae_id": view.sae_id, "neuronpedia_id": view.neuronpedia_id, "release": view.release}
+    if view.is_transcoder:  # the atoms live in the output space: d_in is the input's width
+        meta.update(hook_name_out=view.hook_name_out, d_in=view.d_in)
     return LayerAudit(
         view.atoms(), view.bias(), lam=lam, hook_name=key, architecture=view.architecture,
-        scope=view.scope, options=options, meta=meta,
+        scope=view.scope, options=options, meta=meta, skip=view.skip_weight(),
     )
 
 
@@ -430,8 +433,8 @@ def audit_rows(views: dict[str, SAEView], batches: Any, *, held_out: float, lam:
         for key, source in sources.items():
             seen = 0
             desc = f"{key}: pass {2 if pass_two else 1}/2"
-            for acts in progress_bar(iterate_batches(source, key), desc, progress):
-                rows = views[key].rows(acts)  # (n, d_in), one row per token, as encode reads them
+            for acts in progress_bar(iterate_batches(source, key, views[key].is_transcoder), desc, progress):
+                rows, out = view_rows(views[key], acts)  # (n, d_in), one row per token, as encode reads them
                 index = torch.arange(seen, seen + len(rows))
                 held = held_out_windows(seen, len(rows), held_out)
                 seen += len(rows)
@@ -440,9 +443,9 @@ def audit_rows(views: dict[str, SAEView], batches: Any, *, held_out: float, lam:
                     mine &= held  # pass 1 already measured the audit rows
                 if not bool(mine.any()):
                     continue
-                rows, index, held = rows[mine.to(rows.device)], index[mine], held[mine]
+                rows, out, index, held = rows[mine.to(rows.device)], rows_of(out, mine.to(rows.device)), index[mine], held[mine]
                 router.batch = Batch(index, torch.ones(len(index), dtype=torch.bool), held, index)
-                router.on_codes(key, *views[key].encode(rows))
+                router.on_codes(key, *views[key].units(rows, out))
             if seen == 0:
                 raise ValueError(f"{key}: the activation batches are empty; nothing to audit")
         router.merge_ranks()
@@ -453,8 +456,8 @@ def audit_rows(views: dict[str, SAEView], batches: Any, *, held_out: float, lam:
 def _calibrate_on_rows(router: Router, view: SAEView, key: str, source: Any, held_out: float) -> None:
     """Feed one SAE's lam calibration the first `router.calibration_tokens` audit rows."""
     seen = audit_seen = 0
-    for acts in iterate_batches(source, key):
-        rows = view.rows(acts)
+    for acts in iterate_batches(source, key, view.is_transcoder):
+        rows, out = view_rows(view, acts)
         held = held_out_windows(seen, len(rows), held_out)
         index = torch.arange(seen, seen + len(rows))
         seen += len(rows)
@@ -462,18 +465,28 @@ def _calibrate_on_rows(router: Router, view: SAEView, key: str, source: Any, hel
         audit_seen += int((~held).sum())
         if bool(take.any()):
             router.batch = Batch(index[take], torch.ones(int(take.sum()), dtype=torch.bool), held[take], index[take])
-            router.on_codes(key, *view.encode(rows[take.to(rows.device)]))
+            take = take.to(rows.device)
+            router.on_codes(key, *view.units(rows[take], rows_of(out, take)))
         if audit_seen >= router.calibration_tokens:
             break
     router.batch = None
 
 
+def rows_hook_names(saes: Any, hook_names: Any, batches: Any) -> Any:
+    """The hook names of activations given without a model: a bare sae_lens SAE with one stream of
+    batches is keyed "sae" (its metadata may name no hook); an SAEView keeps its hook name."""
+    if isinstance(saes, SAE) and hook_names is None and not isinstance(batches, Mapping):
+        return ["sae"]
+    return hook_names
+
+
 def batch_sources(views: Mapping[str, SAEView], batches: Any) -> dict[str, Any]:
-    if isinstance(batches, Mapping):
-        missing = sorted(set(views) - set(batches))
+    if isinstance(batches, Mapping):  # by key, or by hook name for every SAE on that hook
+        found = {key: batches[key] if key in batches else batches.get(view.hook_name) for key, view in views.items()}
+        missing = sorted(key for key, source in found.items() if source is None)
         if missing:
             raise ValueError(f"no activation batches for {missing}; batches has keys {sorted(batches)}")
-        return {key: batches[key] for key in views}
+        return found
     if len(views) != 1:
         raise ValueError(
             f"{len(views)} SAEs but one stream of batches: pass batches as {{hook_name: batches}} for {sorted(views)}"
@@ -481,7 +494,20 @@ def batch_sources(views: Mapping[str, SAEView], batches: Any) -> dict[str, Any]:
     return {next(iter(views)): batches}
 
 
-def iterate_batches(source: Any, key: str) -> Iterator[Tensor]:
+def view_rows(view: SAEView, acts: Any) -> tuple[Tensor, Tensor | None]:
+    """(rows (n, d_in), a transcoder's target rows (n, d_out) or None) of one batch."""
+    if not view.is_transcoder:
+        return view.rows(acts), None
+    rows = view.rows(acts[0])
+    return rows, view.rows_out(acts[1], len(rows))
+
+
+def iterate_batches(source: Any, key: str, pairs: bool = False) -> Iterator[Any]:
+    """The batches of one source: tensors (n, d_in); with `pairs` (a transcoder), (x, y) pairs of
+    tensors, from a pair of tensors, a pair of streams, or a stream of pairs."""
+    if pairs:
+        yield from _iterate_pairs(source, key)
+        return
     if isinstance(source, Tensor):
         yield source
         return
@@ -497,6 +523,40 @@ def iterate_batches(source: Any, key: str) -> Iterator[Tensor]:
         if not isinstance(acts, Tensor):
             raise TypeError(f"{key}: activation batches must be tensors (n, d_in), got {type(acts).__name__}")
         yield acts
+
+
+def _iterate_pairs(source: Any, key: str) -> Iterator[tuple[Tensor, Tensor]]:
+    """A tuple is (inputs, outputs): two tensors or two streams read in step; a list or any other
+    iterable yields (x, y) pairs (a transcoder's d_in often equals its d_out, so shapes cannot tell)."""
+    if isinstance(source, tuple):
+        if len(source) != 2:
+            raise TypeError(f"{key}: a transcoder's tuple of batches is (inputs, outputs); got {len(source)} items")
+        inputs, outputs = source
+        if isinstance(inputs, Tensor) and isinstance(outputs, Tensor):
+            yield inputs, outputs
+            return
+        inputs, outputs = iterate_batches(inputs, key), iterate_batches(outputs, key)
+        for pair in zip(inputs, outputs, strict=True):
+            yield pair
+        return
+    if callable(source):
+        source = source()
+    elif iter(source) is source:
+        raise TypeError(
+            f"{key}: the audit reads the activations twice; pass a list of (x, y) pairs, a pair of "
+            "tensors or lists, or a zero-argument function that returns a fresh iterator"
+        )
+    for pair in source:
+        if not _is_pair(pair):
+            raise TypeError(
+                f"{key}: a transcoder's batches are (x, y) pairs: x (n, d_in) at its hook_name, y (n, d_out) at "
+                f"its hook_name_out; got {type(pair).__name__}"
+            )
+        yield pair[0], pair[1]
+
+
+def _is_pair(item: Any) -> bool:
+    return isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(t, Tensor) for t in item)
 
 
 def progress_bar(items: Iterable, desc: str, enabled: bool, total_items: int | None = None, step: int = 1) -> Iterable:

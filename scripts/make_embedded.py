@@ -10,17 +10,22 @@ Everything is made here, offline, from text that ships with Python itself:
 - SAEs: one sae_lens standard SAE per hook in HOOKS, trained with sae_lens's own
   `StandardTrainingSAE.training_forward_pass` (MSE + L1 penalty) on the model's residual
   stream and saved with `save_inference_model`, so that `SAE.load_from_disk` reads them and
-  the l1 coefficient stays in `metadata.training_architecture_details`.
+  the l1 coefficient stays in `metadata.training_architecture_details`;
+- transcoder: one sae_lens SkipTranscoder on the MLP of block TRANSCODER_LAYER (reads
+  `ln2.hook_normalized`, predicts `hook_mlp_out`), trained with plain torch on the same L1 loss
+  in the output space (sae_lens ships no transcoder trainer), its l1 coefficient recorded in
+  `metadata.training_architecture_details` as the SAEs' is.
 
 Seeds and thread count are fixed, so a rerun on the same machine with the same Python (its
 standard library is the corpus), torch and tokenizers versions rewrites byte-identical files
 (checked), except MANIFEST.json's build_seconds; other CPUs may differ in the last bits.
 
 Runtime: 14.5 minutes on 2 shared CPU cores (one torch thread; 862 s measured with the
-machine's load average near 6), of which the model is 5 and each SAE 3 minutes.
-Output: 2.9 MB in opt_hooks/embedded/.
+machine's load average near 6), of which the model is 5 and each SAE 3 minutes; the
+transcoder adds about 2.5 minutes. Output: 3.0 MB in opt_hooks/embedded/.
 
-    python scripts/make_embedded.py            # rewrites opt_hooks/embedded/
+    python scripts/make_embedded.py                    # rewrites opt_hooks/embedded/
+    python scripts/make_embedded.py --transcoder-only  # (re)trains the transcoder on the bundled model
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from safetensors.torch import save_file
 from sae_lens import __version__ as sae_lens_version
 from sae_lens.saes.sae import SAEMetadata, TrainStepInput
 from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+from sae_lens.saes.transcoder import SkipTranscoder, SkipTranscoderConfig
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
@@ -54,10 +60,13 @@ from opt_hooks.embedded import (  # noqa: E402  (needs the path above)
     MODEL_CONFIG_FILE,
     MODEL_WEIGHTS_FILE,
     SAE_FOLDER_PREFIX,
+    TRANSCODER_FOLDER_PREFIX,
 )
 
 SEED = 0
 THREADS = 1  # deterministic, and far faster than 2 when other work shares the cores
+DESCRIPTION = ("tiny GPT-2-architecture model, standard SAEs and one skip transcoder trained on Python's "
+               "own documentation")
 SPECIAL = "<|endoftext|>"  # BOS, EOS and padding, as in GPT-2
 VOCAB_SIZE = 2048
 CONTEXT = 128
@@ -88,6 +97,12 @@ SAE_TOKENS = 300_000  # activations per hook used for SAE training
 SAE_STEPS = 3000
 SAE_BATCH = 2048
 SAE_LR = 1e-3
+
+TRANSCODER_LAYER = 1
+TRANSCODER_HOOKS = (f"blocks.{TRANSCODER_LAYER}.ln2.hook_normalized", f"blocks.{TRANSCODER_LAYER}.hook_mlp_out")
+TRANSCODER_WIDTH = 256  # 4x the MLP's output width, small enough to keep the default report fast
+TRANSCODER_L1 = 0.25
+TRANSCODER_STEPS = 1500
 
 AUDIT_CHARS = 240_000  # about 60k tokens: the default audit uses 32,768 of them
 MIN_PARAGRAPH = 80  # characters; shorter docstrings are mostly "Return x." noise
@@ -244,9 +259,94 @@ def train_sae(acts: torch.Tensor, hook: str, log) -> tuple[StandardTrainingSAE, 
     return sae, stats
 
 
+@torch.no_grad()
+def mlp_activations(model: HookedTransformer, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y), SAE_TOKENS rows each: the transcoder block's MLP input and output, BOS left out."""
+    xs, ys, count = [], [], 0
+    for batch in windows.split(64):
+        _, cache = model.run_with_cache(batch, names_filter=list(TRANSCODER_HOOKS))
+        x, y = (cache[hook][:, 1:].reshape(-1, model.cfg.d_model) for hook in TRANSCODER_HOOKS)
+        xs.append(x)
+        ys.append(y)
+        count += len(x)
+        if count >= SAE_TOKENS:
+            break
+    return torch.cat(xs)[:SAE_TOKENS], torch.cat(ys)[:SAE_TOKENS]
+
+
+def train_transcoder(x: torch.Tensor, y: torch.Tensor, log) -> tuple[SkipTranscoder, dict[str, float]]:
+    """A SkipTranscoder trained on sum_dims (y - y_hat)^2 + l1 * sum_i f_i ||W_dec[i]|| per token."""
+    torch.manual_seed(SEED)
+    hook_in, hook_out = TRANSCODER_HOOKS
+    transcoder = SkipTranscoder(SkipTranscoderConfig(
+        d_in=x.shape[1], d_sae=TRANSCODER_WIDTH, d_out=y.shape[1], apply_b_dec_to_input=False,
+        metadata=SAEMetadata(
+            model_name=MODEL_CONFIG["model_name"], hook_name=hook_in, hook_name_out=hook_out,
+            context_size=CONTEXT, prepend_bos=True, exclude_special_tokens=False,
+            dataset_path="python-stdlib-docstrings",
+            training_architecture_details={"l1_coefficient": TRANSCODER_L1},
+        ),
+    ))
+    with torch.no_grad():
+        transcoder.b_dec.copy_(y.mean(0))
+    generator = torch.Generator().manual_seed(SEED)
+    optimiser = torch.optim.Adam(transcoder.parameters(), lr=SAE_LR)
+
+    def losses(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        codes = transcoder.encode(x[rows])
+        mse = (transcoder(x[rows]) - y[rows]).pow(2).sum(-1).mean()
+        l1 = (codes * transcoder.W_dec.norm(dim=1)).sum(-1).mean()
+        return mse, l1, codes
+
+    for step in range(TRANSCODER_STEPS):
+        for group in optimiser.param_groups:
+            group["lr"] = cosine_lr(step, TRANSCODER_STEPS, SAE_LR)
+        mse, l1, codes = losses(torch.randint(len(x), (SAE_BATCH,), generator=generator))
+        optimiser.zero_grad()
+        (mse + TRANSCODER_L1 * l1).backward()
+        optimiser.step()
+        if step % 500 == 0 or step == TRANSCODER_STEPS - 1:
+            l0 = (codes > 0).float().sum(-1).mean().item()
+            log(f"transcoder step {step:4d}  mse {mse.item():.4f}  l1 {l1.item():.4f}  L0 {l0:.1f}")
+    transcoder.eval()
+    with torch.no_grad():
+        codes = transcoder.encode(x)
+        error = (transcoder(x) - y).pow(2).sum(-1).mean()
+        variance = (y - y.mean(0)).pow(2).sum(-1).mean()
+        stats = {
+            "l0": (codes > 0).float().sum(-1).mean().item(),
+            "explained_variance": 1 - (error / variance).item(),
+            "dead_features": int(((codes > 0).sum(0) == 0).sum().item()),
+        }
+    return transcoder, stats
+
+
+def write_transcoder(model: HookedTransformer, windows: torch.Tensor, out: Path, log) -> dict[str, dict]:
+    """Train the transcoder, save its sae_lens folder; its MANIFEST entry."""
+    transcoder, stats = train_transcoder(*mlp_activations(model, windows), log)
+    folder = out / f"{TRANSCODER_FOLDER_PREFIX}{TRANSCODER_LAYER}"
+    transcoder.save_model(folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps(cfg, sort_keys=True))
+    log(f"transcoder {TRANSCODER_HOOKS[0]} -> {TRANSCODER_HOOKS[1]}: {stats}")
+    return {TRANSCODER_HOOKS[0]: {"hook_name_out": TRANSCODER_HOOKS[1], "architecture": "skip_transcoder",
+                                  "d_sae": TRANSCODER_WIDTH, "l1_coefficient": TRANSCODER_L1,
+                                  "steps": TRANSCODER_STEPS, **stats}}
+
+
+def finish(out: Path, log) -> None:
+    bundle = [p for p in out.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    for path in bundle:
+        path.chmod(0o644)  # safetensors writes 0600; installed package data must be readable by all
+    total = sum(p.stat().st_size for p in bundle)
+    log(f"wrote {out} ({total / 1e6:.2f} MB)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "opt_hooks" / "embedded", help="target folder")
+    parser.add_argument("--transcoder-only", action="store_true",
+                        help="keep the bundled tokenizer, model and SAEs; (re)train only the transcoder")
     args = parser.parse_args(argv)
     start = time.perf_counter()
 
@@ -260,6 +360,18 @@ def main(argv: list[str] | None = None) -> int:
     paragraphs = stdlib_paragraphs()
     audit_texts, train_texts = split_corpus(paragraphs)
     log(f"corpus: {len(paragraphs)} paragraphs, {len(audit_texts)} kept for the audit")
+
+    if args.transcoder_only:
+        from opt_hooks.embedded import load_default, manifest
+
+        model, _, _ = load_default()
+        windows = token_windows(model.tokenizer, train_texts)
+        entry = manifest()  # the rest of the bundle, build_seconds included, is as it was
+        entry["transcoders"] = write_transcoder(model, windows, args.out, log)
+        entry["description"] = DESCRIPTION
+        (args.out / MANIFEST_FILE).write_text(json.dumps(entry, indent=1) + "\n")
+        finish(args.out, log)
+        return 0
 
     tokenizer = train_tokenizer(train_texts)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -285,10 +397,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = json.loads((folder / "cfg.json").read_text())
         (folder / "cfg.json").write_text(json.dumps(cfg, sort_keys=True))
         log(f"{hook}: {sae_stats[hook]}")
+    transcoders = write_transcoder(model, windows, args.out, log)
 
     (args.out / AUDIT_TEXTS_FILE).write_text(json.dumps(audit_texts, indent=0, ensure_ascii=False) + "\n")
     manifest = {
-        "description": "tiny GPT-2-architecture model and standard SAEs trained on Python's own documentation",
+        "description": DESCRIPTION,
         "seed": SEED,
         "threads": THREADS,
         "python": platform.python_version(),
@@ -301,14 +414,11 @@ def main(argv: list[str] | None = None) -> int:
             hook: {"d_sae": SAE_WIDTH, "l1_coefficient": L1_COEFFICIENT, "steps": SAE_STEPS, **stats}
             for hook, stats in sae_stats.items()
         },
+        "transcoders": transcoders,
         "build_seconds": round(time.perf_counter() - start, 1),
     }
     (args.out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
-    bundle = [p for p in args.out.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
-    for path in bundle:
-        path.chmod(0o644)  # safetensors writes 0600; installed package data must be readable by all
-    total = sum(p.stat().st_size for p in bundle)
-    log(f"wrote {args.out} ({total / 1e6:.2f} MB)")
+    finish(args.out, log)
     return 0
 
 

@@ -115,3 +115,58 @@ def _assert_match(x: Any, y: Any, path: str, **how: Any) -> None:
         assert isinstance(y, float) and math.isclose(x, y, rel_tol=how["rtol"], abs_tol=how["atol"]), f"{path}: {x!r} != {y!r}"
     else:
         assert x == y, f"{path}: {x!r} != {y!r}"
+
+
+TRANSCODER_CLASSES = {
+    "transcoder": (sae_lens.Transcoder, sae_lens.TranscoderConfig),
+    "skip_transcoder": (sae_lens.SkipTranscoder, sae_lens.SkipTranscoderConfig),
+    "jumprelu_transcoder": (sae_lens.JumpReLUTranscoder, sae_lens.JumpReLUTranscoderConfig),
+    "jumprelu_skip_transcoder": (sae_lens.JumpReLUSkipTranscoder, sae_lens.JumpReLUSkipTranscoderConfig),
+}
+
+
+def transcoder_loss(transcoder: sae_lens.Transcoder, x: torch.Tensor, y: torch.Tensor, l1_coefficient: float) -> torch.Tensor:
+    """Per token: the squared error of the prediction of y plus l1_coefficient sum_i f_i ||W_dec[i]||,
+    sae_lens' standard L1 training loss with the target at the output hook (THEORY.md section 8)."""
+    features = transcoder.encode(x)
+    error = ((transcoder(x) - y) ** 2).sum(-1)
+    return error + l1_coefficient * (features * transcoder.W_dec.norm(dim=1)).sum(-1)
+
+
+def train_transcoder(
+    kind: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    hook_name: str,
+    hook_name_out: str,
+    l1_coefficient: float | None = 0.05,
+    d_sae: int = 32,
+    steps: int = 150,
+    batch_size: int = 128,
+    lr: float = 5e-3,
+    model_name: str | None = "tiny-test-model",
+    seed: int = 0,
+) -> sae_lens.Transcoder:
+    """A float64 `kind` transcoder (TRANSCODER_CLASSES) trained with Adam on `transcoder_loss`,
+    predicting y (n, d_out) from x (n, d_in). sae_lens has no transcoder trainer: the l1
+    coefficient is recorded in metadata.training_architecture_details as a trained SAE's is
+    (None: no record, lam unknown)."""
+    transcoder_class, config_class = TRANSCODER_CLASSES[kind]
+    details = None if l1_coefficient is None else {"l1_coefficient": l1_coefficient}
+    torch.manual_seed(seed)
+    transcoder = transcoder_class(config_class(
+        d_in=x.shape[-1], d_sae=d_sae, d_out=y.shape[-1], dtype="float64", apply_b_dec_to_input=False,
+        metadata=SAEMetadata(hook_name=hook_name, hook_name_out=hook_name_out, model_name=model_name,
+                             training_architecture_details=details),
+    ))
+    inputs, targets = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
+    optimizer = torch.optim.Adam(transcoder.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        rows = torch.randint(0, len(inputs), (batch_size,), generator=generator)
+        loss = transcoder_loss(transcoder, inputs[rows], targets[rows], l1_coefficient or 0.05).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return transcoder.eval()

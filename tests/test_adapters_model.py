@@ -141,7 +141,7 @@ def count_passes(model, hook_names, tokens):
 def test_one_pass_stops_after_the_deepest_hooked_block(tiny_model):
     views = make_views([standard_sae("blocks.0.hook_resid_pre"), standard_sae("blocks.1.hook_mlp_out", seed=1)])
     codes = []
-    tap = CodeTap(tiny_model, views, lambda key, x, z, w: codes.append((key, x, z)))
+    tap = CodeTap(tiny_model, views, lambda key, x, z, w, inputs: codes.append((key, x, z)))
     with tap:
         passes, layers_run = count_passes(tiny_model, tap.hook_names, TOKENS)
     assert (passes, layers_run) == (1, 2)  # blocks 0 and 1 ran, block 2 did not
@@ -170,7 +170,7 @@ def test_spliced_sae_is_read_at_its_own_hooks_not_encoded_twice(tiny_model_cfg, 
     view = SAEView(sae)
     encodes, codes = [], []
     with ActivationTap(model, [f"{hook}.hook_sae_acts_pre"], lambda name, acts: encodes.append(name)):
-        tap = CodeTap(model, {hook: view}, lambda key, x, z, w: codes.append((key, x, z)))
+        tap = CodeTap(model, {hook: view}, lambda key, x, z, w, inputs: codes.append((key, x, z)))
         with tap:
             forward_to_deepest(model, TOKENS, tap.hook_names)
     assert tap.hook_names == [f"{hook}.hook_sae_input", f"{hook}.hook_sae_acts_post"]
@@ -186,7 +186,7 @@ def test_another_sae_spliced_at_the_hook_is_read_through(tiny_model_cfg):
     model.add_sae(standard_sae(hook, seed=3))
     audited = SAEView(standard_sae(hook, seed=4))
     codes = []
-    with CodeTap(model, {hook: audited}, lambda key, x, z, w: codes.append((x, z))) as tap:
+    with CodeTap(model, {hook: audited}, lambda key, x, z, w, inputs: codes.append((x, z))) as tap:
         forward_to_deepest(model, TOKENS, tap.hook_names)
     assert tap.hook_names == [f"{hook}.hook_sae_input"]
     torch.testing.assert_close(codes[0], audited.encode(original_acts)[:2])
@@ -202,7 +202,7 @@ def test_bridge_aliases_and_one_stopped_pass(tiny_bridge):
     before = hook_state(tiny_bridge)
     views = make_views([standard_sae("blocks.0.hook_resid_pre"), standard_sae("blocks.0.hook_resid_post", seed=1)])
     codes = []
-    with CodeTap(tiny_bridge, views, lambda key, x, z, w: codes.append((key, x, z))) as tap:
+    with CodeTap(tiny_bridge, views, lambda key, x, z, w, inputs: codes.append((key, x, z))) as tap:
         passes, layers_run = count_passes(tiny_bridge, tap.hook_names, TOKENS)
     assert (passes, layers_run) == (1, 2)  # block 0 ran; the bridge fires block 1's hook_in, then stops
     assert hook_state(tiny_bridge) == before
@@ -216,7 +216,7 @@ def test_bridge_hook_z_arrives_per_head(tiny_bridge):
     sae = standard_sae(hook, reshape_activations="hook_z")
     views = make_views(sae)
     codes = []
-    with CodeTap(tiny_bridge, views, lambda key, x, z, w: codes.append(z)) as tap:
+    with CodeTap(tiny_bridge, views, lambda key, x, z, w, inputs: codes.append(z)) as tap:
         forward_to_deepest(tiny_bridge, TOKENS, tap.hook_names)
     acts = cached(tiny_bridge, TOKENS, hook)
     assert acts.shape == (3, 8, 4, 4)
@@ -229,7 +229,7 @@ def test_encoder_bridge_runs_a_full_pass(minilm_bridge):
     views = make_views(standard_sae("blocks.1.hook_resid_post", d_in=384, model=None))
     codes = []
     tokens = torch.tensor([[101, 7592, 2088, 102]])
-    with CodeTap(minilm_bridge, views, lambda key, x, z, w: codes.append(z)) as tap:
+    with CodeTap(minilm_bridge, views, lambda key, x, z, w, inputs: codes.append(z)) as tap:
         passes, layers_run = count_passes(minilm_bridge, tap.hook_names, tokens)
     assert (passes, layers_run, len(codes)) == (1, 6, 1)
 
@@ -246,7 +246,7 @@ def test_spliced_sae_on_an_sae_transformer_bridge(minilm_tokenizer):
     sae = standard_sae(hook)
     bridge.add_sae(sae)
     codes = []
-    with CodeTap(bridge, make_views(sae), lambda key, x, z, w: codes.append((x, z))) as tap:
+    with CodeTap(bridge, make_views(sae), lambda key, x, z, w, inputs: codes.append((x, z))) as tap:
         forward_to_deepest(bridge, TOKENS, tap.hook_names)
     assert tap.hook_names == ["blocks.1.hook_in.hook_sae_input", "blocks.1.hook_in.hook_sae_acts_post"]
     torch.testing.assert_close(codes[0], SAEView(sae).encode(original_acts)[:2])

@@ -316,8 +316,13 @@ def test_make_views_accepts_an_sae_a_list_and_a_dict():
     existing = SAEView(a)
     assert make_views([existing])[HOOK] is existing
 
-    with pytest.raises(ValueError, match="two SAEs for the hook"):
-        make_views([a, build("gated")])
+    # several SAEs on one hook: keys that also name the SAE (its sae_id, else its position)
+    c = build("gated")
+    assert list(make_views([a, b, c])) == [f"{HOOK}/sae0", "blocks.1.hook_resid_pre", f"{HOOK}/sae2"]
+    named = make_views([SAEView(a, sae_id="wide"), SAEView(c, sae_id="narrow")])
+    assert list(named) == [f"{HOOK}/wide", f"{HOOK}/narrow"] and named[f"{HOOK}/wide"].hook_name == HOOK
+    with pytest.raises(ValueError, match="same SAE is given twice"):
+        make_views([a, a])
     with pytest.raises(ValueError, match="one per SAE"):
         make_views([a, b], hook_names=["only-one"])
     with pytest.raises(ValueError, match="no SAEs"):

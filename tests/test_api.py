@@ -319,6 +319,30 @@ def test_two_saes_on_two_layers_share_every_forward_pass(tiny_model, windows, sa
         assert layer.lam_estimated == (estimated and hook == HOOK1)
 
 
+def test_two_saes_on_one_hook_share_every_forward_pass(tiny_model, windows, sae1):
+    """Two widths of SAE on one hook, audited together: one forward pass per batch, keys that name
+    the SAEs, each layer equal to its own audit, and the report and tables keep both."""
+    wide = train_sae("standard", cached(tiny_model, random_tokens(64, seed=4), HOOK1), hook_name=HOOK1, d_sae=48,
+                     model_name="tiny-test-model")
+    passes: list[tuple[int, ...]] = []
+    handle = tiny_model.embed.register_forward_hook(lambda module, args, output: passes.append(tuple(args[0].shape)))
+    try:
+        result = audit_tokens(tiny_model, [SAEView(sae1, sae_id="narrow"), SAEView(wide, sae_id="wide")], windows)
+    finally:
+        handle.remove()
+    held = held_out_windows(N_WINDOWS, HELD_OUT)
+    assert passes == [(1, 1), *batch_shapes(int((~held).sum())), *batch_shapes(int(held.sum()))]
+    assert list(result.layers) == [f"{HOOK1}/narrow", f"{HOOK1}/wide"]
+    assert (result.layers[f"{HOOK1}/narrow"].d_sae, result.layers[f"{HOOK1}/wide"].d_sae) == (32, 48)
+    for key, sae in ((f"{HOOK1}/narrow", sae1), (f"{HOOK1}/wide", wide)):
+        alone = audit_tokens(tiny_model, sae, windows).layers[HOOK1]
+        assert result.layers[key].hook_name == key  # a layer's hook_name is its key: it names the SAE too
+        alone.hook_name, alone.sae_id = key, result.layers[key].sae_id
+        assert_layers_match(result.layers[key], alone)
+    frame = result.to_pandas()
+    assert sorted(set(frame["hook"])) == [f"{HOOK1}/narrow", f"{HOOK1}/wide"] and len(frame) == 32 + 48
+
+
 # ---- monitor -------------------------------------------------------------------------------
 
 TORCH_HOOK_DICTS = (

@@ -18,6 +18,8 @@ from opt_hooks.report import load_schema
 
 REPO = Path(__file__).resolve().parent.parent
 
+EMBEDDED_TRANSCODER = "blocks.1.ln2.hook_normalized"  # the embedded skip transcoder, keyed by its input hook
+
 
 def test_help_teaches_examples_tiers_and_exit_codes(capsys):
     with pytest.raises(SystemExit) as exited:
@@ -134,11 +136,16 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
 
     result = AuditResult.from_dict(report)
     assert code == (cli.EXIT_FINDINGS if cli.reached(result, "certified") else cli.EXIT_OK)
-    assert list(result.layers) == [f"blocks.{k}.hook_resid_post" for k in range(3)]
+    assert list(result.layers) == [*(f"blocks.{k}.hook_resid_post" for k in range(3)), EMBEDDED_TRANSCODER]
     for layer in result.layers.values():
-        assert layer.scope == "L1 objective (exact)" and not layer.lam_estimated
         assert 0.9 * report["meta"]["n_tokens"] < layer.n_tokens + layer.n_held_out  # all but BOS/EOS tokens
         assert f"-- {layer.hook_name} " in captured.out  # the per-layer terminal summary
+        assert not layer.lam_estimated
+        if layer.hook_name == EMBEDDED_TRANSCODER:
+            assert layer.scope == "skip transcoder, L1 objective (exact)" and "C7" in layer.layer_conditions
+            assert layer.hook_name_out == "blocks.1.hook_mlp_out" and "predicts    blocks.1.hook_mlp_out" in captured.out
+            continue
+        assert layer.scope == "L1 objective (exact)"
         # the pair map's latents carry contexts (the embedded SAEs have duplicate groups)
         assert layer.duplicates
         for row in layer.duplicates[:5]:
@@ -164,7 +171,7 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
     assert cli.main(again) == cli.EXIT_OK
     assert capsys.readouterr().out == ""
     layers = json.loads((out / "report.json").read_text())["layers"]
-    assert list(layers) == ["blocks.1.hook_resid_post"]
+    assert list(layers) == ["blocks.1.hook_resid_post", EMBEDDED_TRANSCODER]  # layer 1: its SAE and transcoder
     layer = layers["blocks.1.hook_resid_post"]
     assert layer["alpha"] == 0.01
     checks = [c for f in layer["features"] for c in f["certificates"].values()]
@@ -284,7 +291,7 @@ def test_repair_embedded_default_end_to_end(tmp_path, capsys):
     out = tmp_path / "repair"
     assert cli.main(["repair", "--out", str(out), "--tokens", "8k"]) == cli.EXIT_OK, (out / "run.log").read_text()
     printed = capsys.readouterr().out
-    hooks = [f"blocks.{k}.hook_resid_post" for k in range(3)]
+    hooks = [*(f"blocks.{k}.hook_resid_post" for k in range(3)), EMBEDDED_TRANSCODER]
     assert sorted(p.name for p in out.iterdir()) == ["repair.json", "report.html", "report.json", "run.log", "saes",
                                                      "tables"]
 
@@ -494,7 +501,7 @@ def test_flags_that_do_not_fit_the_saes(tmp_path, capsys):
     assert "--lam blocks.9.hook_resid_post=...: no SAE here is on that hook; the hooks: blocks.0" in capsys.readouterr().err
     argv = ["report", "--hook-name", "a", "b", "--out", str(out), "--overwrite"]
     assert cli.main(argv) == cli.EXIT_USAGE
-    assert "--hook-name gives 2 hook(s) for 3 SAE(s)" in capsys.readouterr().err
+    assert "--hook-name gives 2 hook(s) for 4 SAE(s)" in capsys.readouterr().err
     sae = sae_folder(tmp_path / "sae", 0, hook_name=None)
     assert cli.main(["report", "--sae-path", str(sae), "--out", str(out), "--overwrite"]) == cli.EXIT_USAGE
     assert f"the SAE {sae} names no hook point (cfg.metadata.hook_name is empty): give --hook-name" in (
@@ -589,3 +596,47 @@ def test_a_refused_out_names_the_cli_flag(command, replaced, tmp_path, capsys):
     resume = ", or --resume to continue the run checkpointed there" if command == "report" else ""
     assert f"output folder {out} is not empty: give --overwrite to replace {replaced}{resume}, or choose another --out" in err
     assert "overwrite=True" not in err
+
+
+def test_transcoder_folder_on_a_local_model(tmp_path, minilm_tokenizer):
+    """A sae_lens SkipTranscoder folder beside an SAE folder: audited in one run, the transcoder read
+    at its input hook and compared at its output hook (metadata.hook_name_out), then repaired."""
+    from sae_lens import SkipTranscoder, SkipTranscoderConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    model_dir = tiny_model_folder(tmp_path / "tiny-gpt2", minilm_tokenizer)
+    sae_folder(tmp_path / "sae", 2)
+    torch.manual_seed(5)
+    metadata = SAEMetadata(hook_name="blocks.0.ln2.hook_normalized", hook_name_out="blocks.0.hook_mlp_out",
+                           training_architecture_details={"l1_coefficient": 0.1})
+    SkipTranscoder(SkipTranscoderConfig(d_in=16, d_sae=32, d_out=16, apply_b_dec_to_input=False,
+                                        metadata=metadata)).save_model(tmp_path / "transcoder")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(paragraphs()))
+    for command in ("report", "repair"):
+        out = tmp_path / command
+        argv = [command, "--model", str(model_dir), "--sae-path", str(tmp_path / "transcoder"), str(tmp_path / "sae"),
+                "--dataset", str(corpus), "--tokens", "1k", "--context-size", "32", "--out", str(out), "--quiet"]
+        assert cli.main(argv) == cli.EXIT_OK, (out / "run.log").read_text()
+        layers = json.loads((out / "report.json").read_text())["layers"]
+        assert list(layers) == ["blocks.0.ln2.hook_normalized", "blocks.2.hook_resid_pre"]
+        transcoder = layers["blocks.0.ln2.hook_normalized"]
+        assert transcoder["hook_name_out"] == "blocks.0.hook_mlp_out" and transcoder["lam"] == 0.1
+        assert transcoder["scope"] == "skip transcoder, L1 objective (exact)" and "C7" in transcoder["layer_conditions"]
+    assert (tmp_path / "repair" / "saes" / "blocks.0.ln2.hook_normalized" / "cfg.json").is_file()
+
+
+def test_two_sae_folders_on_one_hook(tmp_path, minilm_tokenizer):
+    model_dir = tiny_model_folder(tmp_path / "tiny-gpt2", minilm_tokenizer)
+    sae_folder(tmp_path / "a", 2)
+    sae_folder(tmp_path / "b", 2)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(paragraphs()))
+    out = tmp_path / "out"
+    argv = ["report", "--model", str(model_dir), "--sae-path", str(tmp_path / "a"), str(tmp_path / "b"),
+            "--dataset", str(corpus), "--tokens", "1k", "--context-size", "32", "--out", str(out), "--quiet"]
+    assert cli.main(argv) == cli.EXIT_OK, (out / "run.log").read_text()
+    layers = json.loads((out / "report.json").read_text())["layers"]
+    assert list(layers) == ["blocks.2.hook_resid_pre/sae0", "blocks.2.hook_resid_pre/sae1"]
+    assert layers["blocks.2.hook_resid_pre/sae0"]["features"] == layers["blocks.2.hook_resid_pre/sae1"]["features"]
+    assert sorted(p.name for p in (out / "tables").iterdir()) == ["blocks.2.hook_resid_pre_sae0", "blocks.2.hook_resid_pre_sae1"]

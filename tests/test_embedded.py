@@ -1,5 +1,6 @@
 """The embedded default: small, packaged, loadable offline, and internally consistent (the SAEs
-reconstruct this model's activations; the l1 coefficient is where the adapters read lam)."""
+reconstruct this model's activations, the transcoder predicts its MLP's output; the l1
+coefficient is where the adapters read lam)."""
 from __future__ import annotations
 
 import importlib.util
@@ -40,7 +41,9 @@ def test_load_default(loaded):
     model, saes, texts = loaded
     manifest = embedded.manifest()
     assert model.cfg.n_layers == manifest["model"]["n_layers"] == 3
-    assert list(saes) == [f"blocks.{k}.hook_resid_post" for k in range(3)]
+    transcoders = list(manifest["transcoders"])
+    assert list(saes) == [*(f"blocks.{k}.hook_resid_post" for k in range(3)), *transcoders]
+    assert transcoders == ["blocks.1.ln2.hook_normalized"]
     text = "Return the number of items in a container."
     assert model.tokenizer.decode(model.tokenizer(text)["input_ids"], skip_special_tokens=True) == text
     assert model.to_tokens(text)[0, 0].item() == model.tokenizer.bos_token_id  # BOS prepended, as SAE-Lens does
@@ -52,23 +55,32 @@ def test_saes_keep_their_training_penalty(loaded):
     from opt_hooks.adapters.sae import SAEView
 
     _, saes, _ = loaded
+    manifest = embedded.manifest()
     for hook, sae in saes.items():
         details = sae.cfg.metadata.training_architecture_details
-        assert sae.cfg.architecture() == "standard" and details["lp_norm"] == 1.0
-        assert details["l1_coefficient"] == embedded.manifest()["saes"][hook]["l1_coefficient"]
         view = SAEView(sae)
+        if hook in manifest["transcoders"]:
+            entry = manifest["transcoders"][hook]
+            assert sae.cfg.architecture() == entry["architecture"] == "skip_transcoder"
+            assert view.hook_name_out == entry["hook_name_out"] and view.scope == "skip transcoder, L1 objective (exact)"
+            assert view.lam == details["l1_coefficient"] == entry["l1_coefficient"]
+            continue
+        assert sae.cfg.architecture() == "standard" and details["lp_norm"] == 1.0
+        assert details["l1_coefficient"] == manifest["saes"][hook]["l1_coefficient"]
         assert view.lam == details["l1_coefficient"] and view.scope == "L1 objective (exact)"
 
 
 def test_saes_reconstruct_the_models_activations(loaded):
     model, saes, texts = loaded
     tokens = model.to_tokens(texts[:8], truncate=True)[:, :128]
+    hooks = {hook: sae.cfg.metadata.hook_name_out or hook for hook, sae in saes.items()}  # a transcoder's target
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=list(saes))
+        _, cache = model.run_with_cache(tokens, names_filter=[*hooks, *hooks.values()])
         for hook, sae in saes.items():
             acts = cache[hook][:, 1:].reshape(-1, model.cfg.d_model)  # BOS left out, as in training
+            target = cache[hooks[hook]][:, 1:].reshape(-1, model.cfg.d_model)
             codes = sae.encode(acts)
-            explained = 1 - (sae.decode(codes) - acts).pow(2).sum() / (acts - acts.mean(0)).pow(2).sum()
+            explained = 1 - (sae(acts) - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
             l0 = (codes > 0).float().sum(-1).mean()
             assert explained > 0.7, hook
             assert 2 < l0 < 64, hook

@@ -362,7 +362,7 @@ def test_embedded_default_repair_lowers_every_layers_own_objective_on_unseen_tok
     """The acceptance test: on the embedded default, the repaired SAEs' training objective (mse +
     l1_coefficient * sum f ||W_dec||, computed here with sae_lens' encode / decode at the model's
     hooks, not with the repair's code) is lower than the released SAEs' on the test windows, which
-    neither the audit nor the repair read, on every layer."""
+    neither the audit nor the repair read, on every layer; the transcoder's against its output hook."""
     from opt_hooks import embedded
     from opt_hooks.adapters.data import special_token_mask, token_windows
 
@@ -376,16 +376,19 @@ def test_embedded_default_repair_lowers_every_layers_own_objective_on_unseen_tok
     windows = torch.cat(list(token_windows(texts, model, 128, n_tokens=embedded.DEFAULT_TOKENS)))
     test = windows[held_out_windows(0, len(windows), 0.2)]
     keep = ~special_token_mask(test, model).flatten()
-    _, cache = model.run_with_cache(test, names_filter=list(saes))
+    targets = {hook: sae.cfg.metadata.hook_name_out or hook for hook, sae in saes.items()}
+    _, cache = model.run_with_cache(test, names_filter=[*saes, *targets.values()])
     for hook, sae in saes.items():
         acts = cache[hook].reshape(-1, sae.cfg.d_in)[keep]
+        target = cache[targets[hook]].reshape(len(keep), -1)[keep]
         lam = rep.audits[0].layers[hook].lam
         assert lam == sae.cfg.metadata.training_architecture_details["l1_coefficient"]
         losses = {}
         with torch.no_grad():
             for side, s in (("before", sae), ("after", rep.saes[hook])):
                 f = s.encode(acts)
-                losses[side] = float((((s.decode(f) - acts) ** 2).sum(-1) + lam * (f * s.W_dec.norm(dim=1)).sum(-1)).double().mean())
+                error = ((s(acts) - target) ** 2).sum(-1)  # forward: decode, and a skip transcoder's skip
+                losses[side] = float((error + lam * (f * s.W_dec.norm(dim=1)).sum(-1)).double().mean())
         applied = [c["step"] for c in rep.changes[hook] if c["applied"]]
         print(f"{hook}: L {losses['before']:.5g} -> {losses['after']:.5g} on {len(acts)} unseen tokens; applied {applied}")
         assert losses["after"] < losses["before"]

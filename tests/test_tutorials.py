@@ -16,15 +16,16 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from test_install import repository, repository_url
 
 REPO = Path(__file__).resolve().parent.parent
 TUTORIALS = REPO / "tutorials"
 EXPECTED = ["01_quick_start.ipynb", "02_hierarchy_and_absorption.ipynb", "03_layer_report.ipynb", "04_repair.ipynb"]
 OFFLINE_SWITCH = "OPT_HOOKS_TUTORIAL_OFFLINE"
 
-# The repository's public address; the organisation is a placeholder (tutorials/README.md).
-GITHUB = "https://github.com/opt-hooks/opt_hooks"
-COLAB = "https://colab.research.google.com/github/opt-hooks/opt_hooks/blob/main/tutorials/"
+# The repository's public address: pyproject.toml's project.urls (tests/test_install.py checks the notebooks use it).
+GITHUB = repository_url()
+COLAB = f"https://colab.research.google.com/github/{repository()}/blob/main/tutorials/"
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 REPO_LINK = re.compile(re.escape(GITHUB) + r"/blob/main/([^)\s#]+)(?:#([^)\s]+))?")
 

@@ -1,6 +1,6 @@
 """Adapters from SAE-Lens SAEs, TransformerLens models and text datasets to theory units.
 
-- `sae`:   SAEView (x, atoms, z, bias, lam, scope of one SAE), make_views
+- `sae`:   SAEView (x, atoms, z, bias, lam, scope of one SAE or transcoder), make_views
 - `model`: ActivationTap / CodeTap / InputTap (hooks, HookedSAETransformer splices), forward_to_deepest,
            check_attachment, model_device, model_name
 - `sae_edit`: SAEEdit, changes written into an SAE's own parameters (repair)

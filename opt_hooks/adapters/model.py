@@ -7,6 +7,12 @@ hooks with `HookPoint.add_hook` and removes exactly those on exit.
 SAEs spliced into the model with `model.add_sae(sae)` are read where sae_lens runs them:
 the SAE's input at `<hook>.hook_sae_input` and its codes at `<hook>.hook_sae_acts_post`, so
 the SAE is not run a second time (`CodeTap`).
+
+Transcoders read two hooks: x at `hook_name`, then y at `hook_name_out`, later in the same
+forward pass. A spliced transcoder replaces its output hook with sae_lens' own module, whose
+input is y before the transcoder's prediction takes its place: that module gets a forward
+pre-hook (attached and removed like the HookPoint hooks), and x and the codes are read at
+`<hook_name_out>.hook_sae_input` / `.hook_sae_acts_post`.
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ from transformer_lens.hook_points import HookPoint, LensHandle
 from opt_hooks.adapters.sae import SAEView
 
 OnBatch = Callable[[str, torch.Tensor], None]
-OnCodes = Callable[[str, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]  # (hook, x, z, w)
+# (key, x, z, w, inputs): theory units (see SAEView.units)
+OnCodes = Callable[[str, torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], None]
 
 # TransformerBridge refuses stop_at_layer on models whose blocks live under these names.
 _BRIDGE_BLOCK_LISTS_WITHOUT_STOP = ("L_blocks", "H_blocks", "encoder_blocks", "decoder_blocks")
@@ -72,10 +79,26 @@ def spliced_saes(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def spliced_hook_name(model: torch.nn.Module, hook_name: str, sae: Any, internal: str) -> str:
-    """Name of a spliced SAE's own HookPoint, e.g. 'blocks.0.hook_resid_pre.hook_sae_acts_post'."""
+    """Name of a spliced SAE's own HookPoint, e.g. 'blocks.0.hook_resid_pre.hook_sae_acts_post'; a
+    spliced transcoder's live at its output hook ('blocks.0.hook_mlp_out.hook_sae_acts_post')."""
     if hasattr(model, "get_sae_hook_name"):  # SAETransformerBridge files them under the canonical name
         return model.get_sae_hook_name(sae, internal)
-    return f"{hook_name}.{internal}"
+    return f"{_output_hook(sae) or hook_name}.{internal}"
+
+
+def _output_hook(sae: Any) -> str | None:
+    """A transcoder's output hook (where sae_lens splices it), None for an SAE."""
+    out = sae.cfg.metadata.hook_name_out
+    return out if out and out != sae.cfg.metadata.hook_name else None
+
+
+def spliced_wrappers(model: torch.nn.Module, views: Mapping[str, SAEView]) -> dict[str, torch.nn.Module]:
+    """{key: the module sae_lens put at the output hook} for every transcoder spliced into the model:
+    that module's input is the output hook's activations y, before the transcoder replaces them."""
+    keys = {id(view.sae): key for key, view in views.items() if view.is_transcoder}
+    spliced = {id(sae) for sae in spliced_saes(model).values()}
+    return {keys[id(module.sae)]: module for module in model.modules()
+            if id(getattr(module, "sae", None)) in keys and id(module.sae) in spliced}
 
 
 class ActivationTap:
@@ -123,33 +146,100 @@ class ActivationTap:
         self._added.clear()
 
 
-def sae_routes(model: torch.nn.Module, views: Mapping[str, SAEView]) -> dict[str, tuple[str, str]]:
-    """{tapped hook name: (view key, role)}. An SAE spliced into the model is read at its own
-    hook_sae_input ("input") and hook_sae_acts_post ("codes"); at a hook where another SAE is
-    spliced, that SAE's hook_sae_input carries the activations ("acts"); otherwise the hook does."""
-    routes: dict[str, tuple[str, str]] = {}
+def sae_routes(model: torch.nn.Module, views: Mapping[str, SAEView]) -> dict[str, list[tuple[str, str]]]:
+    """{tapped hook name: [(view key, role), ...]}, in the order the roles must be read.
+
+    An SAE spliced into the model is read at its own hook_sae_input ("input") and
+    hook_sae_acts_post ("codes"); a spliced transcoder at its hook_sae_input ("source") and
+    hook_sae_acts_post ("spliced codes"), its target y at the module sae_lens put at its output
+    hook (`spliced_wrappers`). Otherwise the hook's activations are read where they flow: at the
+    hook itself, or, where another SAE is spliced, at that SAE's hook_sae_input. An SAE reads them
+    as "acts"; a transcoder reads its input hook as "source" and its output hook as "target" (that
+    fires later in the same forward pass)."""
+    routes: dict[str, list[tuple[str, str]]] = {}
     spliced = spliced_saes(model)
+    replaced = {_output_hook(sae): sae for sae in spliced.values() if _output_hook(sae)}
+
+    def carrying(hook_name: str, key: str) -> str:
+        if hook_name in replaced:
+            raise ValueError(
+                f"{key}: a transcoder spliced into the model replaces the activations at {hook_name!r} with its "
+                "own prediction, so the model no longer shows them; audit this one beside the model without "
+                "that transcoder spliced in (model.reset_saes())"
+            )
+        other = spliced.get(hook_name)
+        if other is None or _output_hook(other):  # a transcoder leaves its input hook as it was
+            return hook_name
+        return spliced_hook_name(model, hook_name, other, "hook_sae_input")
+
     for key, view in views.items():
         own_splice = next((hook for hook, sae in spliced.items() if sae is view.sae), None)
-        if own_splice is not None:
-            routes[spliced_hook_name(model, own_splice, view.sae, "hook_sae_input")] = (key, "input")
-            routes[spliced_hook_name(model, own_splice, view.sae, "hook_sae_acts_post")] = (key, "codes")
-        elif view.hook_name in spliced:
-            other = spliced[view.hook_name]
-            routes[spliced_hook_name(model, view.hook_name, other, "hook_sae_input")] = (key, "acts")
+        if own_splice is not None and view.is_transcoder:
+            routes.setdefault(spliced_hook_name(model, own_splice, view.sae, "hook_sae_input"), []).append((key, "source"))
+            routes.setdefault(spliced_hook_name(model, own_splice, view.sae, "hook_sae_acts_post"), []).append(
+                (key, "spliced codes"))
+        elif own_splice is not None:
+            routes.setdefault(spliced_hook_name(model, own_splice, view.sae, "hook_sae_input"), []).append((key, "input"))
+            routes.setdefault(spliced_hook_name(model, own_splice, view.sae, "hook_sae_acts_post"), []).append((key, "codes"))
+        elif view.is_transcoder:
+            routes.setdefault(carrying(view.hook_name, key), []).append((key, "source"))
+            routes.setdefault(carrying(view.hook_name_out, key), []).append((key, "target"))
         else:
-            routes[view.hook_name] = (key, "acts")
+            routes.setdefault(carrying(view.hook_name, key), []).append((key, "acts"))
     return routes
 
 
-class CodeTap:
-    """Context manager: calls `on_codes(hook_name, x, z, w)` (theory units, w the token weights
-    or None, see SAEView) for every SAE.
+class _TargetTap:
+    """Forward pre-hooks on the modules of spliced transcoders (`spliced_wrappers`): each one's input,
+    the output hook's activations, goes to `on_target(key, y)`. Removed on exit."""
+
+    def __init__(self, model: torch.nn.Module, views: Mapping[str, SAEView],
+                 on_target: Callable[[str, torch.Tensor], None]) -> None:
+        self.wrappers, self.on_target = spliced_wrappers(model, views), on_target
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "_TargetTap":
+        for key, wrapper in self.wrappers.items():
+            hook = lambda module, args, key=key: self.on_target(key, args[0].detach())  # noqa: E731
+            self._handles.append(wrapper.register_forward_pre_hook(hook))
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class _Taps:
+    """The hooks of a tap that reads SAEs: its HookPoint hooks (`_tap`, an ActivationTap) and the
+    pre-hooks on spliced transcoders' modules (`_targets`), attached together, removed together."""
+
+    _tap: ActivationTap
+    _targets: _TargetTap
+
+    def __enter__(self):
+        self._targets.__enter__()
+        try:
+            self._tap.__enter__()
+        except BaseException:
+            self._targets.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._tap.__exit__(*exc_info)
+        self._targets.__exit__(*exc_info)
+
+
+class CodeTap(_Taps):
+    """Context manager: calls `on_codes(key, x, z, w, inputs)` (theory units, see SAEView.units)
+    for every SAE and transcoder.
 
     `views` maps hook names to SAEViews (see `opt_hooks.adapters.sae.make_views`). An SAE that is
     spliced into the model is read at its own hook_sae_input / hook_sae_acts_post; if another
     SAE is spliced at the hook, the activations are read at that SAE's hook_sae_input (they
     are the hook's activations) and encoded; otherwise the hook itself is tapped and encoded.
+    A transcoder's input is kept until its output hook fires, then both are encoded.
     """
 
     def __init__(self, model: torch.nn.Module, views: Mapping[str, SAEView], on_codes: OnCodes):
@@ -157,60 +247,85 @@ class CodeTap:
         self.on_codes = on_codes
         self._routes = sae_routes(model, views)
         self.views = dict(views)
-        self._pending_input: dict[str, torch.Tensor] = {}
+        self._pending_input: dict[str, Any] = {}  # per key: a spliced SAE's input, or a transcoder's
+        self._pending_target: dict[str, torch.Tensor] = {}  # a spliced transcoder's y, read before its input
         self._tap = ActivationTap(model, self._routes, self._dispatch)
+        self._targets = _TargetTap(model, views, self._pending_target.__setitem__)
 
     @property
     def hook_names(self) -> list[str]:
         """The hook points actually tapped (pass these to `forward_to_deepest`)."""
         return list(self._routes)
 
-    def __enter__(self) -> CodeTap:
-        self._tap.__enter__()
-        return self
-
     def __exit__(self, *exc_info: Any) -> None:
         self._pending_input.clear()
-        self._tap.__exit__(*exc_info)
+        self._pending_target.clear()
+        super().__exit__(*exc_info)
 
     def _dispatch(self, tapped_name: str, activations: torch.Tensor) -> None:
-        key, role = self._routes[tapped_name]
-        view = self.views[key]
-        if role == "acts":
-            self.on_codes(key, *view.encode(activations))
-        elif role == "input":  # hook_sae_input fires first, then hook_sae_acts_post
-            self._pending_input[key] = view.internal_input(activations)
-        else:
-            x, w = self._pending_input.pop(key)
-            self.on_codes(key, x, view.codes(activations), w)
+        for key, role in self._routes[tapped_name]:
+            view = self.views[key]
+            if role == "acts":
+                self.on_codes(key, *view.units(activations))
+            elif role == "source":  # a transcoder's input hook fires before its output hook
+                self._pending_input[key] = activations
+            elif role == "target":
+                if key not in self._pending_input:
+                    raise RuntimeError(
+                        f"{key}: the transcoder's output hook {view.hook_name_out!r} fired before its input hook "
+                        f"{view.hook_name!r}; hook_name_out must come later in the forward pass"
+                    )
+                self.on_codes(key, *view.units(self._pending_input.pop(key), activations))
+            elif role == "spliced codes":  # sae_lens ran the transcoder on the input it captured
+                x, y = self._pending_input.pop(key), self._pending_target.pop(key)
+                self.on_codes(key, *view.units(x, y, feature_acts=activations))
+            elif role == "input":  # hook_sae_input fires first, then hook_sae_acts_post
+                self._pending_input[key] = view.internal_input(activations)
+            else:
+                x, w = self._pending_input.pop(key)
+                self.on_codes(key, x, view.codes(activations), w, None)
 
 
-class InputTap:
+class InputTap(_Taps):
     """Context manager: calls `on_rows(key, rows)` with each SAE's input rows (n, d_in), read where
     `CodeTap` reads them (a spliced SAE's own hook_sae_input, else the hook), before any
-    normalisation: what `sae.encode` takes. The repair runs several versions of an SAE on them."""
+    normalisation: what `sae.encode` takes; for a transcoder, rows is the pair (inputs (n, d_in),
+    targets (n, d_out)) of its two hooks. The repair runs several versions of an SAE on them."""
 
     def __init__(self, model: torch.nn.Module, views: Mapping[str, SAEView],
-                 on_rows: Callable[[str, torch.Tensor], None]):
+                 on_rows: Callable[[str, Any], None]):
         self.views, self.on_rows = dict(views), on_rows
-        routes = sae_routes(model, views)
-        self._keys = {name: key for name, (key, role) in routes.items() if role in ("acts", "input")}
-        self._tap = ActivationTap(model, self._keys, self._dispatch)
+        wanted = ("acts", "input", "source", "target")  # a spliced transcoder's codes are not needed
+        self._routes = {name: [(key, role) for key, role in pairs if role in wanted]
+                        for name, pairs in sae_routes(model, views).items()}
+        self._routes = {name: pairs for name, pairs in self._routes.items() if pairs}
+        self._pending: dict[str, torch.Tensor] = {}  # a transcoder's input rows until its output hook fires
+        self._targets_seen: dict[str, torch.Tensor] = {}  # a spliced transcoder's y, read before its input
+        self._tap = ActivationTap(model, self._routes, self._dispatch)
+        self._targets = _TargetTap(model, views, self._targets_seen.__setitem__)
 
     @property
     def hook_names(self) -> list[str]:
-        return list(self._keys)
-
-    def __enter__(self) -> InputTap:
-        self._tap.__enter__()
-        return self
+        return list(self._routes)
 
     def __exit__(self, *exc_info: Any) -> None:
-        self._tap.__exit__(*exc_info)
+        self._pending.clear()
+        self._targets_seen.clear()
+        super().__exit__(*exc_info)
 
     def _dispatch(self, tapped_name: str, activations: torch.Tensor) -> None:
-        key = self._keys[tapped_name]
-        self.on_rows(key, self.views[key].rows(activations))
+        for key, role in self._routes[tapped_name]:
+            view = self.views[key]
+            if role == "source" and key in self._targets_seen:  # a spliced transcoder: y came first
+                rows = view.rows(activations)
+                self.on_rows(key, (rows, view.rows_out(self._targets_seen.pop(key), len(rows))))
+            elif role == "source":
+                self._pending[key] = view.rows(activations)
+            elif role == "target":
+                rows = self._pending.pop(key)
+                self.on_rows(key, (rows, view.rows_out(activations, len(rows))))
+            else:
+                self.on_rows(key, view.rows(activations))
 
 
 def stop_layer(hook_names: Iterable[str]) -> int | None:
@@ -277,7 +392,7 @@ def check_attachment(
                     UserWarning,
                     stacklevel=2,
                 )
-    tap = CodeTap(model, views, on_codes=lambda key, x, z, w: None)
+    tap = CodeTap(model, views, on_codes=lambda key, x, z, w, inputs: None)
     probe = torch.zeros((1, 1), dtype=torch.long)
     with tap:
         forward_to_deepest(model, probe, tap.hook_names)

@@ -47,6 +47,19 @@ Decisions documented here because they change results:
 - BatchTopK training SAEs pick codes per batch (top k * n_tokens over the whole batch), so
   their codes depend on which tokens share a batch; the view encodes each batch as
   `sae.encode` does and says so in `notes`.
+
+Transcoders (THEORY.md section 8: sae_lens' Transcoder, SkipTranscoder, JumpReLUTranscoder,
+JumpReLUSkipTranscoder) read x_n at `hook_name` and predict y_n at `hook_name_out`. The same
+dictionary problem lives in their output space: atoms are the unit W_dec rows (d_out), the
+bias is b_dec (d_out), and the view's x is the *target* the dictionary reconstructs,
+
+    t_n = y_n - W_skip x_n        (y_n itself for a transcoder without skip),
+
+so that r_n = t_n - b - z_n D is exactly `y_n - transcoder(x_n)`. A skip transcoder's batches
+also carry x_n (`inputs`), which the skip condition C7 reads. Their input normalisation
+(`normalize_activations`) only feeds the encoder: decode adds no de-normalisation, so the
+squared error is unweighted (w_n = 1). sae_lens ships no transcoder training class, so lam comes
+from `training_architecture_details["l1_coefficient"]` in the metadata or from the caller.
 """
 from __future__ import annotations
 
@@ -58,9 +71,12 @@ from typing import Any
 
 import torch
 from sae_lens import SAE
-from sae_lens.saes.transcoder import Transcoder
+from sae_lens.saes.transcoder import SkipTranscoder, Transcoder
 
 SUPPORTED_ARCHITECTURES = ("standard", "gated", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk")
+# sae_lens' transcoder classes; the plain ReLU ones train the L1 objective of THEORY.md section 8
+TRANSCODER_ARCHITECTURES = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
+_L1_TRANSCODERS = ("transcoder", "skip_transcoder")
 
 _UNSUPPORTED_REASONS = {
     "abstopk": "its codes can be negative, and the conditions are about nonnegative codes",
@@ -87,10 +103,13 @@ class SAEView:
         lam: float | None = None,
         release: str | None = None,
         sae_id: str | None = None,
+        hook_name_out: str | None = None,
     ):
         _check_supported(sae)
         self.sae = sae
         metadata = sae.cfg.metadata
+        self.is_transcoder = isinstance(sae, Transcoder)
+        self.has_skip = isinstance(sae, SkipTranscoder)
         self.hook_name: str = hook_name or metadata.hook_name
         if not self.hook_name:
             raise ValueError(
@@ -104,9 +123,18 @@ class SAEView:
                 f"{self.hook_name}: the SAE's {', '.join(broken)} hold NaN or inf values, so no verdict "
                 "about it can be computed; check the SAE file (a diverged training run?)"
             )
+        # where the dictionary's reconstruction is compared: the input hook, except for a transcoder
+        self.hook_name_out: str = (hook_name_out or metadata.hook_name_out) if self.is_transcoder else self.hook_name
+        if not self.hook_name_out:
+            raise ValueError(
+                f"{self.hook_name}: the {type(sae).__name__} names no output hook "
+                "(sae.cfg.metadata.hook_name_out is empty); set sae.cfg.metadata.hook_name_out to the hook it "
+                "predicts (for an MLP transcoder, 'blocks.L.hook_mlp_out')"
+            )
         self.architecture: str = sae.cfg.architecture()
         self.training_architecture: str | None = metadata.training_architecture
         self.d_in: int = sae.cfg.d_in
+        self.d_out: int = sae.cfg.d_out if self.is_transcoder else sae.cfg.d_in  # the atoms' width
         self.d_sae: int = sae.cfg.d_sae
         self.model_name: str | None = metadata.model_name
         self.hook_head_index: int | None = metadata.hook_head_index
@@ -148,7 +176,11 @@ class SAEView:
 
     @property
     def is_exact(self) -> bool:
-        return self.scope == EXACT_SCOPE
+        return self.scope.endswith(EXACT_SCOPE)
+
+    def skip_weight(self) -> torch.Tensor | None:
+        """(d_out, d_in) a skip transcoder's W_skip (its batches carry the inputs x_n, for C7), else None."""
+        return self.sae.W_skip.detach().to(self.dtype) if self.has_skip else None
 
     def decoder_norms(self) -> torch.Tensor:
         """(K,) ||W_dec[i]||."""
@@ -169,6 +201,42 @@ class SAEView:
     def bias(self) -> torch.Tensor:
         """(d,) b_dec, the theory's bias b."""
         return self.sae.b_dec.detach().to(self.dtype)
+
+    def units(
+        self, acts: torch.Tensor, acts_out: torch.Tensor | None = None, feature_acts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(x, z, w, inputs) of one batch, what the engine takes: `encode(acts)` for an SAE
+        (inputs None); for a transcoder, acts at hook_name and acts_out at hook_name_out give the
+        target t = y - W_skip x, the codes, w None and, for a skip transcoder, the inputs x.
+        `feature_acts`: a spliced transcoder's own codes (`hook_sae_acts_post`), not encoded again."""
+        if not self.is_transcoder:
+            if acts_out is not None:
+                raise ValueError(f"{self.hook_name}: an SAE reconstructs its own input; it takes no output activations")
+            return (*self.encode(acts), None)
+        if acts_out is None:
+            raise ValueError(
+                f"{self.hook_name}: a transcoder predicts {self.hook_name_out!r} from {self.hook_name!r}; "
+                "give both activations, as (x, y) pairs"
+            )
+        rows = self.rows(acts)
+        if feature_acts is None:
+            with torch.no_grad(), _no_state_left(self.sae):
+                feature_acts = self.sae.encode(rows)
+        target = self.rows_out(acts_out, len(rows)).to(self.dtype)
+        inputs = rows.to(self.dtype) if self.has_skip else None
+        if inputs is not None:
+            target = target - inputs @ self.skip_weight().T
+        return target, self.codes(feature_acts), None, inputs
+
+    def rows_out(self, acts_out: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """(n, d_out) a transcoder's target rows y_n from the activations at hook_name_out."""
+        if acts_out.shape[-1] != self.d_out or (n is not None and acts_out.numel() != n * self.d_out):
+            raise ValueError(
+                f"{self.hook_name}: the transcoder predicts d_out={self.d_out} values for each of its "
+                f"{n if n is not None else 'input'} rows, but the activations at {self.hook_name_out!r} have "
+                f"shape {tuple(acts_out.shape)}; give the output hook it was trained on (metadata.hook_name_out)"
+            )
+        return acts_out.detach().reshape(-1, self.d_out).to(self.device, self.sae.dtype)
 
     # ---- activations -> theory units -------------------------------------------------------
 
@@ -242,6 +310,12 @@ class SAEView:
     # ---- construction helpers --------------------------------------------------------------
 
     def _scope(self, lp_norm: float | None) -> str:
+        if self.is_transcoder:
+            kind = "skip transcoder" if self.has_skip else "transcoder"
+            trained_l1 = self.training_architecture in (None, self.architecture)
+            if self.architecture in _L1_TRANSCODERS and trained_l1 and lp_norm in (None, 1.0):
+                return f"{kind}, {EXACT_SCOPE}"
+            return f"{kind}, L1 surrogate ({self.architecture})"
         trained_standard = self.training_architecture in (None, "standard")
         if self.architecture == "standard" and trained_standard and lp_norm in (None, 1.0):
             return EXACT_SCOPE
@@ -273,12 +347,23 @@ class SAEView:
                 f"{n_dead_rows} decoder rows have norm 0: treated as dead features (atom 0, code 0)"
             )
         mode = self.sae.cfg.normalize_activations
-        if mode in _WEIGHTED_NORMALISATION:
+        if self.is_transcoder:
+            self.notes.append(
+                f"transcoder: reads {self.hook_name}, predicts {self.hook_name_out}; the conditions are those "
+                "of the dictionary in its output space (THEORY.md section 8)"
+                + ("; C7 checks the skip connection W_skip" if self.has_skip else "")
+            )
+            if mode != "none":
+                self.notes.append(
+                    f"normalize_activations={mode!r} normalises the transcoder's input only; its output is not "
+                    "de-normalised, so the squared error is unweighted"
+                )
+        elif mode in _WEIGHTED_NORMALISATION:
             self.notes.append(
                 f"normalize_activations={mode!r}: audited on the SAE's own training objective, each token's "
                 "squared error weighted by w_n = s_n^2 (its normalising scale squared, THEORY.md section 1)"
             )
-        if mode in _EXTERNAL_NORMALISATION:
+        if mode in _EXTERNAL_NORMALISATION and not self.is_transcoder:
             message = (
                 f"{self.hook_name}: normalize_activations={mode!r} is applied outside the SAE by "
                 "sae_lens (during training) and has not been folded into these weights; the audit "
@@ -295,8 +380,9 @@ class SAEView:
             )
 
     def __repr__(self) -> str:
+        out = f", hook_name_out={self.hook_name_out!r}, d_out={self.d_out}" if self.is_transcoder else ""
         return (
-            f"SAEView(hook_name={self.hook_name!r}, architecture={self.architecture!r}, "
+            f"SAEView(hook_name={self.hook_name!r}{out}, architecture={self.architecture!r}, "
             f"d_in={self.d_in}, d_sae={self.d_sae}, scope={self.scope!r}, lam={self.lam!r})"
         )
 
@@ -305,8 +391,11 @@ def make_views(
     saes: SAE | SAEView | Sequence[SAE | SAEView] | Mapping[str, SAE | SAEView],
     hook_names: str | Sequence[str] | None = None,
 ) -> dict[str, SAEView]:
-    """{hook_name: SAEView} from an SAE, a list of SAEs, or {hook_name: SAE}.
+    """{key: SAEView} from an SAE, a list of SAEs, or {hook_name: SAE}.
 
+    The key is the SAE's hook name. Several SAEs on one hook (widths, checkpoints, architectures
+    compared in one forward pass) get keys that also name the SAE, `view_key`: "<hook>/<sae_id>",
+    or "<hook>/sae<k>" (k its position in the list) where the sae_id is unknown or shared.
     `hook_names` (one per SAE, only for the SAE / list forms) overrides the hook names the SAEs
     carry in their metadata. Already-built SAEViews pass through unchanged.
     """
@@ -323,7 +412,7 @@ def make_views(
             raise ValueError(f"{len(names)} hook_names for {len(items)} SAEs; give one per SAE")
         pairs = list(zip(names or [None] * len(items), items))
 
-    views: dict[str, SAEView] = {}
+    built: list[SAEView] = []
     for name, sae in pairs:
         if isinstance(sae, SAEView):
             if name is not None and name != sae.hook_name:
@@ -333,25 +422,34 @@ def make_views(
             view = SAEView(sae, hook_name=name)
         else:
             raise TypeError(f"expected a sae_lens SAE, got {type(sae).__name__}")
-        if view.hook_name in views:
-            raise ValueError(
-                f"two SAEs for the hook {view.hook_name!r}: results are keyed by hook name, so "
-                "audit them in separate calls"
-            )
-        views[view.hook_name] = view
-    return views
+        if any(other.sae is view.sae and other.hook_name == view.hook_name for other in built):
+            raise ValueError(f"the same SAE is given twice for the hook {view.hook_name!r}")
+        built.append(view)
+    return {view_key(view, position, built): view for position, view in enumerate(built)}
+
+
+def view_key(view: SAEView, position: int, views: Sequence[SAEView]) -> str:
+    """The result key of `view`, the `position`-th of `views`: its hook name, unless another SAE of
+    `views` reads the same hook; then "<hook>/<sae_id>" (or "<hook>/sae<position>" when the sae_id is
+    unknown or shared)."""
+    same_hook = [other for other in views if other.hook_name == view.hook_name]
+    if len(same_hook) == 1:
+        return view.hook_name
+    ids = [other.sae_id for other in same_hook]
+    label = view.sae_id if view.sae_id and ids.count(view.sae_id) == 1 else f"sae{position}"
+    return f"{view.hook_name}/{label}"
 
 
 def _check_supported(sae: Any) -> None:
     if not isinstance(sae, SAE):
         raise TypeError(f"expected a sae_lens SAE, got {type(sae).__name__}")
-    if isinstance(sae, Transcoder):
-        raise ValueError(
-            f"{type(sae).__name__} is a transcoder: it reconstructs another hook "
-            "(hook_name_out) from its input, while the optimality conditions are about an "
-            "autoencoder reconstructing its own input. Transcoders are not supported"
-        )
     architecture = sae.cfg.architecture()
+    if isinstance(sae, Transcoder):
+        if architecture not in TRANSCODER_ARCHITECTURES:
+            raise ValueError(
+                f"transcoder architecture {architecture!r} is not supported; supported: {', '.join(TRANSCODER_ARCHITECTURES)}"
+            )
+        return
     if architecture not in SUPPORTED_ARCHITECTURES:
         reason = _UNSUPPORTED_REASONS.get(architecture, "it is not one of the architectures this adapter maps")
         raise ValueError(
@@ -361,8 +459,9 @@ def _check_supported(sae: Any) -> None:
 
 
 def _l1_penalty(sae: SAE) -> tuple[float | None, float | None]:
-    """(l1_coefficient, lp_norm) of a standard L1 training penalty, from the config or metadata."""
-    if sae.cfg.architecture() != "standard":
+    """(l1_coefficient, lp_norm) of a standard L1 training penalty (an SAE's or a ReLU
+    transcoder's), from the config or metadata."""
+    if sae.cfg.architecture() not in ("standard", *_L1_TRANSCODERS):
         return None, None
     if hasattr(sae.cfg, "l1_coefficient"):  # a StandardTrainingSAE
         return float(sae.cfg.l1_coefficient), float(sae.cfg.lp_norm)

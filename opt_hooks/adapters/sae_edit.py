@@ -19,6 +19,10 @@ bias b = b_dec, all in the SAE's internal space), the changes a certificate make
 - `merge(keep, drop, factor)`: the encoder of `keep` adds `factor` times drop's pre-activation
   (z_keep ~ z_keep + factor z_drop where both fire), and `drop` is silenced (duplicates).
 - `silence(k)`: latent k never fires.
+- `shift_skip(delta)`: W_skip <- W_skip + delta (a skip transcoder's C7 step; codes unchanged).
+
+Transcoders (sae_lens' Transcoder classes) take every change but `plant`: the residual a
+resampled latent points at lives in their output space, while its encoder row must read the input.
 
 What a class cannot express raises `NotExpressible` with the reason (a TopK encoder keeps the k
 largest pre-activations, so lowering or adding one moves the others). Every exact change is
@@ -32,6 +36,7 @@ import torch
 from sae_lens import SAE
 
 TOPK_CODES = ("topk", "batchtopk", "matryoshka_batchtopk")
+JUMPRELU_CODES = ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder")  # a threshold per latent
 
 
 class NotExpressible(ValueError):
@@ -46,6 +51,9 @@ def refusal(sae: SAE, change: str) -> str | None:
     """Why this SAE's class cannot make `change` ("lower", "plant", "merge", "scale") exactly, or None."""
     architecture = sae.cfg.architecture()
     what = _WHAT[change]
+    if "transcoder" in architecture and change == "plant":
+        return (f"{what} is not expressible in a {architecture}: the residual it points at lives in the output "
+                "space, while its encoder row must read the input")
     if architecture in TOPK_CODES:
         if change == "scale" and not getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
             return None  # the decoder row's norm scales z = f ||W_dec[i]|| and leaves the ranking alone
@@ -113,7 +121,7 @@ class SAEEdit:
         shift = amounts.double().cpu() / self._code_units(ids)
         bias = "b_mag" if self.architecture == "gated" else "b_enc"
         self._set(bias, ids, self._param(bias)[ids].double().cpu() - shift)
-        if self.architecture == "jumprelu":
+        if self.architecture in JUMPRELU_CODES:
             self._set("threshold", ids, (self._param("threshold")[ids].double().cpu() - shift).clamp(min=0))
 
     @torch.no_grad()
@@ -142,7 +150,7 @@ class SAEEdit:
             return
         self._set("W_enc", (slice(None), ids), self._param("W_enc")[:, ids].double().cpu() * factors)
         self._set("b_enc", ids, self._param("b_enc")[ids].double().cpu() * factors)
-        if self.architecture == "jumprelu":
+        if self.architecture in JUMPRELU_CODES:
             self._set("threshold", ids, self._param("threshold")[ids].double().cpu() * factors)
 
     @torch.no_grad()
@@ -163,7 +171,7 @@ class SAEEdit:
             self._set("r_mag", k, 0.0)
         else:
             self._set("b_enc", k, bias)
-        if self.architecture == "jumprelu":
+        if self.architecture in JUMPRELU_CODES:
             self._set("threshold", k, 0.0)
 
     @torch.no_grad()
@@ -174,10 +182,17 @@ class SAEEdit:
         w_enc = self._param("W_enc").double()
         self._set("W_enc", (slice(None), keep), w_enc[:, keep] + c * w_enc[:, drop])
         # the bias and (JumpReLU) the threshold add as the pre-activations do
-        for name in ("b_enc", "threshold") if self.architecture == "jumprelu" else ("b_enc",):
+        for name in ("b_enc", "threshold") if self.architecture in JUMPRELU_CODES else ("b_enc",):
             values = self._param(name).double()
             self._set(name, keep, float(values[keep] + c * values[drop]))
         self.silence(drop)
+
+    @torch.no_grad()
+    def shift_skip(self, delta: torch.Tensor) -> None:
+        """W_skip <- W_skip + delta (d_out, d_in): a skip transcoder's prediction moves by delta x."""
+        if not hasattr(self.sae, "W_skip"):
+            raise NotExpressible(f"a {self.architecture} has no skip connection W_skip to move")
+        self.sae.W_skip.data += delta.double().to(self.sae.W_skip.device, self.sae.W_skip.dtype)
 
     @torch.no_grad()
     def silence(self, k: int) -> None:

@@ -18,6 +18,7 @@ MODEL_CONFIG_FILE = "model_config.json"
 AUDIT_TEXTS_FILE = "audit_texts.json"
 MANIFEST_FILE = "MANIFEST.json"
 SAE_FOLDER_PREFIX = "sae_layer"  # one sae_lens folder (cfg.json, sae_weights.safetensors) per hook
+TRANSCODER_FOLDER_PREFIX = "transcoder_layer"  # a sae_lens SkipTranscoder on one block's MLP
 
 # Tokens audited by default: enough for every condition to have evidence, small enough that
 # the whole default report takes well under two minutes on two CPU cores.
@@ -35,7 +36,8 @@ def load_texts() -> list[str]:
 
 
 def load_default(device: str = "cpu"):
-    """(model, {hook_name: sae}, texts): the bundled HookedTransformer, its SAEs and corpus."""
+    """(model, {hook_name: sae}, texts): the bundled HookedTransformer, its SAEs (the transcoder
+    last, keyed by its input hook) and corpus."""
     # Heavy imports stay here so that `import opt_hooks.embedded` (for the constants) is cheap.
     from safetensors.torch import load_file
     from sae_lens import SAE
@@ -49,7 +51,8 @@ def load_default(device: str = "cpu"):
     model.eval()
 
     saes = {}
-    for folder in sorted(HERE.glob(f"{SAE_FOLDER_PREFIX}*")):
+    folders = [*sorted(HERE.glob(f"{SAE_FOLDER_PREFIX}*")), *sorted(HERE.glob(f"{TRANSCODER_FOLDER_PREFIX}*"))]
+    for folder in folders:
         sae = SAE.load_from_disk(folder, device=device)
         saes[sae.cfg.metadata.hook_name] = sae
     return model, saes, load_texts()

@@ -1,19 +1,28 @@
 """report.html: one self-contained page for an AuditRecord (inline CSS, JS and SVG; no network).
 
-Page layout: overview (what the tiers mean, tier and certified-condition counts per layer, run
-facts), then one section per layer: the held-out objective and the layer gaps first (every gain
-needs a scale), facts and scope, size distributions of C3 and C4, layer-wide conditions (C5,
-C6), a sortable table of features with a descent ranked by held-out gain (THEORY.md 3.5), the
-flagged pairs (table and the paper's scatter figure), the label-free absorption map (THEORY.md
-section 6: absorption trees, duplicates, antipodal pairs) and the top-activating contexts of the
-top-ranked features. A record that carries a repair (`AuditRecord.repair`, THEORY.md section 7)
-gets a Repair section after the overview: per layer, the objective before / after on the test
-tokens and the repair's steps, applied or not, with their first items. Long lists are cut to the
+Page layout: the top findings of every layer (certified features and layer findings ranked by
+held-out gain, each feature with its strongest context), the overview (what the tiers mean, tier
+and certified-condition counts per layer, run facts), then one section per layer: the held-out
+objective and the layer gaps first (every gain needs a scale), facts and scope, size
+distributions of C3 and C4, layer-wide conditions (C5, C6), the table of every feature ranked by
+held-out gain (THEORY.md 3.5), the flagged pairs (table and the paper's scatter figure), the
+label-free absorption map (THEORY.md section 6: absorption trees, duplicates, antipodal pairs)
+and the top-activating contexts of the top-ranked features. A record that carries a repair
+(`AuditRecord.repair`, THEORY.md section 7) gets a Repair section after the overview: per layer,
+the objective before / after on the test tokens and the repair's steps, applied or not, with
+their first items.
+
+The feature table is not HTML rows: at 24,576 features a layer's rows would be tens of MB of DOM.
+Each layer's features travel as one compact JSON block (`_feature_data`, numbers to 4
+significant digits) that report.js pages, searches, filters and sorts in the browser; contexts
+are rendered here once (`_context`) and shipped as HTML snippets. Other long lists are cut to the
 top-ranked entries; report.json has everything.
 """
 from __future__ import annotations
 
 import json
+import math
+import re
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -29,7 +38,9 @@ from opt_hooks.report.terminal import (
 )
 
 HERE = Path(__file__).resolve().parent
-MAX_FEATURE_ROWS = 500  # per layer, top-ranked first
+MAX_TOP_FINDINGS = 50  # certified findings of all layers, by held-out gain
+MAX_QUICK_LIST = 25  # features per Neuronpedia quick list: each adds ~90 characters to its URL
+FEATURE_PAGE = 50  # feature table rows per page (report.js pages the rest)
 MAX_PAIR_ROWS = 500
 MAX_SCATTERS = 12
 MAX_CONTEXT_FEATURES = 12
@@ -56,28 +67,37 @@ SURROGATE_NOTE = (
 
 def render_html(result: AuditRecord) -> str:
     layers = list(result.layers.values())
-    sections = [_layer_section(k, layer, result.token_texts) for k, layer in enumerate(layers)]
-    style = (HERE / "report.css").read_text(encoding="utf-8")
+    contexts: dict[int, str] = {}  # the snippets the feature tables refer to, shipped once
+    sections = [_layer_section(k, layer, result.token_texts, contexts) for k, layer in enumerate(layers)]
     script = (HERE / "report.js").read_text(encoding="utf-8")
-    title = f"opt_hooks audit: {_model_name(result)}"
     return "\n".join(
         [
-            "<!DOCTYPE html>",
-            '<html lang="en"><head><meta charset="utf-8">',
-            '<meta name="viewport" content="width=device-width, initial-scale=1">',
-            f"<title>{escape(title)}</title><style>{style}</style></head>",
-            '<body data-report-status="loading">',
-            '<pre id="js-errors"></pre>',
-            f"<h1>{escape(title)}</h1>",
+            *page_head(f"opt_hooks audit: {_model_name(result)}", (HERE / "report.css").read_text(encoding="utf-8")),
             _nav(layers, result.repair is not None),
+            _top_findings(layers, result.token_texts),
             _overview(result, layers),
             "" if result.repair is None else _repair_section(result.repair, result.layers),
             *sections,
             _footer(),
+            f'<script type="application/json" id="contexts">{_json(contexts)}</script>',
             f"<script>{script}</script>",
             "</body></html>",
         ]
     )
+
+
+def page_head(title: str, style: str) -> list[str]:
+    """The opening lines of a self-contained page, to its <h1>: the scripts mark the body
+    data-report-status "ready" (or list their errors in #js-errors), which the browser tests read."""
+    return [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{escape(title)}</title><style>{style}</style></head>",
+        '<body data-report-status="loading">',
+        '<pre id="js-errors"></pre>',
+        f"<h1>{escape(title)}</h1>",
+    ]
 
 
 def _model_name(result: AuditRecord) -> str:
@@ -85,11 +105,84 @@ def _model_name(result: AuditRecord) -> str:
 
 
 def _nav(layers: list[LayerResult], repair: bool = False) -> str:
-    links = ['<a href="#overview">overview</a>']
+    links = ['<a href="#findings">top findings</a>', '<a href="#overview">overview</a>']
     if repair:
         links.append('<a href="#repair">repair</a>')
     links += [f'<a href="#layer-{k}">{escape(layer.hook_name)}</a>' for k, layer in enumerate(layers)]
     return f"<nav>{' '.join(links)}</nav>"
+
+
+def _top_findings(layers: list[LayerResult], texts: dict[int, str]) -> str:
+    """Certified findings of every layer, by held-out gain (per held-out token, each on its own
+    layer's objective): features with their strongest context, and the layer-wide findings (C5, C6, ...)."""
+    findings: list[tuple[float, int, FeatureRow | None, str, CertificateCheck | None]] = []
+    for k, layer in enumerate(layers):
+        for f in layer.features:
+            if f.tier == "certified":
+                findings.append((f.gain if f.gain is not None else -math.inf, k, f, "", None))
+        for name, entry in layer.layer_conditions.items():
+            check = entry.get("certificate")
+            if entry.get("tier") == "certified" and check is not None:
+                findings.append((check.gain if check.gain is not None else -math.inf, k, None, name, check))
+    findings.sort(key=lambda item: -item[0])
+    head = '<section id="findings"><h2>Top findings</h2>'
+    if not findings:
+        return (f"{head}<p>No certified finding in any layer: the layer tables below list the features whose "
+                "descent is not certified (violated) and why.</p></section>")
+    rows = []
+    for rank, (_, k, f, name, check) in enumerate(findings[:MAX_TOP_FINDINGS], 1):
+        layer = layers[k]
+        where = f'<td class="text"><a href="#layer-{k}">{escape(layer.hook_name)}</a></td>'
+        if f is not None:
+            certificates = "\n".join(_certificate_text(c) for c in f.certificates.values())
+            context = ""
+            if f.top_tokens and f.top_tokens[0] in texts:
+                context = _context(texts[f.top_tokens[0]], f.top_values[0], f.max_code)
+            rows.append(
+                f"<tr>{_num(rank)}{where}<td class=\"text\">feature {_feature_link(layer, f.id)}</td>"
+                f'<td class="text">{escape(" ".join(f.conditions))}</td>{_num(f.gain, certificates)}'
+                f'{_num(f.gain_se)}{_num(f.p_value)}{_num(f.share)}<td class="text context-cell">{context}</td></tr>'
+            )
+        else:
+            rows.append(
+                f"<tr>{_num(rank)}{where}<td class=\"text\">layer: {escape(name)} {escape(CONDITIONS.get(name, ''))}</td>"
+                f'<td class="text">{escape(name)}</td>{_num(check.gain, _certificate_text(check))}'
+                f'{_num(check.held_out_se)}{_num(check.p_value)}{_num(check.share)}<td class="text"></td></tr>'
+            )
+    header = _header("#", ("layer", "text"), ("finding", "text"), ("conditions", "text"), "held-out gain", "± SE",
+                     "p", "share", ("strongest context (token shaded by its activation)", "text"))
+    lists = _quick_lists(layers, [(k, f.id) for _, k, f, _, _ in findings if f is not None])
+    more = len(findings) - MAX_TOP_FINDINGS
+    return (
+        f"{head}<p class=\"muted\">{len(findings):,} certified finding(s) in {len(layers):,} layer(s), by held-out "
+        "gain per token (each on its own layer's objective); the layer sections below have every feature."
+        f"{f' The first {MAX_TOP_FINDINGS:,} are listed.' if more > 0 else ''}</p>{lists}"
+        f'<div class="scroll"><table class="sortable top-findings"><thead>{header}</thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div></section>"
+    )
+
+
+def _quick_lists(layers: list[LayerResult], features: list[tuple[int, int]]) -> str:
+    """One Neuronpedia quick list per layer with dashboards: its first MAX_QUICK_LIST of `features`
+    ((layer index, feature id), in order)."""
+    links = []
+    for k, layer in enumerate(layers):
+        ids = [feature for j, feature in features if j == k][:MAX_QUICK_LIST]
+        if layer.neuronpedia_id and ids:
+            url = neuronpedia.quick_list_url(f"{layer.hook_name}: top certified", [(layer.neuronpedia_id, i) for i in ids])
+            links.append(f'<a href="{escape(url)}"{NEW_TAB}>{escape(layer.hook_name)} ({len(ids):,})</a>')
+    return f'<p class="quick-lists">Neuronpedia quick lists: {" ".join(links)}</p>' if links else ""
+
+
+def _quick_list_link(layer: LayerResult, name: str, features: list[int], label: str) -> str:
+    """A link to Neuronpedia's quick list of `features` (one page with each dashboard), or ""
+    when the layer has no dashboards. report.js writes its href (as neuronpedia.quick_list_url
+    does) from the data attributes: a pair's URL is ~500 characters, and a layer lists up to 1,500
+    pairs and 100 trees."""
+    if not layer.neuronpedia_id:
+        return ""
+    return (f'<a class="quick-list" data-np="{escape(layer.neuronpedia_id)}" data-name="{escape(layer.hook_name)}: '
+            f'{escape(name)}" data-features="{" ".join(map(str, features))}"{NEW_TAB}>{escape(label)}</a>')
 
 
 def _overview(result: AuditRecord, layers: list[LayerResult]) -> str:
@@ -130,17 +223,58 @@ def _plain(value: Any) -> str:
     return escape(value if isinstance(value, str) else json.dumps(value))
 
 
-def _context(text: str) -> str:
-    """A token's context snippet with the token itself highlighted.
+SPECIAL_PREFIX = re.compile(r"^(?:<\|[^|<>]*\|>)+")  # "<|endoftext|>": a document starts after it
+CUT = '<span class="cut">…</span>'
 
-    The API marks the token as "left[[token]]right"; the left part is longer (more tokens)
-    and more likely to contain a literal "[[" (code), so the last "[[" is taken as the marker.
-    """
+
+def _whole_words(left: str, right: str) -> tuple[str, str, bool, bool]:
+    """The snippet's sides without the words its window may have cut: (left, right, cut_left,
+    cut_right).
+
+    A snippet is a fixed number of tokens either side of the token (run.py), so its first and
+    last words may be pieces of longer ones, and nothing in the text says which. A word is kept
+    only when whitespace or punctuation proves where it starts (left) or ends (right): the left
+    side loses what comes before its first whitespace unless it starts with whitespace or a special
+    token, the right side loses what follows its last whitespace when it ends inside a word. The
+    token's own word (no whitespace between it and the edge) is always kept whole."""
+    cut_left = cut_right = False
+    special = SPECIAL_PREFIX.match(left)
+    if left and not left[0].isspace() and special is None:
+        first = re.search(r"\s", left)
+        if first is not None:
+            left, cut_left = left[first.start():], True
+    if right and (right[-1].isalnum() or right[-1] == "_"):
+        last = max(right.rfind(c) for c in " \n\t")
+        if last >= 0:
+            right, cut_right = right[:last], True
+    return left, right, cut_left, cut_right
+
+
+def _visible(text: str) -> str:
+    """Escaped text with line breaks shown as ↵, so a snippet stays one line."""
+    return escape(text).replace("\n", '<span class="nl">↵</span>')
+
+
+def _context(text: str, value: float | None = None, scale: float | None = None) -> str:
+    """A token's context snippet in whole words, the token marked.
+
+    The run marks the token as "left[[token]]right"; the left part is longer (more tokens) and
+    more likely to contain a literal "[[" (code), so the last "[[" is taken as the marker. With
+    the feature's activation `value` on the token and its largest activation `scale`, the mark is
+    shaded by value / scale (the record keeps the activation of the top token only, not of its
+    neighbours, so they stay unshaded)."""
     left, marker, rest = text.rpartition("[[")
     token, closing, right = rest.partition("]]")
     if not (marker and closing):
         return escape(text)
-    return f"{escape(left)}<mark>{escape(token)}</mark>{escape(right)}"
+    left, right, cut_left, cut_right = _whole_words(left, right)
+    mark = "<mark>"
+    if value is not None:
+        share = min(1.0, max(0.0, value / scale)) if scale else 1.0
+        tip = f"activation {fmt(value)}: {share:.0%} of the feature's largest ({fmt(scale)})"
+        mark = f'<mark class="act" style="--act:{share:.2f}" title="{escape(tip)}">'
+    return (f"{CUT if cut_left else ''}{_visible(left)}{mark}{_visible(token)}</mark>{_visible(right)}"
+            f"{CUT if cut_right else ''}")
 
 
 def _facts(rows: list[tuple[str, str]]) -> str:
@@ -149,11 +283,14 @@ def _facts(rows: list[tuple[str, str]]) -> str:
     return f'<dl class="facts">{items}</dl>'
 
 
-def _layer_section(k: int, layer: LayerResult, texts: dict[int, str]) -> str:
+def _layer_section(k: int, layer: LayerResult, texts: dict[int, str], contexts: dict[int, str]) -> str:
     dead = set(layer.dead_features)
     live = [f for f in layer.features if f.id not in dead]
-    histograms = histogram([f.c3_size for f in live], "C3 size (decoder stationarity)", lo=0.0, hi=1.0)
-    histograms += histogram([f.c4_size for f in live if f.c4_size is not None], "C4 size (code optimality)")
+    # data-column: where report.js finds the sizes in the feature table's rows, to re-bin a zoomed range
+    histograms = histogram([f.c3_size for f in live], "C3 size (decoder stationarity)", lo=0.0, hi=1.0,
+                           attrs=f' data-layer="{k}" data-column="10"')
+    histograms += histogram([f.c4_size for f in live if f.c4_size is not None], "C4 size (code optimality)",
+                            attrs=f' data-layer="{k}" data-column="11"')
     parts = [
         f'<section class="layer" id="layer-{k}"><h2>{escape(layer.hook_name)}</h2>',
         f'<p class="scope">Scope: {escape(layer.scope)}</p>',
@@ -163,7 +300,7 @@ def _layer_section(k: int, layer: LayerResult, texts: dict[int, str]) -> str:
         *[f'<p class="note">{escape(note)}</p>' for note in layer.notes],
         f'<div class="plots"><div class="card">{histograms}</div></div>',
         _layer_conditions(layer, texts),
-        _feature_table(layer),
+        _feature_table(k, layer, texts, contexts),
         _pair_section(layer),
         _absorption_section(layer, texts),
         _contexts(layer, texts),
@@ -293,29 +430,108 @@ def _worst_tokens(c6: dict[str, Any], texts: dict[int, str]) -> str:
     return f"<details><summary>{summary}</summary>{items}</details>"
 
 
-def _feature_table(layer: LayerResult) -> str:
+TIER_FILTERS = {"descent": "with a descent", "certified": "certified", "violated": "violated",
+                "satisfied": "satisfied", "all": "all tiers"}
+# The feature table's columns: (label, kind, what the row array holds there); report.js reads
+# the same list from the table's data-columns and formats each cell by its kind.
+FEATURE_COLUMNS = (
+    ("feature", "id"), ("tier", "tier"), ("conditions", "text"), ("held-out gain", "gain"), ("± SE", "num"),
+    ("p", "num"), ("value v_i", "num"), ("share", "num"), ("active tokens", "int"), ("mean z (μ)", "num"),
+    ("C3 size", "num"), ("C4 size", "num"), ("why not certified", "text"),
+)
+
+
+def _compact(value: float | int | None) -> float | int | None:
+    """A number for the page's JSON: 4 significant digits (the page shows 3; the fourth keeps
+    the sort order of values that print alike), None for missing or non-finite values."""
+    if value.__class__ is float:  # one test per number: a layer's data has ~10 numbers per feature
+        return float("%.4g" % value) if value - value == 0.0 else None  # NaN and infinities give NaN
+    return value
+
+
+def _json(data: Any) -> str:
+    """JSON for a <script type="application/json"> block: no "<" in it, so no text can close
+    the block or open a comment."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+
+
+def _feature_data(layer: LayerResult, texts: dict[int, str], contexts: dict[int, str]) -> dict[str, Any]:
+    """Every feature of the layer as compact rows, in the ranking's order (features with a descent
+    first, by tier then held-out gain; the others by id), for report.js.
+
+    A row is [id, tier rank, conditions, gain, gain SE, p, value, share, active tokens, mean code,
+    C3 size, C4 size, reason, max code, certificates, top]: reason an index into `reasons` (-1:
+    none), certificates per condition: a certified one [condition, tier rank, step, predicted,
+    measured, held-out change, its SE, p, audit tokens, held-out tokens, tokens changed, reason],
+    any other its verdict [condition, tier rank, reason] (what report.json keeps of it: nearly
+    every live feature has two, and their held-out numbers are the row's own for the best one;
+    the rest is in tables/<hook>/features.parquet), top [token, value]
+    for the top tokens that have a snippet (added to `contexts`, rendered once for every table);
+    `dead` lists the dead features, which the size histograms leave out."""
+    reasons: dict[str, int] = {}
+
+    def reason(text: str) -> int:
+        return reasons.setdefault(text, len(reasons)) if text else -1
+
     flagged = layer.flagged()
-    shown = [layer.feature(i) for i in flagged[:MAX_FEATURE_ROWS]]
-    header = _header(
-        "feature", ("tier", "badge"), ("conditions", "text"), "held-out gain", "± SE", "p", "value v_i",
-        "share", "active tokens", "mean z (μ)", "C3 size", "C4 size", ("why not certified", "text"),
-    )
-    rows = "".join(_feature_row(layer, f) for f in shown)
-    more = _more(len(flagged) - len(shown), "features with a descent")
-    return (
-        f"<h3>Features with a descent ({len(flagged):,} of {layer.d_sae:,}), by held-out gain</h3>"
-        f'<table class="sortable features"><thead>{header}</thead><tbody>{rows}</tbody></table>{more}'
-    )
+    seen = set(flagged)
+    order = flagged + [f.id for f in layer.features if f.id not in seen]
+    rows = []
+    c_ = _compact
+    for feature_id in order:
+        f = layer.features[feature_id]
+        best = f.certificates.get(f.conditions[0]) if f.conditions else None
+        checks = [
+            [c.condition, TIER_RANK[c.tier], c_(c.step), c_(c.predicted), c_(c.measured), c_(c.held_out),
+             c_(c.held_out_se), c_(c.p_value), c.n_audit, c.n_held_out, c.n_touched, reason(c.reason)]
+            if c.tier == "certified" else [c.condition, TIER_RANK[c.tier], reason(c.reason)]
+            for c in f.certificates.values()
+        ]
+        top = []
+        for token, value in zip(f.top_tokens, f.top_values):
+            if token in texts:
+                if token not in contexts:
+                    contexts[token] = _context(texts[token])
+                top.append([token, c_(value)])
+        rows.append([
+            f.id, TIER_RANK[f.tier], " ".join(f.conditions), c_(f.gain), c_(f.gain_se), c_(f.p_value), c_(f.value),
+            c_(f.share), f.active_count, c_(f.mean_code), c_(f.c3_size), c_(f.c4_size),
+            reason(best.reason if best else ""), c_(f.max_code), checks, top,
+        ])
+    return {"reasons": list(reasons), "dead": layer.dead_features, "rows": rows}
 
 
-def _feature_row(layer: LayerResult, f: FeatureRow) -> str:
-    certificates = "\n".join(_certificate_text(c) for c in f.certificates.values())
-    best = f.certificates.get(f.conditions[0]) if f.conditions else None
+def _feature_table(k: int, layer: LayerResult, texts: dict[int, str], contexts: dict[int, str]) -> str:
+    """The layer's feature table: controls, an empty table and its data; report.js renders one
+    page of rows at a time from the data (a page of FEATURE_PAGE rows, not d_sae rows of DOM)."""
+    data = _feature_data(layer, texts, contexts)
+    n_flagged = sum(1 for row in data["rows"] if row[1] < TIER_RANK["satisfied"])
+    header = "".join(
+        f'<th class="{"text" if kind in ("text", "tier") else "num"}" data-kind="{kind}">{label}</th>'
+        for label, kind in FEATURE_COLUMNS
+    )
+    tiers = "".join(f'<option value="{value}">{label}</option>' for value, label in TIER_FILTERS.items())
+    found = {c for f in layer.features for c in f.conditions}  # the per-feature conditions this layer has
+    conditions = "".join(f'<option value="{c}">{c}</option>' for c in CONDITIONS if c in found)
+    sizes = "".join(f'<option{" selected" if n == FEATURE_PAGE else ""}>{n}</option>' for n in (25, 50, 100, 500))
+    np_attr = f' data-np="{escape(layer.neuronpedia_id)}"' if layer.neuronpedia_id else ""
     return (
-        f'<tr><td data-v="{f.id}">{_feature_link(layer, f.id)}</td>{_badge(f.tier)}'
-        f'<td class="text">{escape(" ".join(f.conditions))}</td>{_num(f.gain, certificates)}{_num(f.gain_se)}'
-        f"{_num(f.p_value)}{_num(f.value)}{_num(f.share)}{_num(f.active_count)}{_num(f.mean_code)}"
-        f"{_num(f.c3_size)}{_num(f.c4_size)}<td class=\"text\">{escape(best.reason if best else '')}</td></tr>"
+        f"<h3>Features ({n_flagged:,} of {layer.d_sae:,} with a descent), by held-out gain</h3>"
+        '<p class="muted">Certified first, then by held-out gain. Search feature ids ("12, 40-60"), filter by '
+        "tier and condition, click a header to sort (again to reverse), a row for its certificates and "
+        "contexts; hover a gain for its certificates.</p>"
+        f'<div class="table-controls" data-layer="{k}">'
+        f'<label>ids <input type="search" class="feature-search" placeholder="e.g. 12, 40-60" size="16"></label> '
+        f'<label>tier <select class="tier-filter">{tiers}</select></label> '
+        f'<label>condition <select class="condition-filter"><option value="">any</option>{conditions}</select></label> '
+        f'<label>rows <select class="page-size">{sizes}</select></label> '
+        '<button type="button" class="page-first">&laquo;</button><button type="button" class="page-prev">&lsaquo;</button>'
+        '<span class="page-status"></span>'
+        '<button type="button" class="page-next">&rsaquo;</button><button type="button" class="page-last">&raquo;</button>'
+        '<a class="page-quick-list" hidden target="_blank" rel="noopener">this page on Neuronpedia</a></div>'
+        f'<table class="sortable features paged" data-layer="{k}"{np_attr}><thead><tr>{header}</tr></thead>'
+        "<tbody></tbody></table>"
+        f'<script type="application/json" class="feature-data" data-layer="{k}">{_json(data)}</script>'
     )
 
 
@@ -326,6 +542,7 @@ def _pair_section(layer: LayerResult) -> str:
     header = _header(
         "i", "j", ("kind", "text"), "ρ", "bound (M or m)", "(1 − ρ) μ_j", "margin / μ_j", "i active", "j active",
         "both", "P(j without i) &le;", "co-activation p &le;", ("tier", "badge"), "held-out gain", "± SE",
+        *_np_column(layer),
     )
     rows = "".join(_pair_row(layer, p) for p in pairs[:MAX_PAIR_ROWS])
     more = _more(len(pairs) - MAX_PAIR_ROWS, "pairs")
@@ -348,8 +565,20 @@ def _pair_row(layer: LayerResult, p: PairRow) -> str:
         f'<td class="text">{p.kind}</td>{_num(p.rho)}{_num(p.bound)}{_num(p.threshold)}{_num(p.relative_margin)}'
         f"{_num(p.count_i)}{_num(p.count_j)}{_num(p.co_count)}{_num(p.p_j_without_i_upper)}"
         f"{_num(check.count_p_value if check else None)}{_badge(p.tier)}"
-        f"{_num(p.gain, _certificate_text(check))}{_num(check.held_out_se if check else None)}</tr>"
+        f"{_num(p.gain, _certificate_text(check))}{_num(check.held_out_se if check else None)}"
+        f"{_np_cell(layer, f'{p.kind} pair {p.i} -> {p.j}', [p.i, p.j])}</tr>"
     )
+
+
+def _np_column(layer: LayerResult) -> tuple[tuple[str, str], ...]:
+    """The quick-list column of a table of latent pairs, where the layer has dashboards."""
+    return (("Neuronpedia", "text"),) if layer.neuronpedia_id else ()
+
+
+def _np_cell(layer: LayerResult, name: str, features: list[int]) -> str:
+    if not layer.neuronpedia_id:
+        return ""
+    return f'<td class="text">{_quick_list_link(layer, name, features, "both")}</td>'
 
 
 def _pair_figure(p: PairRow) -> str:
@@ -370,9 +599,11 @@ def _pair_figure(p: PairRow) -> str:
 
 
 def _context_lines(f: FeatureRow, texts: dict[int, str]) -> str:
-    """The feature's top-activating contexts, strongest first, each with its code."""
+    """The feature's top-activating contexts, strongest first, each with its code (the token
+    shaded by it, against the feature's largest code)."""
     return "".join(
-        f'<div class="context"><b>{fmt(value)}</b>  {_context(texts.get(token, f"token #{token}"))}</div>'
+        f'<div class="context"><b>{fmt(value)}</b>  '
+        f'{_context(texts.get(token, f"token #{token}"), value, f.max_code)}</div>'
         for token, value in zip(f.top_tokens, f.top_values)
     )
 
@@ -462,6 +693,7 @@ def _absorption_tree(layer: LayerResult, parent: int, rows: list[AbsorptionRow],
         f'<div class="tree" data-parent="{parent}"><div class="tree-parent">parent latent '
         f"<b>{_feature_link(layer, parent)}</b>: active on {rows[0].count_parent:,} audit tokens, absorbed into "
         f"{len(rows):,} child(ren), total L1 price {fmt(_total_price(rows))} "
+        f"{_quick_list_link(layer, f'absorption tree of {parent}', [parent, *(r.child for r in rows)], 'tree on Neuronpedia')}"
         f"{_latent_contexts(layer.feature(parent), 'parent', texts)}</div>"
         f'<table class="children"><thead>{header}</thead><tbody>{children}</tbody></table></div>'
     )
@@ -490,7 +722,7 @@ def _absorption_row(layer: LayerResult, r: AbsorptionRow, texts: dict[int, str])
 def _duplicate_table(layer: LayerResult) -> str:
     if not layer.duplicates:
         return "<h4>Duplicates to merge</h4><p>None found.</p>"
-    header = _header("i", "j", "ρ", "i active", "j active", "both", "jaccard")
+    header = _header("i", "j", "ρ", "i active", "j active", "both", "jaccard", *_np_column(layer))
     rows = "".join(_duplicate_row(layer, d) for d in layer.duplicates[:MAX_MAP_ROWS])
     groups = layer.duplicate_groups()
     sizes = ", ".join(str(len(g)) for g in groups[:20]) + (", ..." if len(groups) > 20 else "")
@@ -506,14 +738,15 @@ def _duplicate_table(layer: LayerResult) -> str:
 def _duplicate_row(layer: LayerResult, d: DuplicateRow) -> str:
     return (
         f'<tr><td data-v="{d.i}">{_feature_link(layer, d.i)}</td><td data-v="{d.j}">{_feature_link(layer, d.j)}</td>'
-        f"{_num(d.rho)}{_num(d.count_i)}{_num(d.count_j)}{_num(d.co_count)}{_num(d.jaccard)}</tr>"
+        f"{_num(d.rho)}{_num(d.count_i)}{_num(d.count_j)}{_num(d.co_count)}{_num(d.jaccard)}"
+        f"{_np_cell(layer, f'duplicates {d.i} = {d.j}', [d.i, d.j])}</tr>"
     )
 
 
 def _antipodal_table(layer: LayerResult) -> str:
     if not layer.antipodal:
         return "<h4>Antipodal dense pairs</h4><p>None found.</p>"
-    header = _header("i", "j", "ρ", "share of tokens covered", "i active", "j active", "both")
+    header = _header("i", "j", "ρ", "share of tokens covered", "i active", "j active", "both", *_np_column(layer))
     rows = "".join(_antipodal_row(layer, a) for a in layer.antipodal[:MAX_MAP_ROWS])
     return (
         f"<h4>Antipodal dense pairs: {len(layer.antipodal):,}</h4>"
@@ -525,7 +758,8 @@ def _antipodal_table(layer: LayerResult) -> str:
 def _antipodal_row(layer: LayerResult, a: AntipodalRow) -> str:
     return (
         f'<tr><td data-v="{a.i}">{_feature_link(layer, a.i)}</td><td data-v="{a.j}">{_feature_link(layer, a.j)}</td>'
-        f"{_num(a.rho)}{_num(a.share)}{_num(a.count_i)}{_num(a.count_j)}{_num(a.co_count)}</tr>"
+        f"{_num(a.rho)}{_num(a.share)}{_num(a.count_i)}{_num(a.count_j)}{_num(a.co_count)}"
+        f"{_np_cell(layer, f'antipodal {a.i} / {a.j}', [a.i, a.j])}</tr>"
     )
 
 

@@ -1,7 +1,10 @@
 """Inline SVG plots for report.html: plain strings, no plotting library, no external assets.
 
 Every function returns one `<svg>` element sized in CSS pixels; colours come from the CSS
-classes in report.css (tier-certified, tier-violated, ...) so the page has one palette.
+classes in report.css (tier-certified, tier-violated, ...) so the page has one palette. Hover
+texts are `<title>`s; the histograms and the pair scatter also carry their plot frame and data
+ranges (data-frame, data-lo, data-x-max, ...; points their data coordinates) so that report.js
+can zoom them in the browser without a plotting library.
 """
 from __future__ import annotations
 
@@ -24,12 +27,17 @@ def fmt(value: float | int | None, digits: int = 3) -> str:
     return f"{value:.{digits - 1}e}"
 
 
-def _svg(width: int, height: int, body: list[str], label: str) -> str:
+def _svg(width: int, height: int, body: list[str], label: str, attrs: str = "") -> str:
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}">'
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}"{attrs}>'
         f"<title>{escape(label)}</title>{''.join(body)}</svg>"
     )
+
+
+def _frame(left: float, top: float, width: float, height: float) -> str:
+    """The plot area, for report.js's zoom: ' data-frame="left top width height"'."""
+    return f' data-frame="{left} {top} {width} {height}"'
 
 
 def _text(x: float, y: float, text: str, cls: str = "", anchor: str = "start") -> str:
@@ -88,8 +96,10 @@ def condition_grid(rows: list[tuple[str, dict[str, int]]], conditions: list[str]
     return _svg(label_w + cell_w * len(conditions) + 10, height, body, "certified counts per condition and layer")
 
 
-def histogram(values: list[float], title: str, bins: int = 24, lo: float = 0.0, hi: float | None = None) -> str:
-    """Counts of `values` in equal bins on [lo, hi] (hi: the largest value); count axis is sqrt."""
+def histogram(values: list[float], title: str, bins: int = 24, lo: float = 0.0, hi: float | None = None,
+              attrs: str = "") -> str:
+    """Counts of `values` in equal bins on [lo, hi] (hi: the largest value); count axis is sqrt.
+    `attrs` are extra attributes of the <svg> (report.js: where to find the values to re-bin)."""
     width, height, left, bottom, top = 300, 150, 40, 30, 20
     finite = [v for v in values if v is not None and math.isfinite(v)]
     hi = max(finite + [lo]) if hi is None else hi
@@ -112,12 +122,13 @@ def histogram(values: list[float], title: str, bins: int = 24, lo: float = 0.0, 
         )
     base = top + plot_h
     body.append(f'<line x1="{left}" y1="{base}" x2="{left + plot_w}" y2="{base}" class="axis-line"/>')
-    body.append(_text(left, base + 14, fmt(lo), "axis", "middle"))
-    body.append(_text(left + plot_w, base + 14, fmt(hi), "axis", "end"))
-    body.append(_text(left - 4, top + 8, f"{max(counts):,}", "axis", "end"))
+    body.append(_text(left, base + 14, fmt(lo), "axis x-lo", "middle"))
+    body.append(_text(left + plot_w, base + 14, fmt(hi), "axis x-hi", "end"))
+    body.append(_text(left - 4, top + 8, f"{max(counts):,}", "axis y-hi", "end"))
     note = f"{len(finite):,} features (count axis: square root)"
     body.append(_text(left + plot_w / 2, height - 3, note, "axis", "middle"))
-    return _svg(width, height, body, title)
+    frame = f'{_frame(left, top, plot_w, plot_h)} data-lo="{lo!r}" data-hi="{hi!r}"'
+    return _svg(width, height, body, title, f' class="histogram"{frame}{attrs}')
 
 
 def pair_scatter(
@@ -150,29 +161,31 @@ def pair_scatter(
     body.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" class="frame"/>')
     for x, y in zip(xs, ys):
         cls = "pt-off" if x == 0 else "pt"  # exact zero: i is off on this token (a point of A_i)
-        body.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.2" class="{cls}"/>')
+        body.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.2" class="{cls}" data-x="{x:.4g}" data-y="{y:.4g}"/>')
     lo, hi = hull
     body.append(
-        f'<line x1="{left}" y1="{py(lo):.1f}" x2="{left}" y2="{py(hi):.1f}" class="hull">'
-        f"<title>{escape(f'hull of z_j on A_i: [{fmt(lo)}, {fmt(hi)}]')}</title></line>"
+        f'<line x1="{left}" y1="{py(lo):.1f}" x2="{left}" y2="{py(hi):.1f}" class="hull" data-lo="{lo!r}" '
+        f'data-hi="{hi!r}"><title>{escape(f"hull of z_j on A_i: [{fmt(lo)}, {fmt(hi)}]")}</title></line>'
     )
     body.append(
-        f'<line x1="{left}" y1="{py(threshold):.1f}" x2="{left + plot_w}" y2="{py(threshold):.1f}" class="threshold">'
-        f"<title>{escape(f'(1 − ρ) μ_j = {fmt(threshold)}')}</title></line>"
+        f'<line x1="{left}" y1="{py(threshold):.1f}" x2="{left + plot_w}" y2="{py(threshold):.1f}" class="threshold" '
+        f'data-y="{threshold!r}"><title>{escape(f"(1 − ρ) μ_j = {fmt(threshold)}")}</title></line>'
     )
-    body.append(_text(left + plot_w - 2, py(threshold) - 4, f"(1 − ρ) μ_j = {fmt(threshold)}", "annot", "end"))
+    body.append(_text(left + plot_w - 2, py(threshold) - 4, f"(1 − ρ) μ_j = {fmt(threshold)}", "annot full-only", "end"))
     label_y = py(hi) + (12 if kind == "complementary" else -4)  # beside the bar's end, away from the line
-    body.append(_text(left + 6, label_y, f"[{fmt(lo)}, {fmt(hi)}]", "annot hull-label"))
+    body.append(_text(left + 6, label_y, f"[{fmt(lo)}, {fmt(hi)}]", "annot hull-label full-only"))
     base = top + plot_h
-    body.append(_text(left, base + 13, "0", "axis", "middle"))
-    body.append(_text(left + plot_w, base + 13, fmt(x_hi), "axis", "end"))
-    body.append(_text(left - 4, top + 8, fmt(y_hi), "axis", "end"))
+    body.append(_text(left, base + 13, "0", "axis x-lo", "middle"))
+    body.append(_text(left + plot_w, base + 13, fmt(x_hi), "axis x-hi", "end"))
+    body.append(_text(left - 4, top + 8, fmt(y_hi), "axis y-hi", "end"))
+    body.append(_text(left - 4, base, "", "axis y-lo", "end"))  # written by report.js when zoomed
     body.append(_text(left + plot_w / 2, height - 4, f"z_i  (feature {labels[0]})", "axis", "middle"))
     body.append(
         f'<text transform="translate(12 {top + plot_h / 2:.0f}) rotate(-90)" text-anchor="middle" class="axis">'
         f"z_j  (feature {escape(labels[1])})</text>"
     )
-    return _svg(width, height, body, f"pair {labels[0]} -> {labels[1]}: {kind}")
+    ranges = f'{_frame(left, top, plot_w, plot_h)} data-x-max="{x_hi!r}" data-y-max="{y_hi!r}"'
+    return _svg(width, height, body, f"pair {labels[0]} -> {labels[1]}: {kind}", f' class="scatter"{ranges}')
 
 
 def split_bar(rho: float, own_part: float, width: int = 120, height: int = 12) -> str:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from opt_hooks.report.svg import fmt
 from opt_hooks.records import (
-    CONDITIONS, AbsorptionRow, AntipodalRow, AuditRecord, CertificateCheck, DuplicateRow, FeatureRow, LayerResult,
+    CONDITIONS, LAYER_CONDITIONS, AbsorptionRow, AntipodalRow, AuditRecord, CertificateCheck, DuplicateRow, FeatureRow, LayerResult,
     PairRow,
 )
 
@@ -36,6 +36,7 @@ CHANGES = {
     "C4": "scale the codes",
     "C5": "shift b_dec",
     "C6": "resample a dead feature",
+    "C7": "move W_skip",
 }
 
 
@@ -43,7 +44,7 @@ def render_summary(result: AuditRecord) -> str:
     layers = list(result.layers.values())
     certified = sum(layer.tier_counts()["certified"] for layer in layers)
     pairs = sum(1 for layer in layers for p in layer.pairs if p.tier == "certified")
-    layer_findings = sum(layer.condition_counts()[c] for layer in layers for c in ("C5", "C6"))
+    layer_findings = sum(layer.condition_counts()[c] for layer in layers for c in LAYER_CONDITIONS)
     head = (
         f"opt_hooks audit: {len(layers)} layer(s); certified: {certified:,} feature(s), {pairs:,} pair(s), "
         f"{layer_findings:,} layer finding(s) (held-out descent, significant and material)"
@@ -65,7 +66,7 @@ def objective_text(layer: LayerResult) -> str:
 def gap_text(layer: LayerResult) -> list[tuple[str, str]]:
     """(name, text) per layer gap: its held-out gain as a share of L, with its SE."""
     out = []
-    for name in ("codes", "decoder", "bias"):
+    for name in ("codes", "decoder", "bias", "skip"):
         gap = layer.gaps.get(name)
         if gap is None:
             continue
@@ -86,12 +87,14 @@ def _layer_block(layer: LayerResult) -> str:
     else:
         lam_line = f"{fmt(layer.lam, 4)} ({'estimated from the data' if layer.lam_estimated else 'training l1 coefficient'})"
     conditions = "  ".join(
-        f"{c} {'yes' if certified[c] else 'no'}" if c in ("C5", "C6") else f"{c} {certified[c]:,}" for c in CONDITIONS
+        f"{c} {'yes' if certified[c] else 'no'}" if c in LAYER_CONDITIONS else f"{c} {certified[c]:,}"
+        for c in CONDITIONS if c != "C7" or "C7" in layer.layer_conditions  # C7: skip transcoders only
     )
     gaps = gap_text(layer)
     lines = [
         f"-- {layer.hook_name} " + "-" * max(2, WIDTH - len(layer.hook_name) - 4),
         f"  scope       {layer.scope}  [{layer.architecture}, {layer.d_sae:,} features, d_in {layer.d_in:,}]",
+        *([f"  predicts    {layer.hook_name_out}"] if layer.hook_name_out else []),
         f"  lam         {lam_line}",
         f"  tokens      {layer.n_tokens:,} audit + {layer.n_held_out:,} held-out; "
         f"{layer.n_tests:,} certificates tested at alpha {fmt(layer.alpha)} "
@@ -102,7 +105,7 @@ def _layer_block(layer: LayerResult) -> str:
         f"satisfied {tiers['satisfied']:,}  (dead {len(layer.dead_features):,})",
         f"  certified   {conditions}",
     ]
-    for name in ("C5", "C6"):
+    for name in LAYER_CONDITIONS:
         check = layer.layer_conditions.get(name, {}).get("certificate")
         if check is not None and check.tier != "satisfied":
             lines.append(f"  {name:<11} {_finding(check, CHANGES[name], 'of L')}")

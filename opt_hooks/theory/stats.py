@@ -56,6 +56,10 @@ class LayerStatistics:
     worst_weight: Tensor  # (k,) their weights w_n
     codes: CSR | None  # with codes.aux = w_n <d_i, r_n> of every entry, codes.weight = w_n
     lam_totals: LamTotals | None  # when lam was known while streaming
+    # skip transcoders only (THEORY.md section 8, C7), None otherwise: x_n is the transcoder's input
+    sum_rx: Tensor | None = None  # (d, d_in) sum_n w_n r_n x_n^T
+    sum_xx: Tensor | None = None  # (d_in, d_in) sum_n w_n x_n x_n^T
+    sum_rnorm_xnorm: float = 0.0  # sum_n w_n ||r_n|| ||x_n||
 
     @property
     def mu(self) -> Tensor:
@@ -112,10 +116,13 @@ class TokenBatch:
 
     `weight` (n,) holds each token's weight w_n > 0 (THEORY.md section 1: normalising SAEs),
     None for w_n = 1. Wherever a squared error enters, the batch offers it weighted: `wr` is
-    w_n r_n (r itself when unweighted) and `projections` / `q` are w_n <d_i, r_n>."""
+    w_n r_n (r itself when unweighted) and `projections` / `q` are w_n <d_i, r_n>.
+
+    `inputs` (n, d_in): a skip transcoder's inputs x_n, which its skip term W_skip x_n reads
+    (the C7 statistics and certificate); None for every other dictionary."""
 
     def __init__(self, x: Tensor, z: Tensor, atoms: Tensor, bias: Tensor, lam: float | None = None,
-                 weight: Tensor | None = None) -> None:
+                 weight: Tensor | None = None, inputs: Tensor | None = None) -> None:
         self.entries = SparseBatch(z)
         compute = compute_dtype(x, self.entries.values, bias)  # the nonzeros bound |z| as well
         self.atoms = atoms.to(compute)
@@ -125,6 +132,7 @@ class TokenBatch:
         self.projections = self.entries.projections(self.wr, self.atoms)
         self.z = z.to(compute)  # (n, K) in the compute dtype
         self.lam = lam
+        self.inputs = None if inputs is None else inputs.to(compute)
 
     @functools.cached_property
     def totals(self) -> LamTotals:
@@ -185,7 +193,10 @@ class LayerStats(LamStatistics):
         lam: float | None = None,
         worst_k: int = 16,
         keep_codes: bool = True,
+        skip_inputs: int | None = None,
     ) -> None:
+        """`skip_inputs`: a skip transcoder's input width d_in; its batches then carry the inputs
+        x_n and the C7 sums are streamed (THEORY.md section 8)."""
         super().__init__()
         if atoms.ndim != 2 or bias.shape != atoms.shape[1:]:
             raise ValueError(
@@ -210,13 +221,25 @@ class LayerStats(LamStatistics):
         self.add_state("sum_rnorm2", torch.zeros((), **f64), "sum")
         if lam is not None:
             self.add_lam_states(n_features, dev)
+        self.skip_inputs = skip_inputs
+        if skip_inputs is not None:
+            self.add_state("sum_rx", torch.zeros(d, skip_inputs, **f64), "sum")
+            self.add_state("sum_xx", torch.zeros(skip_inputs, skip_inputs, **f64), "sum")
+            self.add_state("sum_rnorm_xnorm", torch.zeros((), **f64), "sum")
         self.worst = WorstResiduals(worst_k, d, dev)
         self.codes = SparseCodes(n_features, device=dev) if keep_codes else None
         self._next_token = 0
 
-    def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None, weight: Tensor | None = None) -> None:
+    def update(self, x: Tensor, z: Tensor, token_index: Tensor | None = None, weight: Tensor | None = None,
+               inputs: Tensor | None = None) -> None:
         """Add a batch: x (n, d) internal inputs, z (n, K) codes in theory units, `weight` (n,)
-        the tokens' weights w_n (None: all 1)."""
+        the tokens' weights w_n (None: all 1), `inputs` (n, d_in) a skip transcoder's inputs."""
+        if (inputs is None) != (self.skip_inputs is None):
+            raise ValueError(
+                "a skip transcoder's batches carry its inputs x_n (and only its batches do): "
+                f"this LayerStats has skip_inputs={self.skip_inputs}, the batch "
+                f"{'has no' if inputs is None else 'has'} inputs"
+            )
         n = x.shape[0]
         if token_index is None:
             token_index = torch.arange(self._next_token, self._next_token + n, device=x.device)
@@ -247,6 +270,11 @@ class LayerStats(LamStatistics):
         self.sum_rnorm += weighted_rnorm.sum()
         self.sum_rnorm2 += (weighted_rnorm * rnorm).sum()
         self.worst.update(weighted_rnorm, token_index.to(x.device), r, w)
+        if inputs is not None:
+            xin = inputs.to(wr.dtype)
+            self.sum_rx += (wr.T @ xin).double()
+            self.sum_xx += (xin.T @ (xin * tokens.weights().to(xin.dtype)[:, None])).double()
+            self.sum_rnorm_xnorm += (weighted_rnorm * xin.norm(dim=-1).double()).sum()
         if self.lam is not None:
             self.add_lam_terms(*lam_terms(wr, tokens.atoms, self.lam, batch))
         if self.codes is not None:
@@ -278,6 +306,9 @@ class LayerStats(LamStatistics):
             worst_weight=self.worst.weights.clone(),
             codes=self.codes.compute() if self.codes is not None else None,
             lam_totals=None if self.lam is None else self.lam_totals(),
+            **({} if self.skip_inputs is None else {
+                "sum_rx": self.sum_rx.clone(), "sum_xx": self.sum_xx.clone(),
+                "sum_rnorm_xnorm": float(self.sum_rnorm_xnorm)}),
         )
 
     def state_dict(self) -> dict[str, Any]:
