@@ -94,6 +94,9 @@ class FeatureRow:
     certificates: dict[str, CertificateCheck] = field(default_factory=dict)
     top_tokens: list[int] = field(default_factory=list)  # global token indices, strongest first
     top_values: list[float] = field(default_factory=list)
+    # per top token with a context (AuditRecord.token_pieces), the feature's code at each of the
+    # context's tokens, in top_values' units; [] where no context was kept
+    top_context_values: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -221,7 +224,8 @@ class LayerResult:
     def to_pandas(self, table: str = "features", certificates: bool = False) -> Any:
         """One of the layer's row lists (`TABLES`) as a pandas DataFrame, one row per row of
         report.json with its scalar and list fields. A feature's `conditions` are joined with ",".
-        Nested records (a feature's certificates, a pair's certificate) are left out, unless
+        Nested records (a feature's certificates, a pair's certificate) and a feature's per-context codes
+        (`top_context_values`, lists of lists) are left out; the records, unless
         `certificates`: then each becomes columns `<condition>_<field>` (features) or
         `certificate_<field>` (pairs), empty where there is none."""
         import pandas as pd
@@ -300,6 +304,9 @@ class AuditRecord:
     layers: dict[str, LayerResult]
     meta: dict[str, Any] = field(default_factory=dict)
     token_texts: dict[int, str] = field(default_factory=dict)  # context snippets of top tokens
+    # the same contexts token by token: {token: (the window's tokens around it, decoded one by one,
+    # the position of the token among them)}, what FeatureRow.top_context_values shade
+    token_pieces: dict[int, tuple[list[str], int]] = field(default_factory=dict)
     # a repair of these SAEs (opt_hooks.repair_run.RepairResult.to_dict()): {"meta", "table", "changes"}
     repair: dict[str, Any] | None = None
 
@@ -309,6 +316,7 @@ class AuditRecord:
             "meta": json_safe(self.meta),
             "layers": {name: _layer_to_dict(layer) for name, layer in self.layers.items()},
             "token_texts": {str(k): v for k, v in self.token_texts.items()},
+            "token_pieces": {str(k): {"pieces": pieces, "at": at} for k, (pieces, at) in self.token_pieces.items()},
         }
         if self.repair is not None:
             out["repair"] = json_safe(self.repair)
@@ -323,7 +331,9 @@ class AuditRecord:
             )
         layers = {name: _layer_from_dict(d) for name, d in data["layers"].items()}
         texts = {int(k): v for k, v in data.get("token_texts", {}).items()}
-        return cls(layers=layers, meta=data.get("meta", {}), token_texts=texts, repair=data.get("repair"))
+        pieces = {int(k): (v["pieces"], v["at"]) for k, v in data.get("token_pieces", {}).items()}
+        return cls(layers=layers, meta=data.get("meta", {}), token_texts=texts, token_pieces=pieces,
+                   repair=data.get("repair"))
 
     def to_pandas(self, table: str = "features") -> Any:
         """Every layer's `table` (LayerResult.TABLES) in one DataFrame, with `hook` and `sae_id` first."""
@@ -445,7 +455,7 @@ def _layer_from_dict(d: dict[str, Any]) -> LayerResult:
     return LayerResult(**d)
 
 
-_NESTED = ("certificates", "certificate")  # records inside a row: not DataFrame columns
+_NESTED = ("certificates", "certificate", "top_context_values")  # records and lists of lists: not DataFrame columns
 _ROW_TYPES = {"features": FeatureRow, "pairs": PairRow, "absorption": AbsorptionRow,
               "duplicates": DuplicateRow, "antipodal": AntipodalRow}
 

@@ -325,7 +325,9 @@ def audit_text(model: Any, views: dict[str, SAEView], dataset: Any, *, device: t
         **versions(),
     }
     result = router.result(meta)
-    result.token_texts = _token_texts(result, windows, model)
+    result.token_texts, result.token_pieces = _token_texts(result, windows, model)
+    if result.token_pieces:  # a model with a tokenizer: its contexts are shown, shaded
+        _context_codes(result, windows, model, views, batch_size)
     lap("result_s")
     timings["total_s"] = time.perf_counter() - started
     return AuditRun(result, router)
@@ -387,33 +389,74 @@ def _map_latents(layer: Any) -> set[int]:
     return latents
 
 
-def _token_texts(result: AuditResult, windows: Tensor, model: Any, before: int = 12, after: int = 4) -> dict[int, str]:
-    """Context snippets for the top tokens of every certified feature and of the top-ranked others
-    (at least CONTEXT_FEATURES per layer), for the latents of the pair map (`_map_latents`) and for the
-    worst residuals."""
-    wanted: set[int] = set()
-    for layer in result.layers.values():
-        for rank, feature_id in enumerate(layer.flagged()):
-            f = layer.features[feature_id]
-            if f.tier == "certified" or rank < CONTEXT_FEATURES:
-                wanted.update(f.top_tokens)
-        wanted.update(layer.layer_conditions.get("C6", {}).get("worst_tokens", []))
-        for feature_id in _map_latents(layer):
-            wanted.update(layer.features[feature_id].top_tokens)
+def _context_features(layer: Any) -> list[int]:
+    """The features whose top tokens get contexts: every certified one, the top-ranked others (at least
+    CONTEXT_FEATURES) and the latents of the pair map (`_map_latents`)."""
+    chosen = [feature_id for rank, feature_id in enumerate(layer.flagged())
+              if layer.features[feature_id].tier == "certified" or rank < CONTEXT_FEATURES]
+    return sorted(set(chosen) | _map_latents(layer))
+
+
+CONTEXT_BEFORE, CONTEXT_AFTER = 16, 8  # tokens of a context on either side of its token
+
+
+def _token_texts(result: AuditResult, windows: Tensor, model: Any) -> tuple[dict[int, str], dict[int, tuple[list[str], int]]]:
+    """(snippets, pieces) of the top tokens of every `_context_features` feature and of the worst
+    residuals: {token: "left[[token]]right"} and {token: (the same window decoded token by token, the
+    token's position in it)}; empty for a model without a tokenizer."""
     try:
         tokenizer = as_tokenizer(model)
     except ValueError:
-        return {}
-    context = windows.shape[1]
-    texts = {}
+        return {}, {}
+    wanted = {t for layer in result.layers.values() for f in _context_features(layer) for t in layer.features[f].top_tokens}
+    wanted |= {t for layer in result.layers.values() for t in layer.layer_conditions.get("C6", {}).get("worst_tokens", [])}
+    texts, pieces = {}, {}
     for token in sorted(wanted):
-        row, pos = divmod(token, context)
+        row, lo, pos, hi = _context_span(token, windows.shape[1])
         ids = windows[row]
-        left = tokenizer.decode(ids[max(0, pos - before):pos].tolist())
-        mid = tokenizer.decode(ids[pos:pos + 1].tolist())
-        right = tokenizer.decode(ids[pos + 1:pos + 1 + after].tolist())
+        left, mid, right = (tokenizer.decode(ids[a:b].tolist()) for a, b in ((lo, pos), (pos, pos + 1), (pos + 1, hi)))
         texts[token] = f"{left}[[{mid}]]{right}"
-    return texts
+        pieces[token] = ([tokenizer.decode([i]) for i in ids[lo:hi].tolist()], pos - lo)
+    return texts, pieces
+
+
+def _context_span(token: int, context: int) -> tuple[int, int, int, int]:
+    """(window, first position, the token's position, last position + 1) of a token's context."""
+    row, pos = divmod(token, context)
+    return row, max(0, pos - CONTEXT_BEFORE), pos, min(context, pos + 1 + CONTEXT_AFTER)
+
+
+def _context_codes(result: AuditResult, windows: Tensor, model: Any, views: Mapping[str, SAEView],
+                   batch_size: int) -> None:
+    """Each `_context_features` feature's code on every token of its contexts
+    (`FeatureRow.top_context_values`), read by running the model and the SAEs once more over the
+    windows that hold those contexts (at most a few hundred features' top tokens per layer)."""
+    context = windows.shape[1]
+    features = {key: _context_features(layer) for key, layer in result.layers.items()}
+    spans = {t: _context_span(t, context) for key, layer in result.layers.items() for f in features[key]
+             for t in layer.features[f].top_tokens}
+    rows = torch.tensor(sorted({span[0] for span in spans.values()}), dtype=torch.long)
+    columns = {key: torch.tensor(features[key], dtype=torch.long) for key in result.layers}
+    codes: dict[str, dict[int, Tensor]] = {key: {} for key in result.layers}  # key -> window -> (context, F)
+    batch = rows[:0]  # the windows of the forward pass in progress
+
+    def keep(key: str, x: Tensor, z: Tensor, w: Tensor | None = None, inputs: Tensor | None = None) -> None:
+        picked = z[:, columns[key].to(z.device)].reshape(len(batch), context, -1).cpu()
+        for window, values in zip(batch.tolist(), picked):
+            codes[key][window] = values
+
+    with CodeTap(model, views, keep) as tap:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            forward_to_deepest(model, windows[batch], tap.hook_names)
+    for key, layer in result.layers.items():
+        for slot, f in enumerate(features[key]):
+            feature = layer.features[f]
+            feature.top_context_values = []
+            for token in feature.top_tokens:
+                row, lo, _, hi = spans[token]
+                # 4 significant digits: they shade a context, they are not measurements
+                feature.top_context_values.append([float(f"{v:.4g}") for v in codes[key][row][lo:hi, slot].tolist()])
 
 
 def audit_rows(views: dict[str, SAEView], batches: Any, *, held_out: float, lam: float | Mapping[str, float] | None,

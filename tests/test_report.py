@@ -214,7 +214,7 @@ def test_pair_map_rows_round_trip_through_json(result):
 
 @pytest.mark.parametrize("table", ["features", "pairs", "absorption", "duplicates", "antipodal"])
 def test_to_pandas_rows_are_report_json_rows(result, table):
-    """Every DataFrame row is its report.json row (nested certificates left out, conditions joined),
+    """Every DataFrame row is its report.json row (nested certificates and context codes left out, conditions joined),
     in report.json's order, for every layer; the result's frame stacks the layers' with hook and sae_id."""
     import math
 
@@ -223,7 +223,8 @@ def test_to_pandas_rows_are_report_json_rows(result, table):
     expected = []
     for hook, layer in report["layers"].items():
         for row in layer[table]:
-            row = {k: v for k, v in row.items() if k not in ("certificates", "certificate")}
+            # nested records and a feature's per-context codes (lists of lists) are not columns
+            row = {k: v for k, v in row.items() if k not in ("certificates", "certificate", "top_context_values")}
             if table == "features":
                 row["conditions"] = ",".join(row["conditions"])
             expected.append({"hook": hook, "sae_id": layer["sae_id"], **row})
@@ -987,16 +988,20 @@ def test_context_snippets_cover_certified_and_top_ranked_features(monkeypatch, m
         layer.absorption, layer.duplicates, layer.antipodal = [], [], []
     windows = torch.randint(1000, 2000, (4, 128), generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(run, "CONTEXT_FEATURES", 1)
-    texts = run._token_texts(result, windows, minilm_tokenizer)
+    texts, pieces = run._token_texts(result, windows, minilm_tokenizer)
     # per layer: certified 7 and 3, rank-0 feature 7; violated 11 and 12 (ranks 2, 3) left out; C6's worst tokens
     assert set(texts) == {7, 107, 3, 103, 5, 300}
-    assert all("[[" in text and "]]" in text for text in texts.values())
+    assert all("[[" in text and "]]" in text for text in texts.values()) and set(pieces) == set(texts)
+    for token, (parts, at) in pieces.items():  # the snippet, token by token, the token at `at`
+        left, _, rest = texts[token].rpartition("[[")
+        mid, _, right = rest.partition("]]")
+        assert parts[at] == mid and len(parts) <= run.CONTEXT_BEFORE + 1 + run.CONTEXT_AFTER
     # the pair map's latents get snippets too, flagged or not
     mapped = {t for layer in with_map.layers.values() for f in run._map_latents(layer) for t in layer.features[f].top_tokens}
     assert mapped - set(texts)  # the fixture's map reaches beyond the flagged features
-    assert set(run._token_texts(with_map, windows, minilm_tokenizer)) == set(texts) | mapped
+    assert set(run._token_texts(with_map, windows, minilm_tokenizer)[0]) == set(texts) | mapped
     monkeypatch.setattr(run, "CONTEXT_FEATURES", 4)
-    assert set(run._token_texts(result, windows, minilm_tokenizer)) == {7, 107, 3, 103, 11, 111, 12, 112, 5, 300}
+    assert set(run._token_texts(result, windows, minilm_tokenizer)[0]) == {7, 107, 3, 103, 11, 111, 12, 112, 5, 300}
 
 
 # ---- the repair (RepairResult.to_dict() in AuditRecord.repair) -------------------------------
@@ -1155,3 +1160,40 @@ def test_html_with_a_repair_runs_without_script_errors(repaired, tmp_path):
     run = _chromium(tmp_path, page, "--dump-dom")
     assert 'data-report-status="ready"' in run.stdout, run.stderr[-3000:]
     assert re.search(r'<pre id="js-errors"></pre>', run.stdout)
+
+
+def test_context_codes_are_each_features_code_on_every_token_of_its_contexts(tmp_path):
+    """On the embedded default (its SAEs and its transcoder): a feature's top_context_values are its code
+    on each token of the context window, recomputed here with run_with_cache and the SAE's own encode;
+    the HTML shades those tokens."""
+    import torch
+
+    import opt_hooks as oh
+    from opt_hooks import embedded, run
+    from opt_hooks.adapters.data import token_windows
+    from opt_hooks.adapters.sae import SAEView
+
+    model, saes, texts = embedded.load_default()
+    result = oh.audit(model, saes, texts, n_tokens=4096, batch_size=8, context_size=128, progress=False)
+    windows = torch.cat(list(token_windows(texts, model, 128, n_tokens=4096, batch_size=8)))
+    checked = 0
+    for key, layer in result.layers.items():
+        view = SAEView(saes[key])
+        shown = [f for f in layer.features if f.top_context_values][:3]
+        assert shown, key
+        for f in shown:
+            assert len(f.top_context_values) == len(f.top_tokens)
+            for token, value, codes in zip(f.top_tokens, f.top_values, f.top_context_values):
+                row, lo, pos, hi = run._context_span(token, 128)
+                parts, at = result.token_pieces[token]
+                assert (len(parts), at) == (hi - lo, pos - lo) and codes[at] == pytest.approx(value, rel=1e-3)
+                hooks = [view.hook_name, view.hook_name_out]
+                cache = model.run_with_cache(windows[row:row + 1], names_filter=hooks)[1]
+                acts_out = cache[view.hook_name_out] if view.is_transcoder else None
+                z = view.units(cache[view.hook_name], acts_out)[1][:, f.id]
+                torch.testing.assert_close(torch.tensor(codes, dtype=torch.float64), z[lo:hi].double(),
+                                           rtol=1e-3, atol=1e-3 * max(1.0, f.max_code))
+                checked += 1
+    assert checked >= 3 * len(result.layers)
+    page = result.save(tmp_path / "report") / "report.html"
+    assert page.read_text().count('<span class="act"') > 0

@@ -68,13 +68,14 @@ SURROGATE_NOTE = (
 def render_html(result: AuditRecord) -> str:
     layers = list(result.layers.values())
     contexts: dict[int, str] = {}  # the snippets the feature tables refer to, shipped once
-    sections = [_layer_section(k, layer, result.token_texts, contexts) for k, layer in enumerate(layers)]
+    texts = Snippets(result.token_texts, result.token_pieces)
+    sections = [_layer_section(k, layer, texts, contexts) for k, layer in enumerate(layers)]
     script = (HERE / "report.js").read_text(encoding="utf-8")
     return "\n".join(
         [
             *page_head(f"opt_hooks audit: {_model_name(result)}", (HERE / "report.css").read_text(encoding="utf-8")),
             _nav(layers, result.repair is not None),
-            _top_findings(layers, result.token_texts),
+            _top_findings(layers, texts),
             _overview(result, layers),
             "" if result.repair is None else _repair_section(result.repair, result.layers),
             *sections,
@@ -137,7 +138,7 @@ def _top_findings(layers: list[LayerResult], texts: dict[int, str]) -> str:
             certificates = "\n".join(_certificate_text(c) for c in f.certificates.values())
             context = ""
             if f.top_tokens and f.top_tokens[0] in texts:
-                context = _context(texts[f.top_tokens[0]], f.top_values[0], f.max_code)
+                context = _feature_context(f, 0, texts)
             rows.append(
                 f"<tr>{_num(rank)}{where}<td class=\"text\">feature {_feature_link(layer, f.id)}</td>"
                 f'<td class="text">{escape(" ".join(f.conditions))}</td>{_num(f.gain, certificates)}'
@@ -248,6 +249,44 @@ def _whole_words(left: str, right: str) -> tuple[str, str, bool, bool]:
         if last >= 0:
             right, cut_right = right[:last], True
     return left, right, cut_left, cut_right
+
+
+class Snippets(dict):
+    """The record's context snippets, {token: "left[[token]]right"}, with `pieces`: {token: (the same
+    window token by token, the token's position)} (`AuditRecord.token_pieces`), which let a feature's
+    code shade every token of its contexts (`FeatureRow.top_context_values`)."""
+
+    def __init__(self, texts: dict[int, str], pieces: dict[int, tuple[list[str], int]]) -> None:
+        super().__init__(texts)
+        self.pieces = pieces
+
+
+def _shaded(pieces: list[str], at: int, codes: list[float], scale: float | None) -> str:
+    """A context token by token, each token shaded by the feature's code on it (its share of the
+    feature's largest code, `scale`), the top token marked; whole words only, as `_whole_words`."""
+    first, last = 0, len(pieces)
+    starts = [k for k in range(at) if pieces[k][:1].isspace() or SPECIAL_PREFIX.match(pieces[k])]
+    if at and not (pieces[0][:1].isspace() or SPECIAL_PREFIX.match(pieces[0])) and starts:
+        first = starts[0]
+    tail = pieces[-1] if last > at + 1 else ""
+    if tail and (tail[-1].isalnum() or tail[-1] == "_"):
+        breaks = [k for k in range(at + 1, last) if pieces[k][:1].isspace()]
+        if breaks:
+            last = breaks[-1]
+    out = [CUT] if first else []
+    for k in range(first, last):
+        value = codes[k] if k < len(codes) else 0.0
+        share = min(1.0, max(0.0, value / scale)) if scale else 0.0
+        tip = f' title="activation {fmt(value)}"' if value else ""
+        if k == at:
+            out.append(f'<mark class="act" style="--act:{share:.2f}"{tip}>{_visible(pieces[k])}</mark>')
+        elif value > 0:
+            out.append(f'<span class="act" style="--act:{share:.2f}"{tip}>{_visible(pieces[k])}</span>')
+        else:
+            out.append(_visible(pieces[k]))
+    if last < len(pieces):
+        out.append(CUT)
+    return "".join(out)
 
 
 def _visible(text: str) -> str:
@@ -599,13 +638,22 @@ def _pair_figure(p: PairRow) -> str:
 
 
 def _context_lines(f: FeatureRow, texts: dict[int, str]) -> str:
-    """The feature's top-activating contexts, strongest first, each with its code (the token
-    shaded by it, against the feature's largest code)."""
-    return "".join(
-        f'<div class="context"><b>{fmt(value)}</b>  '
-        f'{_context(texts.get(token, f"token #{token}"), value, f.max_code)}</div>'
-        for token, value in zip(f.top_tokens, f.top_values)
-    )
+    """The feature's top-activating contexts, strongest first, each with its code: every token
+    shaded by the feature's code on it where the record has them (`Snippets`), else the top token
+    alone, against the feature's largest code."""
+    lines = []
+    for k, (token, value) in enumerate(zip(f.top_tokens, f.top_values)):
+        lines.append(f'<div class="context"><b>{fmt(value)}</b>  {_feature_context(f, k, texts)}</div>')
+    return "".join(lines)
+
+
+def _feature_context(f: FeatureRow, k: int, texts: dict[int, str]) -> str:
+    """The k-th top context of feature f, shaded token by token where the record allows."""
+    token = f.top_tokens[k]
+    pieces = texts.pieces.get(token) if isinstance(texts, Snippets) else None
+    if pieces is not None and k < len(f.top_context_values) and f.top_context_values[k]:
+        return _shaded(*pieces, f.top_context_values[k], f.max_code)
+    return _context(texts.get(token, f"token #{token}"), f.top_values[k], f.max_code)
 
 
 def _contexts(layer: LayerResult, texts: dict[int, str]) -> str:
