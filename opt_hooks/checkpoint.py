@@ -62,14 +62,16 @@ def tensor_digest(*tensors: Tensor) -> str:
 def audit_fingerprint(
     *, model: str | None, saes: Mapping[str, Any], windows: Tensor, options: Any, **settings: Any
 ) -> dict[str, Any]:
-    """What makes two audits the same run. `saes`: {hook_name: LayerAudit} (atoms, bias, lam);
+    """What makes two audits the same run. `saes`: {hook_name: LayerAudit} (atoms, bias, a skip
+    transcoder's W_skip, lam);
     `settings`: plain values (sizes, shares, dataset description, policies)."""
     return {
         "format": FORMAT,
         "opt_hooks_version": __version__,
         "model": model,
         "saes": {
-            key: {"shape": list(layer.atoms.shape), "lam": layer.lam, "weights": tensor_digest(layer.atoms, layer.bias)}
+            key: {"shape": list(layer.atoms.shape), "lam": layer.lam,
+                  "weights": tensor_digest(layer.atoms, layer.bias, *([] if layer.skip is None else [layer.skip]))}
             for key, layer in saes.items()
         },
         "windows": tensor_digest(windows),

@@ -356,7 +356,8 @@ class AuditPlan:
         state.l1_sum += l1.sum()
         state.nnz += len(values)
         state.weight_sum += w.sum()
-        # explained variance is of what the model computes: y_n = x_n + W_skip x_n for a skip transcoder
+        # explained variance is of what the model computes at the hook: for a skip transcoder, whose x
+        # here is the target t_n = y_n - W_skip x_n, that is y_n = t_n + W_skip x_n
         y = x.double() if inputs is None else x.double() + inputs.double() @ self.audit.skip.double().T.to(x.device)
         state.x_sum += w @ y
         state.x_sq_sum += w @ (y**2).sum(-1)

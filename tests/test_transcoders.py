@@ -173,6 +173,12 @@ def test_one_forward_pass_serves_an_sae_and_a_transcoder(tiny_model, windows, tr
     alone = audit_tokens(tiny_model, transcoders["skip_transcoder"], windows).layers[IN]
     assert_layers_match(result.layers[IN], alone)
     assert result.layers[HOOK2].hook_name_out is None and result.layers[IN].hook_name_out == OUT
+    # C7 is listed where a skip transcoder is audited, and only there
+    from opt_hooks.report.html import render_html
+
+    sae_only = oh.AuditResult(layers={HOOK2: result.layers[HOOK2]})
+    assert "<b>C7</b>" in render_html(result) and "<b>C7</b>" not in render_html(sae_only)
+    assert "C7" in result.summary() and "C7" not in sae_only.summary()
 
 
 def test_audit_activations_takes_pairs_and_two_streams(tiny_model, windows, transcoders):
@@ -327,3 +333,34 @@ def test_released_transcoder_keeps_its_neuronpedia_id(train_pair):
     layer = oh.audit_activations(view, (x, y), held_out=HELD_OUT).layers[IN]  # an SAEView keeps its hook name
     assert layer.neuronpedia_id == view.neuronpedia_id and layer.sae_id == "layer_1/width_16k/average_l0_65"
     assert feature_url(layer.neuronpedia_id, 3) == "https://www.neuronpedia.org/gemma-2-2b/1-gemmascope-transcoder-16k/3"
+
+
+def test_interrupted_transcoder_audit_resumes_to_the_same_result(tiny_model, windows, transcoders, tmp_path):
+    """The C7 sums are part of pass 1's checkpointed state: a run stopped mid pass 1 resumes to the
+    uninterrupted result, and a checkpoint of another W_skip is refused."""
+    import copy
+
+    transcoder = transcoders["skip_transcoder"]
+    whole = audit_tokens(tiny_model, transcoder, windows).to_dict()
+    calls = []
+
+    def stop(module, args, output):
+        calls.append(1)
+        if len(calls) > 1 + 3:  # the probe, then 3 batches of pass 1
+            raise KeyboardInterrupt
+
+    handle = tiny_model.blocks[0].register_forward_hook(stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            audit_tokens(tiny_model, transcoder, windows, checkpoint_dir=tmp_path, checkpoint_every=BATCH * CONTEXT)
+    finally:
+        handle.remove()
+    resumed = audit_tokens(tiny_model, transcoder, windows, checkpoint_dir=tmp_path, resume=True).to_dict()
+    for data in (whole, resumed):
+        del data["meta"]["seconds"]
+    assert resumed == whole
+    other = copy.deepcopy(transcoder)
+    with torch.no_grad():
+        other.W_skip.mul_(1.01)
+    with pytest.raises(ValueError, match="checkpoint"):
+        audit_tokens(tiny_model, other, windows, checkpoint_dir=tmp_path, resume=True)

@@ -352,6 +352,8 @@ class SAEView:
                 f"transcoder: reads {self.hook_name}, predicts {self.hook_name_out}; the conditions are those "
                 "of the dictionary in its output space (THEORY.md section 8)"
                 + ("; C7 checks the skip connection W_skip" if self.has_skip else "")
+                + ". Its code gap compares with the exact lasso codes for the target itself, which an encoder "
+                "reading only the input may not reach: an upper bound of what better codes could gain"
             )
             if mode != "none":
                 self.notes.append(

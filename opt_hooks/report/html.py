@@ -189,11 +189,13 @@ def _quick_list_link(layer: LayerResult, name: str, features: list[int], label: 
 def _overview(result: AuditRecord, layers: list[LayerResult]) -> str:
     names = [layer.hook_name for layer in layers]
     tiers = tier_bars(list(zip(names, (layer.tier_counts() for layer in layers))))
-    grid = condition_grid(list(zip(names, (layer.condition_counts() for layer in layers))), list(CONDITIONS))
+    # C7 exists for skip transcoders only: shown where one of the layers is one
+    shown = [c for c in CONDITIONS if c != "C7" or any("C7" in layer.layer_conditions for layer in layers)]
+    grid = condition_grid(list(zip(names, (layer.condition_counts() for layer in layers))), shown)
     tier_items = "".join(
         f'<li><span class="badge {t}">{t}</span> {escape(text)}</li>' for t, text in TIER_TEXT.items()
     )
-    condition_items = "".join(f"<li><b>{c}</b> {escape(text)}</li>" for c, text in CONDITIONS.items())
+    condition_items = "".join(f"<li><b>{c}</b> {escape(CONDITIONS[c])}</li>" for c in shown)
     return (
         '<section id="overview"><h2>Overview</h2>'
         "<p>Each SAE feature is checked against first-order optimality conditions of the sparse "

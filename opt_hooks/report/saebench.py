@@ -64,7 +64,8 @@ def saebench_output(record: AuditRecord, hook: str, *, epoch_millis: int | None 
         # what the record knows of the SAE's config, under SAE-Lens's keys (SAEBench's plots read
         # architecture and d_sae)
         "sae_cfg_dict": {"architecture": layer.architecture, "d_in": layer.d_in, "d_sae": layer.d_sae,
-                         "metadata": {"hook_name": layer.hook_name, "model_name": meta.get("model")}},
+                         "metadata": {"hook_name": layer.hook_name, "model_name": meta.get("model"),
+                                      **({"hook_name_out": layer.hook_name_out} if layer.hook_name_out else {})}},
         "eval_result_unstructured": {
             "scope": layer.scope,
             "skipped": layer.skipped,
