@@ -582,11 +582,14 @@ def sae_objective(sae: Any, rows: Any, lam: float | None) -> tuple[Tensor, Tenso
     """Per token, with the SAE's own encode and decode on its input rows (n, d_in): (loss, squared error
     summed over the input dimensions, L1 term sum_i f_i ||W_dec[i]||, L0), and (K,) bool of the latents
     that fired. loss = squared error + lam * L1 (lam None: the squared error alone). A transcoder's rows
-    are (inputs, targets): its own forward (skip included) is compared with the targets."""
+    are (inputs, targets): its own decode plus its skip W_skip x (what its forward computes, the codes
+    encoded once) is compared with the targets."""
     if isinstance(rows, tuple):
         rows, target = rows
         codes = sae.encode(rows)
-        out = sae(rows)
+        out = sae.decode(codes)
+        if hasattr(sae, "W_skip"):  # as a SkipTranscoder's forward: its skip reads the raw input
+            out = out + rows @ sae.W_skip.T
     else:
         sae_in = rows[:, None, :] if sae.hook_z_reshaping_mode else rows
         codes = sae.encode(sae_in)

@@ -325,9 +325,10 @@ def audit_text(model: Any, views: dict[str, SAEView], dataset: Any, *, device: t
         **versions(),
     }
     result = router.result(meta)
-    result.token_texts, result.token_pieces = _token_texts(result, windows, model)
+    shown = {key: _context_features(layer) for key, layer in result.layers.items()}
+    result.token_texts, result.token_pieces = _token_texts(result, windows, model, shown)
     if result.token_pieces:  # a model with a tokenizer: its contexts are shown, shaded
-        _context_codes(result, windows, model, views, batch_size)
+        _context_codes(result, windows, model, views, batch_size, shown)
     lap("result_s")
     timings["total_s"] = time.perf_counter() - started
     return AuditRun(result, router)
@@ -400,15 +401,16 @@ def _context_features(layer: Any) -> list[int]:
 CONTEXT_BEFORE, CONTEXT_AFTER = 16, 8  # tokens of a context on either side of its token
 
 
-def _token_texts(result: AuditResult, windows: Tensor, model: Any) -> tuple[dict[int, str], dict[int, tuple[list[str], int]]]:
-    """(snippets, pieces) of the top tokens of every `_context_features` feature and of the worst
-    residuals: {token: "left[[token]]right"} and {token: (the same window decoded token by token, the
-    token's position in it)}; empty for a model without a tokenizer."""
+def _token_texts(result: AuditResult, windows: Tensor, model: Any,
+                 features: Mapping[str, list[int]]) -> tuple[dict[int, str], dict[int, tuple[list[str], int]]]:
+    """(snippets, pieces) of the top tokens of `features` ({key: ids}, `_context_features`) and of
+    the worst residuals: {token: "left[[token]]right"} and {token: (the same window decoded token by
+    token, the token's position in it)}; empty for a model without a tokenizer."""
     try:
         tokenizer = as_tokenizer(model)
     except ValueError:
         return {}, {}
-    wanted = {t for layer in result.layers.values() for f in _context_features(layer) for t in layer.features[f].top_tokens}
+    wanted = {t for key, layer in result.layers.items() for f in features[key] for t in layer.features[f].top_tokens}
     wanted |= {t for layer in result.layers.values() for t in layer.layer_conditions.get("C6", {}).get("worst_tokens", [])}
     texts, pieces = {}, {}
     for token in sorted(wanted):
@@ -427,12 +429,11 @@ def _context_span(token: int, context: int) -> tuple[int, int, int, int]:
 
 
 def _context_codes(result: AuditResult, windows: Tensor, model: Any, views: Mapping[str, SAEView],
-                   batch_size: int) -> None:
-    """Each `_context_features` feature's code on every token of its contexts
+                   batch_size: int, features: Mapping[str, list[int]]) -> None:
+    """Each of `features`' ({key: ids}) code on every token of its contexts
     (`FeatureRow.top_context_values`), read by running the model and the SAEs once more over the
     windows that hold those contexts (at most a few hundred features' top tokens per layer)."""
     context = windows.shape[1]
-    features = {key: _context_features(layer) for key, layer in result.layers.items()}
     spans = {t: _context_span(t, context) for key, layer in result.layers.items() for f in features[key]
              for t in layer.features[f].top_tokens}
     rows = torch.tensor(sorted({span[0] for span in spans.values()}), dtype=torch.long)
@@ -554,15 +555,7 @@ def iterate_batches(source: Any, key: str, pairs: bool = False) -> Iterator[Any]
     if isinstance(source, Tensor):
         yield source
         return
-    if callable(source):
-        source = source()  # a fresh iterable for every pass: a generator is fine here
-    elif iter(source) is source:
-        raise TypeError(
-            f"{key}: the audit reads the activations twice (statistics, then certificates), but a "
-            "one-shot iterator or generator was given; pass a list, a tensor, or a zero-argument "
-            "function that returns a fresh iterator"
-        )
-    for acts in source:
+    for acts in _fresh(source, key, "a list, a tensor"):
         if not isinstance(acts, Tensor):
             raise TypeError(f"{key}: activation batches must be tensors (n, d_in), got {type(acts).__name__}")
         yield acts
@@ -582,20 +575,27 @@ def _iterate_pairs(source: Any, key: str) -> Iterator[tuple[Tensor, Tensor]]:
         for pair in zip(inputs, outputs, strict=True):
             yield pair
         return
-    if callable(source):
-        source = source()
-    elif iter(source) is source:
-        raise TypeError(
-            f"{key}: the audit reads the activations twice; pass a list of (x, y) pairs, a pair of "
-            "tensors or lists, or a zero-argument function that returns a fresh iterator"
-        )
-    for pair in source:
+    for pair in _fresh(source, key, "a list of (x, y) pairs, a tuple of two tensors or lists"):
         if not _is_pair(pair):
             raise TypeError(
                 f"{key}: a transcoder's batches are (x, y) pairs: x (n, d_in) at its hook_name, y (n, d_out) at "
                 f"its hook_name_out; got {type(pair).__name__}"
             )
         yield pair[0], pair[1]
+
+
+def _fresh(source: Any, key: str, instead: str) -> Iterable:
+    """An iterable of the source's batches for this pass: a zero-argument callable is called (a
+    fresh iterable every pass: a generator is fine there); a one-shot iterator is refused."""
+    if callable(source):
+        return source()
+    if iter(source) is source:
+        raise TypeError(
+            f"{key}: the audit reads the activations twice (statistics, then certificates), but a "
+            f"one-shot iterator or generator was given; pass {instead}, or a zero-argument "
+            "function that returns a fresh iterator"
+        )
+    return source
 
 
 def _is_pair(item: Any) -> bool:

@@ -988,7 +988,8 @@ def test_context_snippets_cover_certified_and_top_ranked_features(monkeypatch, m
         layer.absorption, layer.duplicates, layer.antipodal = [], [], []
     windows = torch.randint(1000, 2000, (4, 128), generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(run, "CONTEXT_FEATURES", 1)
-    texts, pieces = run._token_texts(result, windows, minilm_tokenizer)
+    shown = lambda record: {key: run._context_features(layer) for key, layer in record.layers.items()}  # noqa: E731
+    texts, pieces = run._token_texts(result, windows, minilm_tokenizer, shown(result))
     # per layer: certified 7 and 3, rank-0 feature 7; violated 11 and 12 (ranks 2, 3) left out; C6's worst tokens
     assert set(texts) == {7, 107, 3, 103, 5, 300}
     assert all("[[" in text and "]]" in text for text in texts.values()) and set(pieces) == set(texts)
@@ -999,9 +1000,9 @@ def test_context_snippets_cover_certified_and_top_ranked_features(monkeypatch, m
     # the pair map's latents get snippets too, flagged or not
     mapped = {t for layer in with_map.layers.values() for f in run._map_latents(layer) for t in layer.features[f].top_tokens}
     assert mapped - set(texts)  # the fixture's map reaches beyond the flagged features
-    assert set(run._token_texts(with_map, windows, minilm_tokenizer)[0]) == set(texts) | mapped
+    assert set(run._token_texts(with_map, windows, minilm_tokenizer, shown(with_map))[0]) == set(texts) | mapped
     monkeypatch.setattr(run, "CONTEXT_FEATURES", 4)
-    assert set(run._token_texts(result, windows, minilm_tokenizer)[0]) == {7, 107, 3, 103, 11, 111, 12, 112, 5, 300}
+    assert set(run._token_texts(result, windows, minilm_tokenizer, shown(result))[0]) == {7, 107, 3, 103, 11, 111, 12, 112, 5, 300}
 
 
 # ---- the repair (RepairResult.to_dict() in AuditRecord.repair) -------------------------------

@@ -211,11 +211,23 @@ class _TargetTap:
 
 
 class _Taps:
-    """The hooks of a tap that reads SAEs: its HookPoint hooks (`_tap`, an ActivationTap) and the
-    pre-hooks on spliced transcoders' modules (`_targets`), attached together, removed together."""
+    """A tap that reads SAEs along `routes` (`sae_routes`): its HookPoint hooks (an ActivationTap
+    calling the subclass's `_dispatch(tapped_name, activations)`) and the pre-hooks on spliced transcoders' modules, attached together,
+    removed together, with what one forward pass leaves pending between two hooks: a spliced SAE's
+    or a transcoder's input, a spliced transcoder's target (read before its input)."""
 
-    _tap: ActivationTap
-    _targets: _TargetTap
+    def __init__(self, model: torch.nn.Module, views: Mapping[str, SAEView],
+                 routes: dict[str, list[tuple[str, str]]]) -> None:
+        self.views, self._routes = dict(views), routes
+        self._pending_input: dict[str, Any] = {}
+        self._pending_target: dict[str, torch.Tensor] = {}
+        self._tap = ActivationTap(model, routes, self._dispatch)
+        self._targets = _TargetTap(model, views, self._pending_target.__setitem__)
+
+    @property
+    def hook_names(self) -> list[str]:
+        """The hook points actually tapped (pass these to `forward_to_deepest`)."""
+        return list(self._routes)
 
     def __enter__(self):
         self._targets.__enter__()
@@ -227,6 +239,8 @@ class _Taps:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
+        self._pending_input.clear()
+        self._pending_target.clear()
         self._tap.__exit__(*exc_info)
         self._targets.__exit__(*exc_info)
 
@@ -243,24 +257,8 @@ class CodeTap(_Taps):
     """
 
     def __init__(self, model: torch.nn.Module, views: Mapping[str, SAEView], on_codes: OnCodes):
-        self.model = model
-        self.on_codes = on_codes
-        self._routes = sae_routes(model, views)
-        self.views = dict(views)
-        self._pending_input: dict[str, Any] = {}  # per key: a spliced SAE's input, or a transcoder's
-        self._pending_target: dict[str, torch.Tensor] = {}  # a spliced transcoder's y, read before its input
-        self._tap = ActivationTap(model, self._routes, self._dispatch)
-        self._targets = _TargetTap(model, views, self._pending_target.__setitem__)
-
-    @property
-    def hook_names(self) -> list[str]:
-        """The hook points actually tapped (pass these to `forward_to_deepest`)."""
-        return list(self._routes)
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self._pending_input.clear()
-        self._pending_target.clear()
-        super().__exit__(*exc_info)
+        super().__init__(model, views, sae_routes(model, views))
+        self.model, self.on_codes = model, on_codes
 
     def _dispatch(self, tapped_name: str, activations: torch.Tensor) -> None:
         for key, role in self._routes[tapped_name]:
@@ -294,35 +292,22 @@ class InputTap(_Taps):
 
     def __init__(self, model: torch.nn.Module, views: Mapping[str, SAEView],
                  on_rows: Callable[[str, Any], None]):
-        self.views, self.on_rows = dict(views), on_rows
         wanted = ("acts", "input", "source", "target")  # a spliced transcoder's codes are not needed
-        self._routes = {name: [(key, role) for key, role in pairs if role in wanted]
-                        for name, pairs in sae_routes(model, views).items()}
-        self._routes = {name: pairs for name, pairs in self._routes.items() if pairs}
-        self._pending: dict[str, torch.Tensor] = {}  # a transcoder's input rows until its output hook fires
-        self._targets_seen: dict[str, torch.Tensor] = {}  # a spliced transcoder's y, read before its input
-        self._tap = ActivationTap(model, self._routes, self._dispatch)
-        self._targets = _TargetTap(model, views, self._targets_seen.__setitem__)
-
-    @property
-    def hook_names(self) -> list[str]:
-        return list(self._routes)
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self._pending.clear()
-        self._targets_seen.clear()
-        super().__exit__(*exc_info)
+        routes = {name: [(key, role) for key, role in pairs if role in wanted]
+                  for name, pairs in sae_routes(model, views).items()}
+        super().__init__(model, views, {name: pairs for name, pairs in routes.items() if pairs})
+        self.on_rows = on_rows
 
     def _dispatch(self, tapped_name: str, activations: torch.Tensor) -> None:
         for key, role in self._routes[tapped_name]:
             view = self.views[key]
-            if role == "source" and key in self._targets_seen:  # a spliced transcoder: y came first
+            if role == "source" and key in self._pending_target:  # a spliced transcoder: y came first
                 rows = view.rows(activations)
-                self.on_rows(key, (rows, view.rows_out(self._targets_seen.pop(key), len(rows))))
+                self.on_rows(key, (rows, view.rows_out(self._pending_target.pop(key), len(rows))))
             elif role == "source":
-                self._pending[key] = view.rows(activations)
+                self._pending_input[key] = view.rows(activations)
             elif role == "target":
-                rows = self._pending.pop(key)
+                rows = self._pending_input.pop(key)
                 self.on_rows(key, (rows, view.rows_out(activations, len(rows))))
             else:
                 self.on_rows(key, view.rows(activations))
