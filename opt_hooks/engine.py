@@ -26,6 +26,8 @@ ranks combine exactly. Pure tensor code: no TransformerLens / SAE-Lens import.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,7 +148,8 @@ class LayerAudit:
                 f"{self.hook_name}: no audit tokens were seen (none streamed, or all skipped as "
                 "special or non-finite); nothing to audit"
             )
-        return AuditPlan(self, self.stats.compute())
+        with python_gc_paused():
+            return AuditPlan(self, self.stats.compute())
 
     def state_dict(self) -> dict[str, Any]:
         return {"stats": self.stats.state_dict(), "lam": self.lam}
@@ -387,7 +390,8 @@ class AuditPlan:
                 f"pass 2 saw {int(self.state.n_audit)} audit tokens but pass 1 saw {self.stats.n_tokens}: "
                 "with lam estimated, pass 2 must stream the same audit tokens again"
             )
-        return _LayerAssembler(self).assemble()
+        with python_gc_paused():
+            return _LayerAssembler(self).assemble()
 
 
 class TokenSample:
@@ -555,16 +559,15 @@ class _LayerAssembler:
         changes, firsts = change.tolist(), first.tolist()
         scales = [self.loss] * len(family) if scales is None else scales.tolist()
         count_threshold = self.policy.alpha / max(self.n_pairs, 1)
+        gains = [None if mean is None else -mean for mean in means]
+        shares = [None if gain is None or not scale > 0 else gain / scale for gain, scale in zip(gains, scales)]
+        verdicts = pol.decide_all(
+            self.policy, audit_change=changes, held_out=means, se=ses, touched=touched, z=self.z, share=shares,
+            layer_finding=layer_finding, count_p=count_p, count_threshold=count_threshold,
+        )
         out = []
-        for k in range(len(family)):
-            mean = means[k]
-            gain = None if mean is None else -mean
-            share = None if gain is None or not scales[k] > 0 else gain / scales[k]
-            verdict = pol.decide(
-                self.policy, audit_change=changes[k], held_out=mean, se=ses[k],
-                touched=touched[k], z=self.z, share=share, layer_finding=layer_finding,
-                count_p=None if count_p is None else count_p[k], count_threshold=count_threshold,
-            )
+        for k, verdict in enumerate(verdicts):
+            mean, gain, share = means[k], gains[k], shares[k]
             out.append(CertificateCheck(
                 condition=family.condition, step=steps[k], predicted=firsts[k] / n_audit,
                 measured=changes[k] / n_audit, held_out=mean, held_out_se=ses[k],
@@ -821,6 +824,21 @@ class _LayerAssembler:
         gain = torch.where(live, code.gain, math.nan).tolist()
         size = torch.where(live, code.size, math.nan).tolist()
         return [_number(v) for v in gain], [_number(v) for v in size]
+
+
+@contextlib.contextmanager
+def python_gc_paused():
+    """Python's cyclic garbage collector paused while a layer's records are built: they are
+    acyclic (freed by reference counts alone), but building tens of thousands of them triggers
+    full collections that scan every live object, which measured a third of the result stage at
+    K = 24,576 (docs/BENCHMARKS.md)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _unmeasured(condition: str, step: float) -> CertificateCheck:

@@ -52,7 +52,9 @@ class PairMap:
         self.spread = min(ab.rho_spread(atoms, alive), 1 / math.sqrt(atoms.shape[1]))
         self.rho_min = max(options.min_rho, options.spread_z * self.spread)
         codes = codes.to(atoms.device)
-        near = ab.nearest_atoms(atoms, alive, options.neighbours, chunk_elements=chunk_elements)
+        # the neighbours read: absorption (rho_min <= rho < duplicate_rho), duplicates, antipodal pairs
+        near = ab.nearest_atoms(atoms, alive, options.neighbours, above=min(self.rho_min, options.duplicate_rho),
+                                below=-options.antipodal_rho, chunk_elements=chunk_elements)
         n_features = atoms.shape[0]
         absorbing = (near.rho >= self.rho_min) & (near.rho < options.duplicate_rho)
         parent, child = _both_orientations(near.i[absorbing], near.j[absorbing], n_features)

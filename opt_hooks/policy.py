@@ -112,12 +112,6 @@ def normal_quantile(p: float) -> float:
     return float(torch.special.ndtri(torch.tensor(p, dtype=torch.float64)))
 
 
-def significant(mean: float, se: float, z: float) -> bool:
-    """change + z SE < 0, and a strict descent; exact ties (0 change, SE 0) are not descents.
-    Python floats: float64 throughout (a NaN SE is never significant)."""
-    return mean < 0 and mean + z * se < 0
-
-
 def count_p_value(hits: int, trials: int, rate: float) -> float:
     """P(X >= hits) for X ~ Binomial(trials, rate), bounded above by Chernoff's inequality
     exp(-trials KL(hits/trials || rate)) (exact when hits = trials: rate^trials). Conservative,
@@ -164,24 +158,68 @@ def decide(
     count_p: float | None = None,
     count_threshold: float | None = None,
 ) -> Verdict:
-    """The tier of one certificate (THEORY.md 3.6), with the reason when it is not certified.
+    """The tier of one certificate (THEORY.md 3.6), with the reason when it is not certified:
+    `decide_all` of one. `share` None means the scale is not positive (a feature worth nothing:
+    any significant gain is material)."""
+    return decide_all(policy, audit_change=[audit_change], held_out=[held_out], se=[se], touched=[touched], z=z,
+                      share=[share], layer_finding=layer_finding,
+                      count_p=None if count_p is None else [count_p], count_threshold=count_threshold)[0]
 
-    `share` None means the scale is not positive (a feature worth nothing: any significant
-    gain is material)."""
-    if not audit_change < 0:
-        return Verdict("satisfied", "no descent on the audit tokens")
-    if held_out is None or se is None or math.isnan(se):
-        return Verdict("violated", "no held-out tokens to confirm it")
-    if touched < policy.min_touched:
-        return Verdict("violated", f"changes only {touched} held-out token(s) (fewer than {policy.min_touched})")
-    if not significant(held_out, se, z):
-        return Verdict("violated", "held-out descent not significant")
-    if count_p is not None and count_threshold is not None and not count_p < count_threshold:
-        return Verdict("violated", "co-activation not significant against independence")
+
+def decide_all(
+    policy: VerdictPolicy,
+    *,
+    audit_change: list[float],
+    held_out: list[float | None],
+    se: list[float | None],
+    touched: list[int],
+    z: float,
+    share: list[float | None],
+    layer_finding: bool = False,
+    count_p: list[float] | None = None,
+    count_threshold: float | None = None,
+) -> list[Verdict]:
+    """The tiers of a family's certificates at once (THEORY.md 3.6), in float64: the first rule an
+    entry fails gives its tier and reason. None (and NaN) mean: no held-out measurement, no count
+    test, or no positive scale (`share`)."""
+    f64 = dict(dtype=torch.float64)
+    nan = math.nan
+    change = torch.tensor(audit_change, **f64)
+    mean = torch.tensor([nan if v is None else v for v in held_out], **f64)
+    error = torch.tensor([nan if v is None else v for v in se], **f64)
+    hit = torch.tensor(touched, dtype=torch.int64)
+    worth = torch.tensor([nan if v is None else v for v in share], **f64)
     threshold = policy.min_layer_share if layer_finding else policy.min_share
-    if share is not None and share < threshold:
-        return Verdict("violated", f"immaterial (share {share:.3g} < {threshold:g})")
-    return Verdict("certified", "")
+    counted = count_p is not None and count_threshold is not None
+    chance = torch.tensor(count_p, **f64) >= count_threshold if counted else torch.zeros(len(change), dtype=torch.bool)
+    failed = torch.stack([
+        ~(change < 0),  # no descent on the audit tokens (NaN included)
+        torch.isnan(mean) | torch.isnan(error),
+        hit < policy.min_touched,
+        ~((mean < 0) & (mean + z * error < 0)),  # change + z SE < 0 and a strict descent
+        chance,
+        worth < threshold,  # NaN (no positive scale): material
+        torch.ones(len(change), dtype=torch.bool),  # certified
+    ])
+    rule = failed.int().argmax(0).tolist()  # the first failed rule
+    out = []
+    for k, r in enumerate(rule):
+        if r == 0:
+            out.append(Verdict("satisfied", "no descent on the audit tokens"))
+        elif r == 1:
+            out.append(Verdict("violated", "no held-out tokens to confirm it"))
+        elif r == 2:
+            out.append(Verdict("violated",
+                               f"changes only {touched[k]} held-out token(s) (fewer than {policy.min_touched})"))
+        elif r == 3:
+            out.append(Verdict("violated", "held-out descent not significant"))
+        elif r == 4:
+            out.append(Verdict("violated", "co-activation not significant against independence"))
+        elif r == 5:
+            out.append(Verdict("violated", f"immaterial (share {share[k]:.3g} < {threshold:g})"))
+        else:
+            out.append(Verdict("certified", ""))
+    return out
 
 
 def rank_key(tier: str, gain: float | None, ident: tuple = ()) -> tuple:

@@ -144,12 +144,13 @@ def test_l1_price_is_the_change_of_L_when_the_child_is_split(layer, world):
         assert measured > 0
 
 
-def test_nearest_atoms_match_the_dense_gram():
+@pytest.mark.parametrize("above, below, chunk", [(0.3, -0.3, 40), (0.05, -0.6, 40), (0.3, -0.3, 1 << 20)])
+def test_nearest_atoms_match_the_dense_gram(above, below, chunk):
     gen = torch.Generator().manual_seed(3)
     atoms = torch.nn.functional.normalize(torch.randn(40, 8, generator=gen, dtype=torch.float64), dim=1)
     alive = torch.ones(40, dtype=torch.bool)
     alive[[5, 17]] = False
-    near = ab.nearest_atoms(atoms, alive, 3, chunk_elements=40)  # blocks of one row
+    near = ab.nearest_atoms(atoms, alive, 3, above=above, below=below, chunk_elements=chunk)  # 40: blocks of 6 rows
     ids = torch.nonzero(alive).flatten()
     gram = atoms[ids] @ atoms[ids].T
     gram.fill_diagonal_(math.nan)
@@ -158,10 +159,35 @@ def test_nearest_atoms_match_the_dense_gram():
         column = gram[:, col]
         order = torch.argsort(torch.nan_to_num(column, nan=0.0))  # atoms in general position: no ties
         finite = [int(k) for k in order if not math.isnan(float(column[k]))]
-        expected |= {(int(ids[k]), j) for k in finite[:3] + finite[-3:]}
+        smallest = [k for k in finite[:3] if column[k] <= below]
+        largest = [k for k in finite[-3:] if column[k] >= above]
+        expected |= {(int(ids[k]), j) for k in smallest + largest}
+    assert 20 < len(expected) < 6 * len(ids)  # thresholds that keep some and drop some
     assert set(zip(near.i.tolist(), near.j.tolist())) == expected
     assert len(near.i) == len(expected)  # one entry per ordered pair
     assert torch.allclose(near.rho, (atoms[near.i] * atoms[near.j]).sum(-1), atol=1e-15)
+
+
+def test_nearest_atoms_keep_memory_bounded_on_a_clumpy_dictionary():
+    """Every atom near every other (one direction plus noise): the kept entries are cut to each
+    atom's k as they grow, and the result is still each atom's exact k nearest."""
+    gen = torch.Generator().manual_seed(4)
+    atoms = torch.nn.functional.normalize(1 + 0.1 * torch.randn(300, 8, generator=gen, dtype=torch.float64), dim=1)
+    alive = torch.ones(300, dtype=torch.bool)
+    near = ab.nearest_atoms(atoms, alive, 2, above=0.5, below=-0.5, chunk_elements=900)
+    gram = atoms @ atoms.T
+    gram.fill_diagonal_(-math.inf)
+    top = torch.topk(gram, 2, dim=0).indices  # (2, K): each column's two nearest
+    expected = {(int(i), j) for j in range(300) for i in top[:, j]}
+    assert set(zip(near.i.tolist(), near.j.tolist())) == expected
+
+
+def test_the_float32_bound_covers_the_rounding_of_every_product():
+    gen = torch.Generator().manual_seed(5)
+    atoms = 3 * torch.randn(200, 768, generator=gen, dtype=torch.float64)
+    exact = atoms @ atoms.T
+    rounded = (atoms.float() @ atoms.float().T).double()
+    assert float((rounded - exact).abs().max()) < ab.float32_dot_bound(atoms)
 
 
 def _map(layer):

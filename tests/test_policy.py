@@ -31,7 +31,7 @@ def test_a_change_equal_on_every_token_is_exact():
     """SE 0: a strict descent has p = 0, an exact tie at zero is no descent (p = 1)."""
     p = pol.p_value(torch.tensor([-1e-300, 0.0, 1e-300], dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
     assert p.tolist() == [0.0, 1.0, 1.0]
-    assert [pol.significant(mean, 0.0, z=4.0) for mean in (-1e-300, 0.0)] == [True, False]
+    assert [decide(held_out=mean, se=0.0, z=4.0).tier for mean in (-1e-300, 0.0)] == ["certified", "violated"]
 
 
 def test_bonferroni_threshold():
@@ -42,8 +42,6 @@ def test_bonferroni_threshold():
 
 def test_significance_boundary_is_strict():
     z, se = POLICY.critical_z(50), 0.01
-    assert pol.significant(-z * se * (1 + 1e-9), se, z)
-    assert not pol.significant(-z * se * (1 - 1e-9), se, z)
     assert decide(held_out=-z * se * (1 + 1e-9), se=se, z=z).tier == "certified"  # float64 all the way
     assert decide(held_out=-z * se * (1 - 1e-9), se=se, z=z).tier == "violated"
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from opt_hooks.theory.changes import FeatureFamily, Perturbed, TokenChanges, per_entry, slots_of
+from opt_hooks.theory.changes import FeatureFamily, Perturbed, TokenChanges, held_out_constant, per_entry, slots_of
 from opt_hooks.theory.stats import LayerStatistics, TokenBatch
 
 
@@ -66,14 +66,19 @@ class DecoderCertificates(FeatureFamily):
         entries = tokens.entries
         n_features = tokens.atoms.shape[0]
         slots = slots_of(self.features, entries.cols, n_features)
-        directions = torch.zeros_like(tokens.atoms)
-        directions[self.features] = self.direction.to(directions.dtype)
-        along_direction = entries.projections(tokens.wr, directions).double()
+        along_direction = entries.projections(tokens.wr, held_out_constant(
+            self, "directions", tokens.atoms, lambda: self._directions(tokens.atoms))).double()
         theta = per_entry(self.step, slots)
         z, along_atom = entries.values.double(), tokens.projections.double()
         change = -2 * z * ((torch.cos(theta) - 1) * along_atom + torch.sin(theta) * along_direction)
         change = change + tokens.w(entries.rows) * z**2 * (2 - 2 * torch.cos(theta))
         return TokenChanges.per_feature(entries, slots, len(self), change)
+
+    def _directions(self, atoms: Tensor) -> Tensor:
+        """(K, d) u_i on the rows of the family's features, 0 elsewhere, in the atoms' dtype."""
+        directions = torch.zeros_like(atoms)
+        directions[self.features.to(atoms.device)] = self.direction.to(atoms)
+        return directions
 
     def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float,
               weight: Tensor | None = None) -> Perturbed:

@@ -97,6 +97,17 @@ def once(family: object, stats: LayerStatistics, compute):
     return cached[1]
 
 
+def held_out_constant(family: object, name: str, like: Tensor, compute):
+    """A (K, d)-sized constant of a family's held-out change, in `like`'s dtype and device, built
+    once: every held-out batch, and every window of one, reads it (rebuilding it per window cost
+    as much as the window's own arithmetic)."""
+    store = family.__dict__.setdefault("_held_out_constants", {})
+    key = (name, like.dtype, like.device)
+    if key not in store:
+        store[key] = compute()
+    return store[key]
+
+
 @dataclass
 class FeatureFamily:
     """Base of the families with one certificate per feature of `features` (C3, C4): steps

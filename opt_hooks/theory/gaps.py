@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from opt_hooks.theory.changes import Perturbed, TokenChanges, once
+from opt_hooks.theory.changes import Perturbed, TokenChanges, held_out_constant, once
 from opt_hooks.theory.codes import CSR
 from opt_hooks.theory.stats import LayerStatistics, TokenBatch
 
@@ -63,8 +63,10 @@ class DecoderStep:
     def held_out(self, tokens: TokenBatch, lam: float) -> TokenChanges:
         t = float(self.step[0])
         entries = tokens.entries
-        moved = entries.matrix(tokens.r.dtype) @ self.gradient.to(tokens.r.dtype)  # (n, d) G^T z_n
-        growth = torch.sqrt(1 + t * t * (self.gradient**2).sum(-1)) - 1
+        gradient = held_out_constant(self, "gradient", tokens.r, lambda: self.gradient.to(tokens.r))
+        g2 = held_out_constant(self, "g2", self.gradient, lambda: (self.gradient**2).sum(-1))
+        moved = entries.matrix(tokens.r.dtype) @ gradient  # (n, d) G^T z_n
+        growth = torch.sqrt(1 + t * t * g2) - 1
         l1 = torch.zeros(tokens.n_tokens, dtype=torch.float64, device=tokens.r.device)
         l1.index_add_(0, entries.rows, entries.values.double() * growth.to(l1.device)[entries.cols])
         change = -2 * t * (tokens.wr * moved).sum(-1).double() + t * t * tokens.w() * (moved.double() ** 2).sum(-1)
