@@ -167,8 +167,11 @@ class RunCheckpoint:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save so that readers see the old file or the new one, never a torn one."""
+    """torch.save so that readers see the old file or the new one, never a torn one. The folder is
+    made if it is missing: under torchrun, rank 0 clears an --overwrite run's checkpoint folder
+    while the other ranks may already have made theirs inside it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)

@@ -441,3 +441,18 @@ def test_reports_are_not_written_over_unless_asked(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
         result.save(tmp_path / "file")
+
+
+def test_a_checkpoint_save_remakes_a_folder_removed_under_it(tmp_path):
+    """Under torchrun, rank 0 clears an --overwrite run's checkpoint folder while another rank may
+    have made its own inside it already: that rank's next save must still land."""
+    import shutil
+
+    from opt_hooks.checkpoint import atomic_torch_save
+
+    path = tmp_path / "checkpoint" / "rank1" / "pass2.pt"
+    path.parent.mkdir(parents=True)
+    shutil.rmtree(tmp_path / "checkpoint")
+    atomic_torch_save({"state": torch.arange(3)}, path)
+    assert torch.equal(torch.load(path)["state"], torch.arange(3))
+    assert [p.name for p in path.parent.iterdir()] == ["pass2.pt"]  # no temporary file left
