@@ -148,8 +148,7 @@ class LayerAudit:
                 f"{self.hook_name}: no audit tokens were seen (none streamed, or all skipped as "
                 "special or non-finite); nothing to audit"
             )
-        with python_gc_paused():
-            return AuditPlan(self, self.stats.compute())
+        return AuditPlan(self, self.stats.compute())
 
     def state_dict(self) -> dict[str, Any]:
         return {"stats": self.stats.state_dict(), "lam": self.lam}

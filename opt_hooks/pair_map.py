@@ -22,7 +22,7 @@ from opt_hooks.policy import VerdictPolicy
 from opt_hooks.records import AbsorptionRow, AntipodalRow, DuplicateRow
 from opt_hooks.theory import absorption as ab
 from opt_hooks.theory.codes import CSR
-from opt_hooks.theory.pairs import co_counts
+from opt_hooks.theory.pairs import co_counts, pair_rho
 from opt_hooks.theory.stats import TokenBatch
 
 SUMS = ("pair_count", "pair_sum", "pair_sum_sq", "own_count", "own_sum", "own_sum_sq")
@@ -72,7 +72,7 @@ class PairMap:
         keep = co < count[child]  # the parent is off on at least one of the child's audit tokens
         order = torch.argsort(child[keep], stable=True)  # sorted by child, as held_out_evidence expects
         self.parent, self.child, self.co = parent[keep][order], child[keep][order], co[keep][order]
-        self.rho = ab.pair_rho(atoms, self.parent, self.child, chunk_elements)
+        self.rho = pair_rho(atoms, self.parent, self.child, chunk_elements)
         self.duplicates = self._duplicates(dup_i, dup_j, dup_co)
         self.antipodal = self._antipodal(anti_i, anti_j, anti_co)
 
@@ -157,7 +157,7 @@ class PairMap:
 
     # -- duplicates and antipodal pairs (atoms and audit counts only) ---------------------
     def _duplicates(self, i: Tensor, j: Tensor, co: Tensor) -> list[DuplicateRow]:
-        rho = ab.pair_rho(self.atoms, i, j, self.chunk).tolist()
+        rho = pair_rho(self.atoms, i, j, self.chunk).tolist()
         rows = []
         for a, b, r, both, ca, cb in zip(i.tolist(), j.tolist(), rho, co.tolist(), self.count[i].tolist(),
                                          self.count[j].tolist()):
@@ -168,7 +168,7 @@ class PairMap:
     def _antipodal(self, i: Tensor, j: Tensor, co: Tensor) -> list[AntipodalRow]:
         apart = co <= self.options.antipodal_max_overlap * torch.minimum(self.count[i], self.count[j])
         i, j, co = i[apart], j[apart], co[apart]
-        rho = ab.pair_rho(self.atoms, i, j, self.chunk).tolist()
+        rho = pair_rho(self.atoms, i, j, self.chunk).tolist()
         direction = torch.nn.functional.normalize(self.atoms[i].double() - self.atoms[j].double(), dim=1)
         rows = []
         for a, b, r, both, ca, cb, u in zip(i.tolist(), j.tolist(), rho, co.tolist(), self.count[i].tolist(),

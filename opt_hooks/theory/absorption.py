@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from opt_hooks.theory.pairs import pair_rho
+
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 GRAM_SIDE = 1024  # rows of the square Gram blocks: the fastest on CPU (measured 512-4096 at d = 768)
 SPREAD_SAMPLE = 20_000  # random alive atom pairs whose rho estimate the spread of unrelated pairs
@@ -187,13 +189,6 @@ def _among_top(atom: Tensor, value: Tensor, k: int, high: float, low: float) -> 
         rank = torch.arange(len(order), device=atom.device) - torch.searchsorted(grouped, grouped)
         keep[order] |= (rank < k) & on_side[order]
     return keep
-
-
-def pair_rho(atoms: Tensor, i: Tensor, j: Tensor, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Tensor:
-    """<d_i, d_j> in float64 for each pair, in chunks."""
-    step = max(1, chunk_elements // max(atoms.shape[1], 1))
-    out = [(atoms[a].double() * atoms[b].double()).sum(-1) for a, b in zip(i.split(step), j.split(step))]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=atoms.device)
 
 
 def rho_spread(atoms: Tensor, alive: Tensor, *, n_pairs: int = SPREAD_SAMPLE, seed: int = 0) -> float:

@@ -322,7 +322,7 @@ def _hierarchy_on_top_token(
         upper = torch.where(first < index.count[j], index.by_value_val[at].double(), 0.0)
         maybe = upper < 2 * mu[j]  # (1 - rho) mu_j <= 2 mu_j: the others cannot break the bound
         i, j, upper = i[maybe], j[maybe], upper[maybe]
-        rho = _pair_rho(atoms, i, j, chunk)
+        rho = pair_rho(atoms, i, j, chunk)
         broken = _breaks(HIERARCHY, rho, upper, mu[j], tol[j])
         yield _Pairs(i[broken], j[broken], rho[broken], upper[broken])
 
@@ -397,7 +397,7 @@ def _complementary(index: _CodeIndex, atoms: Tensor, mu: Tensor, tol: Tensor, ch
             chunk=chunk,
         )
         lower = index.by_value_val[index.ascending(j, first)].double()
-        rho = _pair_rho(atoms, i, j, chunk)
+        rho = pair_rho(atoms, i, j, chunk)
         broken = _breaks(COMPLEMENTARY, rho, lower, mu[j], tol[j])
         yield _Pairs(i[broken], j[broken], rho[broken], lower[broken])
 
@@ -530,7 +530,7 @@ def _expand(sizes: Tensor) -> tuple[Tensor, Tensor]:
     return owner, offset
 
 
-def _pair_rho(atoms: Tensor, i: Tensor, j: Tensor, chunk: int) -> Tensor:
+def pair_rho(atoms: Tensor, i: Tensor, j: Tensor, chunk: int = DEFAULT_CHUNK_ELEMENTS) -> Tensor:
     """rho_ij = <d_i, d_j> in float64 for each pair, a chunk of pairs at a time."""
     pairs_per_step = max(1, chunk // max(atoms.shape[1], 1))
     dots = [
