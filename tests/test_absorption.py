@@ -19,6 +19,7 @@ from opt_hooks.engine import AuditOptions, LayerAudit
 from opt_hooks.records import DuplicateRow
 from opt_hooks.theory import absorption as ab
 from opt_hooks.theory.objective import objective
+from opt_hooks.theory.products import BFLOAT16, FLOAT32, bounded_products
 
 LAM = 0.2
 N, D = 6000, 24
@@ -144,13 +145,15 @@ def test_l1_price_is_the_change_of_L_when_the_child_is_split(layer, world):
         assert measured > 0
 
 
+@pytest.mark.parametrize("screen", [FLOAT32, BFLOAT16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("above, below, chunk", [(0.3, -0.3, 40), (0.05, -0.6, 40), (0.3, -0.3, 1 << 20)])
-def test_nearest_atoms_match_the_dense_gram(above, below, chunk):
+def test_nearest_atoms_match_the_dense_gram(above, below, chunk, screen):
     gen = torch.Generator().manual_seed(3)
     atoms = torch.nn.functional.normalize(torch.randn(40, 8, generator=gen, dtype=torch.float64), dim=1)
     alive = torch.ones(40, dtype=torch.bool)
     alive[[5, 17]] = False
-    near = ab.nearest_atoms(atoms, alive, 3, above=above, below=below, chunk_elements=chunk)  # 40: blocks of 6 rows
+    near = ab.nearest_atoms(atoms, alive, 3, above=above, below=below, chunk_elements=chunk,  # 40: blocks of 6 rows
+                            screen=screen)
     ids = torch.nonzero(alive).flatten()
     gram = atoms[ids] @ atoms[ids].T
     gram.fill_diagonal_(math.nan)
@@ -168,13 +171,14 @@ def test_nearest_atoms_match_the_dense_gram(above, below, chunk):
     assert torch.allclose(near.rho, (atoms[near.i] * atoms[near.j]).sum(-1), atol=1e-15)
 
 
-def test_nearest_atoms_keep_memory_bounded_on_a_clumpy_dictionary():
+@pytest.mark.parametrize("screen", [FLOAT32, BFLOAT16], ids=["float32", "bfloat16"])
+def test_nearest_atoms_keep_memory_bounded_on_a_clumpy_dictionary(screen):
     """Every atom near every other (one direction plus noise): the kept entries are cut to each
     atom's k as they grow, and the result is still each atom's exact k nearest."""
     gen = torch.Generator().manual_seed(4)
     atoms = torch.nn.functional.normalize(1 + 0.1 * torch.randn(300, 8, generator=gen, dtype=torch.float64), dim=1)
     alive = torch.ones(300, dtype=torch.bool)
-    near = ab.nearest_atoms(atoms, alive, 2, above=0.5, below=-0.5, chunk_elements=900)
+    near = ab.nearest_atoms(atoms, alive, 2, above=0.5, below=-0.5, chunk_elements=900, screen=screen)
     gram = atoms @ atoms.T
     gram.fill_diagonal_(-math.inf)
     top = torch.topk(gram, 2, dim=0).indices  # (2, K): each column's two nearest
@@ -182,12 +186,17 @@ def test_nearest_atoms_keep_memory_bounded_on_a_clumpy_dictionary():
     assert set(zip(near.i.tolist(), near.j.tolist())) == expected
 
 
-def test_the_float32_bound_covers_the_rounding_of_every_product():
+@pytest.mark.parametrize("screen", [FLOAT32, BFLOAT16], ids=["float32", "bfloat16"])
+def test_the_rounding_bound_covers_every_product_and_is_not_vacuous(screen):
     gen = torch.Generator().manual_seed(5)
     atoms = 3 * torch.randn(200, 768, generator=gen, dtype=torch.float64)
     exact = atoms @ atoms.T
-    rounded = (atoms.float() @ atoms.float().T).double()
-    assert float((rounded - exact).abs().max()) < ab.float32_dot_bound(atoms)
+    low = atoms.to(screen.dtype)
+    with bounded_products():
+        rounded = (low @ low.T).double()
+    error, bound = float((rounded - exact).abs().max()), screen.dot_bound(atoms)
+    assert error < bound
+    assert bound < 200 * error  # a bound far above the worst error would screen in every entry
 
 
 def _map(layer):

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from opt_hooks.theory.pairs import pair_rho
+from opt_hooks.theory.products import FLOAT32, ProductFormat, bounded_products, fast_format
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 GRAM_SIDE = 1024  # rows of the square Gram blocks: the fastest on CPU (measured 512-4096 at d = 768)
@@ -84,21 +85,23 @@ class Neighbours:
 
 
 def nearest_atoms(atoms: Tensor, alive: Tensor, k: int, *, above: float, below: float,
-                  chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Neighbours:
+                  chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, screen: ProductFormat | None = None) -> Neighbours:
     """For every alive atom j, its k largest rho_ij (i != j, i alive) among those >= `above` and
     its k smallest among those <= `below`: the only neighbours the map reads (absorption and
     duplicates at rho >= min(rho_min, duplicate_rho) > 0, antipodal pairs at rho <= -antipodal_rho
     < 0); rho in float64.
 
-    The Gram matrix is formed in square blocks of float32 products (GRAM_SIDE rows, fewer when
-    chunk_elements is smaller), on and above the diagonal only: it is symmetric, so each block
-    serves its rows and, through its transpose, its columns. An entry is kept when its float32
-    value is within the float32 rounding bound of a threshold (`float32_dot_bound`), and its
-    float64 rho decides: the result is that of an exact Gram matrix, without a top-k pass over
-    every block. Square blocks keep both operands small: a block of rows against all K atoms
-    would repack a (d, K) operand at every product. Kept entries are few (the thresholds lie
-    several spreads beyond unrelated pairs); whenever they outgrow 8 k per atom they are cut to
-    the ones some atom ranks among its k, so memory stays O(k K) on any dictionary."""
+    The Gram matrix is formed in square blocks (GRAM_SIDE rows, fewer when chunk_elements is
+    smaller), on and above the diagonal only: it is symmetric, so each block serves its rows and,
+    through its transpose, its columns. An entry is kept when its float32 value is within the float32
+    rounding bound of a threshold, and its float64 rho decides: the result is that of an exact Gram
+    matrix, without a top-k pass over every block. Each block is first formed in the `screen` format
+    (default `fast_format`: bfloat16 on matrix units, else float32); only its rows with an entry
+    within that format's bound of a threshold are formed in float32 (in bfloat16, a few rows of
+    each block, for thresholds several spreads beyond unrelated pairs). Square blocks keep both
+    operands small: a block of rows against all K atoms would repack a (d, K) operand at every
+    product. Kept entries are few; whenever they outgrow 8 k per atom they are cut to the ones some
+    atom ranks among its k, so memory stays O(k K) on any dictionary."""
     if not below < 0 < above:
         raise ValueError(f"nearest_atoms keeps rho >= above > 0 and rho <= below < 0, got {above=}, {below=}")
     ids = torch.nonzero(alive.to(atoms.device)).flatten()
@@ -106,35 +109,51 @@ def nearest_atoms(atoms: Tensor, alive: Tensor, k: int, *, above: float, below: 
     empty = torch.zeros(0, dtype=torch.int64, device=device)
     if n < 2:
         return Neighbours(empty, empty, torch.zeros(0, dtype=torch.float64, device=device))
-    margin = float32_dot_bound(atoms[ids])
-    high, low = above - margin, below + margin
+    screen = fast_format(device) if screen is None else screen
     live = atoms[ids].float()
+    fine = FLOAT32.dot_bound(atoms[ids])
+    high, low = above - fine, below + fine  # float32 values kept
+    # A float32 value beyond high or low lies within 2 fine + coarse of the screen's value
+    coarse = 2 * fine + screen.dot_bound(live)
+    screen_high, screen_low = above - coarse, below + coarse
+    fast = live.to(screen.dtype)
     side = max(2, min(GRAM_SIDE, math.isqrt(chunk_elements)))
     starts = range(0, n, side)
     found: list[tuple[Tensor, Tensor, Tensor]] = []
     held, budget = 0, 8 * k * n
     # One set of block buffers, reused: a fresh (side, side) product per block, freed between small
     # kept pieces, fragments the C heap until the process runs out of memory (measured at K = 2^17)
-    buffers: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
-    with _exact_float32_products():
+    buffers: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+    with bounded_products():
         for a, r0 in enumerate(starts):
-            rows = live[r0:r0 + side]
+            rows = fast[r0:r0 + side]
             for c0 in starts[a:]:
-                cols = live[c0:c0 + side]
+                cols = fast[c0:c0 + side]
                 shape = (len(rows), len(cols))
                 if shape not in buffers:
-                    flags = dict(dtype=torch.bool, device=device)
-                    buffers[shape] = (torch.empty(shape, device=device), torch.empty(shape, **flags),
-                                      torch.empty(shape, **flags))
-                gram, near, below_low = buffers[shape]
-                torch.matmul(rows, cols.T, out=gram)
-                torch.ge(gram, high, out=near)
-                near.logical_or_(torch.le(gram, low, out=below_low))
-                if c0 == r0:  # the diagonal block: each unordered pair once, no atom with itself
-                    near.triu_(diagonal=1)
+                    product = torch.empty(shape, dtype=screen.dtype, device=device)
+                    buffers[shape] = (product, product if screen.dtype == torch.float32 else torch.empty(shape, device=device))
+                product, gram = buffers[shape]
+                torch.matmul(rows, cols.T, out=product)
+                if gram is not product:
+                    gram.copy_(product)  # float32 reductions run several times faster than bfloat16 ones
+                if c0 == r0:
+                    gram.diagonal().zero_()  # an atom with itself: never a neighbour
+                hit = (gram.amax(1) >= screen_high) | (gram.amin(1) <= screen_low)
+                hit_rows = hit.nonzero().flatten()
+                values = gram[hit_rows]
+                near = (values >= screen_high) | (values <= screen_low)
+                if c0 == r0:  # the diagonal block: each unordered pair once
+                    near &= torch.arange(len(cols), device=device)[None, :] > hit_rows[:, None]
                 p, q = near.nonzero(as_tuple=True)
-                found.append((p + r0, q + c0, gram[p, q]))
-                held += len(p)
+                p = hit_rows[p]
+                if gram is product:
+                    values = values[near]
+                else:  # the screen's few entries near a threshold, in float32
+                    values = (live[r0 + p] * live[c0 + q]).sum(1)
+                kept = (values >= high) | (values <= low)
+                found.append((p[kept] + r0, q[kept] + c0, values[kept]))
+                held += len(found[-1][0])
                 if held > budget:
                     found = [_prune(*_cat(found), k, high, low)]
                     held = len(found[0][0])
@@ -145,26 +164,6 @@ def nearest_atoms(atoms: Tensor, alive: Tensor, k: int, *, above: float, below: 
     rho = pair_rho(atoms, i, j, chunk_elements)
     exact = (rho >= above) | (rho <= below)
     return Neighbours(i[exact], j[exact], rho[exact])
-
-
-def float32_dot_bound(atoms: Tensor) -> float:
-    """A bound on |fl32(<a, b>) - <a, b>| for any two rows a, b of `atoms`, rounding to float32
-    included: gamma_(d+3) ||a|| ||b|| with gamma_m = m u / (1 - m u), u = 2^-24 (Higham's bound
-    for a dot product in any summation order), doubled for safety."""
-    unit = 2.0 ** -24
-    m = (atoms.shape[1] + 3) * unit
-    return 2 * m / (1 - m) * float(atoms.double().norm(dim=1).max()) ** 2
-
-
-class _exact_float32_products:
-    """float32 products in full float32 precision (not TF32) while the bound above is relied on."""
-
-    def __enter__(self) -> None:
-        self.precision = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_float32_matmul_precision(self.precision)
 
 
 def _cat(parts: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:

@@ -62,7 +62,7 @@ def exact_codes(x: Tensor, atoms: Tensor, bias: Tensor, lam: float, start: Tenso
     z = start.clone()
     iterations, converged = 0, False
     for _ in range(rounds):
-        excess = _excess(target, screen_atoms, z, token_lam, chunk)  # 2 <d_i, r_n> - lam_n for every (n, i)
+        excess = _excess(target, atoms, screen_atoms, z, token_lam, chunk)  # 2 <d_i, r_n> - lam_n for every (n, i)
         violated = (excess > screen_tol * token_lam.clamp(min=1e-30).to(screen)) & (z == 0)
         if not bool(violated.any()) and iterations:
             converged = True
@@ -74,7 +74,7 @@ def exact_codes(x: Tensor, atoms: Tensor, bias: Tensor, lam: float, start: Tenso
         z = torch.zeros_like(z).scatter_(1, working, solved)
         iterations += steps
     else:
-        excess = _excess(target, screen_atoms, z, token_lam, chunk)
+        excess = _excess(target, atoms, screen_atoms, z, token_lam, chunk)
         converged = not bool(((excess > screen_tol * token_lam.clamp(min=1e-30).to(screen)) & (z == 0)).any())
     before = token_losses(x, atoms, start, bias, lam, weight)
     after = token_losses(x, atoms, z, bias, lam, weight)
@@ -83,13 +83,14 @@ def exact_codes(x: Tensor, atoms: Tensor, bias: Tensor, lam: float, start: Tenso
                       iterations, converged, width)
 
 
-def _excess(target: Tensor, atoms: Tensor, z: Tensor, lam: Tensor, chunk: int) -> Tensor:
-    """(n, K) 2 <d_i, r_n> - lam_n (lam (n, 1)), a block of tokens at a time."""
-    out = torch.empty(z.shape, dtype=atoms.dtype, device=z.device)
+def _excess(target: Tensor, atoms: Tensor, screen_atoms: Tensor, z: Tensor, lam: Tensor, chunk: int) -> Tensor:
+    """(n, K) 2 <d_i, r_n> - lam_n (lam (n, 1)) in the screen's precision, the residual in float64
+    (`atoms`), a block of tokens at a time."""
+    out = torch.empty(z.shape, dtype=screen_atoms.dtype, device=z.device)
     for start in range(0, len(z), chunk):
         rows = slice(start, start + chunk)
-        residual = (target[rows] - torch.sparse.mm(z[rows].to_sparse(), atoms.double())).to(atoms.dtype)
-        out[rows] = 2 * residual @ atoms.T - lam[rows].to(atoms.dtype)
+        residual = (target[rows] - torch.sparse.mm(z[rows].to_sparse(), atoms)).to(screen_atoms.dtype)
+        out[rows] = 2 * residual @ screen_atoms.T - lam[rows].to(screen_atoms.dtype)
     return out
 
 

@@ -283,8 +283,6 @@ def _check_inputs(index: _CodeIndex, codes: CSR, atoms: Tensor, mu: Tensor) -> N
         raise ValueError(f"atoms must be ({n_features}, d); got {tuple(atoms.shape)}")
     if mu.shape != (n_features,):
         raise ValueError(f"mu must be ({n_features},); got {tuple(mu.shape)}")
-    if not (torch.isfinite(atoms).all() and torch.isfinite(mu).all() and torch.isfinite(codes.val).all()):
-        raise ValueError("non-finite values (NaN or inf) in the atoms, mu or codes: no pair can be judged")
     for name, values in (("atoms", atoms), ("mu", mu), ("codes", codes.val)):
         if not torch.isfinite(values).all():
             raise ValueError(f"{name} contain non-finite values")
