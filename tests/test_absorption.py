@@ -19,7 +19,7 @@ from opt_hooks.engine import AuditOptions, LayerAudit
 from opt_hooks.records import DuplicateRow
 from opt_hooks.theory import absorption as ab
 from opt_hooks.theory.objective import objective
-from opt_hooks.theory.products import BFLOAT16, FLOAT32, bounded_products
+from opt_hooks.theory.products import BFLOAT16, FLOAT32, bounded_products, sampled_dots
 
 LAM = 0.2
 N, D = 6000, 24
@@ -304,3 +304,16 @@ def test_a_near_duplicate_that_breaks_c2_is_a_duplicate_not_a_hierarchy_pair(wor
     plan = stage.plan()
     plan.update(x, z, held_out=held)
     assert any((p.i, p.j) == DUPLICATE for p in plan.result().pairs)  # the violation C2 sees without the map
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sampled_dots_match_the_gathered_rows_with_repeated_pairs(dtype):
+    gen = torch.Generator().manual_seed(6)
+    left, right = torch.randn(30, 16, generator=gen, dtype=dtype), torch.randn(50, 16, generator=gen, dtype=dtype)
+    rows, cols = torch.randint(0, 30, (400,), generator=gen), torch.randint(0, 50, (400,), generator=gen)
+    rows[-5:], cols[-5:] = rows[0], cols[0]  # the same pair several times, in any order
+    dots = sampled_dots(left, right, rows, cols)
+    exact = (left[rows].double() * right[cols].double()).sum(1)
+    assert dots.dtype == torch.float64
+    torch.testing.assert_close(dots, exact, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-5)
+    assert len(sampled_dots(left, right, rows[:0], cols[:0])) == 0

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from opt_hooks.theory.pairs import pair_rho
-from opt_hooks.theory.products import FLOAT32, ProductFormat, bounded_products, fast_format
+from opt_hooks.theory.products import FLOAT32, ProductFormat, bounded_products, fast_format, sampled_dots
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 GRAM_SIDE = 1024  # rows of the square Gram blocks: the fastest on CPU (measured 512-4096 at d = 768)
@@ -258,7 +258,7 @@ def held_out_evidence(centred: Tensor, rows: Tensor, cols: Tensor, z: Tensor, at
     own = is_parent[cols]
     own_rows, own_cols = rows[own], cols[own]
     for r, c in zip(own_rows.split(step), own_cols.split(step)):
-        s = _dots(centred, atoms, r, c)
+        s = sampled_dots(centred, atoms, r, c)
         out.own_count.index_add_(0, c, torch.ones_like(c))
         out.own_sum.index_add_(0, c, s)
         out.own_sum_sq.index_add_(0, c, s * s)
@@ -281,17 +281,11 @@ def held_out_evidence(centred: Tensor, rows: Tensor, cols: Tensor, z: Tensor, at
         token = rows[entry]
         off = z[token, parent[pair]] == 0
         pair, token = pair[off], token[off]
-        s = _dots(centred, atoms, token, parent[pair])
+        s = sampled_dots(centred, atoms, token, parent[pair])
         out.pair_count.index_add_(0, pair, torch.ones_like(pair))
         out.pair_sum.index_add_(0, pair, s)
         out.pair_sum_sq.index_add_(0, pair, s * s)
     return out
-
-
-def _dots(centred: Tensor, atoms: Tensor, rows: Tensor, features: Tensor) -> Tensor:
-    """<d_f, x_n - b> for each (n, f): products in the atoms' precision, summed in float64 (a
-    float64 copy of every gathered row cost more than the sums themselves)."""
-    return (centred[rows].to(atoms.dtype) * atoms[features]).sum(-1, dtype=torch.float64)
 
 
 @dataclass(eq=False)

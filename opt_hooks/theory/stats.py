@@ -85,9 +85,9 @@ def lam_terms(r: Tensor, atoms: Tensor, lam: float, batch: SparseBatch,
     tokens with ||r_n|| > lam / 2. Weighted tokens pass r = w_n r_n (THEORY.md section 1).
 
     The (K, n) products are formed a block of features at a time, small enough to stay in
-    cache while they are reduced, summed over every token; the active entries' share is read
-    from the same block and taken out, so each token is counted on one side exactly. No
-    (n, K) matrix or inactive mask is ever built."""
+    cache while they are reduced; the active entries are zeroed in the block before it is
+    summed, so each token is counted on one side exactly. No (n, K) matrix or inactive mask is
+    ever built."""
     half = lam / 2
     n_features = atoms.shape[0]
     count = torch.empty(n_features, dtype=torch.int64, device=r.device)
@@ -100,19 +100,16 @@ def lam_terms(r: Tensor, atoms: Tensor, lam: float, batch: SparseBatch,
     bounds = torch.searchsorted(cols, torch.cat([starts, starts.new_tensor([n_features])])).tolist()
     for block, start in enumerate(starts.tolist()):
         stop = min(start + step, n_features)
-        # (k, n): q where q > lam/2 >= 0, else 0, in one pass. Its row sums run in the block's float
-        # type (cascade sums: relative error ~1e-7, below the product's own rounding), and its counts
-        # as sums of signs, exact below 2^24 tokens in float32: a float64 or bool reduction of the
-        # block cost a third of its product
+        # (k, n): q where q > lam/2 >= 0, else 0, in one pass. Its row sums in float64 (so that any
+        # split into batches sums alike), its counts as sums of signs, exact below 2^24 tokens in
+        # float32: a bool reduction of the block cost a quarter of its product
         over = torch.nn.functional.threshold_(atoms[start:stop] @ r.T, half, 0.0)
         entries = slice(bounds[block], bounds[block + 1])
-        local = cols[entries] - start
-        active = over[local, rows[entries]]
-        total = over.sum(1).double()
-        over_count = over.sign_().sum(1, dtype=count_dtype).long()
-        count[start:stop] = over_count - torch.bincount(local[active > 0], minlength=stop - start)
-        taken = torch.zeros(stop - start, dtype=torch.float64, device=r.device).index_add_(0, local, active.double())
-        excess[start:stop] = total - taken - half * count[start:stop]
+        over[cols[entries] - start, rows[entries]] = 0.0  # the active entries: C4's other side
+        total = over.sum(1, dtype=torch.float64)
+        n_over = over.sign_().sum(1, dtype=count_dtype).double()
+        count[start:stop] = n_over.long()
+        excess[start:stop] = total - half * n_over
     return count, excess.clamp(min=0), int((r.norm(dim=-1) > half).sum())
 
 
