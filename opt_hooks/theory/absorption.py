@@ -25,8 +25,8 @@ Antipodal dense pairs: rho <= -antipodal_rho, both on a large share of the token
 together: a nonnegative code for one dense direction, normalise(d_i - d_j).
 
 Candidates come from each alive atom's nearest atoms (largest and smallest rho) beyond the map's
-thresholds, from blocked products of the atoms: no K x K table. Memory (bytes): blocks 4 * C
-(C = chunk_elements, at most GRAM_SIDE^2); candidates at most 20 * 8 * k * K (k = neighbours);
+thresholds, from blocked products of the atoms: no K x K table. Memory (bytes): blocks 6 * C
+(4 * C in float32 alone; C = chunk_elements, at most GRAM_SIDE^2); candidates at most 20 * 8 * k * K (k = neighbours);
 held-out sums 24 per measured ordered pair and 24 * K.
 
 Pure tensor code: no TransformerLens / SAE-Lens import.

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from opt_hooks.theory.changes import FeatureFamily, Perturbed, TokenChanges, held_out_constant, per_entry, slots_of
+from opt_hooks.theory.products import sampled_dots
 from opt_hooks.theory.stats import LayerStatistics, TokenBatch
 
 
@@ -24,9 +25,9 @@ def c3_decoder(stats: LayerStatistics, atoms: Tensor) -> DecoderCheck:
     """C3: g_i = (1/N) sum_n z_in (r_n - <d_i, r_n> d_i) must vanish."""
     n = max(stats.n_tokens, 1)
     atoms = atoms.double().to(stats.sum_z_r.device)
-    mean_zr = stats.sum_z_r / n
-    gradient = mean_zr - (mean_zr * atoms).sum(-1, keepdim=True) * atoms
-    norm = gradient.norm(dim=-1)
+    gradient = stats.sum_z_r / n  # (K, d): in place from here, each (K, d) temporary cost a pass and its pages
+    gradient.addcmul_(atoms, torch.linalg.vecdot(gradient, atoms)[:, None], value=-1.0)
+    norm = torch.linalg.vector_norm(gradient, dim=-1)
     scale = stats.sum_z_rnorm / n
     size = torch.where(scale > 0, norm / torch.where(scale > 0, scale, 1.0), torch.zeros_like(norm))
     return DecoderCheck(gradient=gradient, norm=norm, size=size)
@@ -48,7 +49,8 @@ class DecoderCertificates(FeatureFamily):
     def _compute_sums(self, stats: LayerStatistics) -> tuple[Tensor, Tensor, Tensor]:
         features = self.features.to(stats.sum_z_r.device)
         zr = stats.sum_z_r[features].to(self.atom.device)
-        return (zr * self.atom.double()).sum(-1), (zr * self.direction.double()).sum(-1), stats.sum_z2[features].to(zr.device)
+        along = (torch.linalg.vecdot(zr, self.atom.double()), torch.linalg.vecdot(zr, self.direction.double()))
+        return *along, stats.sum_z2[features].to(zr.device)
 
     def line_search(self, stats: LayerStatistics, lam: float) -> Tensor:
         along_atom, along_direction, z2 = self._sums(stats)
@@ -66,19 +68,16 @@ class DecoderCertificates(FeatureFamily):
         entries = tokens.entries
         n_features = tokens.atoms.shape[0]
         slots = slots_of(self.features, entries.cols, n_features)
-        along_direction = entries.projections(tokens.wr, held_out_constant(
-            self, "directions", tokens.atoms, lambda: self._directions(tokens.atoms))).double()
+        mine = slots >= 0
+        # <u_i, w_n r_n> at the family's entries only, from its (F, d) directions: no (K, d) copy
+        direction = held_out_constant(self, "direction", tokens.atoms, lambda: self.direction.to(tokens.atoms))
+        along_direction = torch.zeros(len(slots), dtype=torch.float64, device=slots.device)
+        along_direction[mine] = sampled_dots(tokens.wr, direction, entries.rows[mine], slots[mine])
         theta = per_entry(self.step, slots)
         z, along_atom = entries.values.double(), tokens.projections.double()
         change = -2 * z * ((torch.cos(theta) - 1) * along_atom + torch.sin(theta) * along_direction)
         change = change + tokens.w(entries.rows) * z**2 * (2 - 2 * torch.cos(theta))
         return TokenChanges.per_feature(entries, slots, len(self), change)
-
-    def _directions(self, atoms: Tensor) -> Tensor:
-        """(K, d) u_i on the rows of the family's features, 0 elsewhere, in the atoms' dtype."""
-        directions = torch.zeros_like(atoms)
-        directions[self.features.to(atoms.device)] = self.direction.to(atoms)
-        return directions
 
     def apply(self, k: int, atoms: Tensor, z: Tensor, bias: Tensor, r: Tensor, lam: float,
               weight: Tensor | None = None) -> Perturbed:

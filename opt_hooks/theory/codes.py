@@ -164,23 +164,14 @@ class SparseBatch:
 
     def matrix(self, dtype: torch.dtype) -> Tensor:
         """The codes as a sparse CSR tensor (n, K)."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(
-                self.crow, self.cols, self.values.to(dtype), (self.n_tokens, self.n_features), check_invariants=False
-            )
+        return csr_matrix(self.crow, self.cols, self.values.to(dtype), (self.n_tokens, self.n_features))
 
     def transposed(self, dtype: torch.dtype) -> Tensor:
         """The codes transposed, (K, n), as a sparse CSR tensor: z^T products cost nnz x d."""
         order, _, count = self.by_feature
         crow = torch.zeros(self.n_features + 1, dtype=torch.int64, device=self.cols.device)
         crow[1:] = count.cumsum(0)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(
-                crow, self.rows[order], self.values[order].to(dtype), (self.n_features, self.n_tokens),
-                check_invariants=False,
-            )
+        return csr_matrix(crow, self.rows[order], self.values[order].to(dtype), (self.n_features, self.n_tokens))
 
     def per_feature(self, values: Tensor, reduce: str = "sum") -> Tensor:
         """(K,) float64 reduction of one value per entry over each feature's entries."""
@@ -364,3 +355,11 @@ def _sort_rows(csr: CSR, order: Tensor) -> CSR:
     aux = None if csr.aux is None else csr.aux[source]
     weight = None if csr.weight is None else csr.weight[order]
     return CSR(csr.token_index[order], crow, csr.col[source], csr.val[source], csr.n_features, aux, weight)
+
+
+def csr_matrix(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    """A sparse CSR tensor from parts already in CSR order (invariants not re-checked), without
+    torch's warning that CSR support is in beta."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from opt_hooks.theory.changes import Perturbed, TokenChanges, held_out_constant, once
-from opt_hooks.theory.codes import CSR
+from opt_hooks.theory.codes import CSR, csr_matrix
 from opt_hooks.theory.stats import LayerStatistics, TokenBatch
 
 
@@ -36,9 +36,9 @@ class DecoderStep:
         return once(self, stats, lambda: self._compute_sums(stats))
 
     def _compute_sums(self, stats: LayerStatistics) -> tuple[float, float, Tensor, Tensor]:
-        along = float((stats.sum_z_r.to(self.gradient.device) * self.gradient).sum())
+        along = float(torch.dot(stats.sum_z_r.to(self.gradient.device).flatten(), self.gradient.flatten()))
         curvature = _csr_product_norm2(stats.codes, self.gradient, self.chunk_rows) if stats.codes is not None else 0.0
-        return along, curvature, stats.sum_z.to(self.gradient.device), (self.gradient**2).sum(-1)
+        return along, curvature, stats.sum_z.to(self.gradient.device), torch.linalg.vecdot(self.gradient, self.gradient)
 
     def _change(self, t: float, along: float, curvature: float, sum_z: Tensor, g2: Tensor, lam: float) -> float:
         return -2 * t * along + t * t * curvature + lam * float((sum_z * (torch.sqrt(1 + t * t * g2) - 1)).sum())
@@ -64,7 +64,7 @@ class DecoderStep:
         t = float(self.step[0])
         entries = tokens.entries
         gradient = held_out_constant(self, "gradient", tokens.r, lambda: self.gradient.to(tokens.r))
-        g2 = held_out_constant(self, "g2", self.gradient, lambda: (self.gradient**2).sum(-1))
+        g2 = held_out_constant(self, "g2", self.gradient, lambda: torch.linalg.vecdot(self.gradient, self.gradient))
         moved = entries.matrix(tokens.r.dtype) @ gradient  # (n, d) G^T z_n
         growth = torch.sqrt(1 + t * t * g2) - 1
         l1 = torch.zeros(tokens.n_tokens, dtype=torch.float64, device=tokens.r.device)
@@ -84,19 +84,13 @@ class DecoderStep:
 def _csr_product_norm2(codes: CSR, matrix: Tensor, chunk_rows: int) -> float:
     """sum_n w_n ||matrix^T z_n||^2 over the rows of a CSR (w_n its row weights, else 1), a block
     of rows at a time."""
-    import warnings
-
     codes = codes.to(matrix.device)
     total = 0.0
     for start in range(0, codes.n_tokens, chunk_rows):
         stop = min(start + chunk_rows, codes.n_tokens)
         lo, hi = int(codes.crow[start]), int(codes.crow[stop])
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            block = torch.sparse_csr_tensor(
-                codes.crow[start:stop + 1] - lo, codes.col[lo:hi].long(), codes.val[lo:hi].to(matrix.dtype),
-                (stop - start, codes.n_features), check_invariants=False,
-            )
+        block = csr_matrix(codes.crow[start:stop + 1] - lo, codes.col[lo:hi].long(), codes.val[lo:hi].to(matrix.dtype),
+                           (stop - start, codes.n_features))
         squared = ((block @ matrix).double() ** 2).sum(-1)
         total += float((squared if codes.weight is None else codes.weight[start:stop] * squared).sum())
     return total

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from opt_hooks.theory.codes import csr_matrix
+
 FLOAT32_UNIT = 2.0**-24  # unit roundoff of float32, the accumulator of every format below
 SUBNORMAL_SLACK = 2.0**-120  # per term: covers the absolute rounding error of subnormal numbers
 
@@ -88,7 +90,6 @@ def sampled_dots(left: Tensor, right: Tensor, rows: Tensor, cols: Tensor) -> Ten
     unique_rows = keys // n_cols
     crow = torch.zeros(left.shape[0] + 1, dtype=torch.int64, device=left.device)
     crow[1:] = torch.bincount(unique_rows, minlength=left.shape[0]).cumsum(0)
-    pattern = torch.sparse_csr_tensor(crow, keys % n_cols, torch.ones(len(keys), dtype=dtype, device=left.device),
-                                      (left.shape[0], n_cols))
+    pattern = csr_matrix(crow, keys % n_cols, torch.ones(len(keys), dtype=dtype, device=left.device), (left.shape[0], n_cols))
     dots = torch.sparse.sampled_addmm(pattern, left.to(dtype), right.to(dtype).T, beta=0.0).values()
     return dots.double()[inverse]
