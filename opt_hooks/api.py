@@ -143,7 +143,7 @@ class Monitor:
         self.router = Router(self.views, lam, options, nonfinite)
         # (x, z, index, held, w, window, inputs) per batch
         self.seen: dict[str, list[tuple[Tensor, ...]]] = {key: [] for key in self.views}
-        self._tap = CodeTap(model, self.views, self._on_codes)
+        self._tap: CodeTap | None = None  # while attached: it holds self._on_codes
         self._input_handle = None
         self._windows = self._tokens = 0
         self._pending_tokens: Tensor | None = None  # ids seen at the embedding, not yet numbered
@@ -157,11 +157,13 @@ class Monitor:
         embed = getattr(self.model, "embed", None)
         target = embed if isinstance(embed, torch.nn.Module) else self.model
         self._input_handle = target.register_forward_pre_hook(self._on_input, with_kwargs=True)
-        self._tap.__enter__()
+        self._tap = CodeTap(self.model, self.views, self._on_codes).__enter__()
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self._tap.__exit__(*exc_info)
+        if self._tap is not None:
+            self._tap.__exit__(*exc_info)
+        self._tap = None  # a tap kept after the block would hold this monitor in a reference cycle
         if self._input_handle is not None:
             self._input_handle.remove()
             self._input_handle = None

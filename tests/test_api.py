@@ -392,15 +392,18 @@ def test_monitor_leaves_the_hooks_as_they_were_and_equals_the_audit(tiny_model, 
 
 
 def test_a_finished_audit_leaves_nothing_for_the_cycle_collector(tiny_model, windows, sae1):
-    """A dropped result frees the audit's statistics and plans at once, without a full garbage
-    collection: a reference cycle through the tap once held them (about 2 GB per audit at
+    """A dropped result (or monitor) frees the audit's statistics and plans at once, without a full
+    garbage collection: a reference cycle through the tap once held them (about 2 GB per audit at
     Gemma-2-2B widths, and every later audit in the same process ran slower)."""
     gc.collect()
     gc.disable()
     try:
         result = audit_tokens(tiny_model, sae1, windows)
         assert result.layers[HOOK1].n_tokens > 0
-        del result
+        with oh.monitor(tiny_model, sae1, held_out=HELD_OUT) as mon:
+            tiny_model(windows[:BATCH], return_type=None)
+        assert mon.result().layers[HOOK1].n_tokens > 0
+        del result, mon
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
         left = [o for o in gc.garbage if isinstance(o, torch.Tensor)]
