@@ -96,9 +96,10 @@ def nearest_atoms(atoms: Tensor, alive: Tensor, k: int, *, above: float, below: 
     through its transpose, its columns. An entry is kept when its float32 value is within the float32
     rounding bound of a threshold, and its float64 rho decides: the result is that of an exact Gram
     matrix, without a top-k pass over every block. Each block is first formed in the `screen` format
-    (default `fast_format`: bfloat16 on matrix units, else float32); only its rows with an entry
-    within that format's bound of a threshold are formed in float32 (in bfloat16, a few rows of
-    each block, for thresholds several spreads beyond unrelated pairs). Square blocks keep both
+    (default `fast_format`: bfloat16 on matrix units, else float32); only its entries within that
+    format's bound of a threshold are formed in float32 (in bfloat16, a few per row at most, for
+    thresholds several spreads beyond unrelated pairs), found through the rows whose largest or
+    smallest entry lies there. Square blocks keep both
     operands small: a block of rows against all K atoms would repack a (d, K) operand at every
     product. Kept entries are few; whenever they outgrow 8 k per atom they are cut to the ones some
     atom ranks among its k, so memory stays O(k K) on any dictionary."""

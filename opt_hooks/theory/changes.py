@@ -98,8 +98,8 @@ def once(family: object, stats: LayerStatistics, compute):
 
 
 def held_out_constant(family: object, name: str, like: Tensor, compute):
-    """A (K, d)-sized constant of a family's held-out change, in `like`'s dtype and device, built
-    once: every held-out batch, and every window of one, reads it (rebuilding it per window cost
+    """A (K, d)- or (F, d)-sized constant of a family's held-out change, in `like`'s dtype and
+    device, built once: every held-out batch, and every window of one, reads it (rebuilding it per window cost
     as much as the window's own arithmetic)."""
     store = family.__dict__.setdefault("_held_out_constants", {})
     key = (name, like.dtype, like.device)

@@ -153,8 +153,7 @@ class SparseBatch:
         self.n_tokens, self.n_features = z.shape
         self.rows, self.cols = z.nonzero(as_tuple=True)  # row-major: columns ascending within a row
         self.values = z[self.rows, self.cols]
-        self.crow = torch.zeros(self.n_tokens + 1, dtype=torch.int64, device=z.device)
-        self.crow[1:] = torch.bincount(self.rows, minlength=self.n_tokens).cumsum(0)
+        self.crow = row_pointers(torch.bincount(self.rows, minlength=self.n_tokens))
 
     @functools.cached_property
     def by_feature(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -169,9 +168,7 @@ class SparseBatch:
     def transposed(self, dtype: torch.dtype) -> Tensor:
         """The codes transposed, (K, n), as a sparse CSR tensor: z^T products cost nnz x d."""
         order, _, count = self.by_feature
-        crow = torch.zeros(self.n_features + 1, dtype=torch.int64, device=self.cols.device)
-        crow[1:] = count.cumsum(0)
-        return csr_matrix(crow, self.rows[order], self.values[order].to(dtype), (self.n_features, self.n_tokens))
+        return csr_matrix(row_pointers(count), self.rows[order], self.values[order].to(dtype), (self.n_features, self.n_tokens))
 
     def per_feature(self, values: Tensor, reduce: str = "sum") -> Tensor:
         """(K,) float64 reduction of one value per entry over each feature's entries."""
@@ -320,12 +317,9 @@ def _concatenate_rows(chunks: list[CSR]) -> CSR:
     """Stack the chunks' rows in the given order (values promoted to the widest dtype)."""
     if len(chunks) == 1:
         return chunks[0]
-    row_lengths = torch.cat([c.crow.diff() for c in chunks])
-    crow = torch.zeros(row_lengths.numel() + 1, dtype=torch.int64, device=row_lengths.device)
-    crow[1:] = row_lengths.cumsum(0)
     return CSR(
         token_index=torch.cat([c.token_index for c in chunks]),
-        crow=crow,
+        crow=row_pointers(torch.cat([c.crow.diff() for c in chunks])),
         col=torch.cat([c.col for c in chunks]),
         val=torch.cat([c.val for c in chunks]),
         n_features=chunks[0].n_features,
@@ -347,14 +341,21 @@ def _concatenate_weights(chunks: list[CSR]) -> Tensor | None:
 def _sort_rows(csr: CSR, order: Tensor) -> CSR:
     """Permute whole rows: new row r is old row order[r]."""
     lengths = csr.crow.diff()[order]
-    crow = torch.zeros_like(csr.crow)
-    crow[1:] = lengths.cumsum(0)
+    crow = row_pointers(lengths)
     new_row = torch.repeat_interleave(torch.arange(order.numel(), device=order.device), lengths)
     offset_in_row = torch.arange(csr.nnz, device=order.device) - crow[new_row]
     source = csr.crow[order][new_row] + offset_in_row
     aux = None if csr.aux is None else csr.aux[source]
     weight = None if csr.weight is None else csr.weight[order]
     return CSR(csr.token_index[order], crow, csr.col[source], csr.val[source], csr.n_features, aux, weight)
+
+
+def row_pointers(lengths: Tensor) -> Tensor:
+    """(R + 1,) int64 CSR row pointers of rows with these (R,) lengths: row r's entries are
+    crow[r] .. crow[r + 1] - 1."""
+    crow = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=lengths.device)
+    crow[1:] = lengths.cumsum(0)
+    return crow
 
 
 def csr_matrix(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:

@@ -4,7 +4,7 @@ A threshold test on a product formed in a low-precision format is exact wherever
 farther from the threshold than the format's rounding bound (`ProductFormat.dot_bound`); entries
 closer than that are recomputed in a finer format. bfloat16 products run several times faster than
 float32 ones on matrix units (AMX on recent Xeons, tensor cores on GPUs; `fast_format`), so a screen
-in bfloat16 followed by float32 products of the few rows it leaves costs a fraction of a float32
+in bfloat16 followed by float32 products of the few entries it leaves costs a fraction of a float32
 pass, with the same result.
 
 Pure tensor code: no TransformerLens / SAE-Lens import.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from opt_hooks.theory.codes import csr_matrix
+from opt_hooks.theory.codes import csr_matrix, row_pointers
 
 FLOAT32_UNIT = 2.0**-24  # unit roundoff of float32, the accumulator of every format below
 SUBNORMAL_SLACK = 2.0**-120  # per term: covers the absolute rounding error of subnormal numbers
@@ -87,9 +87,7 @@ def sampled_dots(left: Tensor, right: Tensor, rows: Tensor, cols: Tensor) -> Ten
     dtype = torch.promote_types(left.dtype, right.dtype)
     n_cols = right.shape[0]
     keys, inverse = torch.unique(rows * n_cols + cols, return_inverse=True)  # sorted: by row, then col
-    unique_rows = keys // n_cols
-    crow = torch.zeros(left.shape[0] + 1, dtype=torch.int64, device=left.device)
-    crow[1:] = torch.bincount(unique_rows, minlength=left.shape[0]).cumsum(0)
+    crow = row_pointers(torch.bincount(keys // n_cols, minlength=left.shape[0]))
     pattern = csr_matrix(crow, keys % n_cols, torch.ones(len(keys), dtype=dtype, device=left.device), (left.shape[0], n_cols))
     dots = torch.sparse.sampled_addmm(pattern, left.to(dtype), right.to(dtype).T, beta=0.0).values()
     return dots.double()[inverse]
