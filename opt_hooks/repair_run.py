@@ -25,6 +25,11 @@ first round's lam, so every round optimises the same objective.
 Transcoders are repaired in their output space (THEORY.md section 8): their rows are (input,
 target) pairs, their objective the squared error of `transcoder(x)` against the output hook's y
 plus lam times the L1 term; respawn does not apply to them (`sae_edit.refusal`).
+
+Matching-pursuit SAEs are tied (a pursuit over W_dec, no W_enc or b_enc): floors, code scales and
+respawn are refused (`sae_edit.refusal`), and so is the bias step where the SAE adds no b_dec. The
+atom turns and the bias step they take move the pursuit's codes as well; every chain version is
+measured by re-encoding with its own `encode` (`sae_objective`), so that is what is judged.
 """
 from __future__ import annotations
 

@@ -32,6 +32,13 @@ TRAINING_KINDS: dict[str, tuple[type, type, dict[str, Any]]] = {
         sae_lens.MatryoshkaBatchTopKTrainingSAEConfig,
         {"k": 4, "matryoshka_widths": [8]},  # the last width, d_sae, is appended below
     ),
+    # a pursuit of at most 4 steps, stopped early below residual norm 0.1 (sae_lens sets
+    # decoder_init_norm to 1.0 for it, with a warning unless it is given)
+    "matching_pursuit": (
+        sae_lens.MatchingPursuitTrainingSAE,
+        sae_lens.MatchingPursuitTrainingSAEConfig,
+        {"residual_threshold": 0.1, "max_iterations": 4, "decoder_init_norm": 1.0},
+    ),
 }
 
 
@@ -79,7 +86,8 @@ def train_sae(
 
 
 def to_inference(sae: sae_lens.TrainingSAE, folder: Path) -> sae_lens.SAE:
-    """The inference SAE sae_lens saves for `sae` (BatchTopK and Matryoshka become JumpReLU)."""
+    """The inference SAE sae_lens saves for `sae` (BatchTopK and Matryoshka become JumpReLU, matching
+    pursuit stays a MatchingPursuitSAE)."""
     sae.save_inference_model(folder)
     return sae_lens.SAE.load_from_disk(folder, dtype=str(sae.W_dec.dtype).removeprefix("torch.")).eval()
 

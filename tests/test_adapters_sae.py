@@ -31,6 +31,16 @@ KINDS = {
         sae_lens.MatryoshkaBatchTopKTrainingSAEConfig,
         {"k": 3, "matryoshka_widths": [4, D_SAE]},
     ),
+    # a tied pursuit over W_dec; b_dec is applied only with apply_b_dec_to_input (tests/test_matching_pursuit.py)
+    "matching_pursuit": (sae_lens.MatchingPursuitSAE, sae_lens.MatchingPursuitSAEConfig, {"max_iterations": 4}),
+    "matching_pursuit_no_bias": (
+        sae_lens.MatchingPursuitSAE, sae_lens.MatchingPursuitSAEConfig,
+        {"max_iterations": 4, "apply_b_dec_to_input": False},
+    ),
+    "matching_pursuit_training": (
+        sae_lens.MatchingPursuitTrainingSAE, sae_lens.MatchingPursuitTrainingSAEConfig,
+        {"residual_threshold": 0.5, "decoder_init_norm": 1.0},
+    ),
 }
 MODES = ("none", "expected_average_only_in", "covariance_whitening")
 WEIGHTED_MODES = ("constant_norm_rescale", "layer_norm")  # their training loss weights tokens
@@ -71,12 +81,18 @@ def sae_lens_reference(sae, acts):
         _, cache = sae.run_with_cache(acts)
     x = cache["hook_sae_input"]
     error = x - cache["hook_sae_recons"]
-    codes = cache["hook_sae_acts_post"].reshape(-1, sae.cfg.d_sae)
+    if "hook_sae_acts_post" in cache:
+        codes = cache["hook_sae_acts_post"].reshape(-1, sae.cfg.d_sae)
+    else:  # a matching-pursuit SAE's encode runs no hook on its codes
+        with torch.no_grad():
+            codes = sae.encode(acts).reshape(-1, sae.cfg.d_sae)
     return x.reshape(-1, sae.cfg.d_in), error.reshape(-1, sae.cfg.d_in), codes
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind, mode", [
+    (kind, mode) for kind in KINDS for mode in MODES
+    if (kind, mode) != ("matching_pursuit_training", "covariance_whitening")  # sae_lens refuses to train it
+])
 def test_residual_is_the_sae_reconstruction_error(kind, mode):
     sae = build(kind, normalize=mode)
     view = view_of(sae)
@@ -208,6 +224,10 @@ def test_lam_and_scope_by_architecture():
         view = SAEView(build(kind))
         assert (view.architecture, view.scope, view.lam) == (architecture, f"L1 surrogate ({architecture})", None)
     assert any("per batch" in note for note in SAEView(build("batchtopk_training")).notes)
+    for kind in ("matching_pursuit", "matching_pursuit_no_bias", "matching_pursuit_training"):
+        view = SAEView(build(kind))  # no L1 term: an L0 budget (residual threshold, iterations)
+        assert (view.architecture, view.scope, view.lam) == ("matching_pursuit", "L1 surrogate (matching_pursuit)", None)
+        assert any("greedy pursuit over W_dec" in note for note in view.notes)
 
     with pytest.raises(ValueError, match="lam must be"):
         SAEView(build("standard"), lam=-1.0)
@@ -285,6 +305,8 @@ def test_external_normalisation_warns():
     with pytest.warns(UserWarning, match="fold_activation_norm_scaling_factor"):
         view = SAEView(build("standard", normalize="expected_average_only_in"))
     assert any("expected_average_only_in" in note for note in view.notes)
+    with pytest.warns(UserWarning, match="cannot fold whitening"):
+        SAEView(build("matching_pursuit", normalize="covariance_whitening"))
 
 
 def test_width_mismatch_names_both_widths():

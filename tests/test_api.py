@@ -471,6 +471,8 @@ ARCHITECTURE_CASES = [
     ("batchtopk", True, "L1 surrogate (jumprelu)", True),  # sae_lens saves BatchTopK as JumpReLU
     ("matryoshka_batchtopk", False, "L1 surrogate (matryoshka_batchtopk)", True),
     ("matryoshka_batchtopk", True, "L1 surrogate (jumprelu)", True),
+    ("matching_pursuit", False, "L1 surrogate (matching_pursuit)", True),
+    ("matching_pursuit", True, "L1 surrogate (matching_pursuit)", True),  # saved as a MatchingPursuitSAE
 ]
 assert {kind for kind, *_ in ARCHITECTURE_CASES} == set(TRAINING_KINDS)
 

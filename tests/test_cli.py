@@ -208,20 +208,26 @@ def paragraphs(n: int = 300) -> list[str]:
     return [f"Paragraph {k}: the dog and the labrador walk home." for k in range(n)]
 
 
+def report_on_tiny_model(tmp_path: Path, tokenizer, *flags: str) -> tuple[Path, dict]:
+    """`opt-hooks report` of the SAEs that `flags` name on a tiny GPT-2 folder, over a corpus of
+    `paragraphs()` (1k tokens, context 32): its --out folder and its report.json."""
+    model_dir = tiny_model_folder(tmp_path / "tiny-gpt2", tokenizer)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(paragraphs()))
+    out = tmp_path / "out"
+    argv = ["report", "--model", str(model_dir), *flags,
+            "--dataset", str(corpus), "--tokens", "1k", "--context-size", "32", "--out", str(out), "--quiet"]
+    assert cli.main(argv) == cli.EXIT_OK, (out / "run.log").read_text()
+    return out, json.loads((out / "report.json").read_text())
+
+
 def test_local_model_folder_and_sae_folders(tmp_path, minilm_tokenizer, capsys):
     """The user path, offline: a Hugging Face folder (booted as a TransformerBridge) and two
     sae_lens SAE folders chosen with a {layer} template."""
-    model_dir = tiny_model_folder(tmp_path / "tiny-gpt2", minilm_tokenizer)
     for layer in (0, 2):
         sae_folder(tmp_path / f"sae_{layer}", layer)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(paragraphs()))
-
-    out = tmp_path / "out"
-    argv = ["report", "--model", str(model_dir), "--sae-path", str(tmp_path / "sae_{layer}"), "--layers", "0,2",
-            "--dataset", str(corpus), "--tokens", "1k", "--context-size", "32", "--out", str(out), "--quiet"]
-    assert cli.main(argv) == cli.EXIT_OK, (out / "run.log").read_text()
-    report = json.loads((out / "report.json").read_text())
+    _, report = report_on_tiny_model(tmp_path, minilm_tokenizer, "--sae-path", str(tmp_path / "sae_{layer}"),
+                                     "--layers", "0,2")
     assert list(report["layers"]) == ["blocks.0.hook_resid_pre", "blocks.2.hook_resid_pre"]
     assert report["meta"]["run"]["sae_paths"] == [str(tmp_path / "sae_0"), str(tmp_path / "sae_2")]
     assert capsys.readouterr().out == ""
@@ -627,16 +633,10 @@ def test_transcoder_folder_on_a_local_model(tmp_path, minilm_tokenizer):
 
 
 def test_two_sae_folders_on_one_hook(tmp_path, minilm_tokenizer):
-    model_dir = tiny_model_folder(tmp_path / "tiny-gpt2", minilm_tokenizer)
     sae_folder(tmp_path / "a", 2)
     sae_folder(tmp_path / "b", 2)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(paragraphs()))
-    out = tmp_path / "out"
-    argv = ["report", "--model", str(model_dir), "--sae-path", str(tmp_path / "a"), str(tmp_path / "b"),
-            "--dataset", str(corpus), "--tokens", "1k", "--context-size", "32", "--out", str(out), "--quiet"]
-    assert cli.main(argv) == cli.EXIT_OK, (out / "run.log").read_text()
-    layers = json.loads((out / "report.json").read_text())["layers"]
+    out, report = report_on_tiny_model(tmp_path, minilm_tokenizer, "--sae-path", str(tmp_path / "a"), str(tmp_path / "b"))
+    layers = report["layers"]
     assert list(layers) == ["blocks.2.hook_resid_pre/sae0", "blocks.2.hook_resid_pre/sae1"]
     assert layers["blocks.2.hook_resid_pre/sae0"]["features"] == layers["blocks.2.hook_resid_pre/sae1"]["features"]
     assert sorted(p.name for p in (out / "tables").iterdir()) == ["blocks.2.hook_resid_pre_sae0", "blocks.2.hook_resid_pre_sae1"]

@@ -26,7 +26,7 @@ import torch
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint, LensHandle
 
-from opt_hooks.adapters.sae import SAEView
+from opt_hooks.adapters.sae import PURSUIT_ARCHITECTURES, SAEView
 
 OnBatch = Callable[[str, torch.Tensor], None]
 # (key, x, z, w, inputs): theory units (see SAEView.units)
@@ -179,6 +179,13 @@ def sae_routes(model: torch.nn.Module, views: Mapping[str, SAEView]) -> dict[str
             routes.setdefault(spliced_hook_name(model, own_splice, view.sae, "hook_sae_acts_post"), []).append(
                 (key, "spliced codes"))
         elif own_splice is not None:
+            if view.architecture in PURSUIT_ARCHITECTURES:
+                raise ValueError(
+                    f"{key}: a matching-pursuit SAE spliced into the model computes its codes without "
+                    "hook_sae_acts_post (its pursuit runs no hook), so its codes cannot be read where it runs; "
+                    "audit it beside the model instead: model.reset_saes(), then oh.audit(model, sae, ...) reads "
+                    f"{own_splice!r} and encodes it once"
+                )
             routes.setdefault(spliced_hook_name(model, own_splice, view.sae, "hook_sae_input"), []).append((key, "input"))
             routes.setdefault(spliced_hook_name(model, own_splice, view.sae, "hook_sae_acts_post"), []).append((key, "codes"))
         elif view.is_transcoder:

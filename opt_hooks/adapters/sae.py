@@ -7,7 +7,8 @@ the engine works with, all in the SAE's own internal space:
                 (`run_time_activation_norm_fn_in`), before any b_dec subtraction;
 - atoms (K, d): W_dec rows scaled to unit norm;
 - z     (n, K): the codes that multiply those unit atoms in the SAE's own decode;
-- bias  (d,):   b_dec,
+- bias  (d,):   b_dec where the SAE's decode adds it (0 for a matching-pursuit SAE with
+                `apply_b_dec_to_input` False, whose reconstruction has no bias),
 
 so that r = x - bias - z @ atoms is exactly the SAE's reconstruction error before its output
 de-normalisation (`hook_sae_recons`); and, for SAEs that normalise each token at run time,
@@ -37,13 +38,22 @@ Decisions documented here because they change results:
   loss is `sum((x_hat - x)**2) + l1_coefficient * sum_i f_i * ||W_dec[i]||` per token (see
   `StandardTrainingSAE.calculate_aux_loss`, lp_norm 1), so lam = l1_coefficient with no
   rescaling. Gated SAEs put their L1 on the gate path (relu(pi_gate) * ||W_dec||), JumpReLU
-  on an L0 surrogate or tanh, the TopK family has no penalty: for those lam is unknown
-  (`lam_source` None) and the conditions that need lam are L1-surrogate statements.
+  on an L0 surrogate or tanh, the TopK family and matching pursuit have no penalty: for those
+  lam is unknown (`lam_source` None) and the conditions that need lam are L1-surrogate statements.
   If a published norm scaling factor c was folded into a standard SAE, its training lam maps
   to lam / c in the folded units.
 - scope: a standard (ReLU) SAE with no training record is assumed to be L1-trained, which is
   what sae_lens' "standard" architecture means, so its scope is exact; lam is then unknown
   and estimated by the engine.
+- Matching pursuit SAEs (`MatchingPursuitSAE`, `MatchingPursuitTrainingSAE`) are tied: their
+  encoder is a greedy pursuit over W_dec (`_encode_matching_pursuit`: each step takes the row
+  of largest positive correlation with the residual and adds relu(<residual, W_dec[i]>) to its
+  code, 0 where no correlation is positive), so their codes are nonnegative and the nonnegative
+  problem of THEORY.md section 1 applies as it stands, with z = f * ||W_dec[i]||. Their decode
+  adds b_dec only where `process_sae_in` subtracted it (`apply_b_dec_to_input`): without it the
+  reconstruction has no bias, so the view's bias is 0 and the theory's free bias (C1's floor,
+  C5) is one the SAE does not have (said in `notes`). No L1 term (an L0 budget through
+  `residual_threshold` / `max_iterations`): lam unknown, scope "L1 surrogate (matching_pursuit)".
 - BatchTopK training SAEs pick codes per batch (top k * n_tokens over the whole batch), so
   their codes depend on which tokens share a batch; the view encodes each batch as
   `sae.encode` does and says so in `notes`.
@@ -73,14 +83,22 @@ import torch
 from sae_lens import SAE
 from sae_lens.saes.transcoder import SkipTranscoder, Transcoder
 
-SUPPORTED_ARCHITECTURES = ("standard", "gated", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk")
+SUPPORTED_ARCHITECTURES = (
+    "standard", "gated", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk", "matching_pursuit",
+)
+# tied: encode is a pursuit over W_dec, and decode adds b_dec only where encode subtracts it
+# (apply_b_dec_to_input)
+PURSUIT_ARCHITECTURES = ("matching_pursuit",)
 # sae_lens' transcoder classes; the plain ReLU ones train the L1 objective of THEORY.md section 8
 TRANSCODER_ARCHITECTURES = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
 _L1_TRANSCODERS = ("transcoder", "skip_transcoder")
 
 _UNSUPPORTED_REASONS = {
-    "abstopk": "its codes can be negative, and the conditions are about nonnegative codes",
-    "matching_pursuit": "its codes come from an iterative pursuit on W_dec, not a fixed encoder, and can be negative",
+    "abstopk": (
+        "its codes can be negative (it keeps the k pre-activations of largest magnitude with their sign, "
+        "no ReLU), and the conditions are audited for nonnegative codes (signed codes, THEORY.md section 9, "
+        "are not implemented)"
+    ),
     "temporal": "its codes depend on earlier tokens through attention",
 }
 
@@ -198,9 +216,16 @@ class SAEView:
             norms = w_dec.norm(dim=1, keepdim=True)
             return torch.where(norms > 0, w_dec / norms.clamp_min(torch.finfo(self.dtype).tiny), 0.0)
 
+    @property
+    def applies_bias(self) -> bool:
+        """Whether the SAE's reconstruction adds b_dec: always, except for a matching-pursuit SAE
+        with apply_b_dec_to_input False (its decode adds b_dec only where its encoder subtracted it)."""
+        return self.architecture not in PURSUIT_ARCHITECTURES or bool(self.sae.cfg.apply_b_dec_to_input)
+
     def bias(self) -> torch.Tensor:
-        """(d,) b_dec, the theory's bias b."""
-        return self.sae.b_dec.detach().to(self.dtype)
+        """(d,) the theory's bias b: b_dec, or 0 where the SAE adds no bias (`applies_bias`)."""
+        b_dec = self.sae.b_dec.detach().to(self.dtype)
+        return b_dec if self.applies_bias else torch.zeros_like(b_dec)
 
     def units(
         self, acts: torch.Tensor, acts_out: torch.Tensor | None = None, feature_acts: torch.Tensor | None = None
@@ -373,12 +398,34 @@ class SAEView:
                 "(sae.fold_activation_norm_scaling_factor / sae.fold_activation_whitening) to audit "
                 "the SAE in the space it was trained in"
             )
+            if self.architecture in PURSUIT_ARCHITECTURES and mode == "covariance_whitening":
+                message += (" (a matching-pursuit SAE cannot fold whitening: its encoder is tied to W_dec, "
+                            "and sae_lens refuses to train one with it)")
             warnings.warn(message, UserWarning, stacklevel=3)
             self.notes.append(message)
+        if self.architecture in PURSUIT_ARCHITECTURES:
+            self._note_matching_pursuit()
         if self.architecture in ("batchtopk", "matryoshka_batchtopk"):
             self.notes.append(
                 "BatchTopK codes are chosen per batch (top k * n_tokens over the whole batch), so "
                 "they depend on which tokens share a batch"
+            )
+
+    def _note_matching_pursuit(self) -> None:
+        self.notes.append(
+            "matching pursuit: the codes come from a greedy pursuit over W_dec (a tied encoder: no W_enc or "
+            "b_enc), each step adding relu(<residual, W_dec[i]>) to the latent of largest positive "
+            "correlation, so they are nonnegative. No L1 term (an L0 budget: residual_threshold "
+            f"{self.sae.cfg.residual_threshold:g}, max_iterations {self.sae.cfg.max_iterations or self.d_in}): "
+            "the conditions are the L1 surrogate's, with lam estimated or unknown. Certificates keep the codes "
+            "fixed; a change of W_dec or b_dec also moves the pursuit's codes (only a repair's validation, "
+            "which re-encodes, measures that), and code scales or thresholds have no parameter to go into"
+        )
+        if not self.applies_bias:
+            self.notes.append(
+                "apply_b_dec_to_input is False: this matching-pursuit SAE's reconstruction has no bias (its "
+                "decode adds b_dec only where its encoder subtracts it), so the bias is 0; C1's floor and "
+                "C5's step move a free bias the SAE does not have, and a repair cannot write them into b_dec"
             )
 
     def __repr__(self) -> str:

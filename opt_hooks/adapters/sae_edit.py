@@ -24,6 +24,13 @@ bias b = b_dec, all in the SAE's internal space), the changes a certificate make
 Transcoders (sae_lens' Transcoder classes) take every change but `plant`: the residual a
 resampled latent points at lives in their output space, while its encoder row must read the input.
 
+Matching-pursuit SAEs are tied: their encoder is a pursuit over W_dec, with no W_enc or b_enc, so
+the encoder-side changes (`lower_codes`, `scale_codes`, `plant`, `merge`) have no parameter to go
+into and are refused. `turn_atoms` writes W_dec and `shift_bias` b_dec (where the SAE applies it,
+`apply_b_dec_to_input`; without it the SAE has no bias and the shift is refused), but the pursuit
+reads both, so its codes move with them: these changes are not the audit's fixed-code change, and
+only the repair's validation (which re-encodes with the SAE's own `encode`) measures them.
+
 What a class cannot express raises `NotExpressible` with the reason (a TopK encoder keeps the k
 largest pre-activations, so lowering or adding one moves the others). Every exact change is
 checked against the audit's own closed form in tests/test_repair.py.
@@ -36,6 +43,7 @@ import torch
 from sae_lens import SAE
 
 TOPK_CODES = ("topk", "batchtopk", "matryoshka_batchtopk")
+PURSUIT_CODES = ("matching_pursuit",)  # tied: the encoder is a pursuit over W_dec
 JUMPRELU_CODES = ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder")  # a threshold per latent
 
 
@@ -44,16 +52,22 @@ class NotExpressible(ValueError):
 
 
 _WHAT = {"lower": "lowering one latent's codes", "plant": "resampling a latent with its own code rule",
-         "merge": "merging two latents", "scale": "scaling one latent's codes"}
+         "merge": "merging two latents", "scale": "scaling one latent's codes",
+         "silence": "silencing one latent"}
 
 
 def refusal(sae: SAE, change: str) -> str | None:
-    """Why this SAE's class cannot make `change` ("lower", "plant", "merge", "scale") exactly, or None."""
+    """Why this SAE's class cannot make `change` ("lower", "plant", "merge", "scale", "silence") exactly,
+    or None."""
     architecture = sae.cfg.architecture()
     what = _WHAT[change]
     if "transcoder" in architecture and change == "plant":
         return (f"{what} is not expressible in a {architecture}: the residual it points at lives in the output "
                 "space, while its encoder row must read the input")
+    if architecture in PURSUIT_CODES:
+        return (f"{what} is not expressible in a {architecture} SAE: its codes come from a pursuit over W_dec "
+                "(a tied encoder, with no W_enc or b_enc), so no parameter scales, thresholds or adds one "
+                "latent's codes, and a change of W_dec moves every latent's")
     if architecture in TOPK_CODES:
         if change == "scale" and not getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
             return None  # the decoder row's norm scales z = f ||W_dec[i]|| and leaves the ranking alone
@@ -102,7 +116,16 @@ class SAEEdit:
     def shift_bias(self, delta: torch.Tensor) -> None:
         sae = self.sae
         delta = delta.double().to(sae.b_dec.device)
-        if sae.cfg.apply_b_dec_to_input:  # pre-activations read x - b_dec: keep them as they were
+        if self.architecture in PURSUIT_CODES:
+            if not sae.cfg.apply_b_dec_to_input:
+                raise NotExpressible(
+                    f"shifting the bias is not expressible in this {self.architecture} SAE: with "
+                    "apply_b_dec_to_input False its reconstruction has no bias (decode adds b_dec only where "
+                    "the encoder subtracts it), and turning it on would also move the pursuit's input"
+                )
+            # the pursuit reads x - b_dec and has no bias to compensate: its codes follow the new b_dec
+            # (not the audit's fixed-code change; the repair's validation re-encodes and measures it)
+        elif sae.cfg.apply_b_dec_to_input:  # pre-activations read x - b_dec: keep them as they were
             moved = delta @ sae.W_enc.detach().double()
             if self.architecture == "gated":
                 sae.b_gate.data += moved.to(sae.b_gate.dtype)
@@ -126,6 +149,8 @@ class SAEEdit:
 
     @torch.no_grad()
     def turn_atoms(self, ids: torch.Tensor, atoms: torch.Tensor) -> None:
+        """New unit atoms, each decoder row keeping its norm; the encoder is unchanged, except for a
+        matching-pursuit SAE, whose pursuit reads W_dec (its codes follow the new atoms)."""
         ids = ids.long().cpu()
         norms = self._norms()[ids].cpu()
         self._set("W_dec", ids, atoms.double().cpu() / atoms.double().cpu().norm(dim=1, keepdim=True) * norms[:, None])
@@ -196,6 +221,8 @@ class SAEEdit:
 
     @torch.no_grad()
     def silence(self, k: int) -> None:
+        if self.architecture in PURSUIT_CODES:  # its W_enc is W_dec.T: writing it would move the decoder
+            self._refuse("silence")
         self._set("W_enc", (slice(None), k), 0.0)
         if self.architecture == "gated":
             self._set("b_gate", k, -1.0)
