@@ -297,6 +297,7 @@ def _entry(layer: LayerResult, record: AuditRecord) -> dict[str, Any]:
         "certified": layer.condition_counts("certified"),
         "layer_conditions": list(layer.layer_conditions),  # the layer-wide conditions audited here
         "dead": len(layer.dead_features),
+        "flagged_share": layer.flagged_share(),
         "pair_map": {
             "available": bool(layer.pair_map.get("available")),
             "trees": len(trees),
@@ -304,6 +305,8 @@ def _entry(layer: LayerResult, record: AuditRecord) -> dict[str, Any]:
             "duplicates": len(layer.duplicates),
             "duplicate_groups": len(layer.duplicate_groups()),
             "antipodal": len(layer.antipodal),
+            "absorption_score": layer.pair_map.get("absorption_score"),
+            "absorption_score_se": layer.pair_map.get("absorption_score_se"),
         },
         "repair": _repair_entry(layer.hook_name, record.repair),
     }
@@ -329,6 +332,9 @@ def _quantities(entry: dict[str, Any]) -> list[tuple[str, float | None, float | 
     out += [(key, o[key], None) for key in ("mse", "l1", "l0", "explained_variance", "dead_share")]
     for name, gap in entry["gaps"].items():
         out.append((f"{name} gap", None if gap is None else gap["share"], None if gap is None else gap["share_se"]))
+    out.append(("flagged share", entry["flagged_share"], None))
+    m = entry["pair_map"]
+    out.append(("absorption score", m.get("absorption_score"), m.get("absorption_score_se")))
     change = ((entry["repair"] or {}).get("change") or {})
     out.append(("repair change of L", change.get("L"), change.get("se")))
     return out

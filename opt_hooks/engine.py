@@ -17,7 +17,11 @@ and the layer's held-out objective and gaps. Only C4's inactive terms (the G4 si
 every (token, feature), so they are summed in pass 1 when lam is known. The API estimates an
 unknown lam beforehand on the first audit windows (`LamCalibration`); a LayerAudit given
 lam=None estimates it on every audit token after pass 1 and its plan then needs the audit
-tokens again. When no lam can be had, C4, C6 and the code gap are skipped. The plan also builds
+tokens again. When no lam can be had, C4, C6 and the code gap are skipped. A signed SAE (AbsTopK,
+THEORY.md section 9) is audited as its doubled dictionary (`LayerAudit(signed=True)`, theory/signed.py):
+C2 skips each atom's pair with its opposite and the pairs whose moved atom's other sign fires, C3, the
+decoder gap and C6 are tied (one decoder row per latent), and the rows name each atom's latent and
+sign. The plan also builds
 the layer's label-free pair map (opt_hooks/pair_map.py: candidates and exact counts from pass 1's
 codes); pass 2 sums its held-out evidence beside the certificates'.
 
@@ -43,7 +47,7 @@ from opt_hooks.theory import c4_codes
 from opt_hooks.theory.absorption import MapOptions
 from opt_hooks.theory.accumulator import Clustered
 from opt_hooks.theory.c1_floor import FloorCertificates, c1_floor
-from opt_hooks.theory.c2_pairs import PairCertificates, c2_pairs
+from opt_hooks.theory.c2_pairs import PairCertificates, c2_pairs, tied_pairs
 from opt_hooks.theory.c3_decoder import DecoderCertificates, c3_decoder
 from opt_hooks.theory.c4_codes import CodeCertificates, estimate_lam
 from opt_hooks.theory.c5_bias import BiasCertificate, c5_bias
@@ -53,6 +57,7 @@ from opt_hooks.theory.changes import TokenChanges
 from opt_hooks.theory.gaps import DecoderStep
 from opt_hooks.theory.lasso import exact_codes
 from opt_hooks.theory.objective import check_lam
+from opt_hooks.theory.signed import doubled_atoms, latent_and_sign, partners, tied
 from opt_hooks.theory.stats import LamStatistics, LamTotals, LayerStatistics, LayerStats, TokenBatch
 
 
@@ -104,11 +109,13 @@ class LayerAudit:
         options: AuditOptions | None = None,
         meta: dict[str, Any] | None = None,
         skip: Tensor | None = None,
+        signed: bool = False,
     ) -> None:
         """`skip`: a skip transcoder's W_skip (d, d_in), whose batches then carry its inputs x_n
         (`update(..., inputs=)`) for C7; None for SAEs and plain transcoders. A transcoder's x is
         the target its dictionary reconstructs, y_n - W_skip x_n (THEORY.md section 8); W_skip
-        gives back y_n for the held-out explained variance."""
+        gives back y_n for the held-out explained variance. `signed`: a signed SAE's doubled
+        dictionary, atoms [d; -d] (2K, d) and codes [relu(z), relu(-z)] (theory/signed.py)."""
         if lam is not None:
             check_lam(lam)
         # lam None: estimated from every audit token once pass 1 is done (pass 2 then streams
@@ -118,6 +125,9 @@ class LayerAudit:
         self.lam_unavailable = lam_unavailable
         if not (torch.isfinite(atoms).all() and torch.isfinite(bias).all()):
             raise ValueError(f"{hook_name}: non-finite values (NaN or inf) in the SAE's decoder or b_dec")
+        if signed and not torch.equal(atoms, doubled_atoms(atoms[: atoms.shape[0] // 2])):
+            raise ValueError(f"{hook_name}: a signed SAE's atoms are its doubled dictionary [d; -d] (2K, d)")
+        self.signed = signed
         self.atoms, self.bias, self.lam = atoms, bias, lam
         self.hook_name, self.architecture, self.scope = hook_name, architecture, scope
         self.options = options or AuditOptions()
@@ -203,11 +213,14 @@ class AuditPlan:
         self.lam_estimated = audit.lam_estimated
         self.lam, self.lam_missing = self._lam()
         self.lam_or_zero = 0.0 if self.lam is None else self.lam  # lam-free certificates read no lam
+        self.signed = signed = audit.signed
         self.floor = c1_floor(stats)
         self.pairs = c2_pairs(stats, self.atoms, rel_tol=self.options.pair_rel_tol)
-        self.decoder = c3_decoder(stats, self.atoms)
+        # a signed SAE: the pairs of the tied problem only (theory/c2_pairs.py), the others counted
+        self.pairs, self.untied_pairs = tied_pairs(self.pairs, stats.active_count) if signed else (self.pairs, 0)
+        self.decoder = c3_decoder(stats, self.atoms, signed=signed)  # a signed SAE: per latent, tied
         self.bias_check = c5_bias(stats)
-        self.spare = None if self.lam is None else c6_spare(stats, self.lam)
+        self.spare = None if self.lam is None else c6_spare(stats, self.lam, signed=signed)
         self.skip = None if stats.sum_rx is None else c7_skip(stats)
         self.families = self._build_certificates()
         self.audit_changes: dict[str, tuple[Tensor, Tensor]] = {}
@@ -219,7 +232,8 @@ class AuditPlan:
         self.needs_audit_tokens = self.lam is not None and stats.lam_totals is None
         self.state = _Pass2State(self.families, self.atoms.shape, self.atoms.device, self.needs_audit_tokens,
                                  self.options.code_gap_tokens)
-        self.pair_map = PairMap(stats.codes, stats.active_count, stats.n_tokens, self.atoms, self.options.pair_map)
+        self.pair_map = PairMap(stats.codes, stats.active_count, stats.n_tokens, self.atoms, self.options.pair_map,
+                                signed=signed)
         self.pair_map.add_states(self.state)
 
     def _lam(self) -> tuple[float | None, str | None]:
@@ -253,15 +267,21 @@ class AuditPlan:
                 order = order[: opts.max_pairs]
             self.pair_order = order
             p = self.pairs
+            j = p.j[order].to(dev)
             families["C2"] = PairCertificates(
-                p.i[order].to(dev), p.j[order].to(dev), p.kind[order].to(dev), p.bound[order].to(dev), p.rho[order].to(dev)
+                p.i[order].to(dev), j, p.kind[order].to(dev), p.bound[order].to(dev), p.rho[order].to(dev),
+                partners(len(self.atoms), dev)[j] if self.signed else None,  # tied: -d_j turns with d_j
             )
         else:
             self.pair_order = candidates
-        decoder_ids = idx((self.decoder.size > opts.c3_tol) & (st.active_count > 0))
+        # a signed SAE: one tied certificate per live latent, on its positive atom and, turning with
+        # it, its negative one (the latent's row K + i)
+        alive_rows = tied(st.active_count, 1) > 0 if self.signed else st.active_count > 0
+        decoder_ids = idx((self.decoder.size > opts.c3_tol) & alive_rows.to(self.decoder.size.device))
         grads = self.decoder.gradient.to(dev)[decoder_ids]
         families["C3"] = DecoderCertificates(
-            decoder_ids, self.atoms[decoder_ids].double(), grads / grads.norm(dim=-1, keepdim=True)
+            decoder_ids, self.atoms[decoder_ids].double(), grads / grads.norm(dim=-1, keepdim=True),
+            decoder_ids + len(self.atoms) // 2 if self.signed else None,
         )
         if self.lam is not None:
             families["C4"] = CodeCertificates(alive, self.atoms[alive].double())
@@ -270,11 +290,14 @@ class AuditPlan:
         if self.skip is not None and self.skip.size > opts.c7_tol:
             families["C7"] = SkipCertificate(self.skip.gradient.to(dev) / self.skip.norm)
         if self.spare is not None and self.spare.violated:
-            dead = int(torch.nonzero(self.spare.dead)[0])
-            spare = SpareCertificate.best_of(st, dead, self.atoms[dead], self.lam)
+            dead = int(torch.nonzero(self.spare.dead)[0])  # a signed SAE: a latent dead in both signs
+            partner = dead + len(self.atoms) // 2 if self.signed else None
+            spare = SpareCertificate.best_of(st, dead, self.atoms[dead], self.lam, partner)
             if spare is not None:
                 families["C6"] = spare
-        families["decoder"] = DecoderStep(self.decoder.gradient.to(dev))
+        # a signed SAE: each latent's tied gradient g_i moves d_i, and -g_i its opposite -d_i
+        gradient = self.decoder.gradient.to(dev)
+        families["decoder"] = DecoderStep(doubled_atoms(gradient) if self.signed else gradient)
         return families
 
     @property
@@ -584,6 +607,9 @@ class _LayerAssembler:
             if name not in plan.families:
                 continue
             features = plan.families[name].features.cpu()
+            if name == "C3" and plan.signed:  # tied: a latent's check, judged against both signs' worth
+                self._tied_checks(found, features)
+                continue
             for k, check in zip(features.tolist(), self.checks(name, self.values[features])):
                 if check.tier != "satisfied":
                     found[k][name] = check
@@ -609,6 +635,12 @@ class _LayerAssembler:
                 f"{len(plan.pairs) - plan.duplicate_pairs} C2 pairs violated; certificates evaluated for the "
                 f"{len(plan.pair_order)} with the largest margins (AuditOptions.max_pairs)"
             )
+        if plan.untied_pairs:
+            notes.append(
+                f"{plan.untied_pairs} C2 violation(s) left out: their moved latent j fires with its other sign "
+                "too, and its decoder row turns for both signs, so the pair condition is not one of the signed "
+                "SAE's own problem there (THEORY.md section 9)"
+            )
         if plan.duplicate_pairs:
             notes.append(
                 f"{plan.duplicate_pairs} C2 violation(s) between near-duplicate latents (rho >= "
@@ -624,17 +656,43 @@ class _LayerAssembler:
         mapped = {f for r in absorption for f in (r.parent, r.child)}
         mapped |= {f for r in [*pair_map.duplicates, *pair_map.antipodal] for f in (r.i, r.j)}
         rows = self._feature_rows(found, mapped)
-        return LayerResult(
+        layer = LayerResult(
             hook_name=plan.audit.hook_name, architecture=plan.audit.architecture, scope=plan.audit.scope,
             lam=plan.lam, lam_estimated=plan.lam_estimated and plan.lam is not None,
-            d_in=int(plan.audit.meta.get("d_in") or plan.atoms.shape[1]), d_sae=n_features, n_tokens=st.n_tokens, n_held_out=self.n_held,
-            features=rows, pairs=pairs, layer_conditions=layer_conditions,
+            d_in=int(plan.audit.meta.get("d_in") or plan.atoms.shape[1]), d_sae=self.n_latents, n_tokens=st.n_tokens,
+            n_held_out=self.n_held, features=rows, pairs=pairs, layer_conditions=layer_conditions,
             objective=self._objective(), gaps=self._gaps(layer_conditions), skipped=skipped,
             n_tests=plan.n_tests, alpha=self.policy.alpha,
-            dead_features=torch.nonzero(st.dead).flatten().tolist(), notes=notes, absorption=absorption,
+            dead_features=torch.nonzero(self.dead_latents).flatten().tolist(), notes=notes, absorption=absorption,
             duplicates=pair_map.duplicates, antipodal=pair_map.antipodal, pair_map=pair_map.settings(),
-            **{k: plan.audit.meta.get(k) for k in ("sae_id", "neuronpedia_id", "hook_name_out")},
+            signed=plan.signed, **{k: plan.audit.meta.get(k) for k in ("sae_id", "neuronpedia_id", "hook_name_out")},
         )
+        if plan.signed:
+            _name_signs(layer)
+        return layer
+
+    @property
+    def n_latents(self) -> int:
+        """The SAE's latents: its atoms, or half of a signed SAE's doubled dictionary."""
+        n_atoms = self.plan.atoms.shape[0]
+        return n_atoms // 2 if self.plan.signed else n_atoms
+
+    @property
+    def dead_latents(self) -> Tensor:
+        """(latents,) bool: off on every audit token (a signed SAE's latent: in both signs)."""
+        counts = self.stats.active_count
+        return (tied(counts, 1) if self.plan.signed else counts) == 0
+
+    def _tied_checks(self, found: list[dict[str, CertificateCheck]], latents: Tensor) -> None:
+        """A signed SAE's tied C3 certificates (one per latent, turning its decoder row for both signs),
+        each judged against the latent's value (both signs' codes removed: v_i+ + v_i-) and listed on the
+        rows of the signs that fire."""
+        n, counts = self.n_latents, self.stats.active_count.cpu()
+        for i, check in zip(latents.tolist(), self.checks("C3", tied(self.values, 1)[latents])):
+            if check.tier != "satisfied":
+                for row in (i, i + n):
+                    if counts[row] > 0:
+                        found[row]["C3"] = check
 
     # -- pairs ----------------------------------------------------------------------------
     def _pairs(self, found: list[dict[str, CertificateCheck]]) -> list[PairRow]:
@@ -708,8 +766,8 @@ class _LayerAssembler:
     def _c6(self) -> dict[str, Any]:
         spare, st, plan = self.plan.spare, self.stats, self.plan
         out: dict[str, Any] = {
-            "n_dead": int(st.dead.sum()),
-            "dead": torch.nonzero(st.dead).flatten().tolist(),
+            "n_dead": int(self.dead_latents.sum()),
+            "dead": torch.nonzero(self.dead_latents).flatten().tolist(),
             "worst_tokens": st.worst_token.tolist(),
             "worst_rnorms": st.worst_rnorm.tolist(),  # w_n ||r_n||: ||r_n|| for an unweighted SAE
             "worst_weighted": bool((st.worst_weight != 1).any()),
@@ -738,7 +796,7 @@ class _LayerAssembler:
             "l1": None if lam is None else lam * float(state.l1_sum) / n, "n_tokens": n,
             "l0": int(state.nnz) / n,
             "explained_variance": 1 - float(state.mse_sum) / spread if spread > 0 else None,
-            "dead_share": float(self.stats.dead.double().mean()),
+            "dead_share": float(self.dead_latents.double().mean()),
         }
 
     def _gaps(self, layer_conditions: dict[str, Any]) -> dict[str, Any]:
@@ -791,7 +849,10 @@ class _LayerAssembler:
                 kept = [(v, t) for v, t in zip(row_values, row_tokens) if v > 0]
                 top[k] = ([v for v, _ in kept], [t for _, t in kept])
         mu, floor = st.mu.tolist(), plan.floor.floor.tolist()
-        counts, maxima, sizes3 = st.active_count.tolist(), st.max_z.tolist(), plan.decoder.size.tolist()
+        sizes3 = plan.decoder.size
+        if plan.signed:  # a latent's tied size, on the rows of both its signs
+            sizes3 = torch.cat([sizes3, sizes3])
+        counts, maxima, sizes3 = st.active_count.tolist(), st.max_z.tolist(), sizes3.tolist()
         g4, size4 = self._g4()
         worth = self.values.tolist()
         rows = []
@@ -838,6 +899,19 @@ def python_gc_paused():
     finally:
         if enabled:
             gc.enable()
+
+
+def _name_signs(layer: LayerResult) -> None:
+    """A signed SAE's rows, built on its doubled dictionary's atoms, renamed to name the SAE's latent
+    and the sign: atom a < d_sae is latent a's "+", atom d_sae + a latent a's "-" (theory/signed.py).
+    The features keep their order: row d_sae + a is latent a's negative sign (`LayerResult.row`)."""
+    n = layer.d_sae
+    for f in layer.features:
+        f.id, f.sign = latent_and_sign(f.id, n)
+    for r in [*layer.pairs, *layer.duplicates, *layer.antipodal]:
+        (r.i, r.sign_i), (r.j, r.sign_j) = latent_and_sign(r.i, n), latent_and_sign(r.j, n)
+    for r in layer.absorption:
+        (r.parent, r.parent_sign), (r.child, r.child_sign) = latent_and_sign(r.parent, n), latent_and_sign(r.child, n)
 
 
 def _unmeasured(condition: str, step: float) -> CertificateCheck:

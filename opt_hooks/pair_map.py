@@ -23,6 +23,7 @@ from opt_hooks.records import AbsorptionRow, AntipodalRow, DuplicateRow
 from opt_hooks.theory import absorption as ab
 from opt_hooks.theory.codes import CSR
 from opt_hooks.theory.pairs import co_counts, pair_rho
+from opt_hooks.theory.signed import partners
 from opt_hooks.theory.stats import TokenBatch
 
 SUMS = ("pair_count", "pair_sum", "pair_sum_sq", "own_count", "own_sum", "own_sum_sq")
@@ -32,9 +33,12 @@ class PairMap:
     """Candidates from each alive atom's nearest atoms; counts exact on the audit tokens."""
 
     def __init__(self, codes: CSR, active_count: Tensor, n_tokens: int, atoms: Tensor,
-                 options: ab.MapOptions | None, chunk_elements: int = ab.DEFAULT_CHUNK_ELEMENTS) -> None:
+                 options: ab.MapOptions | None, chunk_elements: int = ab.DEFAULT_CHUNK_ELEMENTS,
+                 signed: bool = False) -> None:
         """`codes`: pass 1's kept codes of the audit tokens; `active_count` (K,) and `n_tokens`
-        their counts. `options` None (switched off): an empty map that says why."""
+        their counts. `options` None (switched off): an empty map that says why. `signed`: the atoms
+        are a signed SAE's doubled dictionary (THEORY.md section 9), whose pairs (d_i, -d_i), one
+        decoder row, are no antipodal pair."""
         self.options, self.atoms, self.chunk = options, atoms, chunk_elements
         self.n_tokens = n_tokens
         count = active_count.to(atoms.device)
@@ -64,6 +68,8 @@ class PairMap:
                                     near.j[near.rho <= -options.antipodal_rho], n_features)
         dense = options.antipodal_min_share * n_tokens
         anti = (count[anti_i] >= dense) & (count[anti_j] >= dense)
+        if signed:
+            anti &= anti_j != partners(n_features, anti_i.device)[anti_i]
         anti_i, anti_j = anti_i[anti], anti_j[anti]
         # one exact co-activation scan (one index of the codes) for the three kinds of pairs
         co = co_counts(codes, torch.cat([parent, dup_i, anti_i]), torch.cat([child, dup_j, anti_j]),
@@ -73,6 +79,7 @@ class PairMap:
         order = torch.argsort(child[keep], stable=True)  # sorted by child, as held_out_evidence expects
         self.parent, self.child, self.co = parent[keep][order], child[keep][order], co[keep][order]
         self.rho = pair_rho(atoms, self.parent, self.child, chunk_elements)
+        self.score = ab.absorption_score(self.parent, self.child, self.rho, self.co, count)
         self.duplicates = self._duplicates(dup_i, dup_j, dup_co)
         self.antipodal = self._antipodal(anti_i, anti_j, anti_co)
 
@@ -153,7 +160,10 @@ class PairMap:
             return {"available": False}
         return {"available": True, "rho_spread": self.spread, "rho_min": self.rho_min,
                 "min_evidence": o.min_evidence, "duplicate_rho": o.duplicate_rho, "antipodal_rho": o.antipodal_rho,
-                "neighbours": o.neighbours, "measured_pairs": len(self)}
+                "neighbours": o.neighbours, "measured_pairs": len(self),
+                # None, not NaN, where no latent is alive (the score) or one is (its SE)
+                "absorption_score": _finite(self.score.value), "absorption_score_se": _finite(self.score.se),
+                "scored_latents": self.score.n_latents, "absorbing_latents": self.score.n_absorbing}
 
     # -- duplicates and antipodal pairs (atoms and audit counts only) ---------------------
     def _duplicates(self, i: Tensor, j: Tensor, co: Tensor) -> list[DuplicateRow]:
@@ -186,3 +196,7 @@ def _both_orientations(i: Tensor, j: Tensor, n_features: int) -> tuple[Tensor, T
 def _unordered(i: Tensor, j: Tensor, n_features: int) -> tuple[Tensor, Tensor]:
     key = torch.unique(torch.minimum(i, j) * n_features + torch.maximum(i, j))
     return key // n_features, key % n_features
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None

@@ -37,6 +37,12 @@ CONDITIONS = {
 LAYER_CONDITIONS = ("C5", "C6", "C7")
 
 
+def latent_label(latent: int, sign: str | None = None) -> str:
+    """How text names a latent: "12"; one sign of a signed SAE's latent (THEORY.md section 9) as
+    "12+" or "12−"."""
+    return str(latent) if sign is None else f"{latent}{'+' if sign == '+' else '−'}"
+
+
 @dataclass
 class CertificateCheck:
     """A fixed change of the SAE, what it did to the objective L (per token), and its verdict.
@@ -74,7 +80,12 @@ class FeatureRow:
     """One feature of one SAE: its statistics, its findings and their verdicts.
 
     `gain`, `gain_se`, `p_value` and `share` are those of its best certificate (the first of
-    `conditions`); `value` is v_i on the held-out tokens (THEORY.md 3.4)."""
+    `conditions`); `value` is v_i on the held-out tokens (THEORY.md 3.4).
+
+    A signed SAE (AbsTopK, THEORY.md section 9) has two rows per latent `id`, one per `sign` of its
+    codes: each row's statistics are those of that sign's codes (their sizes |z|, zeros where the
+    latent is off or has the other sign), its conditions those of the atom d_i ("+") or -d_i ("-").
+    C3 is the latent's (its decoder row serves both signs): the same check on both rows."""
 
     id: int
     tier: str
@@ -97,6 +108,11 @@ class FeatureRow:
     # per top token with a context (AuditRecord.token_pieces), the feature's code at each of the
     # context's tokens, in top_values' units; [] where no context was kept
     top_context_values: list[list[float]] = field(default_factory=list)
+    sign: str | None = None  # a signed SAE's row: "+" or "-", the sign of latent `id`'s codes; None otherwise
+
+    @property
+    def label(self) -> str:
+        return latent_label(self.id, self.sign)
 
 
 @dataclass
@@ -127,6 +143,8 @@ class PairRow:
     # threshold; drawn in the report's pair plot. None where the engine kept no scatter sample.
     hull_min: float | None = None
     hull_max: float | None = None
+    sign_i: str | None = None  # a signed SAE: the signs of i's and j's codes ("+" / "-"); None otherwise
+    sign_j: str | None = None
 
     @property
     def gain(self) -> float | None:
@@ -156,6 +174,8 @@ class AbsorptionRow:
     evidence_p: float  # one-sided p-value of evidence >= min_evidence failing, before the multiplicity correction
     n_evidence: int  # held-out tokens with the child on and the parent off
     reverse_evidence: float | None  # the same share with the roles swapped (orientation check)
+    parent_sign: str | None = None  # a signed SAE: the signs of the parent's and child's codes; None otherwise
+    child_sign: str | None = None
 
 
 @dataclass
@@ -176,6 +196,8 @@ class DuplicateRow(LatentPair):
     twice; merge them. Never an absorption pair."""
 
     jaccard: float  # co_count / (count_i + count_j - co_count): how often they fire together
+    sign_i: str | None = None  # a signed SAE: the signs of i's and j's codes; None otherwise
+    sign_j: str | None = None
 
 
 @dataclass
@@ -185,6 +207,8 @@ class AntipodalRow(LatentPair):
 
     share: float  # (count_i + count_j - co_count) / audit tokens: the tokens the pair covers
     direction: list[float] = field(default_factory=list)
+    sign_i: str | None = None  # a signed SAE: the signs of i's and j's codes; None otherwise
+    sign_j: str | None = None
 
 
 @dataclass
@@ -218,6 +242,9 @@ class LayerResult:
     duplicates: list[DuplicateRow] = field(default_factory=list)
     antipodal: list[AntipodalRow] = field(default_factory=list)
     pair_map: dict[str, Any] = field(default_factory=dict)  # its thresholds and candidate counts
+    # a signed SAE (AbsTopK, THEORY.md section 9): two feature rows per latent, row k its latent k's
+    # positive sign and row d_sae + k its negative sign (`row`); rows, pairs and map rows carry signs
+    signed: bool = False
 
     TABLES = ("features", "pairs", "absorption", "duplicates", "antipodal")
 
@@ -241,7 +268,8 @@ class LayerResult:
 
     def duplicate_groups(self) -> list[list[int]]:
         """Latents joined by duplicate pairs (connected components), largest group first: each
-        group codes one direction several times and merges into one latent."""
+        group codes one direction several times and merges into one latent. Each latent by its row
+        in `features` (`row`): its id, except for a signed SAE's negative signs."""
         parent: dict[int, int] = {}
 
         def root(k: int) -> int:
@@ -251,30 +279,56 @@ class LayerResult:
             return k
 
         for row in self.duplicates:
-            parent[root(row.i)] = root(row.j)
+            parent[root(self.row(row.i, row.sign_i))] = root(self.row(row.j, row.sign_j))
         groups: dict[int, list[int]] = {}
         for k in sorted(parent):
             groups.setdefault(root(k), []).append(k)
         return sorted(groups.values(), key=lambda g: (-len(g), g[0]))
 
     def absorption_trees(self) -> dict[int, list[AbsorptionRow]]:
-        """Parent latent -> its absorption rows (siblings together), in the map's order."""
+        """Parent -> its absorption rows (siblings together), in the map's order; the parent by its
+        row in `features` (`row`): its latent id, except for a signed SAE's negative signs."""
         trees: dict[int, list[AbsorptionRow]] = {}
         for row in self.absorption:
-            trees.setdefault(row.parent, []).append(row)
+            trees.setdefault(self.row(row.parent, row.parent_sign), []).append(row)
         return trees
 
+    def flagged_latents(self) -> set[int]:
+        """Latents the audit names in any of its tables: a certified finding (C1, C3, C4), a duplicate
+        pair, an absorption row (parent or child), or dead (a signed SAE's latent counts once)."""
+        named = {f.id for f in self.features if f.tier == "certified"} | set(self.dead_features)
+        named |= {k for r in self.duplicates for k in (r.i, r.j)}
+        return named | {k for r in self.absorption for k in (r.parent, r.child)}
+
+    def flagged_share(self) -> float | None:
+        """`flagged_latents` as a share of the SAE's latents: on SynthSAEBench-recipe worlds the audit
+        number that ranked SAEs by ground-truth feature recovery best (docs/VALIDATION.md, section Q)."""
+        return len(self.flagged_latents()) / self.d_sae if self.d_sae else None
+
+    def row(self, latent: int, sign: str | None = None) -> int:
+        """The index in `features` of latent `latent`'s row: the latent itself, except for a signed
+        SAE's negative sign (sign "-"), whose rows follow the positive ones."""
+        return latent + self.d_sae if sign == "-" else latent
+
+    def row_label(self, row: int) -> str:
+        """How text names the latent of row `row` of `features`: its id ("12"), or with a signed SAE's
+        sign ("12+", "12−")."""
+        return self.features[row].label if self.signed else str(row)
+
     def flagged(self) -> list[int]:
-        """Feature ids with a descent, certified first, then by held-out gain (THEORY.md 3.5)."""
-        rows = [f for f in self.features if f.tier != "satisfied"]
-        rows.sort(key=lambda f: rank_key(f.tier, f.gain, (f.id,)))
-        return [f.id for f in rows]
+        """Rows of `features` with a descent, certified first, then by held-out gain (THEORY.md 3.5):
+        their feature ids, except for a signed SAE's negative signs (`row`)."""
+        rows = [k for k, f in enumerate(self.features) if f.tier != "satisfied"]
+        rows.sort(key=lambda k: rank_key(self.features[k].tier, self.features[k].gain, (k,)))
+        return rows
 
     def ranked_pairs(self) -> list[PairRow]:
-        return sorted(self.pairs, key=lambda p: rank_key(p.tier, p.gain, (p.i, p.j)))
+        rows = lambda p: (self.row(p.i, p.sign_i), self.row(p.j, p.sign_j))  # noqa: E731
+        return sorted(self.pairs, key=lambda p: rank_key(p.tier, p.gain, rows(p)))
 
-    def feature(self, feature_id: int) -> FeatureRow:
-        return self.features[feature_id]
+    def feature(self, feature_id: int, sign: str | None = None) -> FeatureRow:
+        """The row of `feature_id` (a row index, as `flagged` gives; or a latent and its sign)."""
+        return self.features[self.row(feature_id, sign)]
 
     def tier_counts(self) -> dict[str, int]:
         counts = {t: 0 for t in TIERS}
@@ -283,13 +337,15 @@ class LayerResult:
         return counts
 
     def condition_counts(self, tier: str = "certified") -> dict[str, int]:
-        """Per condition: features (C1, C3, C4) or pairs (C2) whose certificate reached `tier`
-        (or better), and 0/1 for the layer-wide C5 and C6."""
+        """Per condition: features (C1, C3, C4; a signed SAE: sign rows, C3 per latent) or pairs (C2)
+        whose certificate reached `tier` (or better), and 0/1 for the layer-wide C5 and C6."""
         worst = TIER_RANK[tier]
         counts = {c: 0 for c in CONDITIONS}
         for f in self.features:
             for c, check in f.certificates.items():
-                if c != "C2" and TIER_RANK[check.tier] <= worst:
+                # a signed SAE's C3 is its latent's, on both sign rows: counted once
+                tied_twice = c == "C3" and f.sign == "-" and "C3" in self.features[f.id].certificates
+                if c != "C2" and TIER_RANK[check.tier] <= worst and not tied_twice:
                     counts[c] += 1
         counts["C2"] = sum(1 for p in self.pairs if TIER_RANK[p.tier] <= worst)
         for c in LAYER_CONDITIONS:

@@ -30,6 +30,12 @@ Matching-pursuit SAEs are tied (a pursuit over W_dec, no W_enc or b_enc): floors
 respawn are refused (`sae_edit.refusal`), and so is the bias step where the SAE adds no b_dec. The
 atom turns and the bias step they take move the pursuit's codes as well; every chain version is
 measured by re-encoding with its own `encode` (`sae_objective`), so that is what is judged.
+
+AbsTopK SAEs (signed codes, THEORY.md section 9) are audited on their doubled dictionary: the audit's
+C1 and C4 certificates are per sign of a latent and are refused (`sae_edit.refusal`: a TopK floor, and
+no parameter scales one sign's codes), its C3 turns are tied (one decoder row for both signs) and go
+into W_dec, the bias step into b_dec and b_enc as for TopK; respawn is refused as for TopK. Items name
+the latent and, for a one-sign step, its sign.
 """
 from __future__ import annotations
 
@@ -342,21 +348,28 @@ class _LayerRepair:
 
     # ---- steps from certified findings ------------------------------------------------------------
     def _certified(self, condition: str) -> tuple[list[int], list[Any]]:
-        """(family indices, checks) of the certified certificates of one per-feature family."""
+        """(family indices, checks) of the certified certificates of one per-feature family. A signed
+        SAE's tied C3 certificates are on the rows of the latent's signs that fire (its row d_sae + i
+        for the negative one)."""
         family = self.plan.families.get(condition)
         if family is None:
             return [], []
+        tied = condition == "C3" and self.layer.signed
         ks, checks = [], []
         for k, feature in enumerate(family.features.tolist()):
-            check = self.layer.features[feature].certificates.get(condition)
+            rows = (feature, feature + self.layer.d_sae) if tied else (feature,)
+            check = next((c for c in (self.layer.features[r].certificates.get(condition) for r in rows) if c), None)
             if check is not None and check.tier == "certified":
                 ks.append(k)
                 checks.append(check)
         return ks, checks
 
-    @staticmethod
-    def _item(feature: int, check: Any, **extra: Any) -> dict[str, Any]:
-        return {"feature": feature, "step": check.step, "certified_gain": check.gain, "se": check.held_out_se,
+    def _item(self, feature: int, check: Any, *, tied: bool = False, **extra: Any) -> dict[str, Any]:
+        """A step's item: the latent of the certificate's feature (the row `feature` of the layer's
+        features) and, for one sign of a signed SAE's latent (not `tied`), that sign."""
+        row = self.layer.features[feature]
+        sign = {} if row.sign is None or tied else {"sign": row.sign}
+        return {"feature": row.id, **sign, "step": check.step, "certified_gain": check.gain, "se": check.held_out_se,
                 "p_value": check.p_value, **extra}
 
     def _floor(self) -> _Step | None:
@@ -401,7 +414,8 @@ class _LayerRepair:
         theta = family.step[ks].cpu()[:, None]
         ids = family.features[ks].cpu()
         new = torch.cos(theta) * family.atom[ks].double().cpu() + torch.sin(theta) * family.direction[ks].double().cpu()
-        items = [self._item(int(i), c) for i, c in zip(ids.tolist(), checks)]
+        # a signed SAE's turns are tied: the decoder row of latent i, for both signs
+        items = [self._item(int(i), c, tied=True) for i, c in zip(ids.tolist(), checks)]
         return _Step("atoms", "C3", lambda edit: edit.turn_atoms(ids, new), items)
 
     def _codes(self) -> _Step | None:
@@ -585,7 +599,7 @@ class _LayerRepair:
 @torch.no_grad()
 def sae_objective(sae: Any, rows: Any, lam: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per token, with the SAE's own encode and decode on its input rows (n, d_in): (loss, squared error
-    summed over the input dimensions, L1 term sum_i f_i ||W_dec[i]||, L0), and (K,) bool of the latents
+    summed over the input dimensions, L1 term sum_i |f_i| ||W_dec[i]||, L0), and (K,) bool of the latents
     that fired. loss = squared error + lam * L1 (lam None: the squared error alone). A transcoder's rows
     are (inputs, targets): its own decode plus its skip W_skip x (what its forward computes, the codes
     encoded once) is compared with the targets."""
@@ -605,7 +619,7 @@ def sae_objective(sae: Any, rows: Any, lam: float | None) -> tuple[Tensor, Tenso
     mse = ((out.double() - target.double()) ** 2).sum(-1)
     scaled = codes.double() if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False) else \
         codes.double() * sae.W_dec.detach().double().norm(dim=1)
-    l1 = scaled.sum(-1)
+    l1 = scaled.abs().sum(-1)  # |f|: an AbsTopK SAE's codes keep their sign
     loss = mse + (0.0 if lam is None else lam) * l1
     return loss, mse, l1, (codes != 0).sum(-1), (codes != 0).any(0)
 

@@ -96,7 +96,7 @@ class Router:
             self.audits[key] = LayerAudit(
                 old.atoms, old.bias, lam=lam, lam_estimated=lam is not None, lam_unavailable=unavailable,
                 hook_name=key, architecture=old.architecture, scope=old.scope, options=old.options, meta=old.meta,
-                skip=old.skip,
+                skip=old.skip, signed=old.signed,
             )
             if lam is not None:
                 self.lam_notes[key] = (
@@ -226,7 +226,7 @@ def _layer_audit(key: str, view: SAEView, lam: float | None, options: AuditOptio
         meta.update(hook_name_out=view.hook_name_out, d_in=view.d_in)
     return LayerAudit(
         view.atoms(), view.bias(), lam=lam, hook_name=key, architecture=view.architecture,
-        scope=view.scope, options=options, meta=meta, skip=view.skip_weight(),
+        scope=view.scope, options=options, meta=meta, skip=view.skip_weight(), signed=view.signed,
     )
 
 
@@ -382,11 +382,12 @@ CONTEXT_MAP_ROWS = 100  # per layer: absorption trees, duplicates and antipodal 
 
 
 def _map_latents(layer: Any) -> set[int]:
-    """The latents of the pair map's first CONTEXT_MAP_ROWS trees, duplicates and antipodal pairs."""
+    """The feature rows of the latents of the pair map's first CONTEXT_MAP_ROWS trees, duplicates and
+    antipodal pairs (their ids; a signed SAE's negative signs: `LayerResult.row`)."""
     trees = list(layer.absorption_trees().items())[:CONTEXT_MAP_ROWS]
-    latents = {f for parent, rows in trees for f in (parent, *(r.child for r in rows))}
+    latents = {f for parent, rows in trees for f in (parent, *(layer.row(r.child, r.child_sign) for r in rows))}
     for row in [*layer.duplicates[:CONTEXT_MAP_ROWS], *layer.antipodal[:CONTEXT_MAP_ROWS]]:
-        latents.update((row.i, row.j))
+        latents.update((layer.row(row.i, row.sign_i), layer.row(row.j, row.sign_j)))
     return latents
 
 

@@ -517,3 +517,56 @@ def batchtopk_sae(
     if widths[-1] != width:
         widths.append(width)
     return MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(**shape, matryoshka_widths=widths))
+
+
+# SynthSAEBench-16k (Chanin and Garriga-Alonso 2026): 16,384 features in d = 768, 128 roots of
+# depth-3 trees of branching 4, all mutually exclusive, seed 42. `synthsaebench_world` keeps every
+# other setting and scales the feature count, the width and the number of roots together.
+SYNTHSAEBENCH_FEATURES, SYNTHSAEBENCH_D, SYNTHSAEBENCH_ROOTS = 16_384, 768, 128
+
+
+def synthsaebench_world(
+    seed: int = 42, *, n_features: int = SYNTHSAEBENCH_FEATURES, d: int = SYNTHSAEBENCH_D, hierarchy: bool = True,
+) -> World:
+    """The SynthSAEBench-16k recipe at `n_features` x `d` (sae_lens' SyntheticModel): Zipfian
+    firing (exponent 0.5, max_prob 0.4, min_prob 5e-4), a forest of 128 * n_features / 16,384
+    roots of depth-3 trees with branching 4, every parent's children mutually exclusive,
+    probabilities compensated for the gating, children scaled by their parent's activation,
+    mean magnitudes linear 5 -> 4 with folded-normal spreads (mean 0.5, std 0.5), a low-rank
+    correlation (rank 25, scale 0.1), orthogonalised atoms (100 steps, lr 3e-4), bias norm 0.5.
+    `hierarchy=False`: the same recipe with no trees (every feature independent).
+
+    `World.hierarchies` lists every parent with its direct children (internal nodes at every
+    depth), so `World.planted` is every direct edge."""
+    from sae_lens.synthetic import FoldedNormalMagnitudeConfig, LinearMagnitudeConfig
+    from sae_lens.synthetic.synthetic_model import LowRankCorrelationConfig, OrthogonalizationConfig
+
+    roots = max(1, round(SYNTHSAEBENCH_ROOTS * n_features / SYNTHSAEBENCH_FEATURES))
+    cfg = SyntheticModelConfig(
+        num_features=n_features, hidden_dim=d,
+        firing_probability=ZipfianFiringProbabilityConfig(exponent=0.5, max_prob=0.4, min_prob=5e-4),
+        hierarchy=HierarchyConfig(
+            total_root_nodes=roots, branching_factor=4, max_depth=3, mutually_exclusive_portion=1.0,
+            compensate_probabilities=True, scale_children_by_parent=True,
+        ) if hierarchy else None,
+        orthogonalization=OrthogonalizationConfig(num_steps=100, lr=3e-4),
+        correlation=LowRankCorrelationConfig(rank=25, correlation_scale=0.1),
+        mean_firing_magnitudes=LinearMagnitudeConfig(start=5.0, end=4.0),
+        std_firing_magnitudes=FoldedNormalMagnitudeConfig(mean=0.5, std=0.5),
+        bias=0.5, seed=seed,
+    )
+    model = SyntheticModel(cfg)
+    groups: list[tuple[int, list[int]]] = []
+    if model.hierarchy is not None:
+        stack = list(model.hierarchy.roots)
+        while stack:
+            node = stack.pop()
+            if node.children:
+                groups.append((node.feature_index, [c.feature_index for c in node.children]))
+                stack.extend(node.children)
+    in_trees = {f for parent, children in groups for f in (parent, *children)}
+    return World(
+        name=f"SynthSAEBench recipe, K={n_features}, d={d}" + ("" if hierarchy else ", no hierarchy"),
+        feature_dict=model.feature_dict, generator=model.activation_generator, hierarchies=groups,
+        independent=[f for f in range(n_features) if f not in in_trees],
+    )

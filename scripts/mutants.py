@@ -7,7 +7,7 @@ and runs pytest on the mutant's test files with the copy first on the import pat
 first failure. A mutant is *killed* when a test fails, and the test is named; a *survivor* means
 no test notices the change. The working tree is never touched.
 
-    python scripts/mutants.py                      # every mutant below (about 10 minutes on 2 cores)
+    python scripts/mutants.py                      # every mutant below (about 13 minutes on 2 cores)
     python scripts/mutants.py --only repair        # the mutants whose name contains "repair"
     python scripts/mutants.py --list
 
@@ -39,6 +39,7 @@ class Mutant:
 
 REPAIR_TESTS = ("tests/test_repair_decisions.py", "tests/test_repair.py")
 MAP_TESTS = ("tests/test_map_rules.py", "tests/test_absorption.py", "tests/test_validation.py")
+SIGNED_TESTS = ("tests/test_abstopk.py",)
 C2_TESTS = ("tests/test_c2_certificate.py", "tests/test_theory.py", "tests/test_pairs.py")
 
 MUTANTS = (
@@ -87,6 +88,24 @@ MUTANTS = (
            "apart = co <= self.options", "apart = co < self.options", MAP_TESTS),
     Mutant("map: evidence valid where either count is positive", "opt_hooks/theory/absorption.py",
            "valid = (m_a > 0) & (pair_count > 0)", "valid = (m_a > 0) | (pair_count > 0)", MAP_TESTS),
+    # ... and in the layer's absorption score
+    Mutant("map: score sums a latent's leans instead of taking the largest", "opt_hooks/theory/absorption.py",
+           '(rho.double() * off).clamp(min=0), "amax")', '(rho.double() * off).clamp(min=0), "sum")', MAP_TESTS),
+    Mutant("map: score weighs by the share with the parent on", "opt_hooks/theory/absorption.py",
+           "off = (count[child] - co.double()) / count[child]", "off = co.double() / count[child]", MAP_TESTS),
+    # ... and in the ties of a signed SAE's doubled dictionary (THEORY.md section 9)
+    Mutant("signed: C3's tied gradient adds the negative atom's sum", "opt_hooks/theory/c3_decoder.py",
+           "sum_zr, sum_zr_norm, atoms = tied(sum_zr, -1)", "sum_zr, sum_zr_norm, atoms = tied(sum_zr, 1)",
+           SIGNED_TESTS),
+    Mutant("signed: C3's certificate sums without the negative sign's tokens", "opt_hooks/theory/c3_decoder.py",
+           "zr, z2 = zr - stats.sum_z_r[partner], z2 + stats.sum_z2[partner]",
+           "zr, z2 = zr, z2 + stats.sum_z2[partner]", SIGNED_TESTS),
+    Mutant("signed: C2 keeps pairs whose moved latent fires with both signs", "opt_hooks/theory/c2_pairs.py",
+           "& (active_count.to(partner.device)[partner[violations.j]] == 0)",
+           "& (active_count.to(partner.device)[partner[violations.j]] >= 0)", SIGNED_TESTS),
+    Mutant("signed: a latent's two signs an antipodal pair", "opt_hooks/pair_map.py",
+           "anti &= anti_j != partners(n_features, anti_i.device)[anti_i]",
+           "anti &= anti_j != anti_i", SIGNED_TESTS),
     Mutant("map: noise-free evidence at the threshold fails", "opt_hooks/theory/absorption.py",
            "torch.where(value >= threshold, math.inf, -math.inf)", "torch.where(value > threshold, math.inf, -math.inf)",
            MAP_TESTS),

@@ -39,6 +39,8 @@ TRAINING_KINDS: dict[str, tuple[type, type, dict[str, Any]]] = {
         sae_lens.MatchingPursuitTrainingSAEConfig,
         {"residual_threshold": 0.1, "max_iterations": 4, "decoder_init_norm": 1.0},
     ),
+    # signed codes: the k pre-activations of largest magnitude, with their sign
+    "abstopk": (sae_lens.AbsTopKTrainingSAE, sae_lens.AbsTopKTrainingSAEConfig, {"k": 4}),
 }
 
 

@@ -236,7 +236,9 @@ def test_the_rounding_bound_is_reached_by_its_worst_case(screen):
 
 
 def _map(layer):
-    return ([(r.parent, r.child, r.count_child, r.co_count, r.n_evidence) for r in layer.absorption],
+    # the rows' exact counts and the layer's absorption score (exact counts and atoms only: bit for bit)
+    score = tuple(layer.pair_map[k] for k in ("absorption_score", "absorption_score_se", "scored_latents"))
+    return ([(r.parent, r.child, r.count_child, r.co_count, r.n_evidence) for r in layer.absorption] + [score],
             [(r.i, r.j, r.co_count) for r in layer.duplicates], [(r.i, r.j, r.co_count) for r in layer.antipodal],
             [r.evidence for r in layer.absorption])
 
@@ -280,6 +282,12 @@ def test_nothing_on_independent_features():
                   z[:, keep], held)[1].result()
     assert layer.absorption == [] and layer.duplicates == [] and layer.antipodal == []
     assert layer.pair_map["measured_pairs"] == 0
+    # and the absorption score is silent: no latent leans on another; with the absorbed parent in
+    # (the planted world), the children lean on it and the score is their rho times the off share
+    assert (layer.pair_map["absorption_score"], layer.pair_map["absorbing_latents"]) == (0.0, 0)
+    assert layer.pair_map["scored_latents"] == len(keep)
+    absorbed = audit(*planted_world(seed=1))[1].result()
+    assert absorbed.pair_map["absorption_score"] > 0.1 and absorbed.pair_map["absorbing_latents"] >= 3
 
 
 def test_orientation_must_be_measured_and_one_parent_per_child():

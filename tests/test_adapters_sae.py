@@ -41,7 +41,11 @@ KINDS = {
         sae_lens.MatchingPursuitTrainingSAE, sae_lens.MatchingPursuitTrainingSAEConfig,
         {"residual_threshold": 0.5, "decoder_init_norm": 1.0},
     ),
+    # signed codes: the view is the doubled dictionary [d; -d] with codes [relu(z), relu(-z)] (tests/test_abstopk.py)
+    "abstopk": (sae_lens.AbsTopKSAE, sae_lens.AbsTopKSAEConfig, {"k": 3}),
+    "abstopk_training": (sae_lens.AbsTopKTrainingSAE, sae_lens.AbsTopKTrainingSAEConfig, {"k": 3}),
 }
+SIGNED = ("abstopk", "abstopk_training")
 MODES = ("none", "expected_average_only_in", "covariance_whitening")
 WEIGHTED_MODES = ("constant_norm_rescale", "layer_norm")  # their training loss weights tokens
 EXTERNAL_MODES = ("expected_average_only_in", "covariance_whitening")
@@ -104,12 +108,14 @@ def test_residual_is_the_sae_reconstruction_error(kind, mode):
     assert sae.__dict__ == state_before, "encode left per-call state on the SAE"
     x_ref, error_ref, codes_ref = sae_lens_reference(sae, acts)
     assert x.dtype == z.dtype == torch.float64
-    assert x.shape == (15, D_IN) and z.shape == (15, D_SAE)
+    signed = kind in SIGNED  # codes of either sign: those of the doubled dictionary, each sign one atom
+    assert x.shape == (15, D_IN) and z.shape == (15, 2 * D_SAE if signed else D_SAE)
     torch.testing.assert_close(x, x_ref, rtol=0, atol=1e-12)
     residual = x - view.bias() - z @ view.atoms()
     torch.testing.assert_close(residual, error_ref, rtol=0, atol=1e-10)
     assert (z >= 0).all()
-    assert torch.equal(z > 0, codes_ref > 0)
+    assert torch.equal(z > 0, torch.cat([codes_ref > 0, codes_ref < 0], 1) if signed else codes_ref > 0)
+    assert bool((codes_ref < 0).any()) is signed
     assert (z > 0).sum() >= 10, "too few active codes for the check to mean anything"
 
 
@@ -320,10 +326,10 @@ def test_unsupported_saes_are_refused_with_the_reason():
         d_in=D_IN, d_sae=D_SAE, d_out=D_IN, apply_b_dec_to_input=False, metadata=SAEMetadata(hook_name=HOOK)))
     with pytest.raises(ValueError, match="transcoder"):
         SAEView(transcoder)
-    abstopk = sae_lens.AbsTopKSAE(
-        sae_lens.AbsTopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=2, metadata=SAEMetadata(hook_name=HOOK)))
-    with pytest.raises(ValueError, match="negative"):
-        SAEView(abstopk)
+    temporal = sae_lens.TemporalSAE(sae_lens.TemporalSAEConfig(
+        d_in=D_IN, d_sae=D_SAE, n_heads=2, bottleneck_factor=2, metadata=SAEMetadata(hook_name=HOOK)))
+    with pytest.raises(ValueError, match="earlier tokens through attention"):
+        SAEView(temporal)
     with pytest.raises(TypeError):
         SAEView(torch.nn.Linear(2, 2))
 

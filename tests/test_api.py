@@ -119,6 +119,10 @@ class Expected:
     def lam_estimate(self) -> float:
         return 2 * float(self.q[self.z > 0].median())
 
+    def dead_features(self) -> list[int]:
+        """Latents that never fire."""
+        return torch.nonzero((self.z > 0).sum(0) == 0).flatten().tolist()
+
     def c3_size(self) -> Tensor:
         mean_zr = self.z.T @ self.r / self.n
         g = mean_zr - (mean_zr * self.atoms).sum(-1, keepdim=True) * self.atoms
@@ -152,16 +156,23 @@ class Expected:
 
 @torch.no_grad()
 def brute_force(sae, batches: Iterable[Batch], encode=None) -> Expected:
-    """Codes z = sae.encode * ||W_dec|| and residuals r = x - b_dec - z @ atoms of the kept
-    tokens, in float64, each batch encoded whole as the audit does. `encode` replaces the
-    mapping acts -> (x, z) for SAEs whose codes are not that (SAEView.encode)."""
+    """Codes z = sae.encode * ||W_dec|| (sae.encode where the SAE decodes f / ||W_dec|| times W_dec,
+    `rescale_acts_by_decoder_norm`) and residuals r = x - b_dec - z @ atoms of the kept tokens, in
+    float64, each batch encoded whole as the audit does. `encode` replaces the mapping acts -> (x, z)
+    for SAEs whose codes are not that (SAEView.encode). An AbsTopK SAE's signed codes are the
+    nonnegative codes [relu(z), relu(-z)] of the doubled dictionary [d; -d] (THEORY.md section 9)."""
     norms = sae.W_dec.double().norm(dim=1)
     atoms, bias = sae.W_dec.double() / norms[:, None], sae.b_dec.double()
+    units = 1.0 if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False) else norms
+    signed = sae.cfg.architecture() == "abstopk"
+    if signed:
+        atoms = torch.cat([atoms, -atoms])
     zs, rs, tokens = [], [], []
     for batch in batches:
         if encode is None:
             x = batch.acts.double()
-            z = sae.encode(x.to(sae.W_dec.dtype)).double() * norms
+            z = sae.encode(x.to(sae.W_dec.dtype)).double() * units
+            z = torch.cat([z.clamp(min=0), (-z).clamp(min=0)], 1) if signed else z
         else:
             x, z, *_ = encode(batch.acts)
         x, z = x[batch.keep], z[batch.keep]
@@ -185,8 +196,9 @@ def assert_matches_brute_force(layer: LayerResult, expected: Expected) -> None:
     alive = (z > 0).any(0)  # C4 is evaluated on features active somewhere, dead ones are C6's
     assert [f.c4_gain is None for f in features] == (~alive).tolist()
     close([f.c4_gain for f in features if f.c4_gain is not None], expected.c4_gain(layer.lam)[alive])
-    assert {f.id for f in features if "C1" in f.conditions} == set(torch.nonzero(z.min(0).values > 0).flatten().tolist())
-    assert layer.dead_features == torch.nonzero((z > 0).sum(0) == 0).flatten().tolist()
+    # features by their row (their id, or for a signed SAE latent id + d_sae for its negative sign)
+    assert {k for k, f in enumerate(features) if "C1" in f.conditions} == set(torch.nonzero(z.min(0).values > 0).flatten().tolist())
+    assert layer.dead_features == expected.dead_features()
 
     mean_r, rnorm = expected.r.mean(0), expected.r.norm(dim=-1)
     c5, c6 = layer.layer_conditions["C5"], layer.layer_conditions["C6"]
@@ -205,15 +217,17 @@ def assert_matches_brute_force(layer: LayerResult, expected: Expected) -> None:
             duplicates.add((min(i, j), max(i, j)))
         else:
             pairs[(i, j)] = violation
-    assert {(p.i, p.j): (p.kind, p.bound) for p in layer.pairs} == pairs
-    assert duplicates <= {(d.i, d.j) for d in layer.duplicates}
+    rows = lambda r: (layer.row(r.i, r.sign_i), layer.row(r.j, r.sign_j))  # noqa: E731
+    assert {rows(p): (p.kind, p.bound) for p in layer.pairs} == pairs
+    assert duplicates <= {tuple(sorted(rows(d))) for d in layer.duplicates}
     on = z > 0
     for p in layer.pairs:
-        rho = float(expected.atoms[p.i] @ expected.atoms[p.j])
-        counts = (int(on[:, p.i].sum()), int(on[:, p.j].sum()), int((on[:, p.i] & on[:, p.j]).sum()))
+        i, j = rows(p)
+        rho = float(expected.atoms[i] @ expected.atoms[j])
+        counts = (int(on[:, i].sum()), int(on[:, j].sum()), int((on[:, i] & on[:, j]).sum()))
         assert (p.count_i, p.count_j, p.co_count) == counts
         assert p.rho == pytest.approx(rho, rel=1e-12, abs=1e-12)
-        assert p.threshold == pytest.approx((1 - rho) * float(expected.mu[p.j]), rel=1e-9)
+        assert p.threshold == pytest.approx((1 - rho) * float(expected.mu[j]), rel=1e-9)
 
 
 # ---- audit: tiny model, real model, forward passes ----------------------------------------
@@ -473,6 +487,8 @@ ARCHITECTURE_CASES = [
     ("matryoshka_batchtopk", True, "L1 surrogate (jumprelu)", True),
     ("matching_pursuit", False, "L1 surrogate (matching_pursuit)", True),
     ("matching_pursuit", True, "L1 surrogate (matching_pursuit)", True),  # saved as a MatchingPursuitSAE
+    ("abstopk", False, "L1 surrogate (abstopk)", True),  # signed codes: the doubled dictionary
+    ("abstopk", True, "L1 surrogate (abstopk)", True),
 ]
 assert {kind for kind, *_ in ARCHITECTURE_CASES} == set(TRAINING_KINDS)
 
@@ -508,7 +524,7 @@ def test_every_architecture_is_audited_with_its_scope(tiny_model, trained, tmp_p
     else:
         assert layer.lam == TRAINING_KINDS[kind][2]["l1_coefficient"]
     assert [f.active_count for f in layer.features] == (expected.z > 0).sum(0).tolist()
-    assert layer.tier_counts()["satisfied"] < layer.d_sae, "a barely trained SAE breaks some condition"
+    assert layer.tier_counts()["satisfied"] < len(layer.features), "a barely trained SAE breaks some condition"
 
 
 def test_standard_sae_without_a_training_record_estimates_lam(tiny_model, trained):

@@ -105,8 +105,18 @@ def test_a_difference_is_significant_only_with_an_se(audit_a, audit_b):
     assert data["n_tested"] == len(tested) > 0
     at_hook0 = row_of(data, HOOK0)["differences"]  # two standard SAEs with lam: every quantity there
     assert {d["quantity"] for d in at_hook0 if d["se"] is None} == {"mse", "l1", "l0", "explained_variance",
-                                                                    "dead_share"}
-    assert {d["quantity"] for d in at_hook0 if d["se"] is not None} == {"L", "codes gap", "decoder gap", "bias gap"}
+                                                                    "dead_share", "flagged share"}
+    flagged = next(d for d in at_hook0 if d["quantity"] == "flagged share")
+    assert flagged["difference"] == audit_b.layers[HOOK0].flagged_share() - audit_a.layers[HOOK0].flagged_share()
+    assert {d["quantity"] for d in at_hook0 if d["se"] is not None} == {"L", "codes gap", "decoder gap", "bias gap",
+                                                                        "absorption score"}
+    entries = row_of(data, HOOK0)["entries"]
+    scores = [(e["pair_map"]["absorption_score"], e["pair_map"]["absorption_score_se"]) for e in entries]
+    assert scores == [(r.layers[HOOK0].pair_map["absorption_score"], r.layers[HOOK0].pair_map["absorption_score_se"])
+                      for r in (audit_a, audit_b)]
+    score = next(d for d in at_hook0 if d["quantity"] == "absorption score")
+    assert score["difference"] == scores[1][0] - scores[0][0]
+    assert score["se"] == math.hypot(scores[0][1], scores[1][1])
     for d in differences:
         if d["se"] is None:
             assert d["significant"] is None and d["p_value"] is None

@@ -172,6 +172,62 @@ def test_map_equals_its_rules_recomputed_by_brute_force(layer, world):
         assert r.share == (r.count_i + r.count_j - both) / len(on)
 
 
+def brute_force_score(atoms, audit_z, measured):
+    """The layer's absorption score by its definition (THEORY.md section 6), from dense counts:
+    a_j = max over measured (i, j) of rho_ij * (share of j's audit tokens with i off), 0 without one;
+    the mean over alive atoms and its SE."""
+    on = audit_z > 0
+    count = on.sum(0)
+    terms = []
+    for j in range(len(atoms)):
+        if count[j] == 0:
+            continue
+        a = [float(atoms[i] @ atoms[j]) * int((~on[:, i] & on[:, j]).sum()) / int(count[j])
+             for i in range(len(atoms)) if (i, j) in measured]
+        terms.append(max(a, default=0.0))
+    mean = sum(terms) / len(terms)
+    sd = math.sqrt(sum((t - mean) ** 2 for t in terms) / (len(terms) - 1))
+    return mean, sd / math.sqrt(len(terms)), len(terms), sum(t > 0 for t in terms)
+
+
+def test_absorption_score_is_its_rule_recomputed_by_brute_force(layer, world):
+    atoms, _, _, z, held = world
+    measured, _, _ = brute_force_map(atoms, z[~held], ab.MapOptions(min_rho=MIN_RHO), rho_min=MIN_RHO)
+    mean, se, n, positive = brute_force_score(atoms, z[~held], measured)
+    m = layer.pair_map
+    assert (m["scored_latents"], m["absorbing_latents"]) == (n, positive) == (19, 3)  # 17, 18 dead; 0, 1, 19 lean
+    assert m["absorption_score"] == pytest.approx(mean, rel=1e-12, abs=0)
+    assert m["absorption_score_se"] == pytest.approx(se, rel=1e-9, abs=0)
+    # by construction: the absorbed child 1 leans 0.5 on 0, which is off on about 80% of its tokens;
+    # the parent 0 leans 0.5 on 1, off on all of 0's tokens but those few where 0 fires beside it
+    on = z[~held] > 0
+    child_term = 0.5 * int((on[:, 1] & ~on[:, 0]).sum()) / int(on[:, 1].sum())
+    assert 0.35 < child_term < 0.45
+
+
+def test_absorption_score_rules():
+    # no shared direction (orthogonal atoms) or a shared one only with a latent that fires on every
+    # token where it fires (a kept hierarchy): 0; an absorbed child: rho times the share of its
+    # tokens with the parent off; a parent never on with its child: rho
+    rho, co, count = (torch.tensor(v, dtype=torch.float64) for v in ([0.6, 0.6], [10, 0], [10, 40, 50, 7]))
+    kept = ab.absorption_score(torch.tensor([0]), torch.tensor([1]), rho[:1], co[:1].long(), torch.tensor([40, 10, 3, 0]))
+    assert (kept.value, kept.n_latents, kept.n_absorbing) == (0.0, 3, 0)
+    absorbed = ab.absorption_score(torch.tensor([0, 1]), torch.tensor([1, 0]), rho, torch.tensor([10, 0]), count.long())
+    # child 1: 0.6 * 30 / 40; parent 0: 0.6 * 10 / 10; 2 and 3 lean on no one
+    assert absorbed.value == pytest.approx((0.6 * 30 / 40 + 0.6) / 4, rel=1e-15)
+    assert absorbed.n_absorbing == 2
+    # a latent leaning on two others counts its largest lean, once
+    two = ab.absorption_score(torch.tensor([0, 1]), torch.tensor([2, 2]), torch.tensor([0.3, 0.6], dtype=torch.float64),
+                              torch.tensor([0, 25]), torch.tensor([10, 10, 100, 0]))
+    assert two.value == pytest.approx(max(0.3 * 1.0, 0.6 * 0.75) / 3, rel=1e-15) and two.n_absorbing == 1
+    nothing = ab.absorption_score(*(torch.zeros(0, dtype=torch.int64),) * 2, torch.zeros(0, dtype=torch.float64),
+                                  torch.zeros(0, dtype=torch.int64), torch.tensor([5, 0, 9]))
+    assert (nothing.value, nothing.se, nothing.n_latents) == (0.0, 0.0, 2)
+    none_alive = ab.absorption_score(*(torch.zeros(0, dtype=torch.int64),) * 2, torch.zeros(0), torch.zeros(0),
+                                     torch.zeros(3, dtype=torch.int64))
+    assert math.isnan(none_alive.value) and none_alive.n_latents == 0
+
+
 def test_min_touched_held_out_tokens_are_enough(world):
     # "at least min_touched held-out tokens carry its evidence": the count met with equality passes
     _, _, _, z, held = world

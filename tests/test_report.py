@@ -73,7 +73,8 @@ def _pair(i: int, j: int, kind: str, tier: str) -> PairRow:
 
 
 PAIR_MAP = {"available": True, "rho_spread": 0.02, "rho_min": 0.1, "min_evidence": 0.5, "duplicate_rho": 0.9,
-            "antipodal_rho": 0.9, "neighbours": 8, "measured_pairs": 40}
+            "antipodal_rho": 0.9, "neighbours": 8, "measured_pairs": 40, "absorption_score": 0.125,
+            "absorption_score_se": 0.0123, "scored_latents": 23, "absorbing_latents": 5}
 MAP_OFF = "switched off (AuditOptions(pair_map=None))"
 
 
@@ -547,6 +548,7 @@ def test_terminal_shows_absorption_trees_with_their_children(result):
     text = render_summary(result)
     mapped, empty = text.split("-- blocks.1.hook_resid_pre ")
     assert "  absorption  2 tree(s), 3 absorbed child(ren) (label-free: rho >= 0.1, evidence >= 0.5)" in mapped
+    assert "    score 0.125 ± 0.0123 over 23 alive latents (the layer's label-free absorption score" in mapped
     lines = mapped.splitlines()
     start = lines.index("    parent 3 (on 60 tokens) absorbed into 2 child(ren):")
     assert lines[start + 1].startswith("      child 7: rho 0.6 / own 0.8, parent off on 89% of 45 tokens, "
@@ -1198,3 +1200,15 @@ def test_context_codes_are_each_features_code_on_every_token_of_its_contexts(tmp
     assert checked >= 3 * len(result.layers)
     page = result.save(tmp_path / "report") / "report.html"
     assert page.read_text().count('<span class="act"') > 0
+
+
+def test_flagged_share_counts_each_latent_named_in_any_table_once(result):
+    # layer 0: certified 3, 7; dead 20; duplicates 14, 15; absorption 3 -> 7, 3 -> 11, 12 -> 5:
+    # {3, 5, 7, 11, 12, 14, 15, 20} = 8 of 24; layer 1: certified 3, 7 and dead 20 only
+    mapped, bare = (result.layers[h] for h in ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"))
+    assert mapped.flagged_latents() == {3, 5, 7, 11, 12, 14, 15, 20} and mapped.flagged_share() == 8 / 24
+    assert bare.flagged_latents() == {3, 7, 20} and bare.flagged_share() == 3 / 24
+    text = render_summary(result)
+    assert "  flagged     33% of latents (certified, duplicated, absorbed or dead);" in text
+    assert "  flagged     12% of latents" in text
+    assert "docs/VALIDATION.md, section Q" in _layer_html(render_html(result), 0)

@@ -11,7 +11,10 @@ the engine works with, all in the SAE's own internal space:
                 `apply_b_dec_to_input` False, whose reconstruction has no bias),
 
 so that r = x - bias - z @ atoms is exactly the SAE's reconstruction error before its output
-de-normalisation (`hook_sae_recons`); and, for SAEs that normalise each token at run time,
+de-normalisation (`hook_sae_recons`). A signed SAE (`signed`: sae_lens' AbsTopK, whose codes keep
+their sign) is its doubled dictionary (THEORY.md section 9, opt_hooks/theory/signed.py): atoms
+[d; -d] (2K, d) and codes [relu(z), relu(-z)] (n, 2K), the same reconstruction; and, for SAEs that
+normalise each token at run time,
 
 - w     (n,):   each token's weight w_n = s_n^2 (THEORY.md section 1), None otherwise.
  For every decoder except the TopK family with
@@ -54,6 +57,11 @@ Decisions documented here because they change results:
   reconstruction has no bias, so the view's bias is 0 and the theory's free bias (C1's floor,
   C5) is one the SAE does not have (said in `notes`). No L1 term (an L0 budget through
   `residual_threshold` / `max_iterations`): lam unknown, scope "L1 surrogate (matching_pursuit)".
+- AbsTopK SAEs (`AbsTopKSAE`, `AbsTopKTrainingSAE`) keep the k pre-activations of largest magnitude
+  with their sign (no ReLU): signed codes, audited as the nonnegative problem on the 2K atoms
+  (d_i, -d_i) (THEORY.md section 9). Like TopK they train the squared error under an L0 budget, no
+  L1 term: lam unknown, scope "L1 surrogate (abstopk)". Their encode and decode are TopK's, so the
+  map is TopK's (z = f ||W_dec[i]||, or f with `rescale_acts_by_decoder_norm`), with the sign kept.
 - BatchTopK training SAEs pick codes per batch (top k * n_tokens over the whole batch), so
   their codes depend on which tokens share a batch; the view encodes each batch as
   `sae.encode` does and says so in `notes`.
@@ -83,9 +91,13 @@ import torch
 from sae_lens import SAE
 from sae_lens.saes.transcoder import SkipTranscoder, Transcoder
 
+from opt_hooks.theory.signed import doubled_atoms, doubled_codes
+
 SUPPORTED_ARCHITECTURES = (
-    "standard", "gated", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk", "matching_pursuit",
+    "standard", "gated", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk", "matching_pursuit", "abstopk",
 )
+# signed codes (the k pre-activations of largest magnitude, with their sign): the doubled dictionary
+SIGNED_ARCHITECTURES = ("abstopk",)
 # tied: encode is a pursuit over W_dec, and decode adds b_dec only where encode subtracts it
 # (apply_b_dec_to_input)
 PURSUIT_ARCHITECTURES = ("matching_pursuit",)
@@ -94,11 +106,6 @@ TRANSCODER_ARCHITECTURES = ("transcoder", "skip_transcoder", "jumprelu_transcode
 _L1_TRANSCODERS = ("transcoder", "skip_transcoder")
 
 _UNSUPPORTED_REASONS = {
-    "abstopk": (
-        "its codes can be negative (it keeps the k pre-activations of largest magnitude with their sign, "
-        "no ReLU), and the conditions are audited for nonnegative codes (signed codes, THEORY.md section 9, "
-        "are not implemented)"
-    ),
     "temporal": "its codes depend on earlier tokens through attention",
 }
 
@@ -196,6 +203,11 @@ class SAEView:
     def is_exact(self) -> bool:
         return self.scope.endswith(EXACT_SCOPE)
 
+    @property
+    def signed(self) -> bool:
+        """Whether the codes take either sign (AbsTopK): atoms and codes are the doubled dictionary's."""
+        return self.architecture in SIGNED_ARCHITECTURES
+
     def skip_weight(self) -> torch.Tensor | None:
         """(d_out, d_in) a skip transcoder's W_skip (its batches carry the inputs x_n, for C7), else None."""
         return self.sae.W_skip.detach().to(self.dtype) if self.has_skip else None
@@ -210,11 +222,13 @@ class SAEView:
         return self.decoder_norms() == 0
 
     def atoms(self) -> torch.Tensor:
-        """(K, d) unit rows W_dec[i] / ||W_dec[i]||; a zero row stays 0."""
+        """(K, d) unit rows W_dec[i] / ||W_dec[i]||, a zero row staying 0; a signed SAE's doubled
+        dictionary [d; -d] (2K, d)."""
         with torch.no_grad():
             w_dec = self.sae.W_dec.detach().to(self.dtype)
             norms = w_dec.norm(dim=1, keepdim=True)
-            return torch.where(norms > 0, w_dec / norms.clamp_min(torch.finfo(self.dtype).tiny), 0.0)
+            atoms = torch.where(norms > 0, w_dec / norms.clamp_min(torch.finfo(self.dtype).tiny), 0.0)
+            return doubled_atoms(atoms) if self.signed else atoms
 
     @property
     def applies_bias(self) -> bool:
@@ -322,7 +336,8 @@ class SAEView:
         return (scale**2).to(self.dtype)
 
     def codes(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        """(n, K) z from `sae.encode` output (or `hook_sae_acts_post`): theory-unit codes."""
+        """(n, K) z from `sae.encode` output (or `hook_sae_acts_post`): theory-unit codes; a signed
+        SAE's (n, 2K) [relu(z), relu(-z)], the codes of its doubled dictionary."""
         if feature_acts.is_sparse:  # TopK training SAEs may return sparse COO codes
             feature_acts = feature_acts.to_dense()
         z = feature_acts.detach().reshape(-1, self.d_sae).to(self.dtype)
@@ -330,7 +345,8 @@ class SAEView:
         if not getattr(self.sae.cfg, "rescale_acts_by_decoder_norm", False):
             z = z * norms
         dead = norms == 0
-        return z.masked_fill(dead, 0.0) if bool(dead.any()) else z
+        z = z.masked_fill(dead, 0.0) if bool(dead.any()) else z
+        return doubled_codes(z) if self.signed else z
 
     # ---- construction helpers --------------------------------------------------------------
 
@@ -405,6 +421,13 @@ class SAEView:
             self.notes.append(message)
         if self.architecture in PURSUIT_ARCHITECTURES:
             self._note_matching_pursuit()
+        if self.signed:
+            self.notes.append(
+                "signed codes (abstopk: the k pre-activations of largest magnitude, with their sign): audited as "
+                "the nonnegative problem on the doubled dictionary (d_i, -d_i) (THEORY.md section 9), one row per "
+                "latent and sign (12+, 12−); C2 skips each latent's pair of signs and the pairs whose moved latent "
+                "fires with both signs, and C3, the decoder gap and C6 turn a decoder row for both signs at once"
+            )
         if self.architecture in ("batchtopk", "matryoshka_batchtopk"):
             self.notes.append(
                 "BatchTopK codes are chosen per batch (top k * n_tokens over the whole batch), so "

@@ -31,6 +31,12 @@ into and are refused. `turn_atoms` writes W_dec and `shift_bias` b_dec (where th
 reads both, so its codes move with them: these changes are not the audit's fixed-code change, and
 only the repair's validation (which re-encodes with the SAE's own `encode`) measures them.
 
+AbsTopK SAEs (signed codes, THEORY.md section 9) encode as TopK does, ranking the pre-activations by
+magnitude: they take the bias shift and atom turns as TopK does (a turn writes the decoder row, which
+serves both signs: the audit's C3 certificates are tied so), and refuse what TopK refuses; a code
+scale is refused too, since the repair's code scales are per sign and both signs share the decoder
+row's norm (z = f ||W_dec[i]||).
+
 What a class cannot express raises `NotExpressible` with the reason (a TopK encoder keeps the k
 largest pre-activations, so lowering or adding one moves the others). Every exact change is
 checked against the audit's own closed form in tests/test_repair.py.
@@ -44,6 +50,7 @@ from sae_lens import SAE
 
 TOPK_CODES = ("topk", "batchtopk", "matryoshka_batchtopk")
 PURSUIT_CODES = ("matching_pursuit",)  # tied: the encoder is a pursuit over W_dec
+SIGNED_CODES = ("abstopk",)  # the k pre-activations of largest magnitude, with their sign
 JUMPRELU_CODES = ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder")  # a threshold per latent
 
 
@@ -68,14 +75,20 @@ def refusal(sae: SAE, change: str) -> str | None:
         return (f"{what} is not expressible in a {architecture} SAE: its codes come from a pursuit over W_dec "
                 "(a tied encoder, with no W_enc or b_enc), so no parameter scales, thresholds or adds one "
                 "latent's codes, and a change of W_dec moves every latent's")
-    if architecture in TOPK_CODES:
+    if architecture in SIGNED_CODES and change == "scale":
+        return (f"scaling one sign of a latent's codes is not expressible in an {architecture} SAE: both signs "
+                "share the decoder row (z = f ||W_dec[i]||), and its encoder ranks the pre-activations by magnitude, "
+                "so no parameter scales the positive or the negative codes alone")
+    if architecture in (*TOPK_CODES, *SIGNED_CODES):
         if change == "scale" and not getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
             return None  # the decoder row's norm scales z = f ||W_dec[i]|| and leaves the ranking alone
         if change == "scale":
             return (f"{what} is not expressible in this {architecture} SAE: with rescale_acts_by_decoder_norm "
                     "its ranking reads the decoder norms")
-        return (f"{what} is not expressible in a {architecture} SAE: its encoder keeps the k largest "
-                "pre-activations, so moving one latent's changes which others are kept")
+        magnitude = architecture in SIGNED_CODES
+        return (f"{what} is not expressible in {'an' if magnitude else 'a'} {architecture} SAE: its encoder keeps "
+                f"the k largest pre-activations{' in magnitude' if magnitude else ''}, so moving one latent's "
+                "changes which others are kept")
     if architecture == "gated" and change == "merge":
         return (f"{what} is not expressible in a gated SAE: its gate and magnitude paths share W_enc, with a "
                 "magnitude scale per latent")

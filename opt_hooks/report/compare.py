@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 MISSING = "missing"
 SIGNIFICANT = "*"
 # quantities of compare.json's differences shown as percentage points (shares of L)
-SHARE_QUANTITIES = ("explained_variance", "dead_share")  # and every "<name> gap"
+SHARE_QUANTITIES = ("explained_variance", "dead_share", "flagged share")  # and every "<name> gap"
 KIND_TEXT = {"audit": "audit", "repair": "repair: the audit of the SAEs before it, and its before / after table"}
 COMPARE_CSS = """
 table.compare td { white-space: nowrap; }
@@ -95,12 +95,16 @@ def layer_lines(data: dict[str, Any], row: dict[str, Any]) -> list[Line]:
         add(f"{name} gap", lambda e, name=name: _gap_text(e, name), f"{name} gap", ends_group=name == gaps[-1])
     for tier in ("certified", "violated", "satisfied"):
         add(tier, lambda e, tier=tier: f"{e['tiers'][tier]:,}")
-    add("dead", lambda e: f"{e['dead']:,}", ends_group=True)
+    add("dead", lambda e: f"{e['dead']:,}")
+    add("flagged", lambda e: percent(e["flagged_share"]), "flagged share", ends_group=True)
     # a layer-wide condition that no compared layer has (C7: skip transcoders only) is left out
     shown = [c for c in CONDITIONS if c not in LAYER_CONDITIONS
              or any(e is not None and c in e["layer_conditions"] for e in entries)]
     for c in shown:
         add(f"certified {c}", lambda e, c=c: _condition_text(e, c), ends_group=c == shown[-1])
+    add("absorption score", lambda e: _map_text(e, lambda m: with_se(m.get("absorption_score"),
+                                                                     m.get("absorption_score_se"))),
+        "absorption score")
     add("absorption", lambda e: _map_text(e, lambda m: f"{m['trees']:,} tree(s), {m['absorbed']:,} child(ren)"))
     add("duplicates", lambda e: _map_text(e, lambda m: f"{m['duplicates']:,} pair(s), {m['duplicate_groups']:,} "
                                                "group(s)"))

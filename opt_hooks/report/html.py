@@ -31,10 +31,10 @@ from opt_hooks.report import neuronpedia
 from opt_hooks.report.svg import condition_grid, fmt, histogram, pair_scatter, split_bar, tier_bars
 from opt_hooks.records import (
     CONDITIONS, TIER_RANK, AbsorptionRow, AntipodalRow, AuditRecord, CertificateCheck, DuplicateRow, FeatureRow,
-    LayerResult, PairRow,
+    LayerResult, PairRow, latent_label,
 )
 from opt_hooks.report.terminal import (
-    REPAIR_STEPS, gap_text, items_text, map_unavailable, objective_text, percent, repair_cells,
+    FLAGGED_TEXT, REPAIR_STEPS, SCORE_TEXT, gap_text, items_text, map_unavailable, objective_text, percent, repair_cells,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -140,7 +140,7 @@ def _top_findings(layers: list[LayerResult], texts: dict[int, str]) -> str:
             if f.top_tokens and f.top_tokens[0] in texts:
                 context = _feature_context(f, 0, texts)
             rows.append(
-                f"<tr>{_num(rank)}{where}<td class=\"text\">feature {_feature_link(layer, f.id)}</td>"
+                f"<tr>{_num(rank)}{where}<td class=\"text\">feature {_feature_link(layer, f.id, f.sign)}</td>"
                 f'<td class="text">{escape(" ".join(f.conditions))}</td>{_num(f.gain, certificates)}'
                 f'{_num(f.gain_se)}{_num(f.p_value)}{_num(f.share)}<td class="text context-cell">{context}</td></tr>'
             )
@@ -352,7 +352,8 @@ def _layer_section(k: int, layer: LayerResult, texts: dict[int, str], contexts: 
 
 def _layer_summary(layer: LayerResult) -> list[tuple[str, str]]:
     """The held-out objective and the layer gaps: the scale of every gain below."""
-    rows = [("held-out objective", escape(objective_text(layer)))]
+    rows = [("held-out objective", escape(objective_text(layer))),
+            ("flagged", f"{percent(layer.flagged_share())} of latents: {escape(FLAGGED_TEXT)}")]
     rows += [(f"{name} gap", escape(text)) for name, text in gap_text(layer)]
     # the pair map's reason stands in its own section
     rows += [(f"{name} skipped", escape(reason)) for name, reason in layer.skipped.items() if name != "absorption"]
@@ -427,12 +428,13 @@ def _more(hidden: int, what: str) -> str:
     return f'<p class="muted">{hidden:,} more {what} in report.json.</p>' if hidden > 0 else ""
 
 
-def _feature_link(layer: LayerResult, feature: int) -> str:
-    """The feature's id, linked to its Neuronpedia dashboard when the layer has one (new tab:
-    the report stays open)."""
+def _feature_link(layer: LayerResult, feature: int, sign: str | None = None) -> str:
+    """The feature's id (a signed SAE's: with the sign, "12−"), linked to its latent's Neuronpedia
+    dashboard when the layer has one (new tab: the report stays open)."""
+    label = escape(latent_label(feature, sign))
     if not layer.neuronpedia_id:
-        return str(feature)
-    return f'<a href="{escape(neuronpedia.feature_url(layer.neuronpedia_id, feature))}"{NEW_TAB}>{feature}</a>'
+        return label
+    return f'<a href="{escape(neuronpedia.feature_url(layer.neuronpedia_id, feature))}"{NEW_TAB}>{label}</a>'
 
 
 def _layer_conditions(layer: LayerResult, texts: dict[int, str]) -> str:
@@ -501,7 +503,8 @@ def _feature_data(layer: LayerResult, texts: dict[int, str], contexts: dict[int,
     first, by tier then held-out gain; the others by id), for report.js.
 
     A row is [id, tier rank, conditions, gain, gain SE, p, value, share, active tokens, mean code,
-    C3 size, C4 size, reason, max code, certificates, top]: reason an index into `reasons` (-1:
+    C3 size, C4 size, reason, max code, certificates, top, sign]: sign a signed SAE's row's ("+" or "-",
+    null otherwise: report.js shows "12−"), reason an index into `reasons` (-1:
     none), certificates per condition: a certified one [condition, tier rank, step, predicted,
     measured, held-out change, its SE, p, audit tokens, held-out tokens, tokens changed, reason],
     any other its verdict [condition, tier rank, reason] (what report.json keeps of it: nearly
@@ -514,9 +517,9 @@ def _feature_data(layer: LayerResult, texts: dict[int, str], contexts: dict[int,
     def reason(text: str) -> int:
         return reasons.setdefault(text, len(reasons)) if text else -1
 
-    flagged = layer.flagged()
+    flagged = layer.flagged()  # rows of layer.features
     seen = set(flagged)
-    order = flagged + [f.id for f in layer.features if f.id not in seen]
+    order = flagged + [k for k in range(len(layer.features)) if k not in seen]
     rows = []
     c_ = _compact
     for feature_id in order:
@@ -537,7 +540,7 @@ def _feature_data(layer: LayerResult, texts: dict[int, str], contexts: dict[int,
         rows.append([
             f.id, TIER_RANK[f.tier], " ".join(f.conditions), c_(f.gain), c_(f.gain_se), c_(f.p_value), c_(f.value),
             c_(f.share), f.active_count, c_(f.mean_code), c_(f.c3_size), c_(f.c4_size),
-            reason(best.reason if best else ""), c_(f.max_code), checks, top,
+            reason(best.reason if best else ""), c_(f.max_code), checks, top, f.sign,
         ])
     return {"reasons": list(reasons), "dead": layer.dead_features, "rows": rows}
 
@@ -556,8 +559,10 @@ def _feature_table(k: int, layer: LayerResult, texts: dict[int, str], contexts: 
     conditions = "".join(f'<option value="{c}">{c}</option>' for c in CONDITIONS if c in found)
     sizes = "".join(f'<option{" selected" if n == FEATURE_PAGE else ""}>{n}</option>' for n in (25, 50, 100, 500))
     np_attr = f' data-np="{escape(layer.neuronpedia_id)}"' if layer.neuronpedia_id else ""
+    # a signed SAE's rows are its latents' signs (two per latent)
+    total = f"{len(layer.features):,} latent signs" if layer.signed else f"{layer.d_sae:,}"
     return (
-        f"<h3>Features ({n_flagged:,} of {layer.d_sae:,} with a descent), by held-out gain</h3>"
+        f"<h3>Features ({n_flagged:,} of {total} with a descent), by held-out gain</h3>"
         '<p class="muted">Certified first, then by held-out gain. Search feature ids ("12, 40-60"), filter by '
         "tier and condition, click a header to sort (again to reverse), a row for its certificates and "
         "contexts; hover a gain for its certificates.</p>"
@@ -602,12 +607,13 @@ def _pair_section(layer: LayerResult) -> str:
 def _pair_row(layer: LayerResult, p: PairRow) -> str:
     check = p.certificate
     return (
-        f'<tr><td data-v="{p.i}">{_feature_link(layer, p.i)}</td><td data-v="{p.j}">{_feature_link(layer, p.j)}</td>'
+        f'<tr><td data-v="{p.i}">{_feature_link(layer, p.i, p.sign_i)}</td>'
+        f'<td data-v="{p.j}">{_feature_link(layer, p.j, p.sign_j)}</td>'
         f'<td class="text">{p.kind}</td>{_num(p.rho)}{_num(p.bound)}{_num(p.threshold)}{_num(p.relative_margin)}'
         f"{_num(p.count_i)}{_num(p.count_j)}{_num(p.co_count)}{_num(p.p_j_without_i_upper)}"
         f"{_num(check.count_p_value if check else None)}{_badge(p.tier)}"
         f"{_num(p.gain, _certificate_text(check))}{_num(check.held_out_se if check else None)}"
-        f"{_np_cell(layer, f'{p.kind} pair {p.i} -> {p.j}', [p.i, p.j])}</tr>"
+        f"{_np_cell(layer, f'{p.kind} pair {_labels(p)[0]} -> {_labels(p)[1]}', [p.i, p.j])}</tr>"
     )
 
 
@@ -622,15 +628,21 @@ def _np_cell(layer: LayerResult, name: str, features: list[int]) -> str:
     return f'<td class="text">{_quick_list_link(layer, name, features, "both")}</td>'
 
 
+def _labels(r: PairRow | DuplicateRow | AntipodalRow) -> tuple[str, str]:
+    """The pair's latents as text ("12", a signed SAE's "12−")."""
+    return latent_label(r.i, r.sign_i), latent_label(r.j, r.sign_j)
+
+
 def _pair_figure(p: PairRow) -> str:
     hull = (p.hull_min, p.hull_max)
-    plot = pair_scatter(p.sample_i, p.sample_j, p.threshold, hull, p.rho, (str(p.i), str(p.j)), p.kind)
+    i, j = _labels(p)
+    plot = pair_scatter(p.sample_i, p.sample_j, p.threshold, hull, p.rho, (i, j), p.kind)
     if p.kind == "hierarchy":
         finding = f"max z_j where i is off = {fmt(p.bound)} &lt; (1 − ρ) μ_j = {fmt(p.threshold)}"
     else:
         finding = f"min z_j where i is off = {fmt(p.bound)} &gt; (1 − ρ) μ_j = {fmt(p.threshold)}"
     evidence = (
-        f"j = {p.j} active on {p.count_j:,} tokens, i = {p.i} on {p.co_count:,} of them; "
+        f"j = {escape(j)} active on {p.count_j:,} tokens, i = {escape(i)} on {p.co_count:,} of them; "
         f"P(j fires without i) &le; {fmt(p.p_j_without_i_upper)} (95%)"
     )
     return (
@@ -665,7 +677,7 @@ def _contexts(layer: LayerResult, texts: dict[int, str]) -> str:
         if not f.top_tokens:
             continue
         blocks.append(
-            f"<h4>feature {_feature_link(layer, f.id)} <span class=\"badge {f.tier}\">{f.tier}</span> "
+            f"<h4>feature {_feature_link(layer, f.id, f.sign)} <span class=\"badge {f.tier}\">{f.tier}</span> "
             f"{escape(' '.join(f.conditions))}</h4>{_context_lines(f, texts)}"
         )
     if not blocks:
@@ -706,6 +718,8 @@ def _absorption_section(layer: LayerResult, texts: dict[int, str]) -> str:
 
 def _map_caption(m: dict[str, Any]) -> str:
     return (
+        f'<p><b>Absorption score {fmt(m.get("absorption_score"))} ± {fmt(m.get("absorption_score_se"))}</b> '
+        f'over {fmt(m.get("scored_latents"))} alive latents: {escape(SCORE_TEXT)}</p>'
         f'<p class="muted caption">Thresholds: absorption ρ &ge; {fmt(m.get("rho_min"))} (spread of unrelated '
         f'atom pairs {fmt(m.get("rho_spread"))}) and evidence &ge; {fmt(m.get("min_evidence"))}; duplicates '
         f'ρ &ge; {fmt(m.get("duplicate_rho"))}; antipodal ρ &le; −{fmt(m.get("antipodal_rho"))}; '
@@ -716,9 +730,10 @@ def _map_caption(m: dict[str, Any]) -> str:
 
 def _latent_contexts(f: FeatureRow, role: str, texts: dict[int, str]) -> str:
     """The latent's top contexts, folded: a tree stays a few lines until a reader opens them."""
+    label = escape(f.label)
     if not f.top_tokens:
-        return f'<span class="muted">no contexts kept for {role} {f.id}</span>'
-    return (f'<details class="contexts"><summary>top contexts of {role} {f.id} ({len(f.top_tokens):,})</summary>'
+        return f'<span class="muted">no contexts kept for {role} {label}</span>'
+    return (f'<details class="contexts"><summary>top contexts of {role} {label} ({len(f.top_tokens):,})</summary>'
             f"{_context_lines(f, texts)}</details>")
 
 
@@ -739,12 +754,14 @@ def _absorption_tree(layer: LayerResult, parent: int, rows: list[AbsorptionRow],
         "evidence ± SE (n)", "reverse evidence", "L1 price", "child active", "both active",
     )
     children = "".join(_absorption_row(layer, r, texts) for r in rows)
+    latent = layer.feature(parent)  # the parent's row
+    tree = _quick_list_link(layer, f"absorption tree of {latent.label}", [latent.id, *(r.child for r in rows)],
+                            "tree on Neuronpedia")
     return (
         f'<div class="tree" data-parent="{parent}"><div class="tree-parent">parent latent '
-        f"<b>{_feature_link(layer, parent)}</b>: active on {rows[0].count_parent:,} audit tokens, absorbed into "
-        f"{len(rows):,} child(ren), total L1 price {fmt(_total_price(rows))} "
-        f"{_quick_list_link(layer, f'absorption tree of {parent}', [parent, *(r.child for r in rows)], 'tree on Neuronpedia')}"
-        f"{_latent_contexts(layer.feature(parent), 'parent', texts)}</div>"
+        f"<b>{_feature_link(layer, latent.id, latent.sign)}</b>: active on {rows[0].count_parent:,} audit tokens, "
+        f"absorbed into {len(rows):,} child(ren), total L1 price {fmt(_total_price(rows))} {tree}"
+        f"{_latent_contexts(latent, 'parent', texts)}</div>"
         f'<table class="children"><thead>{header}</thead><tbody>{children}</tbody></table></div>'
     )
 
@@ -758,14 +775,14 @@ def _absorption_row(layer: LayerResult, r: AbsorptionRow, texts: dict[int, str])
     evidence = f"{fmt(r.evidence)} ± {fmt(r.evidence_se)} (n {r.n_evidence:,})"
     p_text = f"one-sided p-value of evidence >= min_evidence failing (before correction): {fmt(r.evidence_p)}"
     return (
-        f'<tr data-child="{r.child}"><td class="text">{_feature_link(layer, r.child)}</td>'
+        f'<tr data-child="{r.child}"><td class="text">{_feature_link(layer, r.child, r.child_sign)}</td>'
         f'<td class="text split">{split_bar(r.rho, r.own_part)} ρ {fmt(r.rho)} | own {fmt(r.own_part)}</td>'
         f'<td>{percent(r.fraction)}</td><td><abbr title="{escape(p_text)}">{evidence}</abbr></td>'
         f"<td>{fmt(r.reverse_evidence)}</td><td>{fmt(r.l1_price)}</td><td>{r.count_child:,}</td>"
         f"<td>{r.co_count:,}</td></tr>"
         # the child's contexts span the table: a snippet needs the width
         f'<tr class="contexts-row"><td class="text" colspan="8">'
-        f"{_latent_contexts(layer.feature(r.child), 'child', texts)}</td></tr>"
+        f"{_latent_contexts(layer.feature(r.child, r.child_sign), 'child', texts)}</td></tr>"
     )
 
 
@@ -786,11 +803,17 @@ def _duplicate_table(layer: LayerResult) -> str:
 
 
 def _duplicate_row(layer: LayerResult, d: DuplicateRow) -> str:
+    i, j = _labels(d)
     return (
-        f'<tr><td data-v="{d.i}">{_feature_link(layer, d.i)}</td><td data-v="{d.j}">{_feature_link(layer, d.j)}</td>'
-        f"{_num(d.rho)}{_num(d.count_i)}{_num(d.count_j)}{_num(d.co_count)}{_num(d.jaccard)}"
-        f"{_np_cell(layer, f'duplicates {d.i} = {d.j}', [d.i, d.j])}</tr>"
+        f"{_latent_cells(layer, d)}{_num(d.rho)}{_num(d.count_i)}{_num(d.count_j)}{_num(d.co_count)}{_num(d.jaccard)}"
+        f"{_np_cell(layer, f'duplicates {i} = {j}', [d.i, d.j])}</tr>"
     )
+
+
+def _latent_cells(layer: LayerResult, r: DuplicateRow | AntipodalRow) -> str:
+    """A map pair's row opened with its two latents' cells (sorted by id)."""
+    return (f'<tr><td data-v="{r.i}">{_feature_link(layer, r.i, r.sign_i)}</td>'
+            f'<td data-v="{r.j}">{_feature_link(layer, r.j, r.sign_j)}</td>')
 
 
 def _antipodal_table(layer: LayerResult) -> str:
@@ -806,10 +829,10 @@ def _antipodal_table(layer: LayerResult) -> str:
 
 
 def _antipodal_row(layer: LayerResult, a: AntipodalRow) -> str:
+    i, j = _labels(a)
     return (
-        f'<tr><td data-v="{a.i}">{_feature_link(layer, a.i)}</td><td data-v="{a.j}">{_feature_link(layer, a.j)}</td>'
-        f"{_num(a.rho)}{_num(a.share)}{_num(a.count_i)}{_num(a.count_j)}{_num(a.co_count)}"
-        f"{_np_cell(layer, f'antipodal {a.i} / {a.j}', [a.i, a.j])}</tr>"
+        f"{_latent_cells(layer, a)}{_num(a.rho)}{_num(a.share)}{_num(a.count_i)}{_num(a.count_j)}{_num(a.co_count)}"
+        f"{_np_cell(layer, f'antipodal {i} / {j}', [a.i, a.j])}</tr>"
     )
 
 
@@ -908,16 +931,19 @@ def _step_items(items: list[dict[str, Any]], layer: LayerResult | None) -> str:
         keys += [key for key in item if key not in keys]
     header = "".join(f'<th class="{"text" if key in LATENT_KEYS else "num"}">{escape(key)}</th>' for key in keys)
     rows = "".join(
-        "<tr>" + "".join(_item_cell(key, item.get(key), layer) for key in keys) + "</tr>" for item in shown
+        "<tr>" + "".join(_item_cell(key, item.get(key), layer, item.get("sign")) for key in keys) + "</tr>"
+        for item in shown
     )
     what = f"first {len(shown):,} of {len(items):,} items" if len(items) > len(shown) else f"{len(items):,} item(s)"
     return (f'<details class="items"><summary>{what}</summary><table class="items"><thead><tr>{header}</tr>'
             f"</thead><tbody>{rows}</tbody></table>{_more(len(items) - len(shown), 'items')}</details>")
 
 
-def _item_cell(key: str, value: Any, layer: LayerResult | None) -> str:
+def _item_cell(key: str, value: Any, layer: LayerResult | None, sign: str | None = None) -> str:
+    """`sign`: the item's (a signed SAE's step on one sign of its "feature")."""
     if key in LATENT_KEYS and isinstance(value, int) and not isinstance(value, bool):
-        shown = _feature_link(layer, value) if layer is not None else str(value)
+        sign = sign if key == "feature" else None
+        shown = _feature_link(layer, value, sign) if layer is not None else escape(latent_label(value, sign))
         return f'<td class="text">{shown}</td>'
     if isinstance(value, bool):
         return f'<td class="text">{"yes" if value else "no"}</td>'

@@ -105,7 +105,7 @@
   });
 
   // ---- feature tables: rows from the layer's JSON (html.py _feature_data), one page in the DOM.
-  var ROW = { id: 0, tier: 1, conditions: 2, gain: 3, reason: 12, maxCode: 13, checks: 14, top: 15 };
+  var ROW = { id: 0, tier: 1, conditions: 2, gain: 3, reason: 12, maxCode: 13, checks: 14, top: 15, sign: 16 };
   var TIERS = ["certified", "violated", "satisfied"];
   var TIER_FILTERS = {
     descent: function (tier) { return tier < 2; },
@@ -192,9 +192,10 @@
 
     function cell(row, column) {
       var kind = kinds[column], value = row[column];
-      if (kind === "id") {
+      if (kind === "id") {  // a signed SAE's row names its sign: "12+", "12−" (the dashboard is the latent's)
+        var label = String(value) + (row[ROW.sign] ? (row[ROW.sign] === "-" ? "\u2212" : "+") : "");
         var shown = np ? '<a href="https://www.neuronpedia.org/' + np.split("/").map(encodeURIComponent).join("/") +
-          "/" + value + '" target="_blank" rel="noopener">' + value + "</a>" : String(value);
+          "/" + value + '" target="_blank" rel="noopener">' + label + "</a>" : label;
         return '<td data-v="' + value + '">' + shown + "</td>";
       }
       if (kind === "tier") return '<td class="text"><span class="badge ' + TIERS[value] + '">' + TIERS[value] + "</span></td>";
@@ -213,10 +214,10 @@
       var pages = Math.max(1, Math.ceil(view.length / state.size));
       state.page = Math.min(Math.max(0, state.page), pages - 1);
       var first = state.page * state.size, shown = view.slice(first, first + state.size);
-      table.tBodies[0].innerHTML = shown.map(function (row) {
+      table.tBodies[0].innerHTML = shown.map(function (row, k) {
         var cells = "";
         for (var column = 0; column < kinds.length; column++) cells += cell(row, column);
-        return '<tr data-feature="' + row[ROW.id] + '">' + cells + "</tr>";
+        return '<tr data-feature="' + row[ROW.id] + '" data-row="' + (first + k) + '">' + cells + "</tr>";
       }).join("");
       var text = state.bad ? "not a list of ids: write e.g. 12, 40-60" :
         view.length ? (first + 1).toLocaleString("en-US") + "–" + (first + shown.length).toLocaleString("en-US") +
@@ -239,9 +240,8 @@
     function details(tr) {
       var next = tr.nextElementSibling;
       if (next && next.classList.contains("detail")) { next.remove(); return; }
-      var id = parseInt(tr.getAttribute("data-feature"), 10);
-      var row = null;
-      for (var k = 0; k < view.length && row === null; k++) if (view[k][ROW.id] === id) row = view[k];
+      // the row's place in the view drawn (a signed SAE has two rows per feature id)
+      var row = view[parseInt(tr.getAttribute("data-row"), 10)];
       var checks = row[ROW.checks].map(function (check) {
         return '<li><span class="badge ' + TIERS[check[1]] + '">' + TIERS[check[1]] + "</span> " +
           escapeHtml(certificateText(check, data.reasons)) + "</li>";

@@ -70,12 +70,14 @@ def saebench_output(record: AuditRecord, hook: str, *, epoch_millis: int | None 
             "scope": layer.scope,
             "skipped": layer.skipped,
             "notes": layer.notes,
-            "absorption_trees": [{"parent": parent, "children": [r.child for r in rows]}
+            "absorption_trees": [{"parent": _latent(layer, parent),
+                                  "children": [_latent(layer, layer.row(r.child, r.child_sign)) for r in rows]}
                                  for parent, rows in layer.absorption_trees().items()],
-            "duplicate_groups": layer.duplicate_groups(),
-            "antipodal_pairs": [[row.i, row.j] for row in layer.antipodal],
-            "pairs": [{"i": p.i, "j": p.j, "kind": p.kind, "tier": p.tier, "gain": p.gain}
-                      for p in layer.ranked_pairs()],
+            "duplicate_groups": [[_latent(layer, row) for row in group] for group in layer.duplicate_groups()],
+            "antipodal_pairs": [[_latent(layer, layer.row(r.i, r.sign_i)), _latent(layer, layer.row(r.j, r.sign_j))]
+                                for r in layer.antipodal],
+            "pairs": [{"i": _latent(layer, layer.row(p.i, p.sign_i)), "j": _latent(layer, layer.row(p.j, p.sign_j)),
+                       "kind": p.kind, "tier": p.tier, "gain": p.gain} for p in layer.ranked_pairs()],
         },
     })
 
@@ -123,7 +125,8 @@ def _metrics(layer: LayerResult, meta: dict[str, Any]) -> dict[str, dict[str, An
     verdicts = {f"features_{tier}": tiers[tier] for tier in TIERS}
     verdicts.update({f"{c}_certified": n for c, n in certified.items()})
     verdicts.update({f"{c}_violated": reached[c] - n for c, n in certified.items()})  # violated, not certified
-    verdicts.update({"pairs_flagged": len(layer.pairs), "n_tests": layer.n_tests})
+    verdicts.update({"pairs_flagged": len(layer.pairs), "n_tests": layer.n_tests,
+                     "flagged_share": layer.flagged_share()})
     mapped = bool(layer.pair_map.get("available"))
     prices = [r.l1_price for r in layer.absorption if r.l1_price is not None]
     absorption = {
@@ -132,6 +135,8 @@ def _metrics(layer: LayerResult, meta: dict[str, Any]) -> dict[str, dict[str, An
         "l1_price_total": sum(prices) if prices else None,
         "duplicate_pairs": len(layer.duplicates), "duplicate_groups": len(layer.duplicate_groups()),
         "antipodal_pairs": len(layer.antipodal),
+        "absorption_score": layer.pair_map.get("absorption_score"),
+        "absorption_score_se": layer.pair_map.get("absorption_score_se"),
     }
     if not mapped:  # not computed: no count means "none found"
         absorption = dict.fromkeys(absorption)
@@ -141,7 +146,14 @@ def _metrics(layer: LayerResult, meta: dict[str, Any]) -> dict[str, dict[str, An
             "token_stats": tokens}
 
 
+def _latent(layer: LayerResult, row: int) -> int | str:
+    """A latent as the unstructured entries name it: its id; one sign of a signed SAE's latent as its
+    label ("12+", "12−")."""
+    return layer.row_label(row) if layer.signed else row
+
+
 def _detail(f: Any) -> dict[str, Any]:
-    return {"index": f.id, "tier": f.tier, "conditions": ",".join(f.conditions), "gain": f.gain,
+    sign = {} if f.sign is None else {"sign": f.sign}  # a signed SAE's row: which sign of latent `index`
+    return {"index": f.id, **sign, "tier": f.tier, "conditions": ",".join(f.conditions), "gain": f.gain,
             "gain_se": f.gain_se, "p_value": f.p_value, "share": f.share, "value": f.value,
             "active_count": f.active_count}

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from opt_hooks.report.svg import fmt
 from opt_hooks.records import (
     CONDITIONS, LAYER_CONDITIONS, AbsorptionRow, AntipodalRow, AuditRecord, CertificateCheck, DuplicateRow, FeatureRow, LayerResult,
-    PairRow,
+    PairRow, latent_label,
 )
 
 TOP_FEATURES = 5
@@ -27,6 +27,14 @@ TOP_CHILDREN = 3  # per tree
 TOP_MAP_PAIRS = 3  # duplicates, antipodal pairs
 MapPair = TypeVar("MapPair", DuplicateRow, AntipodalRow)
 WIDTH = 78
+# what the layer's flagged share (LayerResult.flagged_share) predicts, and where the evidence is
+FLAGGED_TEXT = ("latents the audit names in a table: a certified finding, a duplicate, an absorption row, "
+                "or dead. On SynthSAEBench-recipe worlds a lower share went with SAEs that recover the true "
+                "features better (MCC, F1), which EV and L0 did not tell (docs/VALIDATION.md, section Q)")
+# what the layer's absorption score (pair_map["absorption_score"], THEORY.md section 6) measures
+SCORE_TEXT = ("label-free: on average, the part of a latent's decoder that points at another latent which "
+              "stays off where it fires (0: none; a child that absorbed its parent: its rho, up to ~0.7); "
+              "it ranks SAEs by their true absorption rate (docs/VALIDATION.md, section Q)")
 
 # How each condition's certificate changes the SAE, for the finding lines.
 CHANGES = {
@@ -104,6 +112,8 @@ def _layer_block(layer: LayerResult) -> str:
         f"  features    certified {tiers['certified']:,}  violated {tiers['violated']:,}  "
         f"satisfied {tiers['satisfied']:,}  (dead {len(layer.dead_features):,})",
         f"  certified   {conditions}",
+        f"  flagged     {percent(layer.flagged_share())} of latents (certified, duplicated, absorbed or dead);",
+        "              fewer went with truer features on SynthSAEBench-recipe worlds (VALIDATION.md Q)",
     ]
     for name in LAYER_CONDITIONS:
         check = layer.layer_conditions.get(name, {}).get("certificate")
@@ -140,7 +150,7 @@ def _finding(check: CertificateCheck, change: str, scale: str) -> str:
 def _feature_line(f: FeatureRow) -> str:
     best = f.certificates[f.conditions[0]]
     return (
-        f"#{f.id:<6} {','.join(f.conditions):<10} {_finding(best, CHANGES[f.conditions[0]], 'of its value')}"
+        f"#{f.label:<6} {','.join(f.conditions):<10} {_finding(best, CHANGES[f.conditions[0]], 'of its value')}"
         f"; active on {f.active_count:,} tokens"
     )
 
@@ -153,7 +163,8 @@ def _pair_line(p: PairRow) -> str:
     verdict = f" gain {fmt(p.gain)}" if p.gain is not None else ""
     reason = f"; {p.certificate.reason}" if p.certificate is not None and p.certificate.reason else ""
     return (
-        f"{p.i} -> {p.j} {p.kind} ({p.tier}{verdict}): {finding}, rho {fmt(p.rho)}; "
+        f"{latent_label(p.i, p.sign_i)} -> {latent_label(p.j, p.sign_j)} {p.kind} ({p.tier}{verdict}): {finding}, "
+        f"rho {fmt(p.rho)}; "
         f"j on {p.count_j:,} tokens, i on {p.co_count:,} of them{reason}"
     )
 
@@ -175,25 +186,28 @@ def pair_map_lines(layer: LayerResult) -> list[str]:
     trees = layer.absorption_trees()
     found = f"{len(trees):,} tree(s), {len(layer.absorption):,} absorbed child(ren)" if trees else "none found"
     lines = [f"  {'absorption':<11} {found} (label-free: rho >= {fmt(m.get('rho_min'))}, "
-             f"evidence >= {fmt(m.get('min_evidence'))})"]
+             f"evidence >= {fmt(m.get('min_evidence'))})",
+             f"    score {fmt(m.get('absorption_score'))} ± {fmt(m.get('absorption_score_se'))} over "
+             f"{m.get('scored_latents') or 0:,} alive latents (the layer's label-free absorption score, THEORY.md section 6)"]
     for parent, rows in list(trees.items())[:TOP_TREES]:
         shown = f", top {TOP_CHILDREN}" if len(rows) > TOP_CHILDREN else ""
-        lines.append(f"    parent {parent} (on {rows[0].count_parent:,} tokens) absorbed into {len(rows):,} "
-                     f"child(ren){shown}:")
+        lines.append(f"    parent {layer.row_label(parent)} (on {rows[0].count_parent:,} tokens) absorbed into "
+                     f"{len(rows):,} child(ren){shown}:")
         lines += [f"      {_absorption_line(r)}" for r in rows[:TOP_CHILDREN]]
     lines.append(f"  {'duplicates':<11} " + _map_pairs(layer.duplicates, f"rho >= {fmt(m.get('duplicate_rho'))}",
                                                         "to merge", _duplicate_text))
     groups = layer.duplicate_groups()
     if groups:
         lines.append(f"    in {len(groups):,} group(s) of {sum(map(len, groups)):,} latents, each one direction "
-                     f"coded several times; largest: {_group_text(groups[0])}")
+                     f"coded several times; largest: {_group_text(layer, groups[0])}")
     lines.append(f"  {'antipodal':<11} " + _map_pairs(layer.antipodal, f"rho <= -{fmt(m.get('antipodal_rho'))}",
                                                        "of dense latents", _antipodal_text))
     return lines
 
 
 def _absorption_line(r: AbsorptionRow) -> str:
-    return (f"child {r.child}: rho {fmt(r.rho)} / own {fmt(r.own_part)}, parent off on {percent(r.fraction)} "
+    return (f"child {latent_label(r.child, r.child_sign)}: rho {fmt(r.rho)} / own {fmt(r.own_part)}, "
+            f"parent off on {percent(r.fraction)} "
             f"of {r.count_child:,} tokens, evidence {fmt(r.evidence)} ± {fmt(r.evidence_se)}, "
             f"L1 price {fmt(r.l1_price)}")
 
@@ -205,17 +219,17 @@ def _map_pairs(rows: Sequence[MapPair], threshold: str, what: str, text: Callabl
     return f"{len(rows):,} pair(s) {what} ({threshold}): " + "; ".join(map(text, rows[:TOP_MAP_PAIRS])) + more
 
 
-def _group_text(group: list[int], limit: int = 8) -> str:
-    shown = ", ".join(map(str, group[:limit]))
+def _group_text(layer: LayerResult, group: list[int], limit: int = 8) -> str:
+    shown = ", ".join(layer.row_label(row) for row in group[:limit])
     return f"{len(group)} latents ({shown}{', ...' if len(group) > limit else ''})"
 
 
 def _duplicate_text(d: DuplicateRow) -> str:
-    return f"{d.i} = {d.j} rho {d.rho:.4f}, jaccard {fmt(d.jaccard)}"  # 3 digits would round most to 1
+    return f"{latent_label(d.i, d.sign_i)} = {latent_label(d.j, d.sign_j)} rho {d.rho:.4f}, jaccard {fmt(d.jaccard)}"  # 3 digits would round most to 1
 
 
 def _antipodal_text(a: AntipodalRow) -> str:
-    return f"{a.i} / {a.j} rho {fmt(a.rho)}, covering {percent(a.share)} of tokens"
+    return f"{latent_label(a.i, a.sign_i)} / {latent_label(a.j, a.sign_j)} rho {fmt(a.rho)}, covering {percent(a.share)} of tokens"
 
 
 # ---- repair (opt_hooks.repair_run.RepairResult.to_dict()) ------------------------------------------

@@ -20,6 +20,15 @@ without i), so this module looks for the signature itself:
   lam * mu_j * (rho + sqrt(1 - rho^2) - 1) > 0 (`l1_price`, `split_child`): what keeps the
   absorption stable.
 
+Score (one number per SAE, `absorption_score`): for each alive atom j, the largest rho_ij times the
+share of j's audit tokens on which i is off, over j's candidate parents i (0 where j has none); its
+mean over the alive atoms, with the SE of a mean over them. It is the part of a latent's decoder, on
+average, that points at another latent which stays off where it fires: about 0 when latents share
+no direction beyond the unrelated spread or share it only with latents that fire with them (a kept
+hierarchy), rho (up to ~0.7) for a child that absorbed its parent on all of its tokens. Siblings that
+absorbed one parent lean on each other too (rho ~ rho_1 rho_2): they count towards the score as
+absorption, though not as a parent.
+
 Duplicates: alive pairs with rho >= duplicate_rho (one direction coded twice; merge them).
 Antipodal dense pairs: rho <= -antipodal_rho, both on a large share of the tokens and rarely
 together: a nonnegative code for one dense direction, normalise(d_i - d_j).
@@ -354,3 +363,32 @@ def choose_parents(child: Tensor, rho: Tensor, passes: Tensor) -> Tensor:
     first = torch.ones(len(keep), dtype=torch.bool, device=child.device)
     first[1:] = child[keep][1:] != child[keep][:-1]
     return torch.sort(keep[first]).values
+
+
+@dataclass
+class AbsorptionScore:
+    """The layer's label-free absorption score (module docstring), float64."""
+
+    value: float  # mean over alive atoms of max_i rho_ij * (share of j's tokens with i off); NaN: none alive
+    se: float  # its standard error over the alive atoms (NaN with fewer than two)
+    n_latents: int  # alive atoms averaged over
+    n_absorbing: int  # alive atoms with a candidate parent off on some of their tokens (a_j > 0)
+
+
+def absorption_score(parent: Tensor, child: Tensor, rho: Tensor, co: Tensor, count: Tensor) -> AbsorptionScore:
+    """From the map's candidate pairs (parent i, child j, rho_ij, co-count n_ij on the audit tokens)
+    and every atom's audit count n_j: a_j = max_i rho_ij (n_j - n_ij) / n_j over j's candidates
+    (0 where none), averaged over the alive atoms (n_j > 0). Exact counts in, so the score is the
+    same under any batch split, rank merge or resume."""
+    count = count.double()
+    alive = count > 0
+    n_alive = int(alive.sum())
+    a = torch.zeros(len(count), dtype=torch.float64, device=count.device)
+    if len(child):
+        off = (count[child] - co.double()) / count[child]
+        a = a.scatter_reduce(0, child, (rho.double() * off).clamp(min=0), "amax")
+    a = a[alive]
+    if n_alive == 0:
+        return AbsorptionScore(math.nan, math.nan, 0, 0)
+    se = float(a.std() / math.sqrt(n_alive)) if n_alive > 1 else math.nan
+    return AbsorptionScore(float(a.mean()), se, n_alive, int((a > 0).sum()))

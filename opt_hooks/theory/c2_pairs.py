@@ -3,6 +3,13 @@
 For every ordered pair (i, j), (1 - rho_ij) mu_j must lie in [min, max] of z_j over the tokens
 where i is off. The exact pair engine that finds the violations is `pairs.py`; the certificate
 family of the violated pairs is here.
+
+A signed SAE's doubled dictionary (THEORY.md section 9) pairs each atom with its opposite, one decoder
+row: the pairs (i, -d_i) are skipped (rho = -1), and so are the pairs whose j has its other sign active
+on an audit token, since the certificate turns d_j and, tied, -d_j with it, which moves the
+reconstruction of those tokens too: the condition is that of the tied problem only where j's other
+sign never fires (`tied_pairs`). The certificates' held-out changes count the tokens of j's other
+sign (`PairCertificates.partner`).
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from torch import Tensor
 from opt_hooks.theory.changes import Perturbed, TokenChanges
 from opt_hooks.theory.codes import SparseBatch
 from opt_hooks.theory.pairs import PairViolations, pair_violations
+from opt_hooks.theory.signed import partners
 from opt_hooks.theory.stats import LayerStatistics, TokenBatch
 
 
@@ -24,6 +32,16 @@ def c2_pairs(stats: LayerStatistics, atoms: Tensor, *, rel_tol: float = 1e-6) ->
     if stats.codes is None:
         raise ValueError("C2 needs the sparse codes: build LayerStats with keep_codes=True")
     return pair_violations(stats.codes, atoms, stats.mu, rel_tol=rel_tol)
+
+
+def tied_pairs(violations: PairViolations, active_count: Tensor) -> tuple[PairViolations, int]:
+    """(the violations of the tied problem, how many others were dropped) for a signed SAE's doubled
+    dictionary: no pair of an atom with its own opposite, and no pair whose j's other sign fires on
+    an audit token (`active_count` (2K,) of the audit tokens)."""
+    partner = partners(len(active_count), violations.j.device)
+    keep = (violations.i != partner[violations.j]) & (active_count.to(partner.device)[partner[violations.j]] == 0)
+    fields = {name: getattr(violations, name)[keep] for name in violations.__dataclass_fields__}
+    return PairViolations(**fields), int((~keep & (violations.i != partner[violations.j])).sum())
 
 
 # C2's line search: the finite-step change is evaluated exactly at each of these steps
@@ -51,6 +69,13 @@ class PairCertificates:
     For a hierarchy, a token where j is off changes by exactly lam eps T_eps (z_i grows by
     eps T_eps, the bias shift cancels it), so only the tokens where j fires are gathered.
     Complementary pairs (rare: j is on wherever i is off) also gather the tokens where i fires.
+
+    `partner` (P,): for a signed SAE's doubled dictionary, the atom -d_j of j's other sign, which the
+    certificate turns with d_j (one decoder row): -d_j <- -normalise(...), its codes unchanged. On a
+    token where it fires (z_j = 0 there) the reconstruction along the pair moves by
+    z_p (d_j - d_j'), so with the signed code zeta = z_j - z_p the change is the formula above with
+    zeta in the reconstruction terms. The audit tokens have no such token (`tied_pairs`); held-out
+    tokens may.
     """
 
     i: Tensor  # (P,)
@@ -58,6 +83,7 @@ class PairCertificates:
     kind: Tensor  # (P,) +1 / -1
     bound: Tensor  # (P,) T
     rho: Tensor  # (P,)
+    partner: Tensor | None = None  # (P,) the atom -d_j of a signed SAE's pair, None for an unsigned SAE
     condition = "C2"
     chunk_elements: int = 1 << 22  # bound on gathered (pair, token) elements at once
 
@@ -124,8 +150,11 @@ class PairCertificates:
 
     def held_out(self, tokens: TokenBatch, lam: float) -> TokenChanges:
         # Only the pairs' features are read: their codes and <d_i, r_n> columns, renumbered.
-        used, inverse = torch.unique(torch.cat([self.i, self.j]), return_inverse=True)
-        local = PairCertificates(inverse[: len(self.i)], inverse[len(self.i):], self.kind, self.bound, self.rho)
+        read = [self.i, self.j] if self.partner is None else [self.i, self.j, self.partner]
+        used, inverse = torch.unique(torch.cat(read), return_inverse=True)
+        n = len(self.i)
+        local = PairCertificates(inverse[:n], inverse[n:2 * n], self.kind, self.bound, self.rho,
+                                 None if self.partner is None else inverse[2 * n:])
         local.chunk_elements, local.step = self.chunk_elements, self.step
         return local.dense_changes(tokens.z[:, used], tokens.q(used), lam, tokens.weight)
 
@@ -137,11 +166,16 @@ class PairCertificates:
         codes = SparseBatch(z)  # nonnegative codes: the nonzeros are the active entries
         order, start, count = codes.by_feature
         per_off, first_off = self._j_off_change(self.step, lam)
-        totals.add_constant(torch.where(hierarchy, per_off, 0.0), torch.where(hierarchy, first_off, 0.0),
-                            z.shape[0] - count[self.j].double())
+        j_off = z.shape[0] - count[self.j].double()
+        if self.partner is not None:  # tokens of j's other sign: gathered below
+            j_off = j_off - count[self.partner].double()
+        totals.add_constant(torch.where(hierarchy, per_off, 0.0), torch.where(hierarchy, first_off, 0.0), j_off)
         pairs_h = torch.nonzero(hierarchy).flatten()
-        for pairs, entries in _entries_of(self.j, pairs_h, order, start, count, self.chunk_elements):
-            totals.add(pairs, *self._dense_element_changes(z, q, weight, codes.rows[entries], pairs, lam))
+        for moved in (self.j, self.partner):
+            if moved is None:
+                continue
+            for pairs, entries in _entries_of(moved, pairs_h, order, start, count, self.chunk_elements):
+                totals.add(pairs, *self._dense_element_changes(z, q, weight, codes.rows[entries], pairs, lam))
         complementary = torch.nonzero(~hierarchy).flatten()
         for sl in _chunks(len(complementary), max(1, self.chunk_elements // max(z.shape[0], 1))):
             pairs = complementary[sl][None, :].expand(z.shape[0], -1).flatten()
@@ -158,12 +192,14 @@ class PairCertificates:
         i, j = self.i[pairs], self.j[pairs]
         zi, zj, qi, qj = (m[rows, f].double() for m, f in ((z, i), (z, j), (q, i), (q, j)))
         w = 1.0 if weight is None else weight[rows].double()
-        return self._element_changes(zi, zj, qi, qj, w, pairs, lam, self.step)
+        zp = 0.0 if self.partner is None else z[rows, self.partner[pairs]].double()
+        return self._element_changes(zi, zj, qi, qj, w, pairs, lam, self.step, zp)
 
     def _element_changes(self, zi: Tensor, zj: Tensor, qi: Tensor, qj: Tensor, w: Tensor | float, pairs: Tensor,
-                         lam: float, step: Tensor) -> tuple[Tensor, Tensor]:
+                         lam: float, step: Tensor, zp: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
         """Exact and first-order change of loss_n for each (token, pair) element (and each step
-        when `step` is (E, P)); qi, qj are w_n <d, r_n> and w the elements' token weights."""
+        when `step` is (E, P)); qi, qj are w_n <d, r_n> and w the elements' token weights; zp the
+        code of j's other sign (`partner`, 0 for an unsigned SAE), whose atom -d_j turns with d_j."""
         s, t, rho = self.kind[pairs].double(), self.bound[pairs].double(), self.rho[pairs].double()
         eps = step[..., pairs]
         nu = torch.sqrt(1 + eps**2 * (1 - rho**2))
@@ -171,8 +207,10 @@ class PairCertificates:
         t_eps = self.shifted_bound(eps, pairs)
         dzi = (zi + s * eps * (t_eps - grow / nu * zj)).clamp(min=0) - zi
         zj_new = zj * grow
-        alpha = -s * eps * t_eps + dzi + zj_new * s * eps / nu  # new recon - old, along d_i
-        beta = zj_new * (1 - s * eps * rho) / nu - zj  # and along d_j
+        # the signed code on the pair (d_j, -d_j) before and after: zj - zp (one of them is 0)
+        zeta, zeta_new = zj - zp, zj_new - zp
+        alpha = -s * eps * t_eps + dzi + zeta_new * s * eps / nu  # new recon - old, along d_i
+        beta = zeta_new * (1 - s * eps * rho) / nu - zeta  # and along d_j
         change = -2 * (alpha * qi + beta * qj) + w * (alpha**2 + beta**2 + 2 * alpha * beta * rho)
         return change + lam * (dzi + zj_new - zj), lam * s * eps * (t - (1 - rho) * zj)
 
@@ -185,6 +223,8 @@ class PairCertificates:
         atoms2, z2 = atoms.clone(), z.clone()
         direction = (1 - s * eps * rho) * atoms[j] + s * eps * atoms[i]
         atoms2[j] = direction / direction.norm()
+        if self.partner is not None:
+            atoms2[int(self.partner[k])] = -atoms2[j]
         z2[:, i] = (z[:, i] + s * eps * (t_eps - (1 + s * eps * rho) / nu * z[:, j])).clamp(min=0)
         z2[:, j] = z[:, j] * (1 + s * eps * rho)
         return atoms2, z2, bias - s * eps * t_eps * atoms[i]

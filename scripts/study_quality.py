@@ -1,0 +1,507 @@
+"""Can the audit tell a good SAE from a bad one? (docs/VALIDATION.md, section Q)
+
+On worlds built with sae_lens.synthetic after the SynthSAEBench-16k recipe, scaled to a CPU
+(`opt_hooks.synthetic.synthsaebench_world`: 2,048 features in d = 128 by default, true L0 about
+11), SAEs of every SynthSAEBench architecture opt_hooks audits (standard L1, BatchTopK, JumpReLU,
+Matryoshka BatchTopK, Matching Pursuit) at two L0 values each, width 512 (a quarter of the
+features, SynthSAEBench's ratio), are trained with sae_lens' own training step on one fixed
+tensor of activations, saved and loaded in the inference form users get (`save_inference_model`,
+`SAE.load_from_disk`: BatchTopK and Matryoshka become JumpReLU SAEs), scored against the ground
+truth (sae_lens.synthetic's MCC and uniqueness, its per-latent classification F1 on held-out
+tokens, the true absorption rate of docs/VALIDATION.md section E) and audited by
+`oh.audit_activations` on other held-out tokens.
+
+Per world, every audit number of a layer (`AUDIT_NUMBERS`) and EV and L0 get their Spearman
+correlation with F1, MCC and uniqueness across the world's SAEs, with a percentile bootstrap
+interval over the SAEs. The number shown to users is chosen on the first world only (the
+largest |Spearman| with F1) and reported on the others (`--worlds`).
+
+    python scripts/study_quality.py                  # two worlds, 10 SAEs each; writes docs/VALIDATION.md section Q
+    python scripts/study_quality.py --quick          # one small world, a smoke run (~2 min), prints only
+    python scripts/study_quality.py --json out.json  # also every SAE's numbers
+
+Runtime is printed at the end and written into the table's caption.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import sae_lens  # noqa: E402
+from sae_lens.saes.sae import SAEMetadata, TrainCoefficientConfig, TrainStepInput  # noqa: E402
+from sae_lens.synthetic.evals import (  # noqa: E402
+    ClassificationMetricsCalculator,
+    feature_uniqueness,
+    mean_correlation_coefficient,
+)
+
+import opt_hooks as oh  # noqa: E402
+from opt_hooks.synthetic import World, match_latents, probe_absorption, synthsaebench_world  # noqa: E402
+
+VALIDATION = ROOT / "docs" / "VALIDATION.md"
+START, END = "<!-- study_quality:start -->", "<!-- study_quality:end -->"
+
+
+@dataclass
+class Sizes:
+    n_features: int = 2048
+    d: int = 128
+    width: int = 512
+    n_train: int = 300_000
+    n_eval: int = 40_000  # ground-truth F1 and absorption
+    n_audit: int = 40_000  # the audit (a quarter held out)
+    steps: int = 2000
+    pursuit_steps: int = 300  # a pursuit encodes in up to max_iterations matmuls: fewer, costlier steps
+    batch: int = 1024
+    bootstrap: int = 2000
+
+
+QUICK = Sizes(n_features=1024, d=64, width=256, n_train=60_000, n_eval=10_000, n_audit=10_000, steps=300,
+              pursuit_steps=100, bootstrap=500)
+
+JUMPRELU = {"l0_coefficient": 1.0, "jumprelu_init_threshold": 0.5, "jumprelu_bandwidth": 0.5}
+# (name, sae_lens training class, its config class, config fields), two L0 values per architecture.
+# The L0 targets scale with the world's true L0 (~11): about half of it and about it.
+SPECS: list[tuple[str, str, dict[str, Any]]] = [
+    ("standard l1=5", "standard", {"l1_coefficient": 5.0}),
+    ("standard l1=3", "standard", {"l1_coefficient": 3.0}),
+    ("batchtopk k=6", "batchtopk", {"k": 6}),
+    ("batchtopk k=12", "batchtopk", {"k": 12}),
+    # Gemma Scope 2's quadratic penalty around a target L0; thresholds start at 0.5 (codes are ~4-5)
+    ("jumprelu L0 6", "jumprelu", {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": 6.0, **JUMPRELU}),
+    ("jumprelu L0 12", "jumprelu", {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": 12.0, **JUMPRELU}),
+    ("matryoshka k=6", "matryoshka_batchtopk", {"k": 6}),
+    ("matryoshka k=12", "matryoshka_batchtopk", {"k": 12}),
+    ("pursuit 6 steps", "matching_pursuit", {"max_iterations": 6}),
+    ("pursuit 12 steps", "matching_pursuit", {"max_iterations": 12}),
+]
+# the control world (the recipe with its hierarchy switched off): one SAE per architecture
+CONTROL_SPECS = [spec for spec in SPECS if spec[0] in (
+    "standard l1=3", "batchtopk k=12", "jumprelu L0 12", "matryoshka k=12", "pursuit 12 steps")]
+CLASSES = {
+    "standard": (sae_lens.StandardTrainingSAE, sae_lens.StandardTrainingSAEConfig),
+    "batchtopk": (sae_lens.BatchTopKTrainingSAE, sae_lens.BatchTopKTrainingSAEConfig),
+    "jumprelu": (sae_lens.JumpReLUTrainingSAE, sae_lens.JumpReLUTrainingSAEConfig),
+    "matryoshka_batchtopk": (sae_lens.MatryoshkaBatchTopKTrainingSAE, sae_lens.MatryoshkaBatchTopKTrainingSAEConfig),
+    "matching_pursuit": (sae_lens.MatchingPursuitTrainingSAE, sae_lens.MatchingPursuitTrainingSAEConfig),
+}
+
+# The audit's numbers of a layer, each oriented as the audit reads it (larger: further from a
+# stationary point of its own objective, or more flagged); `flagged share` is the one combination,
+# fixed before any world was looked at: the share of latents the audit names in any table
+# (a certified finding, a duplicate pair, an absorption row, dead).
+AUDIT_NUMBERS = ("absorption score", "code gap", "decoder gap", "bias gap", "certified share", "flagged share", "duplicates share",
+                 "absorption share", "dead share")
+BASELINES = ("EV", "L0")
+TRUTHS = ("F1", "MCC", "uniqueness")
+QUALITY = ("F1", "MCC")  # what the shown number is chosen for
+
+
+@dataclass
+class SAEScore:
+    world: str
+    name: str
+    architecture: str  # the inference SAE's (BatchTopK and Matryoshka load as jumprelu)
+    truth: dict[str, float] = field(default_factory=dict)  # F1, MCC, uniqueness, true absorption rate
+    baselines: dict[str, float] = field(default_factory=dict)  # EV, L0
+    audit: dict[str, float] = field(default_factory=dict)  # AUDIT_NUMBERS, NaN where not measured
+    seconds: float = 0.0
+
+
+DEAD_WINDOW = 100  # steps without firing after which a latent counts as dead (TopK-family auxiliary loss)
+
+
+def train(kind: str, fields: dict[str, Any], x: torch.Tensor, sizes: Sizes, seed: int) -> sae_lens.TrainingSAE:
+    """sae_lens' training step (its loss, coefficients and, for the TopK family and JumpReLU, its
+    auxiliary loss on latents dead for DEAD_WINDOW steps) with Adam on the fixed tensor x: lr 3e-3,
+    a linear decay over the last 80% of the steps, batches drawn with replacement."""
+    sae_class, config_class = CLASSES[kind]
+    config = dict(fields)
+    if kind == "matryoshka_batchtopk":
+        config["matryoshka_widths"] = [sizes.width // 8, sizes.width // 2, sizes.width]
+    if kind == "matching_pursuit":
+        config.update(residual_threshold=0.0, decoder_init_norm=1.0)
+    torch.manual_seed(seed)
+    sae = sae_class(config_class(d_in=x.shape[1], d_sae=sizes.width, metadata=SAEMetadata(hook_name="synthetic"),
+                                 **config))
+    coefficients = {name: value.value if isinstance(value, TrainCoefficientConfig) else value
+                    for name, value in sae.get_coefficients().items()}
+    steps = sizes.pursuit_steps if kind == "matching_pursuit" else sizes.steps
+    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, 5 * (1 - s / steps)))
+    generator = torch.Generator().manual_seed(seed)
+    since_fired = torch.zeros(sizes.width, dtype=torch.int64)  # as sae_lens' trainer: its dead-feature window
+    for step in range(steps):
+        batch = x[torch.randint(0, len(x), (sizes.batch,), generator=generator)]
+        output = sae.training_forward_pass(TrainStepInput(
+            sae_in=batch, coefficients=coefficients, dead_neuron_mask=since_fired >= DEAD_WINDOW,
+            n_training_steps=step, is_logging_step=False,
+        ))
+        optimizer.zero_grad()
+        output.loss.backward()
+        optimizer.step()
+        schedule.step()
+        fired = (output.feature_acts.detach() != 0).any(0)
+        since_fired = torch.where(fired, 0, since_fired + 1)
+    return sae.eval()
+
+
+def inference_form(sae: sae_lens.TrainingSAE, keep: Path | None = None) -> sae_lens.SAE:
+    """What users load: sae_lens' own saved inference SAE (kept in `keep` when given)."""
+    if keep is not None:
+        sae.save_inference_model(keep)
+        return sae_lens.SAE.load_from_disk(keep).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        sae.save_inference_model(folder)
+        return sae_lens.SAE.load_from_disk(folder).eval()
+
+
+@torch.no_grad()
+def ground_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: torch.Tensor) -> tuple[dict, dict]:
+    """sae_lens.synthetic's scores on held-out tokens (acts, x) and the true absorption rate."""
+    vectors = world.feature_dict.feature_vectors.detach()
+    z = sae.encode(x)
+    recon = sae.decode(z)
+    ev = 1 - float(((recon - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    classes = ClassificationMetricsCalculator(sae.W_dec, vectors)
+    classes.add_batch(z, acts)
+    truth = {
+        "F1": classes.compute().f1_score,
+        "MCC": mean_correlation_coefficient(sae.W_dec, vectors),
+        "uniqueness": feature_uniqueness(sae.W_dec, vectors),
+        **absorption_truth(world, sae, acts, x, z),
+    }
+    return truth, {"EV": ev, "L0": float((z != 0).sum(1).double().mean())}
+
+
+ABSORBED = 0.5  # an edge is absorbed when the parent latent is off on at least this share of the child's tokens
+MATCHED_COS, MIN_CHILD_TOKENS = 0.5, 20
+
+
+def absorption_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: torch.Tensor, z: torch.Tensor
+                     ) -> dict[str, float]:
+    """Means over the judgeable direct edges (parent, child): both features matched (Hungarian on
+    |decoder cosine|) to latents with cosine >= 0.5, the child firing on >= 20 tokens.
+
+    - absorption rate: the share of the child's firing tokens on which the parent's latent is off
+      (the truth the label-free score is held against);
+    - gap (SAE-Lens issue #729): P(parent latent fires | parent on, child off) - P(... | parent on,
+      child on);
+    - probe score: SAEBench's absorption fraction with the true parent atom as the probe
+      (`opt_hooks.synthetic.probe_absorption`)."""
+    atoms = world.atoms.float()
+    decoder = sae.W_dec.detach().float()
+    decoder = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    latent_of = match_latents(atoms, decoder)
+    cos = decoder @ atoms.T
+    centred = x - world.feature_dict.bias.detach()
+    rates, gaps, probes = [], [], []
+    for parent, child in world.planted:
+        if parent not in latent_of or child not in latent_of:
+            continue
+        lp, lc = latent_of[parent], latent_of[child]
+        if cos[lp, parent] < MATCHED_COS or cos[lc, child] < MATCHED_COS:
+            continue
+        on = acts[:, child] > 0
+        if int(on.sum()) < MIN_CHILD_TOKENS:
+            continue
+        fires = z[:, lp] != 0
+        rates.append(float((~fires[on]).double().mean()))
+        alone = (acts[:, parent] > 0) & ~on
+        if bool(alone.any()):
+            gaps.append(float(fires[alone].double().mean()) - float(fires[on & (acts[:, parent] > 0)].double().mean()))
+        probe = probe_absorption(acts, centred, z * sae.W_dec.norm(dim=1), decoder, atoms[parent], lp, parent, child)
+        if probe.n_tokens:
+            probes.append(probe.fraction)
+    mean = lambda v: sum(v) / len(v) if v else math.nan  # noqa: E731
+    return {"absorption rate": mean(rates), "#729 gap": mean(gaps), "probe score": mean(probes),
+            "judgeable edges": float(len(rates))}
+
+
+def audit_numbers(sae: sae_lens.SAE, x: torch.Tensor) -> dict[str, float]:
+    """The layer's numbers from `oh.audit_activations` (a quarter of the tokens held out)."""
+    layer = oh.audit_activations(sae, x, held_out=0.25).layers["sae"]
+    k = layer.d_sae
+
+    def gap(name: str) -> float:
+        entry = layer.gaps.get(name)
+        return float(entry["share"]) if entry and entry.get("share") is not None else math.nan
+
+    certified = {f.id for f in layer.features if f.tier == "certified"}
+    duplicated = {i for row in layer.duplicates for i in (row.i, row.j)}
+    absorbed = {i for row in layer.absorption for i in (row.parent, row.child)}
+    dead = set(layer.dead_features)
+    m = layer.pair_map
+    return {
+        "absorption score": m["absorption_score"], "absorption score se": m["absorption_score_se"],
+        "absorption rows per 1000": 1000 * len(layer.absorption) / k,
+        "code gap": gap("codes"), "decoder gap": gap("decoder"), "bias gap": gap("bias"),
+        "certified share": len(certified) / k,
+        "flagged share": layer.flagged_share(),  # certified, duplicated, absorbed or dead
+        "duplicates share": len(duplicated) / k, "absorption share": len(absorbed) / k,
+        "dead share": len(dead) / k,
+    }
+
+
+def study_world(seed: int, sizes: Sizes, specs: list[tuple[str, str, dict[str, Any]]],
+                keep: Path | None = None, hierarchy: bool = True) -> list[SAEScore]:
+    world = synthsaebench_world(seed, n_features=sizes.n_features, d=sizes.d, hierarchy=hierarchy)
+    label = f"world {seed}" if hierarchy else f"control {seed}"
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
+        x_train = world.feature_dict(world.generator.sample(sizes.n_train))
+        acts_eval = world.generator.sample(sizes.n_eval)
+        x_eval = world.feature_dict(acts_eval)
+        x_audit = world.feature_dict(world.generator.sample(sizes.n_audit))
+    print(f"{label}: {world.name}, true L0 {float((acts_eval > 0).sum(1).double().mean()):.1f}", flush=True)
+    scores = []
+    for position, (name, kind, fields) in enumerate(specs):
+        started = time.perf_counter()
+        folder = None if keep is None else keep / label.replace(" ", "") / re.sub(r"[^a-z0-9]+", "_", name)
+        sae = inference_form(train(kind, fields, x_train, sizes, seed=1000 * seed + position), folder)
+        truth, baselines = ground_truth(world, sae, acts_eval, x_eval)
+        score = SAEScore(world=label, name=name, architecture=sae.cfg.architecture(), truth=truth,
+                         baselines=baselines, audit=audit_numbers(sae, x_audit),
+                         seconds=time.perf_counter() - started)
+        scores.append(score)
+        print(f"  {name:18s} EV {baselines['EV']:.3f} L0 {baselines['L0']:5.1f} F1 {truth['F1']:.3f} "
+              f"MCC {truth['MCC']:.3f}  " + " ".join(f"{k} {v:.3g}" for k, v in score.audit.items())
+              + f"  ({score.seconds:.0f} s)", flush=True)
+    return scores
+
+
+# -- statistics ------------------------------------------------------------------------------
+
+
+def ranks(values: list[float]) -> list[float]:
+    """Average ranks (ties share theirs)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            out[order[t]] = (i + j) / 2
+        i = j + 1
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rho over the pairs where both are finite (NaN with < 3 pairs or a constant side)."""
+    pairs = [(u, v) for u, v in zip(a, b) if math.isfinite(u) and math.isfinite(v)]
+    if len(pairs) < 3:
+        return math.nan
+    ra, rb = ranks([u for u, _ in pairs]), ranks([v for _, v in pairs])
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((u - ma) * (v - mb) for u, v in zip(ra, rb))
+    va, vb = sum((u - ma) ** 2 for u in ra), sum((v - mb) ** 2 for v in rb)
+    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else math.nan
+
+
+def bootstrap(a: list[float], b: list[float], reps: int, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of Spearman's rho, resampling the SAEs with replacement."""
+    rng = random.Random(seed)
+    n, values = len(a), []
+    for _ in range(reps):
+        picks = [rng.randrange(n) for _ in range(n)]
+        rho = spearman([a[i] for i in picks], [b[i] for i in picks])
+        if math.isfinite(rho):
+            values.append(rho)
+    if not values:
+        return math.nan, math.nan
+    values.sort()
+    return values[int(0.025 * (len(values) - 1))], values[int(0.975 * (len(values) - 1))]
+
+
+def value_of(score: SAEScore, name: str) -> float:
+    return {**score.truth, **score.baselines, **score.audit}[name]
+
+
+def correlations(scores: list[SAEScore], reps: int) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """number -> truth -> (rho, low, high)."""
+    out: dict[str, dict[str, tuple[float, float, float]]] = {}
+    for number in (*BASELINES, *AUDIT_NUMBERS):
+        a = [value_of(s, number) for s in scores]
+        out[number] = {}
+        for truth in TRUTHS:
+            b = [value_of(s, truth) for s in scores]
+            out[number][truth] = (spearman(a, b), *bootstrap(a, b, reps))
+    return out
+
+
+ABSORPTION_NUMBERS = ("absorption score", "absorption share", "probe score", "#729 gap")
+
+
+def absorption_correlations(scores: list[SAEScore], reps: int) -> dict[str, tuple[float, float, float]]:
+    """number -> (rho, low, high) with the true absorption rate."""
+    truth = [s.truth["absorption rate"] for s in scores]
+    out = {}
+    for number in ABSORPTION_NUMBERS:
+        a = [value_of(s, number) for s in scores]
+        out[number] = (spearman(a, truth), *bootstrap(a, truth, reps))
+    return out
+
+
+def chosen_number(table: dict[str, dict[str, tuple[float, float, float]]], scores: list[SAEScore]) -> str:
+    """The audit number that ranks the selection world's SAEs best by quality: the largest mean over
+    F1 and MCC of -rho (an audit number reads "larger: worse"), among those measured on every SAE
+    of the world (a number the audit skips for some architectures cannot rank them)."""
+    measured = [n for n in AUDIT_NUMBERS if all(math.isfinite(s.audit[n]) for s in scores)
+                and all(math.isfinite(table[n][t][0]) for t in QUALITY)]
+    return max(measured, key=lambda n: -sum(table[n][t][0] for t in QUALITY) / len(QUALITY))
+
+
+def verdict(tables: dict[str, dict], chosen: str, worlds: list[str]) -> str:
+    """One sentence per reported world: the chosen number's oriented rho against EV's as users read
+    it (larger EV: better)."""
+    out = []
+    for w in worlds:
+        parts = []
+        for t in QUALITY:
+            ours, ev = -tables[w][chosen][t][0], tables[w]["EV"][t][0]
+            parts.append(f"{t}: {fmt(ours, 2)} against EV's {fmt(ev, 2)}")
+        out.append(f"{w}: " + "; ".join(parts))
+    return "; ".join(out)
+
+
+# -- the tables ------------------------------------------------------------------------------
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
+
+
+def markdown(scores: dict[str, list[SAEScore]], tables: dict[str, dict], absorption: dict[str, dict], chosen: str,
+             seconds: float, sizes: Sizes) -> str:
+    worlds = list(scores)
+    lines = [
+        f"Regenerated by `python scripts/study_quality.py` ({seconds / 60:.0f} min on 2 CPU cores). "
+        f"Worlds: `synthsaebench_world(seed)` with {sizes.n_features:,} features in d = {sizes.d}; SAEs of "
+        f"width {sizes.width}, trained {sizes.steps} steps of {sizes.batch} tokens ({sizes.pursuit_steps} for "
+        f"matching pursuit) on {sizes.n_train:,} fixed tokens; truth on {sizes.n_eval:,} held-out tokens, the "
+        f"audit on {sizes.n_audit:,} others. Selection world: {worlds[0]}; reported: {', '.join(worlds[1:])}.",
+        "",
+        "**Q1. Every SAE: ground truth and the audit's numbers.**",
+        "",
+        "| world | SAE | inference arch | EV | L0 | F1 | MCC | uniq. | "
+        + " | ".join(a for a in AUDIT_NUMBERS if a != "absorption score") + " |",
+        "|" + "---|" * (8 + len(AUDIT_NUMBERS) - 1),
+    ]
+    for world, rows in scores.items():
+        for s in rows:
+            lines.append(
+                f"| {world} | {s.name} | {s.architecture} | {fmt(s.baselines['EV'])} | {fmt(s.baselines['L0'])} | "
+                f"{fmt(s.truth['F1'])} | {fmt(s.truth['MCC'])} | {fmt(s.truth['uniqueness'])} | "
+                + " | ".join(fmt(s.audit[n]) for n in AUDIT_NUMBERS if n != "absorption score") + " |"
+            )
+    lines += ["", "**Q2. Spearman's rho with ground-truth quality across the SAEs of a world**, with its 95% "
+              "bootstrap interval over the SAEs (audit numbers read \"larger: worse\", so a useful one is negative "
+              "against F1 and MCC):", "",
+              "| number | " + " | ".join(f"{w}: {t}" for w in worlds for t in TRUTHS) + " |",
+              "|---|" + "---|" * (len(worlds) * len(TRUTHS))]
+    for number in (*BASELINES, *AUDIT_NUMBERS):
+        cells = []
+        for w in worlds:
+            for t in TRUTHS:
+                rho, low, high = tables[w][number][t]
+                cells.append(f"{fmt(rho, 2)} [{fmt(low, 2)}, {fmt(high, 2)}]")
+        mark = " (chosen on " + worlds[0] + ")" if number == chosen else ""
+        lines.append(f"| {number}{mark} | " + " | ".join(cells) + " |")
+    lines += ["", f"Chosen on {worlds[0]}: **{chosen}**. Its -rho (larger: ranks better SAEs higher) beside "
+              f"EV's rho as users read EV (larger: better), on the reported worlds: "
+              f"{verdict(tables, chosen, worlds[1:])}."]
+    lines += ["", "**Q3. Absorption, per SAE: the truth (judgeable direct edges), the label-free score, the probe "
+              "score and #729's gap.**", "",
+              "| world | SAE | judgeable edges | true absorption rate | absorption score ± SE | absorption share | "
+              "probe score | #729 gap |", "|---|---|---|---|---|---|---|---|"]
+    for world, rows in scores.items():
+        for s in rows:
+            lines.append(
+                f"| {world} | {s.name} | {s.truth['judgeable edges']:.0f} | {fmt(s.truth['absorption rate'])} | "
+                f"{fmt(s.audit['absorption score'])} ± {fmt(s.audit['absorption score se'], 2)} | "
+                f"{fmt(s.audit['absorption share'])} | {fmt(s.truth['probe score'])} | {fmt(s.truth['#729 gap'])} |"
+            )
+    lines += ["", "**Q4. Spearman's rho with the true absorption rate across the SAEs of a world** (the probe score "
+              "and the gap use the labels; the score and the share do not):", "",
+              "| number | " + " | ".join(worlds) + " |", "|---|" + "---|" * len(worlds)]
+    for number in ABSORPTION_NUMBERS:
+        cells = [f"{fmt(absorption[w][number][0], 2)} [{fmt(absorption[w][number][1], 2)}, "
+                 f"{fmt(absorption[w][number][2], 2)}]" for w in worlds]
+        lines.append(f"| {number} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def control_table(control: list[SAEScore]) -> str:
+    """The score and the map's rows where no hierarchy was planted."""
+    if not control:
+        return ""
+    lines = ["", f"**Q5. {control[0].world}: the same recipe with the hierarchy switched off** (every feature "
+             "independent; one SAE per architecture): what the absorption score and the map's rows read where "
+             "there is nothing to absorb.", "",
+             "| SAE | EV | L0 | absorption score ± SE | absorption rows per 1,000 latents |", "|---|---|---|---|---|"]
+    for s in control:
+        lines.append(f"| {s.name} | {fmt(s.baselines['EV'])} | {fmt(s.baselines['L0'])} | "
+                     f"{fmt(s.audit['absorption score'])} ± {fmt(s.audit['absorption score se'], 2)} | "
+                     f"{fmt(s.audit['absorption rows per 1000'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(text: str) -> None:
+    doc = VALIDATION.read_text()
+    if START not in doc:
+        raise SystemExit(f"{VALIDATION} has no {START} marker: add the section's markers first")
+    new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{text}{END}", doc, flags=re.S)
+    VALIDATION.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one small world, short training: a smoke run")
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2],
+                        help="world seeds; the first selects the number shown to users, the others report it")
+    parser.add_argument("--control", type=int, default=3,
+                        help="seed of the control world (no hierarchy; -1: none), one SAE per architecture")
+    parser.add_argument("--json", type=Path, help="also write every SAE's numbers here")
+    parser.add_argument("--keep", type=Path, help="save every trained inference SAE under this folder")
+    parser.add_argument("--no-write", action="store_true", help="print the tables, leave docs/VALIDATION.md alone")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    sizes = QUICK if args.quick else Sizes()
+    seeds = args.worlds[:1] if args.quick else args.worlds
+    started = time.perf_counter()
+    scores = {f"world {seed}": study_world(seed, sizes, SPECS, args.keep) for seed in seeds}
+    control = ([] if args.quick or args.control < 0
+               else study_world(args.control, sizes, CONTROL_SPECS, args.keep, hierarchy=False))
+    tables = {w: correlations(rows, sizes.bootstrap) for w, rows in scores.items()}
+    first = next(iter(tables))
+    chosen = chosen_number(tables[first], scores[first])
+    absorption = {w: absorption_correlations(rows, sizes.bootstrap) for w, rows in scores.items()}
+    text = markdown(scores, tables, absorption, chosen, time.perf_counter() - started, sizes) + control_table(control)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps({"sizes": asdict(sizes), "chosen": chosen,
+                                         "scores": [asdict(s) for rows in [*scores.values(), control] for s in rows]},
+                                        indent=1))
+    if not (args.quick or args.no_write):
+        write_section(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
