@@ -34,7 +34,7 @@ FLAGGED_TEXT = ("latents the audit names in a table: a certified finding, a dupl
 # what the layer's absorption score (pair_map["absorption_score"], THEORY.md section 6) measures
 SCORE_TEXT = ("label-free: on average, the part of a latent's decoder that points at another latent which "
               "stays off where it fires (0: none; a child that absorbed its parent: its rho, up to ~0.7); "
-              "it ranks SAEs by their true absorption rate (docs/VALIDATION.md, section Q)")
+              "across synthetic SAEs it tracked their true absorption rate, Spearman 0.78-0.98 (docs/VALIDATION.md, section Q)")
 
 # How each condition's certificate changes the SAE, for the finding lines.
 CHANGES = {
