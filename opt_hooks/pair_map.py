@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from opt_hooks.policy import VerdictPolicy
-from opt_hooks.records import AbsorptionRow, AntipodalRow, DuplicateRow
+from opt_hooks.records import AbsorptionRow, AntipodalRow, DuplicateRow, json_safe
 from opt_hooks.theory import absorption as ab
 from opt_hooks.theory.codes import CSR
 from opt_hooks.theory.pairs import co_counts, pair_rho
@@ -162,7 +162,7 @@ class PairMap:
                 "min_evidence": o.min_evidence, "duplicate_rho": o.duplicate_rho, "antipodal_rho": o.antipodal_rho,
                 "neighbours": o.neighbours, "measured_pairs": len(self),
                 # None, not NaN, where no latent is alive (the score) or one is (its SE)
-                "absorption_score": _finite(self.score.value), "absorption_score_se": _finite(self.score.se),
+                "absorption_score": json_safe(self.score.value), "absorption_score_se": json_safe(self.score.se),
                 "scored_latents": self.score.n_latents, "absorbing_latents": self.score.n_absorbing}
 
     # -- duplicates and antipodal pairs (atoms and audit counts only) ---------------------
@@ -196,7 +196,3 @@ def _both_orientations(i: Tensor, j: Tensor, n_features: int) -> tuple[Tensor, T
 def _unordered(i: Tensor, j: Tensor, n_features: int) -> tuple[Tensor, Tensor]:
     key = torch.unique(torch.minimum(i, j) * n_features + torch.maximum(i, j))
     return key // n_features, key % n_features
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from scipy.stats import rankdata
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,7 +52,7 @@ from sae_lens.synthetic.evals import (  # noqa: E402
 )
 
 import opt_hooks as oh  # noqa: E402
-from opt_hooks.synthetic import World, match_latents, probe_absorption, synthsaebench_world  # noqa: E402
+from opt_hooks.synthetic import World, match_latents, probe_absorption, synthsaebench_world, true_absorption  # noqa: E402
 
 VALIDATION = ROOT / "docs" / "VALIDATION.md"
 MARKER = "study_quality"  # the section's markers: <!-- study_quality:start --> ... <!-- study_quality:end -->
@@ -221,7 +222,7 @@ def absorption_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: tor
         if int(on.sum()) < MIN_CHILD_TOKENS:
             continue
         fires = z[:, lp] != 0
-        rates.append(float((~fires[on]).double().mean()))
+        rates.append(true_absorption(acts, z, lp, child))
         alone = (acts[:, parent] > 0) & ~on
         if bool(alone.any()):
             gaps.append(float(fires[alone].double().mean()) - float(fires[on & (acts[:, parent] > 0)].double().mean()))
@@ -288,27 +289,12 @@ def study_world(seed: int, sizes: Sizes, specs: list[tuple[str, str, dict[str, A
 # -- statistics ------------------------------------------------------------------------------
 
 
-def ranks(values: list[float]) -> list[float]:
-    """Average ranks (ties share theirs)."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for t in range(i, j + 1):
-            out[order[t]] = (i + j) / 2
-        i = j + 1
-    return out
-
-
 def spearman(a: list[float], b: list[float]) -> float:
     """Spearman's rho over the pairs where both are finite (NaN with < 3 pairs or a constant side)."""
     pairs = [(u, v) for u, v in zip(a, b) if math.isfinite(u) and math.isfinite(v)]
     if len(pairs) < 3:
         return math.nan
-    ra, rb = ranks([u for u, _ in pairs]), ranks([v for _, v in pairs])
+    ra, rb = rankdata([u for u, _ in pairs]).tolist(), rankdata([v for _, v in pairs]).tolist()  # ties share
     ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
     cov = sum((u - ma) * (v - mb) for u, v in zip(ra, rb))
     va, vb = sum((u - ma) ** 2 for u in ra), sum((v - mb) ** 2 for v in rb)
