@@ -42,7 +42,7 @@ from torch import Tensor
 from opt_hooks import policy as pol
 from opt_hooks.pair_map import PairMap
 from opt_hooks.policy import MIN_LAYER_SHARE, MIN_SHARE, MIN_TOUCHED, VerdictPolicy
-from opt_hooks.records import CertificateCheck, FeatureRow, LayerResult, PairRow
+from opt_hooks.records import CertificateCheck, FeatureRow, LayerResult, PairRow, finite_or_none
 from opt_hooks.theory import c4_codes
 from opt_hooks.theory.absorption import MapOptions
 from opt_hooks.theory.accumulator import Clustered
@@ -281,7 +281,7 @@ class AuditPlan:
         grads = self.decoder.gradient.to(dev)[decoder_ids]
         families["C3"] = DecoderCertificates(
             decoder_ids, self.atoms[decoder_ids].double(), grads / grads.norm(dim=-1, keepdim=True),
-            decoder_ids + len(self.atoms) // 2 if self.signed else None,
+            partners(len(self.atoms), decoder_ids.device)[decoder_ids] if self.signed else None,
         )
         if self.lam is not None:
             families["C4"] = CodeCertificates(alive, self.atoms[alive].double())
@@ -291,7 +291,7 @@ class AuditPlan:
             families["C7"] = SkipCertificate(self.skip.gradient.to(dev) / self.skip.norm)
         if self.spare is not None and self.spare.violated:
             dead = int(torch.nonzero(self.spare.dead)[0])  # a signed SAE: a latent dead in both signs
-            partner = dead + len(self.atoms) // 2 if self.signed else None
+            partner = int(partners(len(self.atoms))[dead]) if self.signed else None
             spare = SpareCertificate.best_of(st, dead, self.atoms[dead], self.lam, partner)
             if spare is not None:
                 families["C6"] = spare
@@ -576,7 +576,7 @@ class _LayerAssembler:
         change, first = (t.cpu() for t in plan.audit_changes[name])
         held = plan.state.changes(name)
         est = plan.state.estimate(name)
-        means, ses, p_values = (list(map(_number, t.tolist())) for t in (est.mean, est.se, est.p_value))
+        means, ses, p_values = (list(map(finite_or_none, t.tolist())) for t in (est.mean, est.se, est.p_value))
         touched, steps = held.touched.cpu().tolist(), family.step.cpu().tolist()
         changes, firsts = change.tolist(), first.tolist()
         scales = [self.loss] * len(family) if scales is None else scales.tolist()
@@ -792,7 +792,7 @@ class _LayerAssembler:
         est = pol.clustered_estimate(state.loss_sum[None].cpu(), state.loss_cluster_sq[None].cpu(),
                                      state.loss_cluster_cross[None].cpu(), float(state.count_sq), n, int(state.n_windows))
         return {
-            "L": self.loss, "se": _number(est.se[0]), "mse": float(state.mse_sum) / n,
+            "L": self.loss, "se": finite_or_none(est.se[0]), "mse": float(state.mse_sum) / n,
             "l1": None if lam is None else lam * float(state.l1_sum) / n, "n_tokens": n,
             "l0": int(state.nnz) / n,
             "explained_variance": 1 - float(state.mse_sum) / spread if spread > 0 else None,
@@ -831,7 +831,7 @@ class _LayerAssembler:
         windows.update(gains[:, None], sample.window)
         est = pol.window_estimate(windows)
         return {  # a share of the layer's held-out L, as every gap (THEORY.md section 5)
-            "gain": float(est.mean[0]), "se": _number(est.se[0]), "n_tokens": n, "n_windows": int(windows.n_windows),
+            "gain": float(est.mean[0]), "se": finite_or_none(est.se[0]), "n_tokens": n, "n_windows": int(windows.n_windows),
             "share": float(est.mean[0]) / self.loss if self.loss > 0 else None,
             "l0_before": float((z > 0).sum(1).double().mean()), "l0_after": float((solve.z > 0).sum(1).double().mean()),
             "iterations": solve.iterations, "converged": solve.converged, "tol": opts.code_gap_tol,
@@ -866,7 +866,7 @@ class _LayerAssembler:
                 mean_code=mu[k], max_code=maxima[k], min_code=floor[k], c3_size=sizes3[k],
                 c4_gain=g4[k], c4_size=size4[k],
                 gain=best.gain if best else None, gain_se=best.held_out_se if best else None,
-                p_value=best.p_value if best else None, value=_number(worth[k]),
+                p_value=best.p_value if best else None, value=finite_or_none(worth[k]),
                 share=best.share if best else None, certificates=dict(checks),
                 top_tokens=tokens, top_values=values,
             ))
@@ -883,7 +883,7 @@ class _LayerAssembler:
         live = (st.active_count > 0).cpu()
         gain = torch.where(live, code.gain, math.nan).tolist()
         size = torch.where(live, code.size, math.nan).tolist()
-        return [_number(v) for v in gain], [_number(v) for v in size]
+        return [finite_or_none(v) for v in gain], [finite_or_none(v) for v in size]
 
 
 @contextlib.contextmanager
@@ -918,11 +918,6 @@ def _unmeasured(condition: str, step: float) -> CertificateCheck:
     """An exact violation of C1 or C2 without lam: its gain is lam times a margin, so unmeasurable."""
     return CertificateCheck(condition, step, None, None, tier="violated", reason="no lam to measure its gain")
 
-
-def _number(value: Any) -> float | None:
-    """A finite float, or None (JSON has no NaN)."""
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 def _scatter_rows(zi: Tensor, zj: Tensor, limit: int) -> Tensor:

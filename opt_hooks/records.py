@@ -408,10 +408,16 @@ class AuditRecord:
         return f"{type(self).__name__}(layers=[{names}])"
 
 
+def finite_or_none(value: Any) -> float | None:
+    """A finite float of a real number or 0-d tensor, or None (strict JSON has no NaN or inf)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
 def json_safe(value: Any) -> Any:
     """JSON-safe copy: non-finite floats become None (strict JSON has no NaN or inf)."""
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        return finite_or_none(value)
     if isinstance(value, dict):
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

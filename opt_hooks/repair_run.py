@@ -56,7 +56,7 @@ from opt_hooks.adapters import InputTap, SAEView, check_attachment, forward_to_d
 from opt_hooks.adapters.sae_edit import NotExpressible, SAEEdit, mark_modified, median_alive_norm, refusal
 from opt_hooks.adapters.data import token_windows
 from opt_hooks.engine import AuditOptions, AuditPlan
-from opt_hooks.records import LayerResult, atomic_write_text, file_name, json_safe
+from opt_hooks.records import LayerResult, atomic_write_text, file_name, finite_or_none, json_safe
 from opt_hooks.result import AuditResult
 from opt_hooks.run import (
     AuditRun, audit_rows, audit_text, batch_sources, check_share, held_out_windows, iterate_batches, progress_bar,
@@ -712,7 +712,7 @@ def _table(sums: VariantSums, lam: float | None) -> dict[str, Any]:
         row: dict[str, Any] = {}
         for part in ("loss", "mse", "l1", "l0"):
             key = "L" if part == "loss" else part
-            row[key], row[f"{key}_se"] = _number(estimates[part].mean[v]), _number(estimates[part].se[v])
+            row[key], row[f"{key}_se"] = finite_or_none(estimates[part].mean[v]), finite_or_none(estimates[part].se[v])
         if lam is None:
             row["l1"] = row["l1_se"] = None
         else:
@@ -721,12 +721,8 @@ def _table(sums: VariantSums, lam: float | None) -> dict[str, Any]:
         row["dead"] = int((sums.fired[v] == 0).sum())
         sides[side] = row
     change = estimates["change"]
-    return {**sides, "change": {"L": _number(change.mean[1]), "se": _number(change.se[1]),
-                                "p_value": _number(change.p_value[1])},
+    return {**sides, "change": {"L": finite_or_none(change.mean[1]), "se": finite_or_none(change.se[1]),
+                                "p_value": finite_or_none(change.p_value[1])},
             "n_tokens": n, "n_windows": int(sums.parts["loss"].n_windows), "lam": lam,
             "objective": "mse + lam * l1" if lam is not None else "mse (no lam)"}
 
-
-def _number(value: Any) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None

@@ -11,6 +11,7 @@ every C2 flag be sorted into "planted hierarchy" or "false flag".
 
 For the absorption map (docs/VALIDATION.md, section E): `absorbed_audit` (an exactly absorbed
 dictionary), `match_latents` / `learned_features` / `true_absorption` (an SAE against the truth),
+`judgeable_edges` / `judge_rows` (a map's rows against the truth: precision and recall),
 `absorption_category` (sorting a map row), `probe_absorption` (an SAEBench-style probe score),
 `batchtopk_sae` (BatchTopK and Matryoshka SAEs) and `zipfian_hierarchy_world` / `sample_columns`
 (a 4,096-feature world of sae_lens' SyntheticModel).
@@ -381,6 +382,85 @@ def true_absorption(acts: Tensor, z: Tensor, parent_latent: int, child: int) -> 
     if not bool(on.any()):
         return math.nan
     return float((z[on, parent_latent] == 0).double().mean())
+
+
+ABSORBED = 0.5  # an edge is absorbed when its parent's latent is off on at least this share of the child's tokens
+MIN_CHILD_TOKENS = 20  # an edge is judgeable when its child fires on at least this many tokens
+
+
+@dataclass(frozen=True)
+class JudgedEdge:
+    """A direct (parent, child) edge of the truth whose features both have a latent (Hungarian,
+    cosine >= LEARNED_COS) and whose child fires on >= MIN_CHILD_TOKENS tokens."""
+
+    parent: int
+    child: int
+    parent_latent: int
+    child_latent: int
+    rate: float  # `true_absorption`: the share of the child's tokens with the parent's latent off
+
+    @property
+    def absorbed(self) -> bool:
+        return self.rate >= ABSORBED
+
+
+def judgeable_edges(true_atoms: Tensor, edges: Sequence[tuple[int, int]], acts: Tensor, sae_atoms: Tensor,
+                    z: Tensor, latent_of: dict[int, int] | None = None) -> list[JudgedEdge]:
+    """The edges an absorption map is judged on, with their true absorption (acts (n, F) the
+    truth's activations, z (n, K) the SAE's codes of the same tokens)."""
+    latent_of = match_latents(true_atoms, sae_atoms) if latent_of is None else latent_of
+    cos = sae_atoms.double() @ true_atoms.double().T
+    out = []
+    for parent, child in edges:
+        if parent not in latent_of or child not in latent_of:
+            continue
+        lp, lc = latent_of[parent], latent_of[child]
+        if cos[lp, parent] < LEARNED_COS or cos[lc, child] < LEARNED_COS:
+            continue
+        if int((acts[:, child] > 0).sum()) < MIN_CHILD_TOKENS:
+            continue
+        out.append(JudgedEdge(parent, child, lp, lc, true_absorption(acts, z, lp, child)))
+    return out
+
+
+@dataclass(frozen=True)
+class RowsJudged:
+    """An absorption map's rows against the truth. precision: the share of rows whose parent
+    latent's matched feature is an ancestor of the child latent's (NaN without rows); recall: the
+    share of the judgeable absorbed edges found as a row, oriented (NaN without such edges)."""
+
+    rows: int
+    right: int
+    absorbed: int
+    found: int
+
+    @property
+    def precision(self) -> float:
+        return self.right / self.rows if self.rows else math.nan
+
+    @property
+    def recall(self) -> float:
+        return self.found / self.absorbed if self.absorbed else math.nan
+
+
+def judge_rows(rows: Sequence[tuple[int, int]], edges: Sequence[tuple[int, int]], latent_of: dict[int, int],
+               judged: Sequence[JudgedEdge]) -> RowsJudged:
+    """`rows` (parent latent, child latent) against the truth's direct `edges` (features) and its
+    `judged` edges; `latent_of` the Hungarian matching (every latent has a feature when there are
+    at least as many features as latents; one without counts as wrong)."""
+    parent_of = {child: parent for parent, child in edges}
+    feature_of = {k: f for f, k in latent_of.items()}
+
+    def ancestors(f: int) -> set[int]:
+        out = set()
+        while f in parent_of and parent_of[f] not in out:
+            f = parent_of[f]
+            out.add(f)
+        return out
+
+    right = sum(p in feature_of and c in feature_of and feature_of[p] in ancestors(feature_of[c]) for p, c in rows)
+    absorbed = {(e.parent_latent, e.child_latent) for e in judged if e.absorbed}
+    return RowsJudged(rows=len(rows), right=right, absorbed=len(absorbed), found=len(absorbed & set(rows)))
 
 
 def absorption_category(world: World, i: int | None, j: int | None) -> str:

@@ -19,7 +19,9 @@ largest |Spearman| with F1) and reported on the others (`--worlds`).
     python scripts/study_quality.py                  # two worlds, 10 SAEs each; writes docs/VALIDATION.md section Q
     python scripts/study_quality.py --quick          # one small world, a smoke run (~2 min), prints only
     python scripts/study_quality.py --json out.json  # also every SAE's numbers
-    python scripts/study_quality.py --width 1024 --control -1 --marker study_quality_1024   # section Q6
+    python scripts/study_quality.py --width 1024 --marker study_quality_1024   # section Q6
+    python scripts/study_quality.py --keep saes/ ...   # also save every SAE; --reuse saes/ audits them again
+                                                       # without training (minutes, not the hour)
 
 Runtime is printed at the end and written into the table's caption.
 """
@@ -52,7 +54,14 @@ from sae_lens.synthetic.evals import (  # noqa: E402
 )
 
 import opt_hooks as oh  # noqa: E402
-from opt_hooks.synthetic import World, match_latents, probe_absorption, synthsaebench_world, true_absorption  # noqa: E402
+from opt_hooks.synthetic import (  # noqa: E402
+    World,
+    judge_rows,
+    judgeable_edges,
+    match_latents,
+    probe_absorption,
+    synthsaebench_world,
+)
 
 VALIDATION = ROOT / "docs" / "VALIDATION.md"
 MARKER = "study_quality"  # the section's markers: <!-- study_quality:start --> ... <!-- study_quality:end -->
@@ -122,6 +131,7 @@ class SAEScore:
     baselines: dict[str, float] = field(default_factory=dict)  # EV, L0
     audit: dict[str, float] = field(default_factory=dict)  # AUDIT_NUMBERS, NaN where not measured
     seconds: float = 0.0
+    reused: bool = False  # loaded from an earlier run's --keep folder (--reuse), not trained by this run
 
 
 DEAD_WINDOW = 100  # steps without firing after which a latent counts as dead (TopK-family auxiliary loss)
@@ -173,8 +183,10 @@ def inference_form(sae: sae_lens.TrainingSAE, keep: Path | None = None) -> sae_l
 
 
 @torch.no_grad()
-def ground_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: torch.Tensor) -> tuple[dict, dict]:
-    """sae_lens.synthetic's scores on held-out tokens (acts, x) and the true absorption rate."""
+def ground_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: torch.Tensor,
+                 rows: list[tuple[int, int]] = ()) -> tuple[dict, dict]:
+    """sae_lens.synthetic's scores on held-out tokens (acts, x), the true absorption rate and the
+    map's `rows` judged."""
     vectors = world.feature_dict.feature_vectors.detach()
     z = sae.encode(x)
     recon = sae.decode(z)
@@ -185,57 +197,57 @@ def ground_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: torch.T
         "F1": classes.compute().f1_score,
         "MCC": mean_correlation_coefficient(sae.W_dec, vectors),
         "uniqueness": feature_uniqueness(sae.W_dec, vectors),
-        **absorption_truth(world, sae, acts, x, z),
+        **absorption_truth(world, sae, acts, x, z, rows),
     }
     return truth, {"EV": ev, "L0": float((z != 0).sum(1).double().mean())}
 
 
-ABSORBED = 0.5  # an edge is absorbed when the parent latent is off on at least this share of the child's tokens
-MATCHED_COS, MIN_CHILD_TOKENS = 0.5, 20
-
-
-def absorption_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: torch.Tensor, z: torch.Tensor
-                     ) -> dict[str, float]:
-    """Means over the judgeable direct edges (parent, child): both features matched (Hungarian on
-    |decoder cosine|) to latents with cosine >= 0.5, the child firing on >= 20 tokens.
+def absorption_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: torch.Tensor, z: torch.Tensor,
+                     rows: list[tuple[int, int]] = ()) -> dict[str, float]:
+    """Means over the judgeable direct edges (`opt_hooks.synthetic.judgeable_edges`: both features
+    matched, Hungarian on |decoder cosine|, to latents with cosine >= 0.5, the child firing on >= 20
+    tokens):
 
     - absorption rate: the share of the child's firing tokens on which the parent's latent is off
       (the truth the label-free score is held against);
     - gap (SAE-Lens issue #729): P(parent latent fires | parent on, child off) - P(... | parent on,
       child on);
     - probe score: SAEBench's absorption fraction with the true parent atom as the probe
-      (`opt_hooks.synthetic.probe_absorption`)."""
+      (`opt_hooks.synthetic.probe_absorption`);
+    - the map's `rows` (parent latent, child latent) judged (`opt_hooks.synthetic.judge_rows`):
+      precision (the parent latent's feature an ancestor of the child latent's) and recall over
+      the absorbed judgeable edges (rate >= 0.5), oriented."""
     atoms = world.atoms.float()
     decoder = sae.W_dec.detach().float()
     decoder = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
     latent_of = match_latents(atoms, decoder)
-    cos = decoder @ atoms.T
+    judged = judgeable_edges(atoms, world.planted, acts, decoder, z, latent_of)
     centred = x - world.feature_dict.bias.detach()
-    rates, gaps, probes = [], [], []
-    for parent, child in world.planted:
-        if parent not in latent_of or child not in latent_of:
-            continue
-        lp, lc = latent_of[parent], latent_of[child]
-        if cos[lp, parent] < MATCHED_COS or cos[lc, child] < MATCHED_COS:
-            continue
-        on = acts[:, child] > 0
-        if int(on.sum()) < MIN_CHILD_TOKENS:
-            continue
-        fires = z[:, lp] != 0
-        rates.append(true_absorption(acts, z, lp, child))
-        alone = (acts[:, parent] > 0) & ~on
-        if bool(alone.any()):
-            gaps.append(float(fires[alone].double().mean()) - float(fires[on & (acts[:, parent] > 0)].double().mean()))
-        probe = probe_absorption(acts, centred, z * sae.W_dec.norm(dim=1), decoder, atoms[parent], lp, parent, child)
+    gaps, probes = [], []
+    for edge in judged:
+        on, parent_on = acts[:, edge.child] > 0, acts[:, edge.parent] > 0
+        fires = z[:, edge.parent_latent] != 0
+        if bool((parent_on & ~on).any()):
+            gaps.append(float(fires[parent_on & ~on].double().mean()) - float(fires[on & parent_on].double().mean()))
+        probe = probe_absorption(acts, centred, z * sae.W_dec.norm(dim=1), decoder, atoms[edge.parent],
+                                 edge.parent_latent, edge.parent, edge.child)
         if probe.n_tokens:
             probes.append(probe.fraction)
     mean = lambda v: sum(v) / len(v) if v else math.nan  # noqa: E731
-    return {"absorption rate": mean(rates), "#729 gap": mean(gaps), "probe score": mean(probes),
-            "judgeable edges": float(len(rates))}
+    verdict = judge_rows(rows, world.planted, latent_of, judged)
+    # where any geometric map starts: is the parent's latent the child latent's nearest alive atom?
+    alive = (z != 0).any(dim=0)
+    nearest = [int(torch.where(alive, decoder @ decoder[e.child_latent], -2.0).index_fill(0, torch.tensor(
+        [e.child_latent]), -2.0).argmax()) == e.parent_latent for e in judged if e.absorbed]
+    return {"absorption rate": mean([e.rate for e in judged]), "#729 gap": mean(gaps), "probe score": mean(probes),
+            "judgeable edges": float(len(judged)), "absorbed edges": float(verdict.absorbed),
+            "rows precision": verdict.precision, "rows recall": verdict.recall, "rows right": float(verdict.right),
+            "rows found": float(verdict.found), "parent nearest": mean(nearest)}
 
 
-def audit_numbers(sae: sae_lens.SAE, x: torch.Tensor) -> dict[str, float]:
-    """The layer's numbers from `oh.audit_activations` (a quarter of the tokens held out)."""
+def audit_numbers(sae: sae_lens.SAE, x: torch.Tensor) -> tuple[dict[str, float], list[tuple[int, int]]]:
+    """The layer's numbers from `oh.audit_activations` (a quarter of the tokens held out), and its
+    absorption rows (parent latent, child latent)."""
     layer = oh.audit_activations(sae, x, held_out=0.25).layers["sae"]
     k = layer.d_sae
 
@@ -250,17 +262,18 @@ def audit_numbers(sae: sae_lens.SAE, x: torch.Tensor) -> dict[str, float]:
     m = layer.pair_map
     return {
         "absorption score": m["absorption_score"], "absorption score se": m["absorption_score_se"],
+        "absorption rows": float(len(layer.absorption)),
         "absorption rows per 1000": 1000 * len(layer.absorption) / k,
         "code gap": gap("codes"), "decoder gap": gap("decoder"), "bias gap": gap("bias"),
         "certified share": len(certified) / k,
         "flagged share": layer.flagged_share(),  # certified, duplicated, absorbed or dead
         "duplicates share": len(duplicated) / k, "absorption share": len(absorbed) / k,
         "dead share": len(dead) / k,
-    }
+    }, [(row.parent, row.child) for row in layer.absorption]
 
 
 def study_world(seed: int, sizes: Sizes, specs: list[tuple[str, str, dict[str, Any]]],
-                keep: Path | None = None, hierarchy: bool = True) -> list[SAEScore]:
+                keep: Path | None = None, hierarchy: bool = True, reuse: Path | None = None) -> list[SAEScore]:
     world = synthsaebench_world(seed, n_features=sizes.n_features, d=sizes.d, hierarchy=hierarchy)
     label = f"world {seed}" if hierarchy else f"control {seed}"
     with torch.random.fork_rng(), torch.no_grad():
@@ -273,15 +286,22 @@ def study_world(seed: int, sizes: Sizes, specs: list[tuple[str, str, dict[str, A
     scores = []
     for position, (name, kind, fields) in enumerate(specs):
         started = time.perf_counter()
-        folder = None if keep is None else keep / label.replace(" ", "") / re.sub(r"[^a-z0-9]+", "_", name)
-        sae = inference_form(train(kind, fields, x_train, sizes, seed=1000 * seed + position), folder)
-        truth, baselines = ground_truth(world, sae, acts_eval, x_eval)
+        where = Path(label.replace(" ", "")) / re.sub(r"[^a-z0-9]+", "_", name)
+        reused = reuse is not None and (reuse / where).is_dir()
+        if reused:  # an earlier run's SAE (--keep), not trained again
+            sae = sae_lens.SAE.load_from_disk(reuse / where).eval()
+        else:
+            sae = inference_form(train(kind, fields, x_train, sizes, seed=1000 * seed + position),
+                                 None if keep is None else keep / where)
+        audit, rows = audit_numbers(sae, x_audit)
+        truth, baselines = ground_truth(world, sae, acts_eval, x_eval, rows)
         score = SAEScore(world=label, name=name, architecture=sae.cfg.architecture(), truth=truth,
-                         baselines=baselines, audit=audit_numbers(sae, x_audit),
+                         baselines=baselines, audit=audit, reused=reused,
                          seconds=time.perf_counter() - started)
         scores.append(score)
         print(f"  {name:18s} EV {baselines['EV']:.3f} L0 {baselines['L0']:5.1f} F1 {truth['F1']:.3f} "
-              f"MCC {truth['MCC']:.3f}  " + " ".join(f"{k} {v:.3g}" for k, v in score.audit.items())
+              f"MCC {truth['MCC']:.3f} rows {len(rows)} precision {truth['rows precision']:.2f} "
+              f"recall {truth['rows recall']:.2f}  " + " ".join(f"{k} {v:.3g}" for k, v in score.audit.items())
               + f"  ({score.seconds:.0f} s)", flush=True)
     return scores
 
@@ -378,7 +398,7 @@ def command() -> str:
     """This run's command line, as the table's caption names it."""
     shown, skip = [], False
     for arg in sys.argv[1:]:
-        if skip or arg in ("--json", "--keep"):  # where the outputs went is not how they were made
+        if skip or arg in ("--json", "--keep", "--reuse"):  # where the outputs went is not how they were made
             skip = not skip
             continue
         shown.append(arg)
@@ -386,10 +406,16 @@ def command() -> str:
 
 
 def markdown(scores: dict[str, list[SAEScore]], tables: dict[str, dict], absorption: dict[str, dict], chosen: str,
-             seconds: float, sizes: Sizes) -> str:
+             seconds: float, sizes: Sizes, control: list[SAEScore] = ()) -> str:
     worlds = list(scores)
+    every = [s for rows in scores.values() for s in rows] + list(control)
+    reused = sum(s.reused for s in every)
+    took = f"{seconds / 60:.0f} min on 2 CPU cores"
+    if reused:
+        took += (f"; {reused} of its {len(every)} SAEs loaded from an earlier run's `--keep` folder (`--reuse`), "
+                 "their training not counted")
     lines = [
-        f"Regenerated by `{command()}` ({seconds / 60:.0f} min on 2 CPU cores). "
+        f"Regenerated by `{command()}` ({took}). "
         f"Worlds: `synthsaebench_world(seed)` with {sizes.n_features:,} features in d = {sizes.d}; SAEs of "
         f"width {sizes.width}, trained {sizes.steps} steps of {sizes.batch} tokens ({sizes.pursuit_steps} for "
         f"matching pursuit) on {sizes.n_train:,} fixed tokens; truth on {sizes.n_eval:,} held-out tokens, the "
@@ -426,15 +452,24 @@ def markdown(scores: dict[str, list[SAEScore]], tables: dict[str, dict], absorpt
               f"{verdict(tables, chosen, worlds[1:])}."]
     lines += ["", "**Q3. Absorption, per SAE: the truth (judgeable direct edges), the label-free score, the probe "
               "score and #729's gap.**", "",
-              "| world | SAE | judgeable edges | true absorption rate | absorption score ± SE | absorption share | "
-              "probe score | #729 gap |", "|---|---|---|---|---|---|---|---|"]
+              "| world | SAE | judgeable edges (absorbed) | true absorption rate | absorption score ± SE | "
+              "absorption share | probe score | #729 gap | map rows | rows precision | rows recall | parent nearest |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for world, rows in scores.items():
         for s in rows:
             lines.append(
-                f"| {world} | {s.name} | {s.truth['judgeable edges']:.0f} | {fmt(s.truth['absorption rate'])} | "
+                f"| {world} | {s.name} | {s.truth['judgeable edges']:.0f} ({s.truth['absorbed edges']:.0f}) | "
+                f"{fmt(s.truth['absorption rate'])} | "
                 f"{fmt(s.audit['absorption score'])} ± {fmt(s.audit['absorption score se'], 2)} | "
-                f"{fmt(s.audit['absorption share'])} | {fmt(s.truth['probe score'])} | {fmt(s.truth['#729 gap'])} |"
+                f"{fmt(s.audit['absorption share'])} | {fmt(s.truth['probe score'])} | {fmt(s.truth['#729 gap'])} | "
+                f"{s.audit['absorption rows']:.0f} | {fmt(s.truth['rows precision'], 2)} | "
+                f"{fmt(s.truth['rows recall'], 2)} | {fmt(s.truth['parent nearest'], 2)} |"
             )
+    lines += ["", "The map's rows pooled over each world's SAEs (precision: rows whose parent latent's matched "
+              "feature is an ancestor of the child latent's; recall: judgeable absorbed direct edges found as a "
+              "row, oriented; targets 0.8 and 0.8; *parent nearest*: the share of absorbed edges whose parent's "
+              "latent is the child latent's nearest alive atom, where a geometric map starts): " + "; ".join(pooled_rows(w, rows) for w, rows in scores.items())
+              + "."]
     lines += ["", "**Q4. Spearman's rho with the true absorption rate across the SAEs of a world** (the probe score "
               "and the gap use the labels; the score and the share do not):", "",
               "| number | " + " | ".join(worlds) + " |", "|---|" + "---|" * len(worlds)]
@@ -443,6 +478,15 @@ def markdown(scores: dict[str, list[SAEScore]], tables: dict[str, dict], absorpt
                  f"{fmt(absorption[w][number][2], 2)}]" for w in worlds]
         lines.append(f"| {number} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def pooled_rows(world: str, scores: list[SAEScore]) -> str:
+    rows = sum(s.audit["absorption rows"] for s in scores)
+    right = sum(s.truth["rows right"] for s in scores)
+    absorbed = sum(s.truth["absorbed edges"] for s in scores)
+    found = sum(s.truth["rows found"] for s in scores)
+    return (f"{world}: precision {fmt(right / rows if rows else math.nan, 2)} ({right:.0f} of {rows:.0f} rows), "
+            f"recall {fmt(found / absorbed if absorbed else math.nan, 2)} ({found:.0f} of {absorbed:.0f} edges)")
 
 
 def control_table(control: list[SAEScore]) -> str:
@@ -481,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--marker", default=MARKER,
                         help="the docs/VALIDATION.md section to write (its <!-- NAME:start --> markers)")
     parser.add_argument("--keep", type=Path, help="save every trained inference SAE under this folder")
+    parser.add_argument("--reuse", type=Path,
+                        help="load the SAEs an earlier run saved with --keep DIR from DIR instead of training them "
+                             "(the same seeds and sizes; the worlds' tokens are drawn again, identically)")
     parser.add_argument("--no-write", action="store_true", help="print the tables, leave docs/VALIDATION.md alone")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -489,14 +536,15 @@ def main(argv: list[str] | None = None) -> int:
         sizes = replace(sizes, width=args.width)
     seeds = args.worlds[:1] if args.quick else args.worlds
     started = time.perf_counter()
-    scores = {f"world {seed}": study_world(seed, sizes, SPECS, args.keep) for seed in seeds}
+    scores = {f"world {seed}": study_world(seed, sizes, SPECS, args.keep, reuse=args.reuse) for seed in seeds}
     control = ([] if args.quick or args.control < 0
-               else study_world(args.control, sizes, CONTROL_SPECS, args.keep, hierarchy=False))
+               else study_world(args.control, sizes, CONTROL_SPECS, args.keep, hierarchy=False, reuse=args.reuse))
     tables = {w: correlations(rows, sizes.bootstrap) for w, rows in scores.items()}
     first = next(iter(tables))
     chosen = chosen_number(tables[first], scores[first])
     absorption = {w: absorption_correlations(rows, sizes.bootstrap) for w, rows in scores.items()}
-    text = markdown(scores, tables, absorption, chosen, time.perf_counter() - started, sizes) + control_table(control)
+    text = (markdown(scores, tables, absorption, chosen, time.perf_counter() - started, sizes, control)
+            + control_table(control))
     print(text)
     if args.json:
         args.json.write_text(json.dumps({"sizes": asdict(sizes), "chosen": chosen,
