@@ -210,11 +210,18 @@ def ground_truth_audit(
         z_audit = nonneg_lasso(x[~held], atoms, bias, lam)
     z = torch.zeros(n, world.n_features, dtype=torch.float64)
     z[~held], z[held] = z_audit, nonneg_lasso(x[held], atoms, bias, lam)
-    audit = LayerAudit(atoms, bias, lam=lam, hook_name=world.name)
+    return GroundTruthAudit(audit_codes(atoms, bias, x, z, held, lam=lam, hook_name=world.name), bias, acts, z, held)
+
+
+def audit_codes(atoms: Tensor, bias: Tensor, x: Tensor, z: Tensor, held: Tensor, *, lam: float | None,
+                hook_name: str = "sae") -> LayerResult:
+    """`engine.LayerAudit` of given codes z (n, K) of x (n, d): pass 1 on the tokens not `held`
+    out, pass 2 on every token (the held-out ones measure)."""
+    audit = LayerAudit(atoms, bias, lam=lam, hook_name=hook_name)
     audit.update(x[~held], z[~held])
     plan = audit.plan()
     plan.update(x, z, held_out=held)
-    return GroundTruthAudit(plan.result(), bias, acts, z, held)
+    return plan.result()
 
 
 def absorbed_atoms(world: World) -> Tensor:
@@ -236,11 +243,7 @@ def absorbed_audit(world: World, lam: float, *, n_audit: int, n_held_out: int, s
     held = held_out_windows(0, n, n_held_out / n)
     atoms, bias = absorbed_atoms(world), world.feature_dict.bias.detach().double()
     z = nonneg_lasso(x, atoms, bias, lam)
-    audit = LayerAudit(atoms, bias, lam=lam, hook_name=world.name)
-    audit.update(x[~held], z[~held])
-    plan = audit.plan()
-    plan.update(x, z, held_out=held)
-    return GroundTruthAudit(plan.result(), bias, acts, z, held)
+    return GroundTruthAudit(audit_codes(atoms, bias, x, z, held, lam=lam, hook_name=world.name), bias, acts, z, held)
 
 
 def standard_sae(

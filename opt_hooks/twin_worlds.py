@@ -85,10 +85,15 @@ def _basis_and_sizes(n: int, d: int, seed: int) -> tuple[Tensor, Tensor, Tensor,
     return basis, sizes[:, 0] * on, case, fillers
 
 
+def _filler_atoms(basis: Tensor) -> Tensor:
+    """(N_FILLERS, d): the basis directions after the three the structures use."""
+    return basis[3:3 + N_FILLERS]
+
+
 def _with_fillers(name: str, atoms: list[Tensor], acts: list[Tensor], edges: list[tuple[int, int]],
                   basis: Tensor, fillers: Tensor) -> Truth:
-    filler_atoms = [basis[3 + k] for k in range(N_FILLERS)]
-    return Truth(name, torch.stack(atoms + filler_atoms), torch.stack(acts + list(fillers.T), dim=1), edges)
+    return Truth(name, torch.cat([torch.stack(atoms), _filler_atoms(basis)]),
+                 torch.cat([torch.stack(acts, dim=1), fillers], dim=1), edges)
 
 
 def absorbed_or_exclusive(n: int = 8000, d: int = 16, seed: int = 0) -> Twins:
@@ -121,6 +126,6 @@ def parent_mirror_or_siblings(n: int = 8000, d: int = 16, seed: int = 0) -> Twin
         # the parent fires on every structure token at size m; its child on the other case's tokens
         truths.append(_with_fillers(name, [_unit(parent), _unit(child)],
                                     [m * parent.norm(), other_size * child.norm()], [(0, 1)], basis, fillers))
-    atoms = torch.stack([_unit(r + 2 * c1), _unit(r + 2 * c2)] + [basis[3 + k] for k in range(N_FILLERS)])
+    atoms = torch.cat([torch.stack([_unit(r + 2 * c1), _unit(r + 2 * c2)]), _filler_atoms(basis)])
     codes = torch.cat([torch.stack([first_size, second_size], dim=1) * math.sqrt(5), fillers], dim=1)
     return Twins(codes @ atoms, atoms, codes, truths)

@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 
-from opt_hooks.engine import LayerAudit
-from opt_hooks.synthetic import JudgedEdge, judge_rows, judgeable_edges, match_latents
+from opt_hooks.synthetic import JudgedEdge, audit_codes, judge_rows, judgeable_edges, match_latents
 from opt_hooks.twin_worlds import absorbed_or_exclusive, parent_mirror_or_siblings
 
 N = 8000
@@ -19,11 +18,9 @@ N = 8000
 def audit_rows(twins) -> list[tuple[int, int]]:
     """The map's rows of the exact SAE on the twins' x, a third of the tokens held out."""
     held = torch.arange(N) % 3 == 2
-    stage = LayerAudit(twins.sae_atoms, torch.zeros(twins.x.shape[1], dtype=torch.float64), lam=None)
-    stage.update(twins.x[~held], twins.codes[~held], torch.arange(N)[~held])
-    plan = stage.plan()
-    plan.update(twins.x, twins.codes, torch.arange(N), held_out=held)
-    return [(row.parent, row.child) for row in plan.result().absorption]
+    bias = torch.zeros(twins.x.shape[1], dtype=torch.float64)
+    layer = audit_codes(twins.sae_atoms, bias, twins.x, twins.codes, held, lam=None)
+    return [(row.parent, row.child) for row in layer.absorption]
 
 
 def judged(twins, truth, rows):
