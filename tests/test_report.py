@@ -1212,3 +1212,12 @@ def test_flagged_share_counts_each_latent_named_in_any_table_once(result):
     assert "  flagged     33% of latents (certified, duplicated, absorbed or dead);" in text
     assert "  flagged     12% of latents" in text
     assert "docs/VALIDATION.md, section Q" in _layer_html(render_html(result), 0)
+
+
+def test_numbers_read_as_numbers_never_as_1e_plus_02():
+    from opt_hooks.report.svg import fmt
+    from opt_hooks.report.terminal import percent
+
+    assert percent(1.0) == "100%" and percent(1.104) == "110%" and percent(0.996) == "100%"
+    assert percent(0.593) == "59%" and percent(0.0029) == "0.29%"
+    assert fmt(1234.5) == "1234" and fmt(0.0123) == "0.0123" and fmt(2e5) == "2.00e+05" and fmt(5e-4) == "5.00e-04"

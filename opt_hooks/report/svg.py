@@ -23,7 +23,9 @@ def fmt(value: float | int | None, digits: int = 3) -> str:
     if value == 0:
         return "0"
     if 1e-3 <= abs(value) < 1e5:
-        return f"{value:.{digits}g}"
+        short = f"{value:.{digits}g}"
+        # more integer digits than significant ones ('g' writes 100 as 1e+02): the integer instead
+        return f"{value:.0f}" if "e" in short else short
     return f"{value:.{digits - 1}e}"
 
 
