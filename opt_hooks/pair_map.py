@@ -79,7 +79,9 @@ class PairMap:
         order = torch.argsort(child[keep], stable=True)  # sorted by child, as held_out_evidence expects
         self.parent, self.child, self.co = parent[keep][order], child[keep][order], co[keep][order]
         self.rho = pair_rho(atoms, self.parent, self.child, chunk_elements)
-        self.score = ab.absorption_score(self.parent, self.child, self.rho, self.co, count)
+        leaning = torch.zeros(n_features, dtype=torch.bool, device=count.device)
+        leaning[child] = True  # before dropping the pairs whose parent fires on all of the child's tokens
+        self.score = ab.absorption_score(self.parent, self.child, self.rho, self.co, count, leaning)
         self.duplicates = self._duplicates(dup_i, dup_j, dup_co)
         self.antipodal = self._antipodal(anti_i, anti_j, anti_co)
 

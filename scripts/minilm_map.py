@@ -118,7 +118,7 @@ def trees_markdown(result, layer, fit: dict[str, float], seconds: float, n_train
         f"norm sqrt(384), the scale folded into the saved weights) trained on {n_train:,} tokens of the "
         f"standard library's docstrings (EV {fit['EV']:.3f}, L0 {fit['L0']:.1f} there); audited by `oh.audit` "
         f"on {layer.n_tokens + layer.n_held_out:,} tokens of other paragraphs. Absorption score "
-        f"**{m['absorption_score']:.3f} ± {m['absorption_score_se']:.3f}** over {m['scored_latents']:,} alive "
+        f"**{m['absorption_score']:.3f} ± {m['absorption_score_se']:.3f}** over {m['scored_latents']:,} leaning "
         f"latents; {len(trees):,} absorption trees, {len(layer.absorption):,} absorbed children; "
         f"{len(layer.duplicates):,} duplicate pairs. The top {min(TOP_TREES, len(trees))} trees (by L1 price), "
         f"each latent with its top {TOP_CONTEXTS} contexts (the token in `[[ ]]`):",

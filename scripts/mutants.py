@@ -90,7 +90,15 @@ MUTANTS = (
            "valid = (m_a > 0) & (pair_count > 0)", "valid = (m_a > 0) | (pair_count > 0)", MAP_TESTS),
     # ... and in the layer's absorption score
     Mutant("map: score sums a latent's leans instead of taking the largest", "opt_hooks/theory/absorption.py",
-           '(rho.double() * off).clamp(min=0), "amax")', '(rho.double() * off).clamp(min=0), "sum")', MAP_TESTS),
+           '0.0).clamp(min=0), "amax")', '0.0).clamp(min=0), "sum")', MAP_TESTS),
+    Mutant("map: score's parent as frequent as its child", "opt_hooks/theory/absorption.py",
+           "more_frequent = count[parent] > count[child]", "more_frequent = count[parent] >= count[child]", MAP_TESTS),
+    Mutant("map: score's parent the rarer latent", "opt_hooks/theory/absorption.py",
+           "more_frequent = count[parent] > count[child]", "more_frequent = count[parent] < count[child]", MAP_TESTS),
+    Mutant("map: score averaged over every alive latent", "opt_hooks/theory/absorption.py",
+           "leaning = leaning & (count > 0)", "leaning = count > 0", MAP_TESTS),
+    Mutant("map: score's leaning latents counted after a kept hierarchy's pairs are dropped", "opt_hooks/pair_map.py",
+           "leaning[child] = True", "leaning[self.child] = True", MAP_TESTS),
     Mutant("map: score weighs by the share with the parent on", "opt_hooks/theory/absorption.py",
            "off = (count[child] - co.double()) / count[child]", "off = co.double() / count[child]", MAP_TESTS),
     # ... and in the ties of a signed SAE's doubled dictionary (THEORY.md section 9)

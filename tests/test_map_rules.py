@@ -172,18 +172,21 @@ def test_map_equals_its_rules_recomputed_by_brute_force(layer, world):
         assert r.share == (r.count_i + r.count_j - both) / len(on)
 
 
-def brute_force_score(atoms, audit_z, measured):
-    """The layer's absorption score by its definition (THEORY.md section 6), from dense counts:
-    a_j = max over measured (i, j) of rho_ij * (share of j's audit tokens with i off), 0 without one;
-    the mean over alive atoms and its SE."""
+def brute_force_score(atoms, audit_z, measured, options: ab.MapOptions, rho_min: float):
+    """The layer's absorption score by its definition (THEORY.md section 6), from dense counts: over
+    the alive atoms j that lean on another alive atom (rho_min <= rho_ij < duplicate_rho),
+    a_j = max over measured (i, j) with count_i > count_j of rho_ij * (share of j's audit tokens with
+    i off), 0 without one; the mean over those atoms and its SE."""
     on = audit_z > 0
     count = on.sum(0)
+    rho = atoms @ atoms.T
+    alive = [k for k in range(len(atoms)) if count[k] > 0]
     terms = []
-    for j in range(len(atoms)):
-        if count[j] == 0:
+    for j in alive:
+        if not any(i != j and rho_min <= rho[i, j] < options.duplicate_rho for i in alive):
             continue
-        a = [float(atoms[i] @ atoms[j]) * int((~on[:, i] & on[:, j]).sum()) / int(count[j])
-             for i in range(len(atoms)) if (i, j) in measured]
+        a = [float(rho[i, j]) * int((~on[:, i] & on[:, j]).sum()) / int(count[j])
+             for i in alive if (i, j) in measured and count[i] > count[j]]
         terms.append(max(a, default=0.0))
     mean = sum(terms) / len(terms)
     sd = math.sqrt(sum((t - mean) ** 2 for t in terms) / (len(terms) - 1))
@@ -192,39 +195,54 @@ def brute_force_score(atoms, audit_z, measured):
 
 def test_absorption_score_is_its_rule_recomputed_by_brute_force(layer, world):
     atoms, _, _, z, held = world
-    measured, _, _ = brute_force_map(atoms, z[~held], ab.MapOptions(min_rho=MIN_RHO), rho_min=MIN_RHO)
-    mean, se, n, positive = brute_force_score(atoms, z[~held], measured)
+    options = ab.MapOptions(min_rho=MIN_RHO)
+    measured, _, _ = brute_force_map(atoms, z[~held], options, rho_min=MIN_RHO)
+    mean, se, n, positive = brute_force_score(atoms, z[~held], measured, options, rho_min=MIN_RHO)
     m = layer.pair_map
-    assert (m["scored_latents"], m["absorbing_latents"]) == (n, positive) == (19, 3)  # 17, 18 dead; 0, 1, 19 lean
+    # the leaning atoms: the absorbed pair (0, 1) and the strict pair (19, 20); 16 leans only on
+    # dead atoms, (2, 3) sits at duplicate_rho and (4, 5) below rho_min
+    assert (m["scored_latents"], m["absorbing_latents"]) == (n, positive) == (4, 1)
     assert m["absorption_score"] == pytest.approx(mean, rel=1e-12, abs=0)
     assert m["absorption_score_se"] == pytest.approx(se, rel=1e-9, abs=0)
-    # by construction: the absorbed child 1 leans 0.5 on 0, which is off on about 80% of its tokens;
-    # the parent 0 leans 0.5 on 1, off on all of 0's tokens but those few where 0 fires beside it
+    # by construction: the absorbed child 1 leans 0.5 on the more frequent 0, which is off on about
+    # 80% of its tokens; the parent 0 leans on the rarer 1 and 20 fires only with 19: both add 0
     on = z[~held] > 0
+    assert on[:, 0].sum() > on[:, 1].sum() and on[:, 19].sum() > on[:, 20].sum()
     child_term = 0.5 * int((on[:, 1] & ~on[:, 0]).sum()) / int(on[:, 1].sum())
     assert 0.35 < child_term < 0.45
+    assert m["absorption_score"] == pytest.approx(child_term / 4, rel=1e-12)
 
 
 def test_absorption_score_rules():
-    # no shared direction (orthogonal atoms) or a shared one only with a latent that fires on every
-    # token where it fires (a kept hierarchy): 0; an absorbed child: rho times the share of its
-    # tokens with the parent off; a parent never on with its child: rho
-    rho, co, count = (torch.tensor(v, dtype=torch.float64) for v in ([0.6, 0.6], [10, 0], [10, 40, 50, 7]))
-    kept = ab.absorption_score(torch.tensor([0]), torch.tensor([1]), rho[:1], co[:1].long(), torch.tensor([40, 10, 3, 0]))
-    assert (kept.value, kept.n_latents, kept.n_absorbing) == (0.0, 3, 0)
-    absorbed = ab.absorption_score(torch.tensor([0, 1]), torch.tensor([1, 0]), rho, torch.tensor([10, 0]), count.long())
-    # child 1: 0.6 * 30 / 40; parent 0: 0.6 * 10 / 10; 2 and 3 lean on no one
-    assert absorbed.value == pytest.approx((0.6 * 30 / 40 + 0.6) / 4, rel=1e-15)
-    assert absorbed.n_absorbing == 2
-    # a latent leaning on two others counts its largest lean, once
-    two = ab.absorption_score(torch.tensor([0, 1]), torch.tensor([2, 2]), torch.tensor([0.3, 0.6], dtype=torch.float64),
-                              torch.tensor([0, 25]), torch.tensor([10, 10, 100, 0]))
+    f64 = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    i64 = lambda *v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
+    flags = lambda *v: torch.tensor(v, dtype=torch.bool)  # noqa: E731
+    # an absorbed child: rho times the share of its tokens with the more frequent parent off; the
+    # parent's side of the same pair (its candidate is rarer) adds 0; 2 and 3 lean on no one: out
+    absorbed = ab.absorption_score(i64(0, 1), i64(1, 0), f64(0.6, 0.6), i64(10, 10), i64(50, 40, 9, 0),
+                                   flags(True, True, False, False))
+    assert (absorbed.value, absorbed.n_latents, absorbed.n_absorbing) == (pytest.approx(0.6 * 30 / 40 / 2, rel=1e-15),
+                                                                          2, 1)
+    assert absorbed.se == pytest.approx(0.6 * 30 / 40 / 2, rel=1e-12)  # sd of (0.45, 0) / sqrt(2)
+    # a kept hierarchy (the parent fires on every token of its child) adds 0 and still counts
+    kept = ab.absorption_score(i64(0), i64(1), f64(0.6), i64(10), i64(40, 10, 3, 0), flags(True, True, False, False))
+    assert (kept.value, kept.n_latents, kept.n_absorbing) == (0.0, 2, 0)
+    # equal counts: neither is the more frequent, so neither is the other's parent
+    tied = ab.absorption_score(i64(0, 1), i64(1, 0), f64(0.6, 0.6), i64(0, 0), i64(30, 30), flags(True, True))
+    assert (tied.value, tied.n_absorbing) == (0.0, 0)
+    # a latent leaning on two more frequent ones counts its largest term, once
+    two = ab.absorption_score(i64(0, 1), i64(2, 2), f64(0.3, 0.6), i64(0, 25), i64(200, 150, 100, 0),
+                              flags(True, True, True, False))
     assert two.value == pytest.approx(max(0.3 * 1.0, 0.6 * 0.75) / 3, rel=1e-15) and two.n_absorbing == 1
+    # no atom leans on another: exactly 0, over no latents
     nothing = ab.absorption_score(*(torch.zeros(0, dtype=torch.int64),) * 2, torch.zeros(0, dtype=torch.float64),
-                                  torch.zeros(0, dtype=torch.int64), torch.tensor([5, 0, 9]))
-    assert (nothing.value, nothing.se, nothing.n_latents) == (0.0, 0.0, 2)
+                                  torch.zeros(0, dtype=torch.int64), i64(5, 0, 9), flags(False, False, False))
+    assert (nothing.value, nothing.se, nothing.n_latents) == (0.0, 0.0, 0)
+    # a dead atom never counts, even flagged as leaning
+    dead = ab.absorption_score(i64(0), i64(1), f64(0.6), i64(0), i64(40, 10, 0), flags(True, True, True))
+    assert (dead.value, dead.n_latents) == (pytest.approx(0.6 / 2, rel=1e-15), 2)
     none_alive = ab.absorption_score(*(torch.zeros(0, dtype=torch.int64),) * 2, torch.zeros(0), torch.zeros(0),
-                                     torch.zeros(3, dtype=torch.int64))
+                                     torch.zeros(3, dtype=torch.int64), flags(True, True, True))
     assert math.isnan(none_alive.value) and none_alive.n_latents == 0
 
 

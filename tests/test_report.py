@@ -548,7 +548,7 @@ def test_terminal_shows_absorption_trees_with_their_children(result):
     text = render_summary(result)
     mapped, empty = text.split("-- blocks.1.hook_resid_pre ")
     assert "  absorption  2 tree(s), 3 absorbed child(ren) (label-free: rho >= 0.1, evidence >= 0.5)" in mapped
-    assert "    score 0.125 ± 0.0123 over 23 alive latents (the layer's label-free absorption score" in mapped
+    assert "    score 0.125 ± 0.0123 over 23 leaning latents (the layer's label-free absorption score" in mapped
     lines = mapped.splitlines()
     start = lines.index("    parent 3 (on 60 tokens) absorbed into 2 child(ren):")
     assert lines[start + 1].startswith("      child 7: rho 0.6 / own 0.8, parent off on 89% of 45 tokens, "

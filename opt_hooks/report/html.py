@@ -719,7 +719,7 @@ def _absorption_section(layer: LayerResult, texts: dict[int, str]) -> str:
 def _map_caption(m: dict[str, Any]) -> str:
     return (
         f'<p><b>Absorption score {fmt(m.get("absorption_score"))} ± {fmt(m.get("absorption_score_se"))}</b> '
-        f'over {fmt(m.get("scored_latents"))} alive latents: {escape(SCORE_TEXT)}</p>'
+        f'over {fmt(m.get("scored_latents"))} leaning latents: {escape(SCORE_TEXT)}</p>'
         f'<p class="muted caption">Thresholds: absorption ρ &ge; {fmt(m.get("rho_min"))} (spread of unrelated '
         f'atom pairs {fmt(m.get("rho_spread"))}) and evidence &ge; {fmt(m.get("min_evidence"))}; duplicates '
         f'ρ &ge; {fmt(m.get("duplicate_rho"))}; antipodal ρ &le; −{fmt(m.get("antipodal_rho"))}; '

@@ -32,9 +32,10 @@ FLAGGED_TEXT = ("latents the audit names in a table: a certified finding, a dupl
                 "or dead. On SynthSAEBench-recipe worlds a lower share went with SAEs that recover the true "
                 "features better (MCC, F1), which EV and L0 did not tell (docs/VALIDATION.md, section Q)")
 # what the layer's absorption score (pair_map["absorption_score"], THEORY.md section 6) measures
-SCORE_TEXT = ("label-free: on average, the part of a latent's decoder that points at another latent which "
-              "stays off where it fires (0: none; a child that absorbed its parent: its rho, up to ~0.7); "
-              "across synthetic SAEs it tracked their true absorption rate, Spearman 0.78-0.98 (docs/VALIDATION.md, section Q)")
+SCORE_TEXT = ("label-free: on average, the part of a leaning latent's decoder that points at a more frequent "
+              "latent which stays off where it fires (a child that absorbed its parent: its rho, up to ~0.7; "
+              "about 0.1-0.2 where no hierarchy was planted); across synthetic SAEs it tracked their true "
+              "absorption rate, Spearman 0.90-0.98 (docs/VALIDATION.md, section Q)")
 
 # How each condition's certificate changes the SAE, for the finding lines.
 CHANGES = {
@@ -188,7 +189,7 @@ def pair_map_lines(layer: LayerResult) -> list[str]:
     lines = [f"  {'absorption':<11} {found} (label-free: rho >= {fmt(m.get('rho_min'))}, "
              f"evidence >= {fmt(m.get('min_evidence'))})",
              f"    score {fmt(m.get('absorption_score'))} ± {fmt(m.get('absorption_score_se'))} over "
-             f"{m.get('scored_latents') or 0:,} alive latents (the layer's label-free absorption score, THEORY.md section 6)"]
+             f"{m.get('scored_latents') or 0:,} leaning latents (the layer's label-free absorption score, THEORY.md section 6)"]
     for parent, rows in list(trees.items())[:TOP_TREES]:
         shown = f", top {TOP_CHILDREN}" if len(rows) > TOP_CHILDREN else ""
         lines.append(f"    parent {layer.row_label(parent)} (on {rows[0].count_parent:,} tokens) absorbed into "

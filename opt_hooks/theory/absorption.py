@@ -20,14 +20,18 @@ without i), so this module looks for the signature itself:
   lam * mu_j * (rho + sqrt(1 - rho^2) - 1) > 0 (`l1_price`, `split_child`): what keeps the
   absorption stable.
 
-Score (one number per SAE, `absorption_score`): for each alive atom j, the largest rho_ij times the
-share of j's audit tokens on which i is off, over j's candidate parents i (0 where j has none); its
-mean over the alive atoms, with the SE of a mean over them. It is the part of a latent's decoder, on
-average, that points at another latent which stays off where it fires: about 0 when latents share
-no direction beyond the unrelated spread or share it only with latents that fire with them (a kept
-hierarchy), rho (up to ~0.7) for a child that absorbed its parent on all of its tokens. Siblings that
-absorbed one parent lean on each other too (rho ~ rho_1 rho_2): they count towards the score as
-absorption, though not as a parent.
+Score (one number per SAE, `absorption_score`): for each alive atom j that leans on another alive
+atom (rho_min <= rho_ij < duplicate_rho: a latent the map could see absorbed), the largest rho_ij
+times the share of j's audit tokens on which i is off, over j's candidate parents i that fire on
+more audit tokens than j (0 where j has none); its mean over those leaning atoms, with the SE of a
+mean over them. It is the part of a leaning latent's decoder, on average, that points at a more
+frequent latent which stays off where it fires: 0 for a kept hierarchy (the parent fires with its
+child) and for the parent's side of any pair, rho (up to ~0.7) for a child that absorbed its parent
+on all of its tokens. The frequency rule is the one assumption: a parent fires wherever any child
+does, so it fires more often than each child unless absorption took nearly all of its tokens.
+Siblings that absorbed one parent lean on each other too (rho ~ rho_1 rho_2): the more frequent one
+counts for the rarer as absorption, though not as a parent. Atoms that lean on none stay out of the
+mean, so the score does not fall with the share of isolated latents, which differs by architecture.
 
 Duplicates: alive pairs with rho >= duplicate_rho (one direction coded twice; merge them).
 Antipodal dense pairs: rho <= -antipodal_rho, both on a large share of the tokens and rarely
@@ -369,26 +373,31 @@ def choose_parents(child: Tensor, rho: Tensor, passes: Tensor) -> Tensor:
 class AbsorptionScore:
     """The layer's label-free absorption score (module docstring), float64."""
 
-    value: float  # mean over alive atoms of max_i rho_ij * (share of j's tokens with i off); NaN: none alive
-    se: float  # its standard error over the alive atoms (NaN with fewer than two)
-    n_latents: int  # alive atoms averaged over
-    n_absorbing: int  # alive atoms with a candidate parent off on some of their tokens (a_j > 0)
+    value: float  # mean over the leaning atoms of a_j (module docstring); 0 (SE 0) when none leans; NaN: none alive
+    se: float  # its standard error over the leaning atoms (NaN with fewer than two)
+    n_latents: int  # alive atoms that lean on another alive atom: the ones averaged over
+    n_absorbing: int  # of those, atoms with a more frequent candidate parent off on some of their tokens (a_j > 0)
 
 
-def absorption_score(parent: Tensor, child: Tensor, rho: Tensor, co: Tensor, count: Tensor) -> AbsorptionScore:
-    """From the map's candidate pairs (parent i, child j, rho_ij, co-count n_ij on the audit tokens)
-    and every atom's audit count n_j: a_j = max_i rho_ij (n_j - n_ij) / n_j over j's candidates
-    (0 where none), averaged over the alive atoms (n_j > 0). Exact counts in, so the score is the
-    same under any batch split, rank merge or resume."""
+def absorption_score(parent: Tensor, child: Tensor, rho: Tensor, co: Tensor, count: Tensor,
+                     leaning: Tensor) -> AbsorptionScore:
+    """From the map's candidate pairs (parent i, child j, rho_ij, co-count n_ij on the audit tokens),
+    every atom's audit count n_j and the mask of alive atoms that lean on another alive atom:
+    a_j = max rho_ij (n_j - n_ij) / n_j over j's candidates with n_i > n_j (0 where none), averaged
+    over the leaning atoms. Exact counts in, so the score is the same under any batch split, rank
+    merge or resume."""
     count = count.double()
-    alive = count > 0
-    n_alive = int(alive.sum())
+    if not bool((count > 0).any()):
+        return AbsorptionScore(math.nan, math.nan, 0, 0)
+    leaning = leaning & (count > 0)
     a = torch.zeros(len(count), dtype=torch.float64, device=count.device)
     if len(child):
         off = (count[child] - co.double()) / count[child]
-        a = a.scatter_reduce(0, child, (rho.double() * off).clamp(min=0), "amax")
-    a = a[alive]
-    if n_alive == 0:
-        return AbsorptionScore(math.nan, math.nan, 0, 0)
-    se = float(a.std() / math.sqrt(n_alive)) if n_alive > 1 else math.nan
-    return AbsorptionScore(float(a.mean()), se, n_alive, int((a > 0).sum()))
+        more_frequent = count[parent] > count[child]  # a parent fires wherever any of its children does
+        a = a.scatter_reduce(0, child, torch.where(more_frequent, rho.double() * off, 0.0).clamp(min=0), "amax")
+    a = a[leaning]
+    n = len(a)
+    if n == 0:  # no atom leans on another: nothing the map could see absorbed, exactly
+        return AbsorptionScore(0.0, 0.0, 0, 0)
+    se = float(a.std() / math.sqrt(n)) if n > 1 else math.nan
+    return AbsorptionScore(float(a.mean()), se, n, int((a > 0).sum()))
