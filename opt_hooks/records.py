@@ -18,7 +18,7 @@ from typing import Any
 
 from opt_hooks.policy import TIER_RANK, TIERS, rank_key
 
-SCHEMA_VERSION = "3.0"
+SCHEMA_VERSION = "4.0"
 
 __all__ = ["TIERS", "TIER_RANK", "CONDITIONS", "CertificateCheck", "FeatureRow", "PairRow", "AbsorptionRow",
            "DuplicateRow", "AntipodalRow", "LayerResult", "AuditRecord"]
