@@ -16,7 +16,7 @@ correlation with F1, MCC and uniqueness across the world's SAEs, with a percenti
 interval over the SAEs. The number shown to users is chosen on the first world only (the
 largest |Spearman| with F1) and reported on the others (`--worlds`).
 
-    python scripts/study_quality.py                  # two worlds, 10 SAEs each; writes docs/VALIDATION.md section Q
+    python scripts/study_quality.py                  # four worlds, 10 SAEs each; writes docs/VALIDATION.md section Q
     python scripts/study_quality.py --quick          # one small world, a smoke run (~2 min), prints only
     python scripts/study_quality.py --json out.json  # also every SAE's numbers
     python scripts/study_quality.py --width 1024 --marker study_quality_1024   # section Q6
@@ -516,7 +516,7 @@ def write_section(text: str, marker: str = MARKER) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small world, short training: a smoke run")
-    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2],
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4, 5],
                         help="world seeds; the first selects the number shown to users, the others report it")
     parser.add_argument("--control", type=int, default=3,
                         help="seed of the control world (no hierarchy; -1: none), one SAE per architecture")
