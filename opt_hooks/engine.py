@@ -919,7 +919,6 @@ def _unmeasured(condition: str, step: float) -> CertificateCheck:
     return CertificateCheck(condition, step, None, None, tier="violated", reason="no lam to measure its gain")
 
 
-
 def _scatter_rows(zi: Tensor, zj: Tensor, limit: int) -> Tensor:
     """A deterministic, evenly spaced sample of tokens where i or j fires, plus a few where neither does."""
     either = torch.nonzero((zi > 0) | (zj > 0)).flatten()

@@ -120,8 +120,8 @@ def parent_mirror_or_siblings(n: int = 8000, d: int = 16, seed: int = 0) -> Twin
     siblings = _with_fillers("siblings under a root without a latent", [r, c1, c2], [m, 2 * first_size, 2 * second_size],
                              [(0, 1), (0, 2)], basis, fillers)
     truths = [siblings]
-    for name, own, other, own_size, other_size in (("parent r + 2 c1, child 2 (c2 - c1)", c1, c2, first_size, second_size),
-                                                   ("parent r + 2 c2, child 2 (c1 - c2)", c2, c1, second_size, first_size)):
+    for name, own, other, other_size in (("parent r + 2 c1, child 2 (c2 - c1)", c1, c2, second_size),
+                                         ("parent r + 2 c2, child 2 (c1 - c2)", c2, c1, first_size)):
         parent, child = r + 2 * own, 2 * (other - own)
         # the parent fires on every structure token at size m; its child on the other case's tokens
         truths.append(_with_fillers(name, [_unit(parent), _unit(child)],

@@ -55,6 +55,7 @@ from sae_lens.synthetic.evals import (  # noqa: E402
 
 import opt_hooks as oh  # noqa: E402
 from opt_hooks.synthetic import (  # noqa: E402
+    RowsJudged,
     World,
     judge_rows,
     judgeable_edges,
@@ -481,12 +482,12 @@ def markdown(scores: dict[str, list[SAEScore]], tables: dict[str, dict], absorpt
 
 
 def pooled_rows(world: str, scores: list[SAEScore]) -> str:
-    rows = sum(s.audit["absorption rows"] for s in scores)
-    right = sum(s.truth["rows right"] for s in scores)
-    absorbed = sum(s.truth["absorbed edges"] for s in scores)
-    found = sum(s.truth["rows found"] for s in scores)
-    return (f"{world}: precision {fmt(right / rows if rows else math.nan, 2)} ({right:.0f} of {rows:.0f} rows), "
-            f"recall {fmt(found / absorbed if absorbed else math.nan, 2)} ({found:.0f} of {absorbed:.0f} edges)")
+    pooled = RowsJudged(rows=round(sum(s.audit["absorption rows"] for s in scores)),
+                        right=round(sum(s.truth["rows right"] for s in scores)),
+                        absorbed=round(sum(s.truth["absorbed edges"] for s in scores)),
+                        found=round(sum(s.truth["rows found"] for s in scores)))
+    return (f"{world}: precision {fmt(pooled.precision, 2)} ({pooled.right} of {pooled.rows} rows), "
+            f"recall {fmt(pooled.recall, 2)} ({pooled.found} of {pooled.absorbed} edges)")
 
 
 def control_table(control: list[SAEScore]) -> str:
