@@ -20,6 +20,7 @@ largest |Spearman| with F1) and reported on the others (`--worlds`).
     python scripts/study_quality.py --quick          # one small world, a smoke run (~2 min), prints only
     python scripts/study_quality.py --json out.json  # also every SAE's numbers
     python scripts/study_quality.py --width 1024 --marker study_quality_1024   # section Q6
+    python scripts/study_quality.py --full           # SynthSAEBench-16k's own size, one SAE: section Q7
     python scripts/study_quality.py --keep saes/ ...   # also save every SAE; --reuse saes/ audits them again
                                                        # without training (minutes, not the hour)
 
@@ -66,6 +67,7 @@ from opt_hooks.synthetic import (  # noqa: E402
 
 VALIDATION = ROOT / "docs" / "VALIDATION.md"
 MARKER = "study_quality"  # the section's markers: <!-- study_quality:start --> ... <!-- study_quality:end -->
+FULL_MARKER = "study_quality_full"  # section Q7, `--full`
 
 
 @dataclass
@@ -80,10 +82,18 @@ class Sizes:
     pursuit_steps: int = 300  # a pursuit encodes in up to max_iterations matmuls: fewer, costlier steps
     batch: int = 1024
     bootstrap: int = 2000
+    sample_rows: int | None = None  # tokens' true activations drawn at once (None: each set in one draw)
 
 
 QUICK = Sizes(n_features=1024, d=64, width=256, n_train=60_000, n_eval=10_000, n_audit=10_000, steps=300,
               pursuit_steps=100, bootstrap=500)
+# SynthSAEBench-16k itself (16,384 features, d = 768, true L0 about 34) with its SAE width, 4,096 latents;
+# training shortened to what 2 cores do in about half an hour (SynthSAEBench trains on 200M tokens)
+# (its generator holds several copies of a draw's (tokens, 16,384) activations: 65,536 tokens at once
+# ran the 24 GB machine out of memory)
+FULL = Sizes(n_features=16_384, d=768, width=4096, n_train=200_000, n_eval=20_000, n_audit=40_000, steps=1500,
+             bootstrap=0, sample_rows=4096)
+FULL_SEED = 42  # the recipe's own seed
 
 JUMPRELU = {"l0_coefficient": 1.0, "jumprelu_init_threshold": 0.5, "jumprelu_bandwidth": 0.5}
 # (name, sae_lens training class, its config class, config fields), two L0 values per architecture.
@@ -101,6 +111,8 @@ SPECS: list[tuple[str, str, dict[str, Any]]] = [
     ("pursuit 6 steps", "matching_pursuit", {"max_iterations": 6}),
     ("pursuit 12 steps", "matching_pursuit", {"max_iterations": 12}),
 ]
+# the full-size world: SynthSAEBench's BatchTopK at its table's L0 (25)
+FULL_SPECS: list[tuple[str, str, dict[str, Any]]] = [("batchtopk k=25", "batchtopk", {"k": 25})]
 # the control world (the recipe with its hierarchy switched off): one SAE per architecture
 CONTROL_SPECS = [spec for spec in SPECS if spec[0] in (
     "standard l1=3", "batchtopk k=12", "jumprelu L0 12", "matryoshka k=12", "pursuit 12 steps")]
@@ -273,17 +285,26 @@ def audit_numbers(sae: sae_lens.SAE, x: torch.Tensor) -> tuple[dict[str, float],
     }, [(row.parent, row.child) for row in layer.absorption]
 
 
+def draw(world: World, n: int, rows: int | None, inputs_only: bool = False) -> torch.Tensor:
+    """The true activations of n tokens drawn from the world (or only their inputs x), drawn
+    `rows` tokens at a time (None: at once)."""
+    rows = rows or n
+    pieces = (world.generator.sample(min(rows, n - start)) for start in range(0, n, rows))
+    return torch.cat([world.feature_dict(acts) if inputs_only else acts for acts in pieces])
+
+
 def study_world(seed: int, sizes: Sizes, specs: list[tuple[str, str, dict[str, Any]]],
                 keep: Path | None = None, hierarchy: bool = True, reuse: Path | None = None) -> list[SAEScore]:
     world = synthsaebench_world(seed, n_features=sizes.n_features, d=sizes.d, hierarchy=hierarchy)
     label = f"world {seed}" if hierarchy else f"control {seed}"
     with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(seed)
-        x_train = world.feature_dict(world.generator.sample(sizes.n_train))
-        acts_eval = world.generator.sample(sizes.n_eval)
+        x_train = draw(world, sizes.n_train, sizes.sample_rows, inputs_only=True)
+        acts_eval = draw(world, sizes.n_eval, sizes.sample_rows)
         x_eval = world.feature_dict(acts_eval)
-        x_audit = world.feature_dict(world.generator.sample(sizes.n_audit))
-    print(f"{label}: {world.name}, true L0 {float((acts_eval > 0).sum(1).double().mean()):.1f}", flush=True)
+        x_audit = draw(world, sizes.n_audit, sizes.sample_rows, inputs_only=True)
+    true_l0 = float((acts_eval > 0).sum(1).double().mean())
+    print(f"{label}: {world.name}, true L0 {true_l0:.1f}", flush=True)
     scores = []
     for position, (name, kind, fields) in enumerate(specs):
         started = time.perf_counter()
@@ -296,6 +317,7 @@ def study_world(seed: int, sizes: Sizes, specs: list[tuple[str, str, dict[str, A
                                  None if keep is None else keep / where)
         audit, rows = audit_numbers(sae, x_audit)
         truth, baselines = ground_truth(world, sae, acts_eval, x_eval, rows)
+        truth["true L0"] = true_l0
         score = SAEScore(world=label, name=name, architecture=sae.cfg.architecture(), truth=truth,
                          baselines=baselines, audit=audit, reused=reused,
                          seconds=time.perf_counter() - started)
@@ -424,17 +446,9 @@ def markdown(scores: dict[str, list[SAEScore]], tables: dict[str, dict], absorpt
         "",
         "**Q1. Every SAE: ground truth and the audit's numbers.**",
         "",
-        "| world | SAE | inference arch | EV | L0 | F1 | MCC | uniq. | "
-        + " | ".join(a for a in AUDIT_NUMBERS if a != "absorption score") + " |",
-        "|" + "---|" * (8 + len(AUDIT_NUMBERS) - 1),
+        *QUALITY_HEAD,
     ]
-    for world, rows in scores.items():
-        for s in rows:
-            lines.append(
-                f"| {world} | {s.name} | {s.architecture} | {fmt(s.baselines['EV'])} | {fmt(s.baselines['L0'])} | "
-                f"{fmt(s.truth['F1'])} | {fmt(s.truth['MCC'])} | {fmt(s.truth['uniqueness'])} | "
-                + " | ".join(fmt(s.audit[n]) for n in AUDIT_NUMBERS if n != "absorption score") + " |"
-            )
+    lines += [quality_line(s) for rows in scores.values() for s in rows]
     lines += ["", "**Q2. Spearman's rho with ground-truth quality across the SAEs of a world**, with its 95% "
               "bootstrap interval over the SAEs (audit numbers read \"larger: worse\", so a useful one is negative "
               "against F1 and MCC):", "",
@@ -453,19 +467,8 @@ def markdown(scores: dict[str, list[SAEScore]], tables: dict[str, dict], absorpt
               f"{verdict(tables, chosen, worlds[1:])}."]
     lines += ["", "**Q3. Absorption, per SAE: the truth (judgeable direct edges), the label-free score, the probe "
               "score and #729's gap.**", "",
-              "| world | SAE | judgeable edges (absorbed) | true absorption rate | absorption score ± SE | "
-              "absorption share | probe score | #729 gap | map rows | rows precision | rows recall | parent nearest |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for world, rows in scores.items():
-        for s in rows:
-            lines.append(
-                f"| {world} | {s.name} | {s.truth['judgeable edges']:.0f} ({s.truth['absorbed edges']:.0f}) | "
-                f"{fmt(s.truth['absorption rate'])} | "
-                f"{fmt(s.audit['absorption score'])} ± {fmt(s.audit['absorption score se'], 2)} | "
-                f"{fmt(s.audit['absorption share'])} | {fmt(s.truth['probe score'])} | {fmt(s.truth['#729 gap'])} | "
-                f"{s.audit['absorption rows']:.0f} | {fmt(s.truth['rows precision'], 2)} | "
-                f"{fmt(s.truth['rows recall'], 2)} | {fmt(s.truth['parent nearest'], 2)} |"
-            )
+              *ABSORPTION_HEAD]
+    lines += [absorption_line(s) for rows in scores.values() for s in rows]
     lines += ["", "The map's rows pooled over each world's SAEs (precision: rows whose parent latent's matched "
               "feature is an ancestor of the child latent's; recall: judgeable absorbed direct edges found as a "
               "row, oriented; targets 0.8 and 0.8; *parent nearest*: the share of absorbed edges whose parent's "
@@ -479,6 +482,45 @@ def markdown(scores: dict[str, list[SAEScore]], tables: dict[str, dict], absorpt
                  f"{fmt(absorption[w][number][2], 2)}]" for w in worlds]
         lines.append(f"| {number} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+QUALITY_HEAD = ("| world | SAE | inference arch | EV | L0 | F1 | MCC | uniq. | "
+                + " | ".join(a for a in AUDIT_NUMBERS if a != "absorption score") + " |",
+                "|" + "---|" * (8 + len(AUDIT_NUMBERS) - 1))
+ABSORPTION_HEAD = ("| world | SAE | judgeable edges (absorbed) | true absorption rate | absorption score ± SE | "
+                   "absorption share | probe score | #729 gap | map rows | rows precision | rows recall | "
+                   "parent nearest |", "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def quality_line(s: SAEScore) -> str:
+    """One SAE's row of Q1: ground truth and the audit's numbers."""
+    return (f"| {s.world} | {s.name} | {s.architecture} | {fmt(s.baselines['EV'])} | {fmt(s.baselines['L0'])} | "
+            f"{fmt(s.truth['F1'])} | {fmt(s.truth['MCC'])} | {fmt(s.truth['uniqueness'])} | "
+            + " | ".join(fmt(s.audit[n]) for n in AUDIT_NUMBERS if n != "absorption score") + " |")
+
+
+def absorption_line(s: SAEScore) -> str:
+    """One SAE's row of Q3: the absorption truth beside the label-free score and the map's rows."""
+    return (f"| {s.world} | {s.name} | {s.truth['judgeable edges']:.0f} ({s.truth['absorbed edges']:.0f}) | "
+            f"{fmt(s.truth['absorption rate'])} | "
+            f"{fmt(s.audit['absorption score'])} ± {fmt(s.audit['absorption score se'], 2)} | "
+            f"{fmt(s.audit['absorption share'])} | {fmt(s.truth['probe score'])} | {fmt(s.truth['#729 gap'])} | "
+            f"{s.audit['absorption rows']:.0f} | {fmt(s.truth['rows precision'], 2)} | "
+            f"{fmt(s.truth['rows recall'], 2)} | {fmt(s.truth['parent nearest'], 2)} |")
+
+
+def full_markdown(scores: list[SAEScore], seconds: float, sizes: Sizes) -> str:
+    """The full-size world (`--full`): its SAEs' rows of Q1 and Q3, no correlations (too few SAEs)."""
+    took = ", ".join(f"{s.name}: {s.seconds / 60:.0f} min trained, audited and scored" for s in scores)
+    return "\n".join([
+        f"Regenerated by `{command()}` ({seconds / 60:.0f} min on 2 CPU cores, the world's construction "
+        f"included; {took}). World: `synthsaebench_world({FULL_SEED})` with {sizes.n_features:,} features in "
+        f"d = {sizes.d} (true L0 {scores[0].truth['true L0']:.1f}); SAE of width {sizes.width}, trained {sizes.steps} steps of "
+        f"{sizes.batch} tokens on {sizes.n_train:,} fixed tokens; truth on {sizes.n_eval:,} held-out tokens, the "
+        f"audit on {sizes.n_audit:,} others.", "",
+        *QUALITY_HEAD, *(quality_line(s) for s in scores), "", *ABSORPTION_HEAD,
+        *(absorption_line(s) for s in scores), "", "Rows pooled: " + pooled_rows(scores[0].world, scores) + ".",
+    ]) + "\n"
 
 
 def pooled_rows(world: str, scores: list[SAEScore]) -> str:
@@ -517,6 +559,9 @@ def write_section(text: str, marker: str = MARKER) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small world, short training: a smoke run")
+    parser.add_argument("--full", action="store_true",
+                        help="SynthSAEBench-16k's own size (16,384 features, d = 768), one BatchTopK SAE of 4,096 "
+                             "latents: section Q7 (~1.5 h)")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4, 5],
                         help="world seeds; the first selects the number shown to users, the others report it")
     parser.add_argument("--control", type=int, default=3,
@@ -532,11 +577,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print the tables, leave docs/VALIDATION.md alone")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    sizes = QUICK if args.quick else Sizes()
+    sizes = QUICK if args.quick else FULL if args.full else Sizes()
     if args.width:
         sizes = replace(sizes, width=args.width)
     seeds = args.worlds[:1] if args.quick else args.worlds
     started = time.perf_counter()
+    if args.full:
+        scores = study_world(FULL_SEED, sizes, FULL_SPECS, args.keep, reuse=args.reuse)
+        text = full_markdown(scores, time.perf_counter() - started, sizes)
+        print(text)
+        if args.json:
+            args.json.write_text(json.dumps({"sizes": asdict(sizes), "scores": [asdict(s) for s in scores]}, indent=1))
+        if not args.no_write:
+            write_section(text, FULL_MARKER)
+        return 0
     scores = {f"world {seed}": study_world(seed, sizes, SPECS, args.keep, reuse=args.reuse) for seed in seeds}
     control = ([] if args.quick or args.control < 0
                else study_world(args.control, sizes, CONTROL_SPECS, args.keep, hierarchy=False, reuse=args.reuse))
