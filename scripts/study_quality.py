@@ -89,7 +89,7 @@ class Sizes:
 QUICK = Sizes(n_features=1024, d=64, width=256, n_train=60_000, n_eval=10_000, n_audit=10_000, steps=300,
               pursuit_steps=100, bootstrap=500)
 # SynthSAEBench-16k itself (16,384 features, d = 768, true L0 about 34) with its SAE width, 4,096 latents;
-# training shortened to what 2 cores do in about half an hour (SynthSAEBench trains on 200M tokens)
+# training shortened to 1.5M samples, a quarter of an hour on 2 cores with the audit (SynthSAEBench trains on 200M)
 # (its generator holds several copies of a draw's (tokens, 16,384) activations: 65,536 tokens at once
 # ran the 24 GB machine out of memory)
 FULL = Sizes(n_features=16_384, d=768, width=4096, n_train=200_000, n_eval=20_000, n_audit=40_000, steps=1500,
