@@ -594,36 +594,31 @@ def main(argv: list[str] | None = None) -> int:
     seeds = seeds[:1] if args.quick else seeds
     control_seed = args.control if args.control is not None else -1 if args.full else 3
     marker = args.marker or (FULL_MARKER if args.full else MARKER)
+    if not seeds and not (args.full and control_seed >= 0):
+        parser.error("--full needs a world (--worlds SEED) or a control (--control SEED)" if args.full else
+                     "--worlds needs at least one seed: the first world selects the number shown to users")
     started = time.perf_counter()
     if args.full:
         scores = [s for seed in seeds for s in study_world(seed, sizes, FULL_SPECS, args.keep, reuse=args.reuse)]
         if control_seed >= 0:
             scores += study_world(control_seed, sizes, FULL_SPECS, args.keep, hierarchy=False, reuse=args.reuse)
-        if not scores:
-            parser.error("--full needs a world (--worlds SEED) or a control (--control SEED)")
         text = full_markdown(scores, time.perf_counter() - started, sizes)
-        print(text)
-        if args.json:
-            args.json.write_text(json.dumps({"sizes": asdict(sizes), "scores": [asdict(s) for s in scores]}, indent=1))
-        if not args.no_write:
-            write_section(text, marker)
-        return 0
-    if not seeds:
-        parser.error("--worlds needs at least one seed: the first world selects the number shown to users")
-    scores = {f"world {seed}": study_world(seed, sizes, SPECS, args.keep, reuse=args.reuse) for seed in seeds}
-    control = ([] if args.quick or control_seed < 0
-               else study_world(control_seed, sizes, CONTROL_SPECS, args.keep, hierarchy=False, reuse=args.reuse))
-    tables = {w: correlations(rows, sizes.bootstrap) for w, rows in scores.items()}
-    first = next(iter(tables))
-    chosen = chosen_number(tables[first], scores[first])
-    absorption = {w: absorption_correlations(rows, sizes.bootstrap) for w, rows in scores.items()}
-    text = (markdown(scores, tables, absorption, chosen, time.perf_counter() - started, sizes, control)
-            + control_table(control))
+        numbers = {"sizes": asdict(sizes), "scores": [asdict(s) for s in scores]}
+    else:
+        worlds = {f"world {seed}": study_world(seed, sizes, SPECS, args.keep, reuse=args.reuse) for seed in seeds}
+        control = ([] if args.quick or control_seed < 0
+                   else study_world(control_seed, sizes, CONTROL_SPECS, args.keep, hierarchy=False, reuse=args.reuse))
+        tables = {w: correlations(rows, sizes.bootstrap) for w, rows in worlds.items()}
+        first = next(iter(tables))
+        chosen = chosen_number(tables[first], worlds[first])
+        absorption = {w: absorption_correlations(rows, sizes.bootstrap) for w, rows in worlds.items()}
+        text = (markdown(worlds, tables, absorption, chosen, time.perf_counter() - started, sizes, control)
+                + control_table(control))
+        numbers = {"sizes": asdict(sizes), "chosen": chosen,
+                   "scores": [asdict(s) for rows in [*worlds.values(), control] for s in rows]}
     print(text)
     if args.json:
-        args.json.write_text(json.dumps({"sizes": asdict(sizes), "chosen": chosen,
-                                         "scores": [asdict(s) for rows in [*scores.values(), control] for s in rows]},
-                                        indent=1))
+        args.json.write_text(json.dumps(numbers, indent=1))
     if not (args.quick or args.no_write):
         write_section(text, marker)
     return 0
