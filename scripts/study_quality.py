@@ -20,6 +20,7 @@ largest |Spearman| with F1) and reported on the others (`--worlds`).
     python scripts/study_quality.py --quick          # one small world, a smoke run (~2 min), prints only
     python scripts/study_quality.py --json out.json  # also every SAE's numbers
     python scripts/study_quality.py --width 1024 --marker study_quality_1024   # section Q6
+    python scripts/study_quality.py --mid            # 4,096 features in d = 256, width 1,024: section Q8
     python scripts/study_quality.py --full           # SynthSAEBench-16k's own size, one SAE: section Q7
     python scripts/study_quality.py --full --worlds --control 43 --marker study_quality_full_control   # its control
     python scripts/study_quality.py --keep saes/ ...   # also save every SAE; --reuse saes/ audits them again
@@ -68,6 +69,7 @@ from opt_hooks.synthetic import (  # noqa: E402
 
 VALIDATION = ROOT / "docs" / "VALIDATION.md"
 MARKER = "study_quality"  # the section's markers: <!-- study_quality:start --> ... <!-- study_quality:end -->
+MID_MARKER = "study_quality_mid"  # section Q8, `--mid`
 FULL_MARKER = "study_quality_full"  # section Q7, `--full`
 
 
@@ -88,6 +90,9 @@ class Sizes:
 
 QUICK = Sizes(n_features=1024, d=64, width=256, n_train=60_000, n_eval=10_000, n_audit=10_000, steps=300,
               pursuit_steps=100, bootstrap=500)
+# 4,096 features in d = 256 (true L0 about 16) with SynthSAEBench's width ratio, 1,024 latents: a
+# quarter of SynthSAEBench-16k's features, ten SAEs a world on 2 cores
+MID = Sizes(n_features=4096, d=256, width=1024, sample_rows=50_000)
 # SynthSAEBench-16k itself (16,384 features, d = 768, true L0 about 34) with its SAE width, 4,096 latents;
 # training shortened to 1.5M samples, a quarter of an hour on 2 cores with the audit (SynthSAEBench trains on 200M)
 # (its generator holds several copies of a draw's (tokens, 16,384) activations: 65,536 tokens at once
@@ -97,26 +102,35 @@ FULL = Sizes(n_features=16_384, d=768, width=4096, n_train=200_000, n_eval=20_00
 FULL_SEED = 42  # the recipe's own seed
 
 JUMPRELU = {"l0_coefficient": 1.0, "jumprelu_init_threshold": 0.5, "jumprelu_bandwidth": 0.5}
-# (name, sae_lens training class, its config class, config fields), two L0 values per architecture.
-# The L0 targets scale with the world's true L0 (~11): about half of it and about it.
-SPECS: list[tuple[str, str, dict[str, Any]]] = [
-    ("standard l1=5", "standard", {"l1_coefficient": 5.0}),
-    ("standard l1=3", "standard", {"l1_coefficient": 3.0}),
-    ("batchtopk k=6", "batchtopk", {"k": 6}),
-    ("batchtopk k=12", "batchtopk", {"k": 12}),
-    # Gemma Scope 2's quadratic penalty around a target L0; thresholds start at 0.5 (codes are ~4-5)
-    ("jumprelu L0 6", "jumprelu", {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": 6.0, **JUMPRELU}),
-    ("jumprelu L0 12", "jumprelu", {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": 12.0, **JUMPRELU}),
-    ("matryoshka k=6", "matryoshka_batchtopk", {"k": 6}),
-    ("matryoshka k=12", "matryoshka_batchtopk", {"k": 12}),
-    ("pursuit 6 steps", "matching_pursuit", {"max_iterations": 6}),
-    ("pursuit 12 steps", "matching_pursuit", {"max_iterations": 12}),
-]
+
+
+def specs_at(low: int, high: int) -> list[tuple[str, str, dict[str, Any]]]:
+    """(name, sae_lens training class, its config fields): every architecture at two L0 values,
+    about half the world's true L0 and about it (the standard SAEs by their L1 coefficient)."""
+    return [
+        ("standard l1=5", "standard", {"l1_coefficient": 5.0}),
+        ("standard l1=3", "standard", {"l1_coefficient": 3.0}),
+        *[(f"batchtopk k={k}", "batchtopk", {"k": k}) for k in (low, high)],
+        # Gemma Scope 2's quadratic penalty around a target L0; thresholds start at 0.5 (codes are ~4-5)
+        *[(f"jumprelu L0 {k}", "jumprelu", {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": float(k),
+                                             **JUMPRELU}) for k in (low, high)],
+        *[(f"matryoshka k={k}", "matryoshka_batchtopk", {"k": k}) for k in (low, high)],
+        *[(f"pursuit {k} steps", "matching_pursuit", {"max_iterations": k}) for k in (low, high)],
+    ]
+
+
+SPECS = specs_at(6, 12)  # the CPU-scaled worlds' true L0 is about 11
+MID_SPECS = specs_at(8, 16)  # ... and the mid-size worlds' about 16
 # the full-size world: SynthSAEBench's BatchTopK at its table's L0 (25)
 FULL_SPECS: list[tuple[str, str, dict[str, Any]]] = [("batchtopk k=25", "batchtopk", {"k": 25})]
-# the control world (the recipe with its hierarchy switched off): one SAE per architecture
-CONTROL_SPECS = [spec for spec in SPECS if spec[0] in (
-    "standard l1=3", "batchtopk k=12", "jumprelu L0 12", "matryoshka k=12", "pursuit 12 steps")]
+
+
+def control_specs(specs: list[tuple[str, str, dict[str, Any]]]) -> list[tuple[str, str, dict[str, Any]]]:
+    """The control world (the recipe with its hierarchy switched off): one SAE per architecture,
+    its higher L0."""
+    return specs[1::2]
+
+
 CLASSES = {
     "standard": (sae_lens.StandardTrainingSAE, sae_lens.StandardTrainingSAEConfig),
     "batchtopk": (sae_lens.BatchTopKTrainingSAE, sae_lens.BatchTopKTrainingSAEConfig),
@@ -408,7 +422,7 @@ def verdict(tables: dict[str, dict], chosen: str, worlds: list[str]) -> str:
             ours, ev = -tables[w][chosen][t][0], tables[w]["EV"][t][0]
             parts.append(f"{t}: {fmt(ours, 2)} against EV's {fmt(ev, 2)}")
         out.append(f"{w}: " + "; ".join(parts))
-    return "; ".join(out)
+    return "; ".join(out) or "none (one world only)"
 
 
 # -- the tables ------------------------------------------------------------------------------
@@ -443,7 +457,7 @@ def markdown(scores: dict[str, list[SAEScore]], tables: dict[str, dict], absorpt
         f"Worlds: `synthsaebench_world(seed)` with {sizes.n_features:,} features in d = {sizes.d}; SAEs of "
         f"width {sizes.width}, trained {sizes.steps} steps of {sizes.batch} tokens ({sizes.pursuit_steps} for "
         f"matching pursuit) on {sizes.n_train:,} fixed tokens; truth on {sizes.n_eval:,} held-out tokens, the "
-        f"audit on {sizes.n_audit:,} others. Selection world: {worlds[0]}; reported: {', '.join(worlds[1:])}.",
+        f"audit on {sizes.n_audit:,} others. Selection world: {worlds[0]}; reported: {', '.join(worlds[1:]) or 'none'}.",
         "",
         "**Q1. Every SAE: ground truth and the audit's numbers.**",
         "",
@@ -569,8 +583,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true",
                         help=f"SynthSAEBench-16k's own size (16,384 features, d = 768), one BatchTopK SAE of 4,096 "
                              f"latents per world (default: world {FULL_SEED}, no control): section Q7 (~50 min a world)")
+    parser.add_argument("--mid", action="store_true",
+                        help="4,096 features in d = 256, ten SAEs of 1,024 latents per world (default: worlds 1 and "
+                             "2, control 3): section Q8")
     parser.add_argument("--worlds", type=int, nargs="*",
-                        help="world seeds (default 1 2 4 5); the first selects the number shown to users, the others "
+                        help="world seeds (default 1 2 4 5; 1 2 with --mid); the first selects the number shown to users, the others "
                              "report it. With --full, none: the control alone")
     parser.add_argument("--control", type=int,
                         help="seed of the control world (no hierarchy; -1: none; default 3, none with --full), "
@@ -587,13 +604,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print the tables, leave docs/VALIDATION.md alone")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    sizes = QUICK if args.quick else FULL if args.full else Sizes()
+    if args.mid and (args.full or args.quick):
+        parser.error("--mid is a size of its own: leave out --full and --quick")
+    sizes = QUICK if args.quick else FULL if args.full else MID if args.mid else Sizes()
+    specs = MID_SPECS if args.mid else SPECS
     if args.width:
         sizes = replace(sizes, width=args.width)
-    seeds = args.worlds if args.worlds is not None else [FULL_SEED] if args.full else [1, 2, 4, 5]
+    seeds = (args.worlds if args.worlds is not None else [FULL_SEED] if args.full else [1, 2] if args.mid
+             else [1, 2, 4, 5])
     seeds = seeds[:1] if args.quick else seeds
     control_seed = args.control if args.control is not None else -1 if args.full else 3
-    marker = args.marker or (FULL_MARKER if args.full else MARKER)
+    marker = args.marker or (FULL_MARKER if args.full else MID_MARKER if args.mid else MARKER)
     if not seeds and not (args.full and control_seed >= 0):
         parser.error("--full needs a world (--worlds SEED) or a control (--control SEED)" if args.full else
                      "--worlds needs at least one seed: the first world selects the number shown to users")
@@ -605,9 +626,9 @@ def main(argv: list[str] | None = None) -> int:
         text = full_markdown(scores, time.perf_counter() - started, sizes)
         numbers = {"sizes": asdict(sizes), "scores": [asdict(s) for s in scores]}
     else:
-        worlds = {f"world {seed}": study_world(seed, sizes, SPECS, args.keep, reuse=args.reuse) for seed in seeds}
+        worlds = {f"world {seed}": study_world(seed, sizes, specs, args.keep, reuse=args.reuse) for seed in seeds}
         control = ([] if args.quick or control_seed < 0
-                   else study_world(control_seed, sizes, CONTROL_SPECS, args.keep, hierarchy=False, reuse=args.reuse))
+                   else study_world(control_seed, sizes, control_specs(specs), args.keep, hierarchy=False, reuse=args.reuse))
         tables = {w: correlations(rows, sizes.bootstrap) for w, rows in worlds.items()}
         first = next(iter(tables))
         chosen = chosen_number(tables[first], worlds[first])
