@@ -120,6 +120,7 @@ class PairMap:
         reverse = ab.reverse_of(p, c, self.atoms.shape[0])
         passes = ((n_evidence >= policy.min_touched) & (ratio.z >= z_crit) & torch.isfinite(ratio.value)
                   & (ab.orientation_z(ratio, reverse) >= z_crit))
+        passes &= ab.parent_covers_child(p, c, self.co, self.count, passes)
         chosen = ab.choose_parents(c, self.rho, passes)
         if not len(chosen):
             return []

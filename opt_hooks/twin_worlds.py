@@ -8,8 +8,8 @@ map, finding absorbed hierarchies and naming their parent the right way round, w
 rows where there is none (docs/THEORY.md, section 6, "What no label-free map can know"):
 
 - `absorbed_or_exclusive`: "absorbed hierarchy" against "two features that never fire together".
-  Parent p with child c that fires only with p, at the parent's size (children scaled by their
-  parent): x = m p alone, x = m (p + c) with the child. The same x is two mutually exclusive
+  Parent p with child c that fires only with p, on a third of its tokens, at the parent's size
+  (children scaled by their parent): x = m p alone, x = m (p + c) with the child. The same x is two mutually exclusive
   features p and q = (p + c) / sqrt(2) with no hierarchy. The SAE with atoms [p, q] codes x
   exactly: in the first world it absorbed a hierarchy (its p latent off on every child token); in
   the second it is the perfect SAE. A map that finds the absorption in one puts a row into a world
@@ -71,16 +71,17 @@ def _unit(v: Tensor) -> Tensor:
     return v / v.norm()
 
 
-def _basis_and_sizes(n: int, d: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _basis_and_sizes(n: int, d: int, seed: int, second_share: float = 0.5) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """An orthonormal basis (d, d), each token's size m (n,), which tokens carry the structure
-    and which of its two cases, and the fillers' activations (n, N_FILLERS)."""
+    and which of its two cases (the second on `second_share` of them), and the fillers'
+    activations (n, N_FILLERS)."""
     if d < 3 + N_FILLERS:
         raise ValueError(f"twin worlds need d >= {3 + N_FILLERS}, got {d}")
     gen = torch.Generator().manual_seed(seed)
     basis = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0].T
     sizes = (1 + MAGNITUDE_STD * torch.randn(n, N_FILLERS + 1, generator=gen, dtype=torch.float64)).clamp(min=0.1)
     on = torch.rand(n, generator=gen, dtype=torch.float64) < STRUCTURE_RATE
-    case = torch.rand(n, generator=gen, dtype=torch.float64) < 0.5
+    case = torch.rand(n, generator=gen, dtype=torch.float64) < second_share
     fillers = sizes[:, 1:] * (torch.rand(n, N_FILLERS, generator=gen, dtype=torch.float64) < FILLER_RATE)
     return basis, sizes[:, 0] * on, case, fillers
 
@@ -97,9 +98,11 @@ def _with_fillers(name: str, atoms: list[Tensor], acts: list[Tensor], edges: lis
 
 
 def absorbed_or_exclusive(n: int = 8000, d: int = 16, seed: int = 0) -> Twins:
-    """Hierarchy p -> c (the child on half of the parent's tokens, at the parent's size) against
-    two mutually exclusive features p and normalise(p + c). Features 0, 1 are the pair's."""
-    basis, m, child, fillers = _basis_and_sizes(n, d, seed)
+    """Hierarchy p -> c (the child on a third of the parent's tokens, at the parent's size) against
+    two mutually exclusive features p and normalise(p + c). Features 0, 1 are the pair's. A third,
+    not a half: the parent latent then fires on more tokens than the child's, as the map asks of a
+    parent it names (`parent_covers_child`), so the tie is the one between the truths alone."""
+    basis, m, child, fillers = _basis_and_sizes(n, d, seed, second_share=1 / 3)
     p, c = basis[0], basis[1]
     alone, with_child = m * ~child, m * child
     hierarchy = _with_fillers("absorbed hierarchy", [p, c], [m, with_child], [(0, 1)], basis, fillers)

@@ -357,6 +357,30 @@ def orientation_z(ratio: EvidenceRatio, reverse: Tensor) -> Tensor:
     return torch.where(has & torch.isfinite(ratio.value[rev]), torch.nan_to_num(z, nan=-math.inf), -math.inf)
 
 
+def parent_covers_child(parent: Tensor, child: Tensor, co: Tensor, count: Tensor, passes: Tensor) -> Tensor:
+    """Per ordered pair (i, j): does the parent's feature, as far as the map sees it, fire on more
+    audit tokens than the child's? A parent fires wherever any of its children does. Absorption
+    moves the parent's tokens onto its children's latents, so latent i alone can undercount it (a
+    parent with three children, each on half of its tokens, keeps 1/8 of them); the map sees the
+    parent on i's tokens and, through any other child k with a passing pair (i, k), on k's tokens
+    where i is off. So i covers j when max(n_i, max over k != j of n_i + n_k - n_ik) > n_j, with
+    the exact audit counts (n_ik the co-count). The score's frequency rule (`absorption_score`),
+    widened by the parent's other children."""
+    n = count.to(torch.int64)
+    covered = n[parent].clone()
+    union = torch.where(passes, n[parent] + n[child] - co, -1)  # |i or k| on the audit tokens
+    if len(parent):
+        best = torch.full_like(n, -1).scatter_reduce(0, parent, union, "amax")
+        at_best = torch.zeros_like(n).index_add_(0, parent, (union == best[parent]).to(torch.int64))
+        below = torch.where(union < best[parent], union, -1)
+        second = torch.full_like(n, -1).scatter_reduce(0, parent, below, "amax")
+        # the best other child: the parent's best, unless this pair alone attains it
+        alone = (union == best[parent]) & (at_best[parent] == 1)
+        other = torch.where(alone, second[parent], best[parent])
+        covered = torch.maximum(covered, other)
+    return covered > n[child]
+
+
 def choose_parents(child: Tensor, rho: Tensor, passes: Tensor) -> Tensor:
     """One parent per child among the ordered pairs that pass every test: the candidate with the
     largest rho (a child's atom leans most towards its own parent; siblings lean towards each other
