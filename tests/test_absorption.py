@@ -337,20 +337,21 @@ def test_a_parent_must_cover_its_child_as_far_as_the_map_sees_it():
 
 def test_parent_cover_equals_brute_force():
     gen = torch.Generator().manual_seed(3)
-    for _ in range(20):
+    for _ in range(30):
         n_features = 6
         count = torch.randint(1, 50, (n_features,), generator=gen)
-        parent = torch.randint(n_features, (12,), generator=gen)
-        child = torch.randint(n_features, (12,), generator=gen)
-        keep = parent != child
-        parent, child = parent[keep], child[keep]
+        pairs = torch.tensor([(i, j) for i in range(n_features) for j in range(n_features) if i != j])
+        pairs = pairs[torch.rand(len(pairs), generator=gen) < 0.6]
+        parent, child = pairs[:, 0], pairs[:, 1]
         co = (torch.rand(len(parent), generator=gen) * torch.minimum(count[parent], count[child])).long()
         passes = torch.rand(len(parent), generator=gen) < 0.7
         got = ab.parent_covers_child(parent, child, co, count, passes).tolist()
-        for k, (i, j) in enumerate(zip(parent.tolist(), child.tolist())):
-            unions = [int(count[i] + count[int(child[m])] - co[m]) for m in range(len(parent))
-                      if m != k and int(parent[m]) == i and bool(passes[m])]
-            assert got[k] == (max([int(count[i])] + unions) > int(count[j])), (k, i, j)
+        index = {(int(i), int(j)): m for m, (i, j) in enumerate(zip(parent, child))}
+        for (i, j), m in index.items():
+            unions = [int(count[i] + count[k] - co[index[i, k]]) for k in range(n_features)
+                      if k not in (i, j) and (k, j) in index and (i, k) in index and bool(passes[index[i, k]])
+                      and bool(passes[m])]
+            assert got[m] == (max([int(count[i])] + unions) > int(count[j])), (i, j)
 
 
 def test_map_options_are_checked():

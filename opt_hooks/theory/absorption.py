@@ -358,26 +358,40 @@ def orientation_z(ratio: EvidenceRatio, reverse: Tensor) -> Tensor:
 
 
 def parent_covers_child(parent: Tensor, child: Tensor, co: Tensor, count: Tensor, passes: Tensor) -> Tensor:
-    """Per ordered pair (i, j): does the parent's feature, as far as the map sees it, fire on more
-    audit tokens than the child's? A parent fires wherever any of its children does. Absorption
-    moves the parent's tokens onto its children's latents, so latent i alone can undercount it (a
-    parent with three children, each on half of its tokens, keeps 1/8 of them); the map sees the
-    parent on i's tokens and, through any other child k with a passing pair (i, k), on k's tokens
-    where i is off. So i covers j when max(n_i, max over k != j of n_i + n_k - n_ik) > n_j, with
-    the exact audit counts (n_ik the co-count). The score's frequency rule (`absorption_score`),
-    widened by the parent's other children."""
+    """Per candidate pair (i, j): does the parent's feature, as far as the map sees it, fire on
+    more audit tokens than the child's? A parent fires wherever any of its children does.
+    Absorption moves the parent's tokens onto its children's latents, so latent i alone can
+    undercount it (a parent with three children, each on half of its tokens, keeps 1/8 of them on
+    its own latent). The map also sees the parent on the tokens of a sibling k of j: a latent whose
+    pair (i, k) passes and which is itself a candidate partner of j, (k, j) among the pairs
+    (siblings that absorbed one parent lean on each other, rho ~ rho_ik rho_ij). So i covers j when
+    max(n_i, max over such k of n_i + n_k - n_ik) > n_j, with the exact audit counts (n_ik the
+    co-count). The score's frequency rule (`absorption_score`), widened by the child's siblings;
+    an unrelated latent that passes with i does not count, as it says nothing about i's feature."""
     n = count.to(torch.int64)
     covered = n[parent].clone()
-    union = torch.where(passes, n[parent] + n[child] - co, -1)  # |i or k| on the audit tokens
-    if len(parent):
-        best = torch.full_like(n, -1).scatter_reduce(0, parent, union, "amax")
-        at_best = torch.zeros_like(n).index_add_(0, parent, (union == best[parent]).to(torch.int64))
-        below = torch.where(union < best[parent], union, -1)
-        second = torch.full_like(n, -1).scatter_reduce(0, parent, below, "amax")
-        # the best other child: the parent's best, unless this pair alone attains it
-        alone = (union == best[parent]) & (at_best[parent] == 1)
-        other = torch.where(alone, second[parent], best[parent])
-        covered = torch.maximum(covered, other)
+    tested = torch.nonzero(passes).flatten()  # the pairs (i, j) that a sibling could cover
+    if len(tested):
+        n_features = len(n)
+        key = parent * n_features + child
+        by_key = torch.argsort(key)
+        sorted_key = key[by_key]
+        by_child = torch.argsort(child, stable=True)
+        sorted_child = child[by_child]
+        # every partner k of j, as pairs (k, j): each tested pair expands to its child's partners
+        first = torch.searchsorted(sorted_child, child[tested])
+        reps = torch.searchsorted(sorted_child, child[tested], right=True) - first
+        pair = tested.repeat_interleave(reps)
+        offset = torch.arange(len(pair), device=n.device) - (reps.cumsum(0) - reps).repeat_interleave(reps)
+        k = parent[by_child[first.repeat_interleave(reps) + offset]]
+        i = parent[pair]
+        wanted = i * n_features + k
+        at = torch.searchsorted(sorted_key, wanted).clamp(max=len(key) - 1)
+        ik = by_key[at]  # the pair (i, k), where it exists
+        sibling = (k != i) & (sorted_key[at] == wanted) & passes[ik]
+        union = n[i] + n[k] - co[ik]  # |i or k| on the audit tokens
+        best = torch.full_like(covered, -1).scatter_reduce(0, pair[sibling], union[sibling], "amax")
+        covered = torch.maximum(covered, best)
     return covered > n[child]
 
 
