@@ -9,8 +9,8 @@ rows where there is none (docs/THEORY.md, section 6, "What no label-free map can
 
 - `absorbed_or_exclusive`: "absorbed hierarchy" against "two features that never fire together".
   Parent p with child c that fires only with p, on a third of its tokens, at the parent's size
-  (children scaled by their parent): x = m p alone, x = m (p + c) with the child. The same x is two mutually exclusive
-  features p and q = (p + c) / sqrt(2) with no hierarchy. The SAE with atoms [p, q] codes x
+  (children scaled by their parent): x = m p alone, x = m (p + c) with the child. The same x is
+  two mutually exclusive features p and q = (p + c) / sqrt(2) with no hierarchy. The SAE with atoms [p, q] codes x
   exactly: in the first world it absorbed a hierarchy (its p latent off on every child token); in
   the second it is the perfect SAE. A map that finds the absorption in one puts a row into a world
   with no hierarchy at all.

@@ -327,8 +327,9 @@ def test_a_parent_must_cover_its_child_as_far_as_the_map_sees_it():
     k = [i for i, pair in enumerate(zip(pairs.parent.tolist(), pairs.child.tolist())) if pair == (PARENT, 1)]
     assert len(k) == 1 and ratio.value[k[0]] > 0.75 and ratio.z[k[0]] > 10  # the evidence alone passes
     assert int(pairs.count[PARENT]) < int(pairs.count[1]) // 2
-    # two children on 45% each: the parent latent alone is rarer than either, but with its other
-    # child (on which it is off) it covers each, so both rows stay
+    # two children on 45% each: the parent latent alone is rarer than either, but with the other
+    # child, a sibling that leans on this one (rho 0.5) and on whose tokens the parent latent is
+    # mostly off, it covers each, so both rows stay
     layer = audit(*planted_world(child_share=0.9))[1].result()
     assert {(r.parent, r.child) for r in layer.absorption} == {(PARENT, c) for c in CHILDREN}
     for row in layer.absorption:

@@ -379,6 +379,7 @@ def parent_covers_child(parent: Tensor, child: Tensor, co: Tensor, count: Tensor
         by_child = torch.argsort(child, stable=True)
         sorted_child = child[by_child]
         # every partner k of j, as pairs (k, j): each tested pair expands to its child's partners
+        # (temporary memory: the passing pairs times their children's partners, a few per pair)
         first = torch.searchsorted(sorted_child, child[tested])
         reps = torch.searchsorted(sorted_child, child[tested], right=True) - first
         pair = tested.repeat_interleave(reps)
