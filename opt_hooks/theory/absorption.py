@@ -333,14 +333,21 @@ def evidence_ratio(pair_count: Tensor, pair_sum: Tensor, pair_sum_sq: Tensor, ow
     return EvidenceRatio(value, se, z)
 
 
-def reverse_of(parent: Tensor, child: Tensor, n_features: int) -> Tensor:
-    """For each ordered pair p = (i, j), the index of (j, i) among the pairs, -1 where it is absent."""
+def pair_index(parent: Tensor, child: Tensor, n_features: int, want_parent: Tensor, want_child: Tensor) -> Tensor:
+    """The index of each wanted ordered pair (want_parent, want_child) among the pairs
+    (parent, child), -1 where it is absent."""
     key = parent * n_features + child
     order = torch.argsort(key)
-    wanted = child * n_features + parent
-    at = torch.searchsorted(key[order], wanted).clamp(max=max(len(key) - 1, 0))
-    found = key[order][at] == wanted if len(key) else torch.zeros(0, dtype=torch.bool)
-    return torch.where(found, order[at], -1)
+    wanted = want_parent * n_features + want_child
+    if len(key) == 0:
+        return torch.full_like(wanted, -1)
+    at = torch.searchsorted(key[order], wanted).clamp(max=len(key) - 1)
+    return torch.where(key[order][at] == wanted, order[at], -1)
+
+
+def reverse_of(parent: Tensor, child: Tensor, n_features: int) -> Tensor:
+    """For each ordered pair p = (i, j), the index of (j, i) among the pairs, -1 where it is absent."""
+    return pair_index(parent, child, n_features, child, parent)
 
 
 def orientation_z(ratio: EvidenceRatio, reverse: Tensor) -> Tensor:
@@ -372,10 +379,6 @@ def parent_covers_child(parent: Tensor, child: Tensor, co: Tensor, count: Tensor
     covered = n[parent].clone()
     tested = torch.nonzero(passes).flatten()  # the pairs (i, j) that a sibling could cover
     if len(tested):
-        n_features = len(n)
-        key = parent * n_features + child
-        by_key = torch.argsort(key)
-        sorted_key = key[by_key]
         by_child = torch.argsort(child, stable=True)
         sorted_child = child[by_child]
         # every partner k of j, as pairs (k, j): each tested pair expands to its child's partners
@@ -386,11 +389,9 @@ def parent_covers_child(parent: Tensor, child: Tensor, co: Tensor, count: Tensor
         offset = torch.arange(len(pair), device=n.device) - (reps.cumsum(0) - reps).repeat_interleave(reps)
         k = parent[by_child[first.repeat_interleave(reps) + offset]]
         i = parent[pair]
-        wanted = i * n_features + k
-        at = torch.searchsorted(sorted_key, wanted).clamp(max=len(key) - 1)
-        ik = by_key[at]  # the pair (i, k), where it exists
-        sibling = (k != i) & (sorted_key[at] == wanted) & passes[ik]
-        union = n[i] + n[k] - co[ik]  # |i or k| on the audit tokens
+        ik = pair_index(parent, child, len(n), i, k)  # the pair (i, k), -1 where it is absent
+        sibling = (k != i) & (ik >= 0) & passes[ik.clamp(min=0)]
+        union = n[i] + n[k] - co[ik.clamp(min=0)]  # |i or k| on the audit tokens
         best = torch.full_like(covered, -1).scatter_reduce(0, pair[sibling], union[sibling], "amax")
         covered = torch.maximum(covered, best)
     return covered > n[child]
