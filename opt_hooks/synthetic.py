@@ -19,6 +19,7 @@ dictionary), `match_latents` / `learned_features` / `true_absorption` (an SAE ag
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -430,12 +431,20 @@ def judgeable_edges(true_atoms: Tensor, edges: Sequence[tuple[int, int]], acts: 
 class RowsJudged:
     """An absorption map's rows against the truth. precision: the share of rows whose parent
     latent's matched feature is an ancestor of the child latent's (NaN without rows); recall: the
-    share of the judgeable absorbed edges found as a row, oriented (NaN without such edges)."""
+    share of the judgeable absorbed edges found as a row, oriented (NaN without such edges). The
+    wrong rows by what the truth makes of their two features: a descendant named the parent of
+    its own ancestor (reversed), two children of one parent (siblings), two features of one tree in
+    neither relation (cousins, uncle and nephew: same tree), anything else (other: two trees, a
+    feature in none, a latent without a feature)."""
 
     rows: int
     right: int
     absorbed: int
     found: int
+    reversed: int = 0
+    siblings: int = 0
+    same_tree: int = 0
+    other: int = 0
 
     @property
     def precision(self) -> float:
@@ -446,6 +455,15 @@ class RowsJudged:
         return self.found / self.absorbed if self.absorbed else math.nan
 
 
+def ancestors(feature: int, parent_of: dict[int, int]) -> set[int]:
+    """Every ancestor of `feature` in the forest `parent_of` (child -> parent)."""
+    out = set()
+    while feature in parent_of and parent_of[feature] not in out:
+        feature = parent_of[feature]
+        out.add(feature)
+    return out
+
+
 def judge_rows(rows: Sequence[tuple[int, int]], edges: Sequence[tuple[int, int]], latent_of: dict[int, int],
                judged: Sequence[JudgedEdge]) -> RowsJudged:
     """`rows` (parent latent, child latent) against the truth's direct `edges` (features) and its
@@ -454,16 +472,26 @@ def judge_rows(rows: Sequence[tuple[int, int]], edges: Sequence[tuple[int, int]]
     parent_of = {child: parent for parent, child in edges}
     feature_of = {k: f for f, k in latent_of.items()}
 
-    def ancestors(f: int) -> set[int]:
-        out = set()
-        while f in parent_of and parent_of[f] not in out:
-            f = parent_of[f]
-            out.add(f)
-        return out
+    def kind(p: int, c: int) -> str:
+        if p not in feature_of or c not in feature_of:
+            return "other"
+        fp, fc = feature_of[p], feature_of[c]
+        up_p, up_c = ancestors(fp, parent_of), ancestors(fc, parent_of)
+        if fp in up_c:
+            return "right"
+        if fc in up_p:
+            return "reversed"
+        if fp in parent_of and parent_of.get(fp) == parent_of.get(fc):
+            return "siblings"
+        if (up_p | {fp}) & (up_c | {fc}):  # a common ancestor: one tree
+            return "same_tree"
+        return "other"
 
-    right = sum(p in feature_of and c in feature_of and feature_of[p] in ancestors(feature_of[c]) for p, c in rows)
+    kinds = Counter(kind(p, c) for p, c in rows)
     absorbed = {(e.parent_latent, e.child_latent) for e in judged if e.absorbed}
-    return RowsJudged(rows=len(rows), right=right, absorbed=len(absorbed), found=len(absorbed & set(rows)))
+    return RowsJudged(rows=len(rows), right=kinds["right"], absorbed=len(absorbed), found=len(absorbed & set(rows)),
+                      reversed=kinds["reversed"], siblings=kinds["siblings"], same_tree=kinds["same_tree"],
+                      other=kinds["other"])
 
 
 def absorption_category(world: World, i: int | None, j: int | None) -> str:

@@ -58,8 +58,10 @@ from sae_lens.synthetic.evals import (  # noqa: E402
 
 import opt_hooks as oh  # noqa: E402
 from opt_hooks.synthetic import (  # noqa: E402
+    LEARNED_COS,
     RowsJudged,
     World,
+    ancestors,
     judge_rows,
     judgeable_edges,
     match_latents,
@@ -71,6 +73,9 @@ VALIDATION = ROOT / "docs" / "VALIDATION.md"
 MARKER = "study_quality"  # the section's markers: <!-- study_quality:start --> ... <!-- study_quality:end -->
 MID_MARKER = "study_quality_mid"  # section Q8, `--mid`
 FULL_MARKER = "study_quality_full"  # section Q7, `--full`
+# truth keys of two counts of wrong rows (`absorption_truth`)
+WRONG_FEATURE_ON = "rows wrong, parent's feature on"
+WRONG_ANCESTOR_UNLEARNED = "rows in one tree, ancestor without latent"
 
 
 @dataclass
@@ -244,7 +249,8 @@ def absorption_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: tor
       (`opt_hooks.synthetic.probe_absorption`);
     - the map's `rows` (parent latent, child latent) judged (`opt_hooks.synthetic.judge_rows`):
       precision (the parent latent's feature an ancestor of the child latent's) and recall over
-      the absorbed judgeable edges (rate >= 0.5), oriented."""
+      the absorbed judgeable edges (rate >= 0.5), oriented; the wrong rows by kind, and two counts
+      of them (`feature_on`, `ancestor_unlearned` below)."""
     atoms = world.atoms.float()
     decoder = sae.W_dec.detach().float()
     decoder = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -263,6 +269,31 @@ def absorption_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: tor
             probes.append(probe.fraction)
     mean = lambda v: sum(v) / len(v) if v else math.nan  # noqa: E731
     verdict = judge_rows(rows, world.planted, latent_of, judged)
+    # wrong rows whose parent latent's feature is on where the child latent fires (on half of its
+    # held-out tokens or more): the child's atom carries a feature that co-occurs with it, not an ancestor
+    parent_of, feature_of = {c: p for p, c in world.planted}, {k: f for f, k in latent_of.items()}
+
+    def feature_on(p: int, c: int) -> bool:
+        fp, fc, fires = feature_of.get(p), feature_of.get(c), z[:, c] != 0
+        if fp is None or fc is None or fp in ancestors(fc, parent_of) or not bool(fires.any()):
+            return False
+        return float((acts[fires, fp] > 0).double().mean()) >= 0.5
+
+    # wrong rows between two features of one tree (siblings, cousins) whose nearest common ancestor
+    # has no latent of its own (none matched with cosine >= LEARNED_COS): the ancestor is coded only
+    # inside its descendants' latents, section S's second twin family
+    cos = decoder.double() @ atoms.double().T
+
+    def ancestor_unlearned(p: int, c: int) -> bool:
+        fp, fc = feature_of.get(p), feature_of.get(c)
+        if fp is None or fc is None or fp in ancestors(fc, parent_of) or fc in ancestors(fp, parent_of):
+            return False
+        common = (ancestors(fp, parent_of) | {fp}) & (ancestors(fc, parent_of) | {fc})
+        if not common:
+            return False
+        nearest = max(common, key=lambda f: len(ancestors(f, parent_of)))
+        return nearest not in latent_of or float(cos[latent_of[nearest], nearest]) < LEARNED_COS
+
     # where any geometric map starts: is the parent's latent the child latent's nearest alive atom?
     alive = (z != 0).any(dim=0)
     nearest = [int(torch.where(alive, decoder @ decoder[e.child_latent], -2.0).index_fill(0, torch.tensor(
@@ -270,7 +301,11 @@ def absorption_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: tor
     return {"absorption rate": mean([e.rate for e in judged]), "#729 gap": mean(gaps), "probe score": mean(probes),
             "judgeable edges": float(len(judged)), "absorbed edges": float(verdict.absorbed),
             "rows precision": verdict.precision, "rows recall": verdict.recall, "rows right": float(verdict.right),
-            "rows found": float(verdict.found), "parent nearest": mean(nearest)}
+            "rows found": float(verdict.found), "parent nearest": mean(nearest),
+            "rows reversed": float(verdict.reversed), "rows siblings": float(verdict.siblings),
+            "rows same tree": float(verdict.same_tree), "rows other": float(verdict.other),
+            WRONG_FEATURE_ON: float(sum(feature_on(p, c) for p, c in rows)),
+            WRONG_ANCESTOR_UNLEARNED: float(sum(ancestor_unlearned(p, c) for p, c in rows))}
 
 
 def audit_numbers(sae: sae_lens.SAE, x: torch.Tensor) -> tuple[dict[str, float], list[tuple[int, int]]]:
@@ -486,8 +521,10 @@ def markdown(scores: dict[str, list[SAEScore]], tables: dict[str, dict], absorpt
     lines += ["", "The map's rows pooled over each world's SAEs (precision: rows whose parent latent's matched "
               "feature is an ancestor of the child latent's; recall: judgeable absorbed direct edges found as a "
               "row, oriented; targets 0.8 and 0.8; *parent nearest*: the share of absorbed edges whose parent's "
-              "latent is the child latent's nearest alive atom, where a geometric map starts): " + "; ".join(pooled_rows(w, rows) for w, rows in scores.items())
-              + "."]
+              "latent is the child latent's nearest alive atom, where a geometric map starts; wrong rows by "
+              "what the truth makes of their two features: reversed, siblings, same tree (one tree, neither "
+              "relation), other (two trees, or a feature in none)): "
+              + "; ".join(pooled_rows(w, rows) for w, rows in scores.items()) + "."]
     lines += ["", "**Q4. Spearman's rho with the true absorption rate across the SAEs of a world** (the probe score "
               "and the gap use the labels; the score and the share do not):", "",
               "| number | " + " | ".join(worlds) + " |", "|---|" + "---|" * len(worlds)]
@@ -554,8 +591,19 @@ def pooled_rows(world: str, scores: list[SAEScore]) -> str:
                         right=round(sum(s.truth["rows right"] for s in scores)),
                         absorbed=round(sum(s.truth["absorbed edges"] for s in scores)),
                         found=round(sum(s.truth["rows found"] for s in scores)))
-    return (f"{world}: precision {fmt(pooled.precision, 2)} ({pooled.right} of {pooled.rows} rows), "
-            f"recall {fmt(pooled.recall, 2)} ({pooled.found} of {pooled.absorbed} edges)")
+    text = (f"{world}: precision {fmt(pooled.precision, 2)} ({pooled.right} of {pooled.rows} rows), "
+          f"recall {fmt(pooled.recall, 2)} ({pooled.found} of {pooled.absorbed} edges)")
+    kinds = ("reversed", "siblings", "same tree", "other")
+    keys = (*(f"rows {kind}" for kind in kinds), WRONG_FEATURE_ON, WRONG_ANCESTOR_UNLEARNED)
+    if not all(key in s.truth for s in scores for key in keys):  # numbers saved before the breakdown
+        return text
+    wrong = {kind: round(sum(s.truth[f"rows {kind}"] for s in scores)) for kind in kinds}
+    feature_on = round(sum(s.truth[WRONG_FEATURE_ON] for s in scores))
+    unlearned = round(sum(s.truth[WRONG_ANCESTOR_UNLEARNED] for s in scores))
+    return (text + "; wrong rows: " + ", ".join(f"{n} {kind}" for kind, n in wrong.items())
+            + f" ({unlearned} of the siblings and same-tree rows with their nearest common ancestor "
+            f"without a latent of its own); {feature_on} wrong rows with the parent latent's feature on where "
+            "the child latent fires")
 
 
 def control_table(control: list[SAEScore]) -> str:

@@ -93,3 +93,15 @@ def test_the_judge_counts_ancestors_right_and_needs_the_orientation():
     assert judge_rows([(11, 10)], edges, latent_of, judged).recall == 0.0
     empty = judge_rows([], edges, latent_of, [])
     assert math.isnan(empty.precision) and math.isnan(empty.recall)
+
+
+def test_the_judge_sorts_wrong_rows_by_what_the_truth_makes_of_them():
+    # features: 0 -> {1, 2}, 1 -> {3}, 2 -> {4}; 5 in no tree; latent 10 + f, latent 19 without a feature
+    edges = [(0, 1), (0, 2), (1, 3), (2, 4)]
+    latent_of = {f: 10 + f for f in range(6)}
+    rows = [(10, 13), (11, 10), (11, 12), (11, 14), (15, 11), (19, 11), (13, 14)]
+    verdict = judge_rows(rows, edges, latent_of, [])
+    # right: the grandparent; reversed: 1 named the parent of its own parent; siblings: 1 and 2;
+    # same tree: 1 and its nephew 4, 3 and its cousin 4; other: a feature in no tree, a latent without one
+    assert (verdict.right, verdict.reversed, verdict.siblings, verdict.same_tree, verdict.other) == (1, 1, 1, 2, 2)
+    assert verdict.right + verdict.reversed + verdict.siblings + verdict.same_tree + verdict.other == verdict.rows

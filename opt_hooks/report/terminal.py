@@ -35,7 +35,7 @@ FLAGGED_TEXT = ("latents the audit names in a table: a certified finding, a dupl
 SCORE_TEXT = ("label-free: on average, the part of a leaning latent's decoder that points at a more frequent "
               "latent which stays off where it fires (a child that absorbed its parent: its rho, up to ~0.7; "
               "about 0.1-0.2 where no hierarchy was planted); across synthetic SAEs it tracked their true "
-              "absorption rate, Spearman 0.90-1 (docs/VALIDATION.md, section Q)")
+              "absorption rate, Spearman 0.93-0.99 (docs/VALIDATION.md, section Q)")
 
 # How each condition's certificate changes the SAE, for the finding lines.
 CHANGES = {
