@@ -464,6 +464,26 @@ def ancestors(feature: int, parent_of: dict[int, int]) -> set[int]:
     return out
 
 
+def row_kind(parent_latent: int, child_latent: int, feature_of: dict[int, int], parent_of: dict[int, int]) -> str:
+    """What the truth makes of a map row (parent latent, child latent), through the latents'
+    matched features (`feature_of`) and the forest `parent_of` (child -> parent): "right" (the
+    parent's feature an ancestor of the child's), "reversed", "siblings", "same_tree" (one tree,
+    neither relation) or "other" (two trees, a feature in none, a latent without a feature)."""
+    if parent_latent not in feature_of or child_latent not in feature_of:
+        return "other"
+    fp, fc = feature_of[parent_latent], feature_of[child_latent]
+    up_p, up_c = ancestors(fp, parent_of), ancestors(fc, parent_of)
+    if fp in up_c:
+        return "right"
+    if fc in up_p:
+        return "reversed"
+    if fp in parent_of and parent_of.get(fp) == parent_of.get(fc):
+        return "siblings"
+    if (up_p | {fp}) & (up_c | {fc}):  # a common ancestor: one tree
+        return "same_tree"
+    return "other"
+
+
 def judge_rows(rows: Sequence[tuple[int, int]], edges: Sequence[tuple[int, int]], latent_of: dict[int, int],
                judged: Sequence[JudgedEdge]) -> RowsJudged:
     """`rows` (parent latent, child latent) against the truth's direct `edges` (features) and its
@@ -471,23 +491,7 @@ def judge_rows(rows: Sequence[tuple[int, int]], edges: Sequence[tuple[int, int]]
     at least as many features as latents; one without counts as wrong)."""
     parent_of = {child: parent for parent, child in edges}
     feature_of = {k: f for f, k in latent_of.items()}
-
-    def kind(p: int, c: int) -> str:
-        if p not in feature_of or c not in feature_of:
-            return "other"
-        fp, fc = feature_of[p], feature_of[c]
-        up_p, up_c = ancestors(fp, parent_of), ancestors(fc, parent_of)
-        if fp in up_c:
-            return "right"
-        if fc in up_p:
-            return "reversed"
-        if fp in parent_of and parent_of.get(fp) == parent_of.get(fc):
-            return "siblings"
-        if (up_p | {fp}) & (up_c | {fc}):  # a common ancestor: one tree
-            return "same_tree"
-        return "other"
-
-    kinds = Counter(kind(p, c) for p, c in rows)
+    kinds = Counter(row_kind(p, c, feature_of, parent_of) for p, c in rows)
     absorbed = {(e.parent_latent, e.child_latent) for e in judged if e.absorbed}
     return RowsJudged(rows=len(rows), right=kinds["right"], absorbed=len(absorbed), found=len(absorbed & set(rows)),
                       reversed=kinds["reversed"], siblings=kinds["siblings"], same_tree=kinds["same_tree"],

@@ -66,6 +66,7 @@ from opt_hooks.synthetic import (  # noqa: E402
     judgeable_edges,
     match_latents,
     probe_absorption,
+    row_kind,
     synthsaebench_world,
 )
 
@@ -269,30 +270,29 @@ def absorption_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: tor
             probes.append(probe.fraction)
     mean = lambda v: sum(v) / len(v) if v else math.nan  # noqa: E731
     verdict = judge_rows(rows, world.planted, latent_of, judged)
+    parent_of, feature_of = {c: p for p, c in world.planted}, {k: f for f, k in latent_of.items()}
+    kind = {(p, c): row_kind(p, c, feature_of, parent_of) for p, c in rows}
+
     # wrong rows whose parent latent's feature is on where the child latent fires (on half of its
     # held-out tokens or more): the child's atom carries a feature that co-occurs with it, not an ancestor
-    parent_of, feature_of = {c: p for p, c in world.planted}, {k: f for f, k in latent_of.items()}
-
     def feature_on(p: int, c: int) -> bool:
-        fp, fc, fires = feature_of.get(p), feature_of.get(c), z[:, c] != 0
-        if fp is None or fc is None or fp in ancestors(fc, parent_of) or not bool(fires.any()):
+        fires = z[:, c] != 0
+        if kind[p, c] == "right" or p not in feature_of or c not in feature_of or not bool(fires.any()):
             return False
-        return float((acts[fires, fp] > 0).double().mean()) >= 0.5
+        return float((acts[fires, feature_of[p]] > 0).double().mean()) >= 0.5
 
     # wrong rows between two features of one tree (siblings, cousins) whose nearest common ancestor
     # has no latent of its own (none matched with cosine >= LEARNED_COS): the ancestor is coded only
     # inside its descendants' latents, section S's second twin family
-    cos = decoder.double() @ atoms.double().T
-
     def ancestor_unlearned(p: int, c: int) -> bool:
-        fp, fc = feature_of.get(p), feature_of.get(c)
-        if fp is None or fc is None or fp in ancestors(fc, parent_of) or fc in ancestors(fp, parent_of):
+        if kind[p, c] not in ("siblings", "same_tree"):
             return False
+        fp, fc = feature_of[p], feature_of[c]
         common = (ancestors(fp, parent_of) | {fp}) & (ancestors(fc, parent_of) | {fc})
-        if not common:
-            return False
         nearest = max(common, key=lambda f: len(ancestors(f, parent_of)))
-        return nearest not in latent_of or float(cos[latent_of[nearest], nearest]) < LEARNED_COS
+        if nearest not in latent_of:
+            return True
+        return float(decoder[latent_of[nearest]].double() @ atoms[nearest].double()) < LEARNED_COS
 
     # where any geometric map starts: is the parent's latent the child latent's nearest alive atom?
     alive = (z != 0).any(dim=0)
@@ -592,7 +592,7 @@ def pooled_rows(world: str, scores: list[SAEScore]) -> str:
                         absorbed=round(sum(s.truth["absorbed edges"] for s in scores)),
                         found=round(sum(s.truth["rows found"] for s in scores)))
     text = (f"{world}: precision {fmt(pooled.precision, 2)} ({pooled.right} of {pooled.rows} rows), "
-          f"recall {fmt(pooled.recall, 2)} ({pooled.found} of {pooled.absorbed} edges)")
+            f"recall {fmt(pooled.recall, 2)} ({pooled.found} of {pooled.absorbed} edges)")
     kinds = ("reversed", "siblings", "same tree", "other")
     keys = (*(f"rows {kind}" for kind in kinds), WRONG_FEATURE_ON, WRONG_ANCESTOR_UNLEARNED)
     if not all(key in s.truth for s in scores for key in keys):  # numbers saved before the breakdown
