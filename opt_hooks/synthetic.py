@@ -12,6 +12,7 @@ every C2 flag be sorted into "planted hierarchy" or "false flag".
 For the absorption map (docs/VALIDATION.md, section E): `absorbed_audit` (an exactly absorbed
 dictionary), `match_latents` / `learned_features` / `true_absorption` (an SAE against the truth),
 `judgeable_edges` / `judge_rows` (a map's rows against the truth: precision and recall),
+`evidence_parts` (where a pair's evidence comes from, feature group by feature group),
 `absorption_category` (sorting a map row), `probe_absorption` (an SAEBench-style probe score),
 `batchtopk_sae` (BatchTopK and Matryoshka SAEs) and `zipfian_hierarchy_world` / `sample_columns`
 (a 4,096-feature world of sae_lens' SyntheticModel).
@@ -482,6 +483,68 @@ def row_kind(parent_latent: int, child_latent: int, feature_of: dict[int, int], 
     if (up_p | {fp}) & (up_c | {fc}):  # a common ancestor: one tree
         return "same_tree"
     return "other"
+
+
+EVIDENCE_PARTS = ("parent", "ancestors", "other descendants", "child", "other features", "offset")
+
+
+@dataclass(frozen=True)
+class EvidenceParts:
+    """Where the map's evidence for a pair (parent latent, child latent) comes from, by the truth:
+    the mean of the centred input's component along the parent latent's unit atom on the parent
+    latent's tokens (`on_parent`) and on the child latent's tokens with the parent latent off
+    (`on_child`: the map's evidence is their ratio, `evidence`), each split over EVIDENCE_PARTS:
+    the parent feature, its ancestors, its descendants other than the child and the child's own
+    (other descendants), the child feature and its descendants (child), every other feature, and
+    what no feature carries (offset: the world's bias against the SAE's b_dec)."""
+
+    on_parent: dict[str, float]
+    on_child: dict[str, float]
+
+    @property
+    def evidence(self) -> float:
+        parent = sum(self.on_parent.values())
+        return sum(self.on_child.values()) / parent if parent else math.nan
+
+
+def descendants(feature: int, parent_of: dict[int, int]) -> set[int]:
+    """Every descendant of `feature` in the forest `parent_of` (child -> parent)."""
+    children: dict[int, list[int]] = {}
+    for child, parent in parent_of.items():
+        children.setdefault(parent, []).append(child)
+    out, stack = set(), list(children.get(feature, ()))
+    while stack:
+        f = stack.pop()
+        if f not in out:
+            out.add(f)
+            stack += children.get(f, ())
+    return out
+
+
+def evidence_parts(acts: Tensor, centred: Tensor, true_atoms: Tensor, direction: Tensor, parent_fires: Tensor,
+                   child_fires: Tensor, parent: int, child: int, parent_of: dict[int, int]) -> EvidenceParts:
+    """`EvidenceParts` of a pair whose latents are matched to the features `parent` and `child`
+    (any two features: for two siblings `parent` is the one whose latent plays the parent). acts
+    (n, F) the truth's activations, centred (n, d) the inputs less the SAE's b_dec, direction (d,)
+    the parent latent's unit atom, parent_fires / child_fires (n,) where the two latents fire."""
+    weight = true_atoms.double() @ direction.double()  # each feature's component along the atom
+    below = descendants(child, parent_of) | {child}
+    groups = {"parent": {parent}, "ancestors": ancestors(parent, parent_of) - below,
+              "other descendants": descendants(parent, parent_of) - below - {parent}, "child": below - {parent}}
+    member = torch.full((true_atoms.shape[0],), EVIDENCE_PARTS.index("other features"), dtype=torch.long)
+    for name, features in groups.items():
+        member[sorted(features)] = EVIDENCE_PARTS.index(name)
+    split = torch.zeros(true_atoms.shape[0], len(EVIDENCE_PARTS), dtype=torch.float64)
+    split[torch.arange(true_atoms.shape[0]), member] = weight
+
+    def parts(tokens: Tensor) -> dict[str, float]:
+        if not bool(tokens.any()):
+            return dict.fromkeys(EVIDENCE_PARTS, math.nan)
+        mean = (acts[tokens].double() @ split).mean(0)
+        mean[EVIDENCE_PARTS.index("offset")] = (centred[tokens].double() @ direction.double()).mean() - mean.sum()
+        return dict(zip(EVIDENCE_PARTS, mean.tolist()))
+
+    return EvidenceParts(on_parent=parts(parent_fires), on_child=parts(child_fires & ~parent_fires))
 
 
 def judge_rows(rows: Sequence[tuple[int, int]], edges: Sequence[tuple[int, int]], latent_of: dict[int, int],

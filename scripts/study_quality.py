@@ -58,10 +58,13 @@ from sae_lens.synthetic.evals import (  # noqa: E402
 
 import opt_hooks as oh  # noqa: E402
 from opt_hooks.synthetic import (  # noqa: E402
+    EVIDENCE_PARTS,
     LEARNED_COS,
+    MIN_CHILD_TOKENS,
     RowsJudged,
     World,
     ancestors,
+    evidence_parts,
     judge_rows,
     judgeable_edges,
     match_latents,
@@ -77,6 +80,8 @@ FULL_MARKER = "study_quality_full"  # section Q7, `--full`
 # truth keys of two counts of wrong rows (`absorption_truth`)
 WRONG_FEATURE_ON = "rows wrong, parent's feature on"
 WRONG_ANCESTOR_UNLEARNED = "rows in one tree, ancestor without latent"
+# the pairs whose evidence `evidence_sums` takes apart: absorbed judgeable edges, learned siblings
+PAIR_KINDS = ("edges", "siblings")
 
 
 @dataclass
@@ -298,7 +303,9 @@ def absorption_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: tor
     alive = (z != 0).any(dim=0)
     nearest = [int(torch.where(alive, decoder @ decoder[e.child_latent], -2.0).index_fill(0, torch.tensor(
         [e.child_latent]), -2.0).argmax()) == e.parent_latent for e in judged if e.absorbed]
-    return {"absorption rate": mean([e.rate for e in judged]), "#729 gap": mean(gaps), "probe score": mean(probes),
+    parts = evidence_sums(acts, x - sae.b_dec.detach(), z, decoder, atoms, judged, latent_of, parent_of)
+    return {**parts, "absorption rate": mean([e.rate for e in judged]), "#729 gap": mean(gaps),
+            "probe score": mean(probes),
             "judgeable edges": float(len(judged)), "absorbed edges": float(verdict.absorbed),
             "rows precision": verdict.precision, "rows recall": verdict.recall, "rows right": float(verdict.right),
             "rows found": float(verdict.found), "parent nearest": mean(nearest),
@@ -306,6 +313,42 @@ def absorption_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: tor
             "rows same tree": float(verdict.same_tree), "rows other": float(verdict.other),
             WRONG_FEATURE_ON: float(sum(feature_on(p, c) for p, c in rows)),
             WRONG_ANCESTOR_UNLEARNED: float(sum(ancestor_unlearned(p, c) for p, c in rows))}
+
+
+def evidence_sums(acts: torch.Tensor, centred: torch.Tensor, z: torch.Tensor, decoder: torch.Tensor,
+                  atoms: torch.Tensor, judged: list, latent_of: dict[int, int],
+                  parent_of: dict[int, int]) -> dict[str, float]:
+    """Where the map's evidence comes from (`opt_hooks.synthetic.evidence_parts`), on these
+    tokens with the SAE's own codes: each part's mean summed over the absorbed judgeable edges,
+    and over the ordered pairs of learned siblings (two children of one parent, each matched to a
+    latent with cosine >= LEARNED_COS; the first one's latent plays the parent), with their
+    counts; a pair counts where its child latent fires without the other on >= MIN_CHILD_TOKENS
+    tokens. Sums, so the SAEs of a world pool by adding them."""
+    cos = decoder.double() @ atoms.double().T
+    learned = {f: k for f, k in latent_of.items() if float(cos[k, f]) >= LEARNED_COS}
+    fires = z != 0
+    children: dict[int, list[int]] = {}
+    for child, parent in parent_of.items():
+        if child in learned:
+            children.setdefault(parent, []).append(child)
+    pairs = {"edges": [(e.parent, e.child) for e in judged if e.absorbed],
+             "siblings": [(a, b) for kids in children.values() for a in kids for b in kids if a != b]}
+    out = {}
+    for kind, features in pairs.items():
+        out[f"parts {kind}"] = 0.0
+        for where in ("P", "T"):
+            out.update({f"parts {kind} {where} {part}": 0.0 for part in EVIDENCE_PARTS})
+        for parent, child in features:
+            lp, lc = learned[parent], learned[child]
+            if int((fires[:, lc] & ~fires[:, lp]).sum()) < MIN_CHILD_TOKENS or not bool(fires[:, lp].any()):
+                continue
+            split = evidence_parts(acts, centred, atoms, decoder[lp], fires[:, lp], fires[:, lc], parent, child,
+                                   parent_of)
+            out[f"parts {kind}"] += 1
+            for where, values in (("P", split.on_parent), ("T", split.on_child)):
+                for part, value in values.items():
+                    out[f"parts {kind} {where} {part}"] += value
+    return out
 
 
 def audit_numbers(sae: sae_lens.SAE, x: torch.Tensor) -> tuple[dict[str, float], list[tuple[int, int]]]:
@@ -525,6 +568,7 @@ def markdown(scores: dict[str, list[SAEScore]], tables: dict[str, dict], absorpt
               "what the truth makes of their two features: reversed, siblings, same tree (one tree, neither "
               "relation), other (two trees, or a feature in none)): "
               + "; ".join(pooled_rows(w, rows) for w, rows in scores.items()) + "."]
+    lines += evidence_table(scores)
     lines += ["", "**Q4. Spearman's rho with the true absorption rate across the SAEs of a world** (the probe score "
               "and the gap use the labels; the score and the share do not):", "",
               "| number | " + " | ".join(worlds) + " |", "|---|" + "---|" * len(worlds)]
@@ -533,6 +577,37 @@ def markdown(scores: dict[str, list[SAEScore]], tables: dict[str, dict], absorpt
                  f"{fmt(absorption[w][number][2], 2)}]" for w in worlds]
         lines.append(f"| {number} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def evidence_table(scores: dict[str, list[SAEScore]]) -> list[str]:
+    """The map's evidence taken apart by the truth (`evidence_sums`), pooled over each world's
+    SAEs (none for numbers saved before it)."""
+    every = [s for rows in scores.values() for s in rows]
+    if not every or not all(f"parts {kind}" in s.truth for s in every for kind in PAIR_KINDS):
+        return []
+    lines = ["", "The map's evidence taken apart by the truth (the same held-out tokens, each SAE's own codes): the "
+             "mean component of the input less b_dec along the parent latent's atom on the tokens where that "
+             "latent fires (P) and where the child latent fires without it (T), split by feature: the parent, its "
+             "ancestors, its other descendants (other than the child and the child's own), the child and its "
+             "descendants, every other feature, and what no feature carries (offset); evidence = the mean total on "
+             "T over the mean total on P (the map asks for >= 0.5, significantly). Averaged over each world's "
+             "absorbed judgeable edges, and over its ordered pairs of learned siblings (two children of one "
+             "parent, both matched with cosine >= 0.5; the first one's latent plays the parent, so their shared "
+             "parent counts among its ancestors):", "",
+             "| world | pairs | n | tokens | " + " | ".join(EVIDENCE_PARTS) + " | total | evidence |",
+             "|---|---|---|---|" + "---|" * (len(EVIDENCE_PARTS) + 2)]
+    for world, rows in scores.items():
+        for kind in PAIR_KINDS:
+            n = sum(s.truth[f"parts {kind}"] for s in rows)
+            if not n:
+                continue
+            means = {where: [sum(s.truth[f"parts {kind} {where} {part}"] for s in rows) / n for part in EVIDENCE_PARTS]
+                     for where in ("P", "T")}
+            for where, values in means.items():
+                evidence = f"{sum(means['T']) / sum(means['P']):.2f}" if where == "T" else ""
+                lines.append(f"| {world} | {'absorbed edges' if kind == 'edges' else kind} | {n:,.0f} | {where} | "
+                             + " | ".join(f"{v:.2f}" for v in values) + f" | {sum(values):.2f} | {evidence} |")
+    return lines
 
 
 def training_caption(sizes: Sizes, pursuit: bool) -> str:

@@ -9,7 +9,15 @@ import math
 import pytest
 import torch
 
-from opt_hooks.synthetic import JudgedEdge, audit_codes, judge_rows, judgeable_edges, match_latents
+from opt_hooks.synthetic import (
+    EVIDENCE_PARTS,
+    JudgedEdge,
+    audit_codes,
+    evidence_parts,
+    judge_rows,
+    judgeable_edges,
+    match_latents,
+)
 from opt_hooks.twin_worlds import absorbed_or_exclusive, parent_mirror_or_siblings
 
 N = 8000
@@ -105,3 +113,40 @@ def test_the_judge_sorts_wrong_rows_by_what_the_truth_makes_of_them():
     # same tree: 1 and its nephew 4, 3 and its cousin 4; other: a feature in no tree, a latent without one
     assert (verdict.right, verdict.reversed, verdict.siblings, verdict.same_tree, verdict.other) == (1, 1, 1, 2, 2)
     assert verdict.right + verdict.reversed + verdict.siblings + verdict.same_tree + verdict.other == verdict.rows
+
+
+def test_evidence_parts_split_the_projection_by_what_the_truth_puts_there():
+    # a forest root 0 -> parent 1 -> children 2, 3; 2 -> grandchild 5; feature 4 in no tree;
+    # orthonormal atoms, so feature f adds acts[f] * direction[f] to the projection
+    parent_of = {1: 0, 2: 1, 3: 1, 5: 2}
+    atoms = torch.eye(6, dtype=torch.float64)
+    direction = torch.tensor([0.4, 0.5, 0.1, 0.6, 0.3, 0.2], dtype=torch.float64)
+    acts = torch.tensor([
+        [1, 2, 0, 3, 1, 0],  # the parent latent fires: root, parent, the other child 3, feature 4
+        [1, 2, 4, 0, 0, 1],  # the child latent alone: root, parent, child 2, its child 5
+        [1, 1, 1, 0, 0, 0],  # both fire: a parent-latent token, not evidence
+        [0, 0, 0, 0, 2, 0],  # neither
+    ], dtype=torch.float64)
+    offset = torch.full((6,), 0.1, dtype=torch.float64)  # the world's bias less b_dec, on every token
+    parent_fires = torch.tensor([True, False, True, False])
+    child_fires = torch.tensor([False, True, True, False])
+    parts = evidence_parts(acts, acts @ atoms + offset, atoms, direction, parent_fires, child_fires,
+                           parent=1, child=2, parent_of=parent_of)
+    on_parent = {"parent": (1.0 + 0.5) / 2, "ancestors": 0.4, "other descendants": 1.8 / 2, "child": 0.1 / 2,
+                 "other features": 0.3 / 2, "offset": 0.21}
+    on_child = {"parent": 1.0, "ancestors": 0.4, "other descendants": 0.0, "child": 0.4 + 0.2,
+                "other features": 0.0, "offset": 0.21}
+    assert tuple(parts.on_parent) == tuple(parts.on_child) == EVIDENCE_PARTS
+    for name in EVIDENCE_PARTS:
+        assert parts.on_parent[name] == pytest.approx(on_parent[name], abs=1e-12), name
+        assert parts.on_child[name] == pytest.approx(on_child[name], abs=1e-12), name
+    assert parts.evidence == pytest.approx(2.21 / 2.46, abs=1e-12)
+    # two siblings: the other child's latent plays the parent, the shared parent is its ancestor
+    sibling = evidence_parts(acts, acts @ atoms + offset, atoms, direction, torch.tensor([True, False, False, False]),
+                             child_fires, parent=3, child=2, parent_of=parent_of)
+    assert sibling.on_child["ancestors"] == pytest.approx((2 * 0.5 + 0.4 + 1 * 0.5 + 0.4) / 2, abs=1e-12)
+    assert sibling.on_parent["parent"] == pytest.approx(1.8, abs=1e-12)
+    # no token with the child latent alone: no evidence
+    none = evidence_parts(acts, acts @ atoms + offset, atoms, direction, parent_fires, parent_fires,
+                          parent=1, child=2, parent_of=parent_of)
+    assert all(math.isnan(v) for v in none.on_child.values()) and math.isnan(none.evidence)
