@@ -24,6 +24,7 @@ import yaml
 
 from opt_hooks.report import REPORT_HTML, REPORT_JSON, load_schema, render_html, render_summary, write_report
 from opt_hooks.report.neuronpedia import feature_url, quick_list_url, sae_url
+from opt_hooks.report.terminal import ROWS_LINES, ROWS_TEXT
 from opt_hooks.records import (
     SCHEMA_VERSION, AbsorptionRow, AntipodalRow, CertificateCheck, DuplicateRow, FeatureRow, LayerResult, PairRow,
 )
@@ -551,6 +552,8 @@ def test_terminal_shows_absorption_trees_with_their_children(result):
     assert "    score 0.125 ± 0.0123 over 23 leaning latents (the layer's label-free absorption score" in mapped
     lines = mapped.splitlines()
     start = lines.index("    parent 3 (on 60 tokens) absorbed into 2 child(ren):")
+    assert lines[start - 2:start] == [f"    {line}" for line in ROWS_LINES]  # what a row is worth, above the trees
+    assert ROWS_LINES[0] not in empty
     assert lines[start + 1].startswith("      child 7: rho 0.6 / own 0.8, parent off on 89% of 45 tokens, "
                                        "evidence 0.93 ± 0.012, L1 price 0.004")
     assert lines[start + 2].startswith("      child 11: rho 0.8 / own 0.6")
@@ -578,6 +581,7 @@ def test_html_absorption_map_nests_siblings_under_their_parent(result):
     assert "Label-free (THEORY.md section 6)" in section
     assert "absorption ρ &ge; 0.1" in section and "evidence &ge; 0.5" in section  # the thresholds
     assert "Absorption trees: 2 parent(s), 3 absorbed child(ren)" in section
+    assert escape(ROWS_TEXT) in section and escape(ROWS_TEXT) not in _layer_html(render_html(result), 1)
     assert section.index('data-parent="3"') < section.index('data-parent="12"')  # the costlier tree first
     tree = _tree(section, 3)
     assert re.findall(r'<tr data-child="(\d+)">', tree) == ["7", "11"]  # both siblings, in one tree

@@ -34,7 +34,8 @@ from opt_hooks.records import (
     LayerResult, PairRow, latent_label,
 )
 from opt_hooks.report.terminal import (
-    FLAGGED_TEXT, REPAIR_STEPS, SCORE_TEXT, gap_text, items_text, map_unavailable, objective_text, percent, repair_cells,
+    FLAGGED_TEXT, REPAIR_STEPS, ROWS_TEXT, SCORE_TEXT, gap_text, items_text, map_unavailable, objective_text, percent,
+    repair_cells,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -712,7 +713,8 @@ def _absorption_section(layer: LayerResult, texts: dict[int, str]) -> str:
     findings = "".join(f"<li><b>{name}</b>: {escape(text)}</li>" for name, text in MAP_FINDINGS.items())
     return (
         f'{head}<p class="muted">{escape(MAP_INTRO)}</p><ul class="muted">{findings}</ul>{caption}'
-        f"{_absorption_trees(layer, texts)}{_duplicate_table(layer)}{_antipodal_table(layer)}"
+        + (f'<p class="muted">{escape(ROWS_TEXT)}</p>' if layer.absorption else "")
+        + f"{_absorption_trees(layer, texts)}{_duplicate_table(layer)}{_antipodal_table(layer)}"
     )
 
 

@@ -36,6 +36,18 @@ SCORE_TEXT = ("label-free: on average, the part of a leaning latent's decoder th
               "latent which stays off where it fires (a child that absorbed its parent: its rho, up to ~0.7; "
               "about 0.1-0.2 where no hierarchy was planted); across synthetic SAEs it tracked their true "
               "absorption rate, Spearman 0.93-0.99 (docs/VALIDATION.md, section Q)")
+# what the map's rows are worth, measured against the truth of SynthSAEBench-recipe worlds
+# (docs/VALIDATION.md, Q3 and Q6: pooled per architecture over each width's worlds): the
+# terminal's two lines above the trees, and the report page's fuller text
+ROWS_LINES = ("rows: label-free candidates to read. On synthetic worlds (VALIDATION.md Q) 28-38% of rows",
+              "named a true ancestor for standard and pursuit SAEs, 55-100% for BatchTopK and Matryoshka")
+ROWS_TEXT = ("Each row is a label-free candidate to read, not a certified finding. Against the truth of "
+             "SynthSAEBench-recipe worlds of 2,048 features (docs/VALIDATION.md, section Q), the parent latent "
+             "of 28-38% of the rows coded a true ancestor of the child latent's feature for standard L1 and "
+             "matching-pursuit SAEs, of 55-100% for BatchTopK and Matryoshka SAEs (JumpReLU SAEs wrote too few "
+             "rows to say), more at 4,096 features; and the rows found 3-4% of the absorbed parent-child edges: "
+             "at that scale the evidence cannot tell a parent from a sibling (section S). Compare SAEs by the "
+             "absorption score above, which ranked them by their true absorption rate.")
 
 # How each condition's certificate changes the SAE, for the finding lines.
 CHANGES = {
@@ -190,6 +202,8 @@ def pair_map_lines(layer: LayerResult) -> list[str]:
              f"evidence >= {fmt(m.get('min_evidence'))})",
              f"    score {fmt(m.get('absorption_score'))} ± {fmt(m.get('absorption_score_se'))} over "
              f"{m.get('scored_latents') or 0:,} leaning latents (the layer's label-free absorption score, THEORY.md section 6)"]
+    if trees:
+        lines += [f"    {line}" for line in ROWS_LINES]
     for parent, rows in list(trees.items())[:TOP_TREES]:
         shown = f", top {TOP_CHILDREN}" if len(rows) > TOP_CHILDREN else ""
         lines.append(f"    parent {layer.row_label(parent)} (on {rows[0].count_parent:,} tokens) absorbed into "
