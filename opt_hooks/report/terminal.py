@@ -37,17 +37,18 @@ SCORE_TEXT = ("label-free: on average, the part of a leaning latent's decoder th
               "about 0.1-0.2 where no hierarchy was planted); across synthetic SAEs it tracked their true "
               "absorption rate, Spearman 0.93-0.99 (docs/VALIDATION.md, section Q)")
 # what the map's rows are worth, measured against the truth of SynthSAEBench-recipe worlds
-# (docs/VALIDATION.md, Q3 and Q6: pooled per architecture over each width's worlds): the
+# (docs/VALIDATION.md: Q3 and Q6 pooled per architecture over each width's worlds, Q8, S): the
 # terminal's two lines above the trees, and the report page's fuller text
-ROWS_LINES = ("rows: label-free candidates to read. On synthetic worlds (VALIDATION.md Q) 28-38% of rows",
-              "named a true ancestor for standard and pursuit SAEs, 55-100% for BatchTopK and Matryoshka")
+ROWS_LINES = ("rows: label-free candidates to read. On synthetic worlds of 2,048 features (VALIDATION.md Q),",
+              "28-38% named a true ancestor for standard and pursuit SAEs, 55-100% for BatchTopK, Matryoshka")
 ROWS_TEXT = ("Each row is a label-free candidate to read, not a certified finding. Against the truth of "
              "SynthSAEBench-recipe worlds of 2,048 features (docs/VALIDATION.md, section Q), the parent latent "
              "of 28-38% of the rows coded a true ancestor of the child latent's feature for standard L1 and "
              "matching-pursuit SAEs, of 55-100% for BatchTopK and Matryoshka SAEs (JumpReLU SAEs wrote too few "
-             "rows to say), more at 4,096 features; and the rows found 3-4% of the absorbed parent-child edges: "
-             "at that scale the evidence cannot tell a parent from a sibling (section S). Compare SAEs by the "
-             "absorption score above, which ranked them by their true absorption rate.")
+             "rows to say); more at 4,096 features (section Q8). The rows found 3-5% of the absorbed "
+             "parent-child edges: a trained parent latent also carries its children that have no latent of "
+             "their own, so a true edge reads about half the evidence the theory expects (section S). Compare "
+             "SAEs by the absorption score above, which ranked them by their true absorption rate.")
 
 # How each condition's certificate changes the SAE, for the finding lines.
 CHANGES = {
