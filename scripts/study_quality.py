@@ -67,6 +67,7 @@ from opt_hooks.synthetic import (  # noqa: E402
     evidence_parts,
     judge_rows,
     judgeable_edges,
+    learned_features,
     match_latents,
     probe_absorption,
     row_kind,
@@ -321,11 +322,10 @@ def evidence_sums(acts: torch.Tensor, centred: torch.Tensor, z: torch.Tensor, de
     """Where the map's evidence comes from (`opt_hooks.synthetic.evidence_parts`), on these
     tokens with the SAE's own codes: each part's mean summed over the absorbed judgeable edges,
     and over the ordered pairs of learned siblings (two children of one parent, each matched to a
-    latent with cosine >= LEARNED_COS; the first one's latent plays the parent), with their
-    counts; a pair counts where its child latent fires without the other on >= MIN_CHILD_TOKENS
-    tokens. Sums, so the SAEs of a world pool by adding them."""
-    cos = decoder.double() @ atoms.double().T
-    learned = {f: k for f, k in latent_of.items() if float(cos[k, f]) >= LEARNED_COS}
+    latent that fires, with cosine >= LEARNED_COS: `learned_features`; the first one's latent
+    plays the parent), with their counts; a pair counts where its child latent fires without the
+    other on >= MIN_CHILD_TOKENS tokens. Sums, so the SAEs of a world pool by adding them."""
+    learned = learned_features(atoms, decoder, z, latent_of)  # a latent that never fires has no pair here
     fires = z != 0
     children: dict[int, list[int]] = {}
     for child, parent in parent_of.items():
@@ -339,7 +339,7 @@ def evidence_sums(acts: torch.Tensor, centred: torch.Tensor, z: torch.Tensor, de
         for where in ("P", "T"):
             out.update({f"parts {kind} {where} {part}": 0.0 for part in EVIDENCE_PARTS})
         for parent, child in features:
-            lp, lc = learned[parent], learned[child]
+            lp, lc = latent_of[parent], latent_of[child]
             if int((fires[:, lc] & ~fires[:, lp]).sum()) < MIN_CHILD_TOKENS or not bool(fires[:, lp].any()):
                 continue
             split = evidence_parts(acts, centred, atoms, decoder[lp], fires[:, lp], fires[:, lc], parent, child,
