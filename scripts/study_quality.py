@@ -81,6 +81,7 @@ FULL_MARKER = "study_quality_full"  # section Q7, `--full`
 # truth keys of two counts of wrong rows (`absorption_truth`)
 WRONG_FEATURE_ON = "rows wrong, parent's feature on"
 WRONG_ANCESTOR_UNLEARNED = "rows in one tree, ancestor without latent"
+WRONG_NEAREST_ANCESTOR = "rows wrong, parent latent nearest an ancestor"
 # the pairs whose evidence `evidence_sums` takes apart: absorbed judgeable edges, learned siblings
 PAIR_KINDS = ("edges", "siblings")
 
@@ -256,8 +257,8 @@ def absorption_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: tor
       (`opt_hooks.synthetic.probe_absorption`);
     - the map's `rows` (parent latent, child latent) judged (`opt_hooks.synthetic.judge_rows`):
       precision (the parent latent's feature an ancestor of the child latent's) and recall over
-      the absorbed judgeable edges (rate >= 0.5), oriented; the wrong rows by kind, and two counts
-      of them (`feature_on`, `ancestor_unlearned` below)."""
+      the absorbed judgeable edges (rate >= 0.5), oriented; the wrong rows by kind, and three counts
+      of them (`feature_on`, `ancestor_unlearned`, `nearest_ancestor` below)."""
     atoms = world.atoms.float()
     decoder = sae.W_dec.detach().float()
     decoder = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -300,6 +301,16 @@ def absorption_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: tor
             return True
         return float(decoder[latent_of[nearest]].double() @ atoms[nearest].double()) < LEARNED_COS
 
+    # wrong rows whose parent latent's nearest feature (largest |cosine|, the matching's measure) is
+    # an ancestor of the child latent's matched feature: the row names an ancestor's direction, but
+    # the one-to-one matching gave that feature to another latent (a latent of the ancestor that
+    # also carries what the truth puts elsewhere, its unlearned children or a sibling)
+    def nearest_ancestor(p: int, c: int) -> bool:
+        if kind[p, c] == "right" or c not in feature_of:
+            return False
+        nearest = int((atoms @ decoder[p]).abs().argmax())
+        return nearest in ancestors(feature_of[c], parent_of)
+
     # where any geometric map starts: is the parent's latent the child latent's nearest alive atom?
     alive = (z != 0).any(dim=0)
     nearest = [int(torch.where(alive, decoder @ decoder[e.child_latent], -2.0).index_fill(0, torch.tensor(
@@ -313,7 +324,8 @@ def absorption_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: tor
             "rows reversed": float(verdict.reversed), "rows siblings": float(verdict.siblings),
             "rows same tree": float(verdict.same_tree), "rows other": float(verdict.other),
             WRONG_FEATURE_ON: float(sum(feature_on(p, c) for p, c in rows)),
-            WRONG_ANCESTOR_UNLEARNED: float(sum(ancestor_unlearned(p, c) for p, c in rows))}
+            WRONG_ANCESTOR_UNLEARNED: float(sum(ancestor_unlearned(p, c) for p, c in rows)),
+            WRONG_NEAREST_ANCESTOR: float(sum(nearest_ancestor(p, c) for p, c in rows))}
 
 
 def evidence_sums(acts: torch.Tensor, centred: torch.Tensor, z: torch.Tensor, decoder: torch.Tensor,
@@ -675,10 +687,15 @@ def pooled_rows(world: str, scores: list[SAEScore]) -> str:
     wrong = {kind: round(sum(s.truth[f"rows {kind}"] for s in scores)) for kind in kinds}
     feature_on = round(sum(s.truth[WRONG_FEATURE_ON] for s in scores))
     unlearned = round(sum(s.truth[WRONG_ANCESTOR_UNLEARNED] for s in scores))
-    return (text + "; wrong rows: " + ", ".join(f"{n} {kind}" for kind, n in wrong.items())
-            + f" ({unlearned} of the siblings and same-tree rows with their nearest common ancestor "
-            f"without a latent of its own); {feature_on} wrong rows with the parent latent's feature on where "
-            "the child latent fires")
+    text += ("; wrong rows: " + ", ".join(f"{n} {kind}" for kind, n in wrong.items())
+             + f" ({unlearned} of the siblings and same-tree rows with their nearest common ancestor "
+             f"without a latent of its own); {feature_on} wrong rows with the parent latent's feature on where "
+             "the child latent fires")
+    if all(WRONG_NEAREST_ANCESTOR in s.truth for s in scores):  # numbers saved before this count have none
+        nearest = round(sum(s.truth[WRONG_NEAREST_ANCESTOR] for s in scores))
+        text += (f"; {nearest} wrong rows whose parent latent's nearest feature is an ancestor of the child "
+                 "latent's (the matching gave that feature to another latent)")
+    return text
 
 
 def control_table(control: list[SAEScore]) -> str:
