@@ -120,6 +120,8 @@ class PairMap:
         reverse = ab.reverse_of(p, c, self.atoms.shape[0])
         passes = ((n_evidence >= policy.min_touched) & (ratio.z >= z_crit) & torch.isfinite(ratio.value)
                   & (ab.orientation_z(ratio, reverse) >= z_crit))
+        cv = ab.own_size_cv(sums["own_count"], sums["own_sum"], sums["own_sum_sq"])
+        passes &= cv[p] <= self.options.max_parent_cv  # NaN (no own size) fails
         passes &= ab.parent_covers_child(p, c, self.co, self.count, passes)
         chosen = ab.choose_parents(c, self.rho, passes)
         if not len(chosen):
@@ -162,7 +164,8 @@ class PairMap:
         if not self.available:
             return {"available": False}
         return {"available": True, "rho_spread": self.spread, "rho_min": self.rho_min,
-                "min_evidence": o.min_evidence, "duplicate_rho": o.duplicate_rho, "antipodal_rho": o.antipodal_rho,
+                "min_evidence": o.min_evidence, "max_parent_cv": o.max_parent_cv, "duplicate_rho": o.duplicate_rho,
+                "antipodal_rho": o.antipodal_rho,
                 "neighbours": o.neighbours, "measured_pairs": len(self),
                 # None, not NaN, where no latent is alive (the score) or one is (its SE)
                 "absorption_score": json_safe(self.score.value), "absorption_score_se": json_safe(self.score.se),

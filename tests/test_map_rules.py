@@ -84,9 +84,10 @@ def boundary_world(seed: int = 0):
     return atoms, bias, x, z, held
 
 
-def run(world, **options):
+def run(world, map_options: dict | None = None, **options):
     atoms, bias, x, z, held = world
-    stage = LayerAudit(atoms, bias, lam=LAM, options=AuditOptions(pair_map=ab.MapOptions(min_rho=MIN_RHO), **options))
+    pair_map = ab.MapOptions(min_rho=MIN_RHO, **(map_options or {}))
+    stage = LayerAudit(atoms, bias, lam=LAM, options=AuditOptions(pair_map=pair_map, **options))
     stage.update(x[~held], z[~held], torch.arange(N)[~held])
     plan = stage.plan()
     plan.update(x, z, torch.arange(N), held_out=held)
@@ -254,6 +255,47 @@ def test_min_touched_held_out_tokens_are_enough(world):
     at_bound = run(world, min_touched=touched)
     assert [(r.parent, r.child, r.n_evidence) for r in at_bound.absorption] == [(p, c, touched)]
     assert run(world, min_touched=touched + 1).absorption == []
+
+
+def test_a_parent_that_fires_where_its_direction_is_absent_has_no_own_size(world):
+    # the absorbed pair's parent latent also fires, in the codes only, on a third of its tokens
+    # where the input does not carry its direction (as a matching-pursuit atom picked on a small
+    # residual does): its own mean, the evidence's denominator, falls, so the evidence rises and
+    # every other test still passes; the coefficient of variation of its direction over its own
+    # held-out tokens names it. Met with equality the row stands, just below it goes
+    atoms, bias, x, z, held = world
+    p, c = ABSORBED
+    gen = torch.Generator().manual_seed(5)
+    free = torch.nonzero((z[:, p] == 0) & (z[:, c] == 0)).flatten()
+    extra = free[torch.randperm(len(free), generator=gen)[: int((z[:, p] > 0).sum()) // 2]]
+    codes = z.clone()
+    codes[extra, p] = 0.5
+    absent = (atoms, bias, x, codes, held)
+    s = (x[held & (codes[:, p] > 0)] - bias) @ atoms[p]
+    cv = float(s.std() / s.mean())  # sample sd over the mean, float64
+    assert 0.6 < cv < 0.9  # a third of the tokens near 0, the rest near 1
+    at_bound = run(absent, map_options={"max_parent_cv": cv * (1 + 1e-12)})
+    [row] = at_bound.absorption
+    assert (row.parent, row.child) == ABSORBED and row.evidence > 1.3  # the inflated evidence, read anyway
+    assert run(absent, map_options={"max_parent_cv": cv * (1 - 1e-9)}).absorption == []
+    assert run(absent).absorption == []  # the default, 0.5
+    # the untouched world's parent has its own size (sizes ~ N(1, 0.15)): the row of the fixture
+    s = (x[held & (z[:, p] > 0)] - bias) @ atoms[p]
+    assert float(s.std() / s.mean()) < 0.25
+
+
+def test_own_size_cv_is_sd_over_mean_and_none_without_an_own_size():
+    own = torch.tensor([1.0, 1.2, 0.8, 1.1], dtype=torch.float64)
+    negative, single = -own, own[:1]
+    count = torch.tensor([4, 4, 1])
+    total = torch.stack([own.sum(), negative.sum(), single.sum()])
+    total_sq = torch.stack([(own**2).sum(), (negative**2).sum(), (single**2).sum()])
+    cv = ab.own_size_cv(count, total, total_sq)
+    assert float(cv[0]) == pytest.approx(float(own.std() / own.mean()), rel=1e-12)
+    # a direction negative on its own tokens, or one token, has no own size: NaN, which no bound passes
+    assert math.isnan(float(cv[1])) and math.isnan(float(cv[2]))
+    with pytest.raises(ValueError, match="max_parent_cv"):
+        ab.MapOptions(max_parent_cv=0.0)
 
 
 def test_evidence_and_its_se_from_two_tokens_are_the_delta_method_ones():

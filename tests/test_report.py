@@ -73,7 +73,8 @@ def _pair(i: int, j: int, kind: str, tier: str) -> PairRow:
     )
 
 
-PAIR_MAP = {"available": True, "rho_spread": 0.02, "rho_min": 0.1, "min_evidence": 0.5, "duplicate_rho": 0.9,
+PAIR_MAP = {"available": True, "rho_spread": 0.02, "rho_min": 0.1, "min_evidence": 0.5, "max_parent_cv": 0.5,
+            "duplicate_rho": 0.9,
             "antipodal_rho": 0.9, "neighbours": 8, "measured_pairs": 40, "absorption_score": 0.125,
             "absorption_score_se": 0.0123, "scored_latents": 23, "absorbing_latents": 5}
 MAP_OFF = "switched off (AuditOptions(pair_map=None))"

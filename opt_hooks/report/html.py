@@ -723,7 +723,9 @@ def _map_caption(m: dict[str, Any]) -> str:
         f'<p><b>Absorption score {fmt(m.get("absorption_score"))} ± {fmt(m.get("absorption_score_se"))}</b> '
         f'over {fmt(m.get("scored_latents"))} leaning latents: {escape(SCORE_TEXT)}</p>'
         f'<p class="muted caption">Thresholds: absorption ρ &ge; {fmt(m.get("rho_min"))} (spread of unrelated '
-        f'atom pairs {fmt(m.get("rho_spread"))}) and evidence &ge; {fmt(m.get("min_evidence"))}; duplicates '
+        f'atom pairs {fmt(m.get("rho_spread"))}), evidence &ge; {fmt(m.get("min_evidence"))} and the '
+        f'parent\'s own size steady (sd / mean of its direction on its own tokens &le; '
+        f'{fmt(m.get("max_parent_cv"))}); duplicates '
         f'ρ &ge; {fmt(m.get("duplicate_rho"))}; antipodal ρ &le; −{fmt(m.get("antipodal_rho"))}; '
         f'{fmt(m.get("measured_pairs"))} candidate pairs measured ({fmt(m.get("neighbours"))} nearest atoms '
         "per latent).</p>"

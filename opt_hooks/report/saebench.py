@@ -24,7 +24,7 @@ SUFFIX = "_eval_results.json"
 # the run facts of meta (and of meta["run"], from the CLI) that configure the audit
 _RUN_CONFIG = ("model", "dataset", "n_tokens", "context_size", "batch_size", "held_out", "include_special_tokens",
                "device")
-_PAIR_MAP_CONFIG = ("rho_min", "min_evidence", "duplicate_rho", "antipodal_rho", "neighbours")
+_PAIR_MAP_CONFIG = ("rho_min", "min_evidence", "max_parent_cv", "duplicate_rho", "antipodal_rho", "neighbours")
 GAPS = ("codes", "decoder", "bias")  # THEORY.md section 5
 
 __all__ = ["EVAL_TYPE_ID", "SUFFIX", "load_saebench_schema", "saebench_file_name", "saebench_output"]

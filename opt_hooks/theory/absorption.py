@@ -13,6 +13,11 @@ without i), so this module looks for the signature itself:
   absorbed parent is present at its own size (evidence ~1); in the reverse orientation (child as
   "parent") and between two siblings that absorbed the same parent the share is ~rho^2, and for
   an unrelated pair it is ~rho times a ratio of code sizes;
+- own size (held out): the evidence's denominator is the parent at its own size only where the
+  parent latent's firing marks its direction at a consistent size: the coefficient of variation
+  of <d_i, x_n - b> over i's own held-out tokens at most max_parent_cv (`own_size_cv`). A latent
+  that fires where its direction is small or absent (a matching-pursuit atom picked on a small
+  residual) has no own size, and its evidence reads anything;
 - orientation (held out): the evidence must exceed the reverse orientation's significantly
   (`orientation_z`); one parent per child, the one its atom leans to most (`choose_parents`);
 - price: splitting the child back, d_j -> d_j_perp with code sqrt(1 - rho^2) z_j and rho z_j
@@ -70,6 +75,7 @@ class MapOptions:
     spread_z: float = 4.0  # a candidate's rho must exceed this many robust sds of unrelated pairs' rho
     min_rho: float = 0.1  # ... and at least this
     min_evidence: float = 0.5  # the parent's direction on the child's tokens: at least this share of its own size
+    max_parent_cv: float = 0.5  # the parent's own size: sd / mean of its direction on its own tokens at most this
     duplicate_rho: float = 0.9  # rho at or above: a duplicate, never an absorption
     antipodal_rho: float = 0.9  # rho at or below minus this: a candidate antipodal pair
     antipodal_min_share: float = 0.05  # each of an antipodal pair fires on at least this share of tokens
@@ -83,6 +89,8 @@ class MapOptions:
                 raise ValueError(f"{name} is a cosine in (0, 1], got {getattr(self, name)!r}")
         if not self.min_rho < self.duplicate_rho:
             raise ValueError("min_rho must be below duplicate_rho: absorption lies between the two")
+        if not self.max_parent_cv > 0:
+            raise ValueError(f"max_parent_cv is a coefficient of variation, > 0; got {self.max_parent_cv!r}")
         for name in ("min_evidence", "antipodal_min_share", "antipodal_max_overlap", "spread_z"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -331,6 +339,18 @@ def evidence_ratio(pair_count: Tensor, pair_sum: Tensor, pair_sum_sq: Tensor, ow
     z = (value - threshold) / se
     z = torch.where(se == 0, torch.where(value >= threshold, math.inf, -math.inf), z)
     return EvidenceRatio(value, se, z)
+
+
+def own_size_cv(own_count: Tensor, own_sum: Tensor, own_sum_sq: Tensor) -> Tensor:
+    """Per latent, the coefficient of variation (sample sd / mean) of its direction's component
+    <d_i, x_n - b> over its own held-out tokens, from the sums `held_out_evidence` keeps; NaN where
+    it has no own size (fewer than two tokens, or a mean <= 0), so that no comparison passes.
+    The parent's own size is the evidence's denominator: it means the parent "at its own size"
+    only where the latent fires where its direction is, at a consistent size."""
+    n = own_count.double()
+    mean = own_sum / n
+    sd = ((own_sum_sq - n * mean**2) / (n - 1)).clamp(min=0).sqrt()
+    return torch.where((n >= 2) & (mean > 0), sd / mean, math.nan)
 
 
 def pair_index(parent: Tensor, child: Tensor, n_features: int, want_parent: Tensor, want_child: Tensor) -> Tensor:
