@@ -39,16 +39,16 @@ SCORE_TEXT = ("label-free: on average, the part of a leaning latent's decoder th
 # what the map's rows are worth, measured against the truth of SynthSAEBench-recipe worlds
 # (docs/VALIDATION.md: Q3 and Q6 pooled per architecture over each width's worlds, Q8, S): the
 # terminal's two lines above the trees, and the report page's fuller text
-ROWS_LINES = ("rows: label-free candidates to read. On synthetic worlds of 2,048 features (VALIDATION.md Q),",
-              "28-38% named a true ancestor for standard and pursuit SAEs, 55-100% for BatchTopK, Matryoshka")
+ROWS_LINES = ("rows: label-free candidates to read. On synthetic worlds of 2,048 features (VALIDATION.md Q), a true",
+              "ancestor parented 28-38% of standard SAEs' rows, 57-100% of TopK-family and pursuit SAEs'; recall 1.5-3%")
 ROWS_TEXT = ("Each row is a label-free candidate to read, not a certified finding. Against the truth of "
              "SynthSAEBench-recipe worlds of 2,048 features (docs/VALIDATION.md, section Q), the parent latent "
-             "of 28-38% of the rows coded a true ancestor of the child latent's feature for standard L1 and "
-             "matching-pursuit SAEs, of 55-100% for BatchTopK and Matryoshka SAEs (JumpReLU SAEs wrote too few "
-             "rows to say); more at 4,096 features (section Q8). The rows found 3-5% of the absorbed "
-             "parent-child edges: a trained parent latent also carries its children that have no latent of "
-             "their own, so a true edge reads about half the evidence the theory expects (section S). Compare "
-             "SAEs by the absorption score above, which ranked them by their true absorption rate.")
+             "of 28-38% of the rows coded a true ancestor of the child latent's feature for standard L1 SAEs, "
+             "of 57-100% for BatchTopK, Matryoshka and matching-pursuit SAEs (JumpReLU SAEs wrote too few "
+             "rows to say). The rows found 1.5-3% of the absorbed parent-child edges: a trained parent latent "
+             "also carries its children that have no latent of their own, so a true edge reads about half "
+             "the evidence the theory expects (section S). Compare SAEs by the absorption score above, which "
+             "ranked them by their true absorption rate.")
 
 # How each condition's certificate changes the SAE, for the finding lines.
 CHANGES = {
