@@ -320,15 +320,22 @@ class EvidenceRatio:
     z: Tensor  # (P,)
 
 
+def _mean_and_variance(count: Tensor, total: Tensor, total_sq: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and sample variance (n - 1) from streamed count, sum and sum of squares; the variance
+    NaN with fewer than two values."""
+    n = count.double()
+    mean = total / n
+    var = ((total_sq - n * mean**2) / (n - 1)).clamp(min=0)
+    return mean, torch.where(n >= 2, var, math.nan)
+
+
 def evidence_ratio(pair_count: Tensor, pair_sum: Tensor, pair_sum_sq: Tensor, own_count: Tensor, own_sum: Tensor,
                    own_sum_sq: Tensor, threshold: float) -> EvidenceRatio:
     """The ratio of two held-out means and its SE (the two token sets are disjoint: the parent is
     off on the first, on on the second)."""
     def mean_var(count: Tensor, total: Tensor, total_sq: Tensor) -> tuple[Tensor, Tensor]:
-        n = count.double()
-        mean = total / n
-        var = ((total_sq - n * mean**2) / (n - 1)).clamp(min=0) / n  # variance of the mean
-        return mean, torch.where(n >= 2, var, math.nan)
+        mean, var = _mean_and_variance(count, total, total_sq)
+        return mean, var / count.double()  # variance of the mean
 
     m_t, v_t = mean_var(pair_count, pair_sum, pair_sum_sq)
     m_a, v_a = mean_var(own_count, own_sum, own_sum_sq)
@@ -347,10 +354,8 @@ def own_size_cv(own_count: Tensor, own_sum: Tensor, own_sum_sq: Tensor) -> Tenso
     it has no own size (fewer than two tokens, or a mean <= 0), so that no comparison passes.
     The parent's own size is the evidence's denominator: it means the parent "at its own size"
     only where the latent fires where its direction is, at a consistent size."""
-    n = own_count.double()
-    mean = own_sum / n
-    sd = ((own_sum_sq - n * mean**2) / (n - 1)).clamp(min=0).sqrt()
-    return torch.where((n >= 2) & (mean > 0), sd / mean, math.nan)
+    mean, var = _mean_and_variance(own_count, own_sum, own_sum_sq)
+    return torch.where(mean > 0, var.sqrt() / mean, math.nan)  # NaN variance (n < 2) stays NaN
 
 
 def pair_index(parent: Tensor, child: Tensor, n_features: int, want_parent: Tensor, want_child: Tensor) -> Tensor:
