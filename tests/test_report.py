@@ -553,7 +553,7 @@ def test_terminal_shows_absorption_trees_with_their_children(result):
     assert "    score 0.125 ± 0.0123 over 23 leaning latents (the layer's label-free absorption score" in mapped
     lines = mapped.splitlines()
     start = lines.index("    parent 3 (on 60 tokens) absorbed into 2 child(ren):")
-    assert lines[start - 2:start] == [f"    {line}" for line in ROWS_LINES]  # what a row is worth, above the trees
+    assert lines[start - len(ROWS_LINES):start] == [f"    {line}" for line in ROWS_LINES]  # what a row is worth, above the trees
     assert ROWS_LINES[0] not in empty
     assert lines[start + 1].startswith("      child 7: rho 0.6 / own 0.8, parent off on 89% of 45 tokens, "
                                        "evidence 0.93 ± 0.012, L1 price 0.004")
