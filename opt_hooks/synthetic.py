@@ -436,12 +436,15 @@ class RowsJudged:
     wrong rows by what the truth makes of their two features: a descendant named the parent of
     its own ancestor (reversed), two children of one parent (siblings), two features of one tree in
     neither relation (cousins, uncle and nephew: same tree), anything else (other: two trees, a
-    feature in none, a latent without a feature)."""
+    feature in none, a latent without a feature). `direct`: the right rows whose parent latent's
+    feature is the child latent's direct parent (the others name a further ancestor; recall counts
+    direct edges only)."""
 
     rows: int
     right: int
     absorbed: int
     found: int
+    direct: int = 0
     reversed: int = 0
     siblings: int = 0
     same_tree: int = 0
@@ -556,7 +559,9 @@ def judge_rows(rows: Sequence[tuple[int, int]], edges: Sequence[tuple[int, int]]
     feature_of = {k: f for f, k in latent_of.items()}
     kinds = Counter(row_kind(p, c, feature_of, parent_of) for p, c in rows)
     absorbed = {(e.parent_latent, e.child_latent) for e in judged if e.absorbed}
+    direct = sum(p in feature_of and c in feature_of and parent_of.get(feature_of[c]) == feature_of[p] for p, c in rows)
     return RowsJudged(rows=len(rows), right=kinds["right"], absorbed=len(absorbed), found=len(absorbed & set(rows)),
+                      direct=direct,
                       reversed=kinds["reversed"], siblings=kinds["siblings"], same_tree=kinds["same_tree"],
                       other=kinds["other"])
 

@@ -256,7 +256,8 @@ def absorption_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: tor
     - probe score: SAEBench's absorption fraction with the true parent atom as the probe
       (`opt_hooks.synthetic.probe_absorption`);
     - the map's `rows` (parent latent, child latent) judged (`opt_hooks.synthetic.judge_rows`):
-      precision (the parent latent's feature an ancestor of the child latent's) and recall over
+      precision (the parent latent's feature an ancestor of the child latent's), how many right
+      rows name the child's direct parent (`direct`), and recall over
       the absorbed judgeable edges (rate >= 0.5), oriented; the wrong rows by kind, and three counts
       of them (`feature_on`, `ancestor_unlearned`, `nearest_ancestor` below)."""
     atoms = world.atoms.float()
@@ -320,7 +321,7 @@ def absorption_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: tor
             "probe score": mean(probes),
             "judgeable edges": float(len(judged)), "absorbed edges": float(verdict.absorbed),
             "rows precision": verdict.precision, "rows recall": verdict.recall, "rows right": float(verdict.right),
-            "rows found": float(verdict.found), "parent nearest": mean(nearest),
+            "rows found": float(verdict.found), "rows direct": float(verdict.direct), "parent nearest": mean(nearest),
             "rows reversed": float(verdict.reversed), "rows siblings": float(verdict.siblings),
             "rows same tree": float(verdict.same_tree), "rows other": float(verdict.other),
             WRONG_FEATURE_ON: float(sum(feature_on(p, c) for p, c in rows)),
@@ -680,6 +681,10 @@ def pooled_rows(world: str, scores: list[SAEScore]) -> str:
                         found=round(sum(s.truth["rows found"] for s in scores)))
     text = (f"{world}: precision {fmt(pooled.precision, 2)} ({pooled.right} of {pooled.rows} rows), "
             f"recall {fmt(pooled.recall, 2)} ({pooled.found} of {pooled.absorbed} edges)")
+    if all("rows direct" in s.truth for s in scores):  # numbers saved before this count have none
+        direct = round(sum(s.truth["rows direct"] for s in scores))
+        text += (f"; {direct} of the {pooled.right} right rows name the child's direct parent, the others a "
+                 "further ancestor")
     kinds = ("reversed", "siblings", "same tree", "other")
     keys = (*(f"rows {kind}" for kind in kinds), WRONG_FEATURE_ON, WRONG_ANCESTOR_UNLEARNED)
     if not all(key in s.truth for s in scores for key in keys):  # numbers saved before the breakdown

@@ -97,6 +97,8 @@ def test_the_judge_counts_ancestors_right_and_needs_the_orientation():
     verdict = judge_rows([(10, 12), (11, 10), (13, 11), (10, 11)], edges, latent_of, judged)
     # a grandparent row is right, a reversed or unrelated one is not; the absorbed edge is found oriented
     assert (verdict.rows, verdict.right, verdict.absorbed, verdict.found) == (4, 2, 1, 1)
+    assert verdict.direct == 1  # (10, 11) names the direct parent, (10, 12) the grandparent
+    assert judge_rows([(11, 12), (10, 12)], edges, latent_of, judged).direct == 1  # unabsorbed direct edge counts
     assert verdict.precision == 0.5 and verdict.recall == 1.0
     assert judge_rows([(11, 10)], edges, latent_of, judged).recall == 0.0
     empty = judge_rows([], edges, latent_of, [])
