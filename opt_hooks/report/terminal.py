@@ -38,18 +38,22 @@ SCORE_TEXT = ("label-free: on average, the part of a leaning latent's decoder th
               "absorption rate, Spearman 0.93-0.99 (docs/VALIDATION.md, section Q)")
 # what the map's rows are worth, measured against the truth of SynthSAEBench-recipe worlds
 # (docs/VALIDATION.md: Q3 and Q6 pooled per architecture over each width's worlds, Q8, S): the
-# terminal's three lines above the trees, and the report page's fuller text
+# terminal's four lines above the trees, and the report page's fuller text
 ROWS_LINES = ("rows: label-free candidates to read. On synthetic worlds of 2,048 features (VALIDATION.md Q), a true",
               "ancestor parented 28-38% of standard SAEs' rows, 57-100% of TopK-family and pursuit SAEs'; recall 1.5-3%",
-              "(at 4,096 features, Q8: 83-90% for standard, TopK-family and pursuit SAEs; recall under 5%)")
+              "(at 4,096 features, Q8: 83-90% for standard, TopK-family and pursuit SAEs; recall under 5%). That",
+              "ancestor is mostly a grandparent or higher: a quarter of right rows name the child's direct parent")
 ROWS_TEXT = ("Each row is a label-free candidate to read, not a certified finding. Against the truth of "
              "SynthSAEBench-recipe worlds of 2,048 features (docs/VALIDATION.md, section Q), the parent latent "
              "of 28-38% of the rows coded a true ancestor of the child latent's feature for standard L1 SAEs, "
              "of 57-100% for BatchTopK, Matryoshka and matching-pursuit SAEs (JumpReLU SAEs wrote too few "
              "rows to say); on worlds of 4,096 features (section Q8), of 83-90% for standard, BatchTopK, "
-             "Matryoshka and matching-pursuit SAEs alike. The rows found 1.5-3% of the absorbed parent-child "
-             "edges (under 5% at 4,096 features): a trained parent latent "
-             "also carries its children that have no latent of their own, so a true edge reads about half "
+             "Matryoshka and matching-pursuit SAEs alike. The ancestor a right row names is mostly a "
+             "grandparent or higher: a quarter of the right rows at 2,048 features name the child's direct "
+             "parent (most of Matryoshka SAEs' right rows do, a seventh to a sixth of matching pursuit's), "
+             "so read a tree's parent as somewhere above its children. The rows found 1.5-3% of the absorbed "
+             "parent-child edges (under 5% at 4,096 features): a trained parent latent also carries its "
+             "children that have no latent of their own, so a true edge reads about half "
              "the evidence the theory expects (section S). Compare SAEs by the absorption score above, which "
              "ranked them by their true absorption rate.")
 
