@@ -108,9 +108,10 @@ class PairMap:
             getattr(state, f"map_{name}").add_(getattr(sums, name))
 
     # -- rows -----------------------------------------------------------------------------
-    def absorption_rows(self, state: Any, policy: VerdictPolicy, mu: Tensor, lam: float | None) -> list[AbsorptionRow]:
-        if not len(self):
-            return []
+    def candidate_numbers(self, state: Any, policy: VerdictPolicy) -> dict[str, Tensor]:
+        """Per measured ordered pair (parent candidate, child candidate), the numbers the map's rules
+        read from pass 2's sums, and `passes`: every test of THEORY.md section 6 but the parent choice.
+        The rows are chosen from these; a study can also hold them against a truth."""
         sums = {name: getattr(state, f"map_{name}") for name in SUMS}
         p, c = self.parent, self.child
         ratio = ab.evidence_ratio(sums["pair_count"], sums["pair_sum"], sums["pair_sum_sq"], sums["own_count"][p],
@@ -118,23 +119,34 @@ class PairMap:
         z_crit = policy.critical_z(len(self))
         n_evidence = sums["pair_count"]
         reverse = ab.reverse_of(p, c, self.atoms.shape[0])
+        orientation = ab.orientation_z(ratio, reverse)
         passes = ((n_evidence >= policy.min_touched) & (ratio.z >= z_crit) & torch.isfinite(ratio.value)
-                  & (ab.orientation_z(ratio, reverse) >= z_crit))
-        cv = ab.own_size_cv(sums["own_count"], sums["own_sum"], sums["own_sum_sq"])
-        passes &= cv[p] <= self.options.max_parent_cv  # NaN (no own size) fails
+                  & (orientation >= z_crit))
+        parent_cv = ab.own_size_cv(sums["own_count"], sums["own_sum"], sums["own_sum_sq"])[p]
+        passes &= parent_cv <= self.options.max_parent_cv  # NaN (no own size) fails
         passes &= ab.parent_covers_child(p, c, self.co, self.count, passes)
-        chosen = ab.choose_parents(c, self.rho, passes)
+        reverse_evidence = torch.where(reverse >= 0, ratio.value[reverse.clamp(min=0)], math.nan)
+        return {"parent": p, "child": c, "rho": self.rho, "co": self.co, "count_parent": self.count[p],
+                "count_child": self.count[c], "evidence": ratio.value, "evidence_se": ratio.se, "evidence_z": ratio.z,
+                "reverse_evidence": reverse_evidence, "orientation_z": orientation, "parent_cv": parent_cv,
+                "n_evidence": n_evidence, "passes": passes}
+
+    def absorption_rows(self, state: Any, policy: VerdictPolicy, mu: Tensor, lam: float | None) -> list[AbsorptionRow]:
+        if not len(self):
+            return []
+        numbers = self.candidate_numbers(state, policy)
+        p, c = self.parent, self.child
+        chosen = ab.choose_parents(c, self.rho, numbers["passes"])
         if not len(chosen):
             return []
-        reverse_evidence = torch.where(reverse[chosen] >= 0, ratio.value[reverse[chosen].clamp(min=0)], math.nan)
         mu = mu.to(p.device)
         price = ab.l1_price(self.rho[chosen], mu[c[chosen]], 1.0 if lam is None else lam)
-        p_value = torch.special.ndtr(-ratio.z[chosen])
         columns = {  # Python lists: no per-row tensor access
             "parent": p[chosen], "child": c[chosen], "rho": self.rho[chosen], "co": self.co[chosen],
             "count_parent": self.count[p[chosen]], "count_child": self.count[c[chosen]], "price": price,
-            "evidence": ratio.value[chosen], "se": ratio.se[chosen], "p": p_value, "n": n_evidence[chosen],
-            "reverse": reverse_evidence,
+            "evidence": numbers["evidence"][chosen], "se": numbers["evidence_se"][chosen],
+            "p": torch.special.ndtr(-numbers["evidence_z"][chosen]), "n": numbers["n_evidence"][chosen],
+            "reverse": numbers["reverse_evidence"][chosen],
         }
         col = {name: t.tolist() for name, t in columns.items()}
         rows = []

@@ -566,6 +566,18 @@ def judge_rows(rows: Sequence[tuple[int, int]], edges: Sequence[tuple[int, int]]
                       other=kinds["other"])
 
 
+def candidates_judged(pairs: Sequence[tuple[int, int]], edges: Sequence[tuple[int, int]], latent_of: dict[int, int],
+                      judged: Sequence[JudgedEdge]) -> tuple[list[bool], list[bool]]:
+    """Per candidate pair (parent latent, child latent), what `judge_rows` would make of it as a
+    row: right (the parent latent's feature an ancestor of the child latent's) and found (a
+    judgeable absorbed direct edge, oriented)."""
+    parent_of = {child: parent for parent, child in edges}
+    feature_of = {k: f for f, k in latent_of.items()}
+    absorbed = {(e.parent_latent, e.child_latent) for e in judged if e.absorbed}
+    right = [row_kind(p, c, feature_of, parent_of) == "right" for p, c in pairs]
+    return right, [(p, c) in absorbed for p, c in pairs]
+
+
 def absorption_category(world: World, i: int | None, j: int | None) -> str:
     """What the ground truth says about an absorption row whose parent latent is matched to true
     feature i and whose child latent to feature j: "planted" ((i, j) is a strict hierarchy's

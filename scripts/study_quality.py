@@ -47,6 +47,7 @@ from scipy.stats import rankdata
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # map_ceiling, beside this script
 
 import sae_lens  # noqa: E402
 from sae_lens.saes.sae import SAEMetadata, TrainCoefficientConfig, TrainStepInput  # noqa: E402
@@ -57,6 +58,9 @@ from sae_lens.synthetic.evals import (  # noqa: E402
 )
 
 import opt_hooks as oh  # noqa: E402
+from map_ceiling import PairTable, ceiling_lines, pair_table  # noqa: E402
+from opt_hooks.adapters import make_views  # noqa: E402
+from opt_hooks.run import audit_rows, rows_hook_names  # noqa: E402
 from opt_hooks.synthetic import (  # noqa: E402
     EVIDENCE_PARTS,
     LEARNED_COS,
@@ -65,6 +69,7 @@ from opt_hooks.synthetic import (  # noqa: E402
     World,
     ancestors,
     evidence_parts,
+    candidates_judged,
     judge_rows,
     judgeable_edges,
     learned_features,
@@ -173,6 +178,12 @@ class SAEScore:
     audit: dict[str, float] = field(default_factory=dict)  # AUDIT_NUMBERS, NaN where not measured
     seconds: float = 0.0
     reused: bool = False  # loaded from an earlier run's --keep folder (--reuse), not trained by this run
+    pairs: PairTable | None = field(default=None, repr=False)  # the map's candidate pairs, judged (Q9; not saved)
+
+
+def saved(score: SAEScore) -> dict[str, Any]:
+    """An SAE's numbers as --json writes them (without its candidate pairs)."""
+    return {k: v for k, v in asdict(replace(score, pairs=None)).items() if k != "pairs"}
 
 
 DEAD_WINDOW = 100  # steps without firing after which a latent counts as dead (TopK-family auxiliary loss)
@@ -225,9 +236,10 @@ def inference_form(sae: sae_lens.TrainingSAE, keep: Path | None = None) -> sae_l
 
 @torch.no_grad()
 def ground_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: torch.Tensor,
-                 rows: list[tuple[int, int]] = ()) -> tuple[dict, dict]:
-    """sae_lens.synthetic's scores on held-out tokens (acts, x), the true absorption rate and the
-    map's `rows` judged."""
+                 rows: list[tuple[int, int]] = (), candidates: dict[str, torch.Tensor] | None = None,
+                 ) -> tuple[dict, dict, PairTable | None]:
+    """sae_lens.synthetic's scores on held-out tokens (acts, x), the true absorption rate, the
+    map's `rows` judged, and its `candidates` (`PairMap.candidate_numbers`) judged for Q9."""
     vectors = world.feature_dict.feature_vectors.detach()
     z = sae.encode(x)
     recon = sae.decode(z)
@@ -238,13 +250,14 @@ def ground_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: torch.T
         "F1": classes.compute().f1_score,
         "MCC": mean_correlation_coefficient(sae.W_dec, vectors),
         "uniqueness": feature_uniqueness(sae.W_dec, vectors),
-        **absorption_truth(world, sae, acts, x, z, rows),
     }
-    return truth, {"EV": ev, "L0": float((z != 0).sum(1).double().mean())}
+    absorption, pairs = absorption_truth(world, sae, acts, x, z, rows, candidates)
+    return truth | absorption, {"EV": ev, "L0": float((z != 0).sum(1).double().mean())}, pairs
 
 
 def absorption_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: torch.Tensor, z: torch.Tensor,
-                     rows: list[tuple[int, int]] = ()) -> dict[str, float]:
+                     rows: list[tuple[int, int]] = (), candidates: dict[str, torch.Tensor] | None = None,
+                     ) -> tuple[dict[str, float], PairTable | None]:
     """Means over the judgeable direct edges (`opt_hooks.synthetic.judgeable_edges`: both features
     matched, Hungarian on |decoder cosine|, to latents with cosine >= 0.5, the child firing on >= 20
     tokens):
@@ -259,7 +272,8 @@ def absorption_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: tor
       precision (the parent latent's feature an ancestor of the child latent's), how many right
       rows name the child's direct parent (`direct`), and recall over
       the absorbed judgeable edges (rate >= 0.5), oriented; the wrong rows by kind, and three counts
-      of them (`feature_on`, `ancestor_unlearned`, `nearest_ancestor` below)."""
+      of them (`feature_on`, `ancestor_unlearned`, `nearest_ancestor` below);
+    - the map's `candidates` judged the same way, as a `PairTable` (None without them)."""
     atoms = world.atoms.float()
     decoder = sae.W_dec.detach().float()
     decoder = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -317,6 +331,11 @@ def absorption_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: tor
     nearest = [int(torch.where(alive, decoder @ decoder[e.child_latent], -2.0).index_fill(0, torch.tensor(
         [e.child_latent]), -2.0).argmax()) == e.parent_latent for e in judged if e.absorbed]
     parts = evidence_sums(acts, x - sae.b_dec.detach(), z, decoder, atoms, judged, latent_of, parent_of)
+    pairs = None
+    if candidates is not None:
+        pairs_of = list(zip(candidates["parent"].tolist(), candidates["child"].tolist()))
+        right, found = candidates_judged(pairs_of, world.planted, latent_of, judged)
+        pairs = pair_table(candidates, right, found, verdict.absorbed, decoder.shape[0])
     return {**parts, "absorption rate": mean([e.rate for e in judged]), "#729 gap": mean(gaps),
             "probe score": mean(probes),
             "judgeable edges": float(len(judged)), "absorbed edges": float(verdict.absorbed),
@@ -326,7 +345,7 @@ def absorption_truth(world: World, sae: sae_lens.SAE, acts: torch.Tensor, x: tor
             "rows same tree": float(verdict.same_tree), "rows other": float(verdict.other),
             WRONG_FEATURE_ON: float(sum(feature_on(p, c) for p, c in rows)),
             WRONG_ANCESTOR_UNLEARNED: float(sum(ancestor_unlearned(p, c) for p, c in rows)),
-            WRONG_NEAREST_ANCESTOR: float(sum(nearest_ancestor(p, c) for p, c in rows))}
+            WRONG_NEAREST_ANCESTOR: float(sum(nearest_ancestor(p, c) for p, c in rows))}, pairs
 
 
 def evidence_sums(acts: torch.Tensor, centred: torch.Tensor, z: torch.Tensor, decoder: torch.Tensor,
@@ -364,10 +383,16 @@ def evidence_sums(acts: torch.Tensor, centred: torch.Tensor, z: torch.Tensor, de
     return out
 
 
-def audit_numbers(sae: sae_lens.SAE, x: torch.Tensor) -> tuple[dict[str, float], list[tuple[int, int]]]:
-    """The layer's numbers from `oh.audit_activations` (a quarter of the tokens held out), and its
-    absorption rows (parent latent, child latent)."""
-    layer = oh.audit_activations(sae, x, held_out=0.25).layers["sae"]
+def audit_numbers(sae: sae_lens.SAE, x: torch.Tensor
+                  ) -> tuple[dict[str, float], list[tuple[int, int]], dict[str, torch.Tensor]]:
+    """The layer's numbers from the run behind `oh.audit_activations` (a quarter of the tokens
+    held out), its absorption rows (parent latent, child latent) and the map's candidate pairs
+    with their numbers (`PairMap.candidate_numbers`, from which the rows were chosen)."""
+    run = audit_rows(make_views(sae, rows_hook_names(sae, None, x)), x, held_out=0.25, lam=None, nonfinite="raise",
+                     options=None, progress=False)
+    layer = run.result.layers["sae"]
+    plan = run.router.plans["sae"]
+    candidates = plan.pair_map.candidate_numbers(plan.state, plan.policy)
     k = layer.d_sae
 
     def gap(name: str) -> float:
@@ -388,7 +413,7 @@ def audit_numbers(sae: sae_lens.SAE, x: torch.Tensor) -> tuple[dict[str, float],
         "flagged share": layer.flagged_share(),  # certified, duplicated, absorbed or dead
         "duplicates share": len(duplicated) / k, "absorption share": len(absorbed) / k,
         "dead share": len(dead) / k,
-    }, [(row.parent, row.child) for row in layer.absorption]
+    }, [(row.parent, row.child) for row in layer.absorption], candidates
 
 
 def draw(world: World, n: int, rows: int | None, inputs_only: bool = False) -> torch.Tensor:
@@ -421,12 +446,12 @@ def study_world(seed: int, sizes: Sizes, specs: list[tuple[str, str, dict[str, A
         else:
             sae = inference_form(train(kind, fields, x_train, sizes, seed=1000 * seed + position),
                                  None if keep is None else keep / where)
-        audit, rows = audit_numbers(sae, x_audit)
-        truth, baselines = ground_truth(world, sae, acts_eval, x_eval, rows)
+        audit, rows, candidates = audit_numbers(sae, x_audit)
+        truth, baselines, pairs = ground_truth(world, sae, acts_eval, x_eval, rows, candidates)
         truth["true L0"] = true_l0
         score = SAEScore(world=label, name=name, architecture=sae.cfg.architecture(), truth=truth,
                          baselines=baselines, audit=audit, reused=reused,
-                         seconds=time.perf_counter() - started)
+                         seconds=time.perf_counter() - started, pairs=pairs)
         scores.append(score)
         print(f"  {name:18s} EV {baselines['EV']:.3f} L0 {baselines['L0']:5.1f} F1 {truth['F1']:.3f} "
               f"MCC {truth['MCC']:.3f} rows {len(rows)} precision {truth['rows precision']:.2f} "
@@ -775,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
         if control_seed >= 0:
             scores += study_world(control_seed, sizes, FULL_SPECS, args.keep, hierarchy=False, reuse=args.reuse)
         text = full_markdown(scores, time.perf_counter() - started, sizes)
-        numbers = {"sizes": asdict(sizes), "scores": [asdict(s) for s in scores]}
+        numbers = {"sizes": asdict(sizes), "scores": [saved(s) for s in scores]}
     else:
         worlds = {f"world {seed}": study_world(seed, sizes, specs, args.keep, reuse=args.reuse) for seed in seeds}
         control = ([] if args.quick or control_seed < 0
@@ -786,9 +811,11 @@ def main(argv: list[str] | None = None) -> int:
         chosen = chosen_number(tables[first], worlds[first])
         absorption = {w: absorption_correlations(rows, sizes.bootstrap) for w, rows in worlds.items()}
         text = (markdown(worlds, tables, absorption, chosen, time.perf_counter() - started, sizes, control)
-                + control_table(control))
+                + control_table(control)
+                + "\n".join(ceiling_lines({w: [s.pairs for s in rows] for w, rows in worlds.items()},
+                                           [s.pairs for s in control])) + "\n")
         numbers = {"sizes": asdict(sizes), "chosen": chosen,
-                   "scores": [asdict(s) for rows in [*worlds.values(), control] for s in rows]}
+                   "scores": [saved(s) for rows in [*worlds.values(), control] for s in rows]}
     print(text)
     if args.json:
         args.json.write_text(json.dumps(numbers, indent=1))

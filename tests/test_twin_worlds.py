@@ -13,6 +13,7 @@ from opt_hooks.synthetic import (
     EVIDENCE_PARTS,
     JudgedEdge,
     audit_codes,
+    candidates_judged,
     evidence_parts,
     judge_rows,
     judgeable_edges,
@@ -103,6 +104,20 @@ def test_the_judge_counts_ancestors_right_and_needs_the_orientation():
     assert judge_rows([(11, 10)], edges, latent_of, judged).recall == 0.0
     empty = judge_rows([], edges, latent_of, [])
     assert math.isnan(empty.precision) and math.isnan(empty.recall)
+
+
+def test_candidate_pairs_are_judged_as_the_judge_would_judge_them_as_rows():
+    edges = [(0, 1), (1, 2)]  # features: 0 -> 1 -> 2, and 3 apart
+    latent_of = {0: 10, 1: 11, 2: 12, 3: 13}
+    judged = [JudgedEdge(0, 1, 10, 11, rate=0.9), JudgedEdge(1, 2, 11, 12, rate=0.2)]  # only the first absorbed
+    pairs = [(10, 12), (11, 10), (13, 11), (10, 11), (11, 12), (19, 11)]
+    right, found = candidates_judged(pairs, edges, latent_of, judged)
+    # right as the judge counts it (any ancestor, oriented); found: the absorbed direct edge only,
+    # not its grandparent row nor the unabsorbed direct edge (11, 12); latent 19 has no feature
+    assert right == [True, False, False, True, True, False]
+    assert found == [False, False, False, True, False, False]
+    for pair, is_right in zip(pairs, right):
+        assert judge_rows([pair], edges, latent_of, judged).right == is_right
 
 
 def test_the_judge_sorts_wrong_rows_by_what_the_truth_makes_of_them():
