@@ -57,7 +57,6 @@ from sae_lens.synthetic.evals import (  # noqa: E402
     mean_correlation_coefficient,
 )
 
-import opt_hooks as oh  # noqa: E402
 from map_ceiling import PairTable, ceiling_lines, pair_table  # noqa: E402
 from opt_hooks.adapters import make_views  # noqa: E402
 from opt_hooks.run import audit_rows, rows_hook_names  # noqa: E402
@@ -68,8 +67,8 @@ from opt_hooks.synthetic import (  # noqa: E402
     RowsJudged,
     World,
     ancestors,
-    evidence_parts,
     candidates_judged,
+    evidence_parts,
     judge_rows,
     judgeable_edges,
     learned_features,
