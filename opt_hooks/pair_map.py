@@ -112,10 +112,11 @@ class PairMap:
         """Per measured ordered pair (parent candidate, child candidate), the numbers the map's rules
         read from pass 2's sums, and `passes`: every test of THEORY.md section 6 but the parent choice.
         The rows are chosen from these; a study can also hold them against a truth."""
+        options = self.options or ab.MapOptions()  # switched off: no pair, so no threshold is ever read
         sums = {name: getattr(state, f"map_{name}") for name in SUMS}
         p, c = self.parent, self.child
         ratio = ab.evidence_ratio(sums["pair_count"], sums["pair_sum"], sums["pair_sum_sq"], sums["own_count"][p],
-                                  sums["own_sum"][p], sums["own_sum_sq"][p], self.options.min_evidence)
+                                  sums["own_sum"][p], sums["own_sum_sq"][p], options.min_evidence)
         z_crit = policy.critical_z(len(self))
         n_evidence = sums["pair_count"]
         reverse = ab.reverse_of(p, c, self.atoms.shape[0])
@@ -123,7 +124,7 @@ class PairMap:
         passes = ((n_evidence >= policy.min_touched) & (ratio.z >= z_crit) & torch.isfinite(ratio.value)
                   & (orientation >= z_crit))
         parent_cv = ab.own_size_cv(sums["own_count"], sums["own_sum"], sums["own_sum_sq"])[p]
-        passes &= parent_cv <= self.options.max_parent_cv  # NaN (no own size) fails
+        passes &= parent_cv <= options.max_parent_cv  # NaN (no own size) fails
         passes &= ab.parent_covers_child(p, c, self.co, self.count, passes)
         reverse_evidence = torch.where(reverse >= 0, ratio.value[reverse.clamp(min=0)], math.nan)
         return {"parent": p, "child": c, "rho": self.rho, "co": self.co, "count_parent": self.count[p],

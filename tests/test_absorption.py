@@ -377,6 +377,26 @@ def test_the_map_can_be_switched_off(world):
     layer = plan.result()
     assert layer.absorption == [] and layer.duplicates == [] and layer.pair_map == {"available": False}
     assert "switched off" in layer.skipped["absorption"]
+    numbers = plan.pair_map.candidate_numbers(plan.state, plan.policy)
+    assert all(len(v) == 0 for v in numbers.values())  # an empty table, not an error
+
+
+def test_candidate_numbers_are_what_the_rows_were_chosen_from(world):
+    plan = audit(*world)[1]
+    numbers = plan.pair_map.candidate_numbers(plan.state, plan.policy)
+    rows = plan.result().absorption
+    pairs = list(zip(numbers["parent"].tolist(), numbers["child"].tolist()))
+    passing = {pair for pair, ok in zip(pairs, numbers["passes"].tolist()) if ok}
+    assert {(r.parent, r.child) for r in rows} == {(PARENT, c) for c in CHILDREN} <= passing
+    for r in rows:  # each row's numbers are its pair's, and its parent the passing one of largest rho
+        k = pairs.index((r.parent, r.child))
+        assert numbers["evidence"][k].item() == r.evidence and numbers["n_evidence"][k].item() == r.n_evidence
+        rivals = [numbers["rho"][j].item() for j, (i, c) in enumerate(pairs) if c == r.child and (i, c) in passing]
+        assert numbers["rho"][k].item() == max(rivals)
+    # each reverse pair was measured and fails; its reverse evidence is the row's own evidence
+    for r in rows:
+        k = pairs.index((r.child, r.parent))
+        assert not numbers["passes"][k] and numbers["reverse_evidence"][k].item() == r.evidence
 
 
 def test_a_near_duplicate_that_breaks_c2_is_a_duplicate_not_a_hierarchy_pair(world):
