@@ -5,8 +5,8 @@ label-free tests (`PairMap.candidate_numbers`), then names the candidate with th
 far could any rule over those same numbers go? Here one is fitted *with the labels* on the
 selection world (gradient-boosted trees: scikit-learn's `HistGradientBoostingClassifier`, which
 comes with the test extras) and held against the truth on the other worlds and on the control
-world: a bound on what other thresholds, or other combinations of the map's numbers, can buy. It is
-not a map anyone gets: it needs the truth to be fitted.
+world: an estimate of what other thresholds, or other combinations of the map's numbers, can buy
+(one family of rules, fitted once). It is not a map anyone gets: it needs the truth to be fitted.
 
 `study_quality.py` builds one `PairTable` per audited SAE and prints `ceiling_lines` as Q9.
 """
@@ -103,8 +103,8 @@ def ceiling_lines(worlds: dict[str, list[PairTable]], control: list[PairTable]) 
             "no choice among them can pass. *Fitted with labels*: gradient-boosted trees (scikit-learn's "
             f"`HistGradientBoostingClassifier`) on {fit}'s candidate pairs, reading the map's own numbers "
             f"({', '.join(FEATURES)}) and told which pairs are the label; each child then gets its "
-            "highest-scoring pair if that score reaches the threshold. A bound on what other thresholds or "
-            "combinations of these numbers can buy, not a map: it needs the truth.", "",
+            "highest-scoring pair if that score reaches the threshold. An estimate of what other thresholds or "
+            "combinations of these numbers can buy (one family of rules, fitted once), not a map: it needs the truth.", "",
             "| rule | threshold | " + " | ".join(f"{w} (fitted)" if w == fit else w for w in names)
             + " | control: rows per 1,000 latents |",
             "|---|---|" + "---|" * len(names) + "---|"]
