@@ -103,8 +103,9 @@ def ceiling_lines(worlds: dict[str, list[PairTable]], control: list[PairTable]) 
             "no choice among them can pass. *Fitted with labels*: gradient-boosted trees (scikit-learn's "
             f"`HistGradientBoostingClassifier`) on {fit}'s candidate pairs, reading the map's own numbers "
             f"({', '.join(FEATURES)}) and told which pairs are the label; each child then gets its "
-            "highest-scoring pair if that score reaches the threshold. An estimate of what other thresholds or "
-            "combinations of these numbers can buy (one family of rules, fitted once), not a map: it needs the truth.", "",
+            "highest-scoring pair if that score reaches the threshold. An estimate of what other thresholds "
+            "or combinations of these numbers can buy (one family of rules, fitted once), not a map: it needs "
+            "the truth.", "",
             "| rule | threshold | " + " | ".join(f"{w} (fitted)" if w == fit else w for w in names)
             + " | control: rows per 1,000 latents |",
             "|---|---|" + "---|" * len(names) + "---|"]
