@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from opt_hooks.theory.absorption import choose_parents
+
 # the map's numbers per candidate pair that the fitted rule reads (`pair_table`)
 FEATURES = ("rho", "rho below the child's best", "evidence", "evidence z", "reverse evidence", "orientation z",
             "child's off share", "parent's off share", "log count ratio", "parent's own-size CV",
@@ -62,12 +64,10 @@ def pair_table(numbers: dict[str, torch.Tensor], right: list[bool], found: list[
 
 
 def chosen(child: np.ndarray, key: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """One pair per child among those `ok`: the largest `key` (ties to the lower index), as
-    `choose_parents` picks the map's rows."""
-    idx = np.flatnonzero(ok)
-    idx = idx[np.lexsort((idx, -key[idx], child[idx]))]
-    _, first = np.unique(child[idx], return_index=True)
-    return idx[first]
+    """One pair per child among those `ok`: the largest `key` (ties to the lower index), by the
+    map's own parent choice (`choose_parents`, which reads `key` where it reads rho)."""
+    return choose_parents(torch.from_numpy(child), torch.from_numpy(np.asarray(key, dtype=np.float64)),
+                          torch.from_numpy(np.asarray(ok, dtype=bool))).numpy()
 
 
 def pooled(tables: list[PairTable], rows: list[np.ndarray]) -> tuple[int, int, int, int, int]:

@@ -12,17 +12,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from map_ceiling import FEATURES, PairTable, ceiling_lines, chosen, pair_table  # noqa: E402
 
-from opt_hooks.theory.absorption import choose_parents  # noqa: E402
 
-
-def test_the_choice_per_child_is_the_maps_own_parent_choice():
+def test_the_choice_per_child_is_the_passing_pair_of_largest_key():
     gen = torch.Generator().manual_seed(0)
-    child = torch.randint(0, 40, (500,), generator=gen)
-    rho = torch.randint(0, 6, (500,), generator=gen).double() / 10  # many ties: the lower index wins
-    passes = torch.rand(500, generator=gen) < 0.6
-    expected = choose_parents(child, rho, passes)
-    got = chosen(child.numpy(), rho.numpy(), passes.numpy())
-    assert sorted(got.tolist()) == sorted(expected.tolist())
+    child = torch.randint(0, 40, (500,), generator=gen).numpy()
+    key = (torch.randint(0, 6, (500,), generator=gen).double() / 10).numpy()  # many ties: the lower index wins
+    ok = (torch.rand(500, generator=gen) < 0.6).numpy()
+    expected = []  # by brute force, child by child
+    for c in sorted(set(child[ok].tolist())):
+        mine = [k for k in range(500) if ok[k] and child[k] == c]
+        expected.append(min(mine, key=lambda k: (-key[k], k)))
+    assert sorted(chosen(child, key, ok).tolist()) == sorted(expected)
+    assert len(chosen(child, key, np.zeros(500, dtype=bool))) == 0
 
 
 def test_pair_table_reads_the_maps_numbers():
