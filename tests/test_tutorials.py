@@ -9,6 +9,7 @@ reports it writes never land in the checkout.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -42,10 +43,19 @@ def read(path: Path) -> nbformat.NotebookNode:
     return nbformat.read(path, as_version=4)
 
 
+def cell_id(path: Path, position: int) -> str:
+    """The id a tutorial's cell is stored with: its notebook's number and its position ("t01-07").
+    nbformat 4.5 requires an id on every cell; nbformat fills a missing one in memory with a
+    warning, and says that will become an error."""
+    return f"t{path.name[:2]}-{position:02d}"
+
+
 def strip(path: Path) -> bool:
-    """Clear outputs and execution counts in place; True when the file changed."""
+    """Clear outputs and execution counts, and number the cells' ids, in place; True when the file
+    changed."""
     nb = read(path)
-    for cell in nb.cells:
+    for position, cell in enumerate(nb.cells):
+        cell.id = cell_id(path, position)
         if cell.cell_type == "code":
             cell.outputs = []
             cell.execution_count = None
@@ -92,6 +102,9 @@ def test_notebook_is_stored_clean(path):
     dirty = [k for k, cell in enumerate(nb.cells)
              if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)]
     assert not dirty, f"{path.name}: cells {dirty} have stored outputs or execution counts; run `python tests/test_tutorials.py --strip`"
+    stored = json.loads(path.read_text(encoding="utf-8"))["cells"]  # as on disk: nbformat.read fills missing ids
+    wrong = [k for k, cell in enumerate(stored) if cell.get("id") != cell_id(path, k)]
+    assert not wrong, f"{path.name}: cells {wrong} have no id or not their own; run `python tests/test_tutorials.py --strip`"
 
 
 @pytest.mark.parametrize("path", notebook_paths(), ids=ids)
