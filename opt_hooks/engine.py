@@ -477,7 +477,10 @@ class TokenSample:
         if "x" in state:
             self.x = state["x"]
             shape = (len(self.tokens), state["n_features"])
-            self.z = torch.sparse_coo_tensor(state["z_indices"], state["z_values"], shape).coalesce()
+            # read from a checkpoint file: check the indices once here (torch leaves it off unless told,
+            # and from 2.14 warns that a malformed sparse tensor can crash later operations)
+            self.z = torch.sparse_coo_tensor(state["z_indices"], state["z_values"], shape,
+                                             check_invariants=True).coalesce()
 
 
 class _Pass2State(LamStatistics):
