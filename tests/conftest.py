@@ -8,6 +8,10 @@ import os
 for _variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_variable, "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# The suite runs on the CPU wherever it runs, a GPU box included: its exact comparisons are CPU
+# arithmetic, and the CLI's default device (cuda where available) must not move a test elsewhere.
+# The CUDA paths are checked against the CPU by scripts/check_device.py.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 from pathlib import Path  # noqa: E402
 
