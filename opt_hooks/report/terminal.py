@@ -40,9 +40,9 @@ SCORE_TEXT = ("label-free: on average, the part of a leaning latent's decoder th
 # (docs/VALIDATION.md: Q3 and Q6 pooled per architecture over each width's worlds, Q8, S): the
 # terminal's four lines above the trees, and the report page's fuller text
 ROWS_LINES = ("rows: label-free candidates to read. On synthetic worlds of 2,048 features (VALIDATION.md Q), a true",
-              "ancestor parented 28-38% of standard SAEs' rows, 57-100% of TopK-family and pursuit SAEs'; recall 1.5-3%",
-              "(at 4,096 features, Q8: 83-90% for standard, TopK-family and pursuit SAEs; recall under 5%). That",
-              "ancestor is mostly a grandparent or higher: a quarter of right rows name the child's direct parent")
+              "ancestor parented 28-38% of standard SAEs' rows, 57-100% of BatchTopK, Matryoshka and pursuit SAEs';",
+              "recall 1.5-3% (at 4,096 features, Q8: 83-90% for all four; recall under 5%). That ancestor is mostly",
+              "a grandparent or higher: a quarter of right rows name the child's direct parent")
 ROWS_TEXT = ("Each row is a label-free candidate to read, not a certified finding. Against the truth of "
              "SynthSAEBench-recipe worlds of 2,048 features (docs/VALIDATION.md, section Q), the parent latent "
              "of 28-38% of the rows coded a true ancestor of the child latent's feature for standard L1 SAEs, "
