@@ -550,15 +550,23 @@ def evidence_parts(acts: Tensor, centred: Tensor, true_atoms: Tensor, direction:
     return EvidenceParts(on_parent=parts(parent_fires), on_child=parts(child_fires & ~parent_fires))
 
 
+def judging_maps(edges: Sequence[tuple[int, int]], latent_of: dict[int, int], judged: Sequence[JudgedEdge]
+                 ) -> tuple[dict[int, int], dict[int, int], set[tuple[int, int]]]:
+    """What a row is judged against: each feature's parent (the direct `edges`), each latent's
+    feature (the inverse of the matching `latent_of`), and the judgeable absorbed edges as
+    (parent latent, child latent)."""
+    parent_of = {child: parent for parent, child in edges}
+    feature_of = {k: f for f, k in latent_of.items()}
+    return parent_of, feature_of, {(e.parent_latent, e.child_latent) for e in judged if e.absorbed}
+
+
 def judge_rows(rows: Sequence[tuple[int, int]], edges: Sequence[tuple[int, int]], latent_of: dict[int, int],
                judged: Sequence[JudgedEdge]) -> RowsJudged:
     """`rows` (parent latent, child latent) against the truth's direct `edges` (features) and its
     `judged` edges; `latent_of` the Hungarian matching (every latent has a feature when there are
     at least as many features as latents; one without counts as wrong)."""
-    parent_of = {child: parent for parent, child in edges}
-    feature_of = {k: f for f, k in latent_of.items()}
+    parent_of, feature_of, absorbed = judging_maps(edges, latent_of, judged)
     kinds = Counter(row_kind(p, c, feature_of, parent_of) for p, c in rows)
-    absorbed = {(e.parent_latent, e.child_latent) for e in judged if e.absorbed}
     direct = sum(p in feature_of and c in feature_of and parent_of.get(feature_of[c]) == feature_of[p] for p, c in rows)
     return RowsJudged(rows=len(rows), right=kinds["right"], absorbed=len(absorbed), found=len(absorbed & set(rows)),
                       direct=direct,
@@ -571,9 +579,7 @@ def candidates_judged(pairs: Sequence[tuple[int, int]], edges: Sequence[tuple[in
     """Per candidate pair (parent latent, child latent), what `judge_rows` would make of it as a
     row: right (the parent latent's feature an ancestor of the child latent's) and found (a
     judgeable absorbed direct edge, oriented)."""
-    parent_of = {child: parent for parent, child in edges}
-    feature_of = {k: f for f, k in latent_of.items()}
-    absorbed = {(e.parent_latent, e.child_latent) for e in judged if e.absorbed}
+    parent_of, feature_of, absorbed = judging_maps(edges, latent_of, judged)
     right = [row_kind(p, c, feature_of, parent_of) == "right" for p, c in pairs]
     return right, [(p, c) in absorbed for p, c in pairs]
 
