@@ -13,7 +13,8 @@ and a skip transcoder; offline) on `--device` and on `--reference`, with the mod
 the absorption map and its score):
 
 - integers, booleans, strings and ids must be equal;
-- floats must agree within `--rtol` of the larger magnitude (or `--atol`); NaN matches NaN.
+- floats must agree within `--rtol` of the larger magnitude or within `--atol`
+  (`math.isclose`); NaN matches NaN.
 
 In float64 (the default) both devices round the same activations to ~1e-16, so a count that
 differs means the device computed something else: a bug. In float32 the model's forward pass
@@ -71,31 +72,26 @@ def leaves(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
 
 def differences(a: Any, b: Any, rtol: float, atol: float) -> tuple[int, float, list[tuple[str, Any, Any]]]:
     """Compare two nested results leaf by leaf: (leaves compared, largest relative difference of
-    the floats, the leaves that differ). Paths present in one only count as differences."""
+    the finite floats, the leaves that differ). Paths present in one only count as differences."""
     left, right = dict(leaves(a)), dict(leaves(b))
     worst, wrong = 0.0, []
     for path in sorted(left.keys() | right.keys()):
         x, y = left.get(path, "<absent>"), right.get(path, "<absent>")
-        if isinstance(x, float) or isinstance(y, float):
-            if isinstance(x, (int, float)) and isinstance(y, (int, float)) and not isinstance(x, bool) \
-                    and not isinstance(y, bool):
-                x, y = float(x), float(y)
-                if math.isnan(x) and math.isnan(y):
-                    continue
-                if math.isinf(x) or math.isinf(y):
-                    if x != y:
-                        wrong.append((path, x, y))
-                    continue
-                gap = abs(x - y)
-                scale = max(abs(x), abs(y))
-                if scale > 0:
-                    worst = max(worst, gap / scale)
-                if not gap <= atol + rtol * scale:
-                    wrong.append((path, x, y))
+        if (isinstance(x, float) or isinstance(y, float)) and number(x) and number(y):
+            x, y = float(x), float(y)
+            if math.isnan(x) and math.isnan(y):
                 continue
-        if (isinstance(x, bool), x) != (isinstance(y, bool), y):  # True == 1 in Python, not in a report
+            if math.isfinite(x) and math.isfinite(y) and max(abs(x), abs(y)) > 0:
+                worst = max(worst, abs(x - y) / max(abs(x), abs(y)))
+            if not math.isclose(x, y, rel_tol=rtol, abs_tol=atol):  # inf only matches itself
+                wrong.append((path, x, y))
+        elif (isinstance(x, bool), x) != (isinstance(y, bool), y):  # True == 1 in Python, not in a report
             wrong.append((path, x, y))
     return len(left.keys() | right.keys()), worst, wrong
+
+
+def number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def main(argv: list[str] | None = None) -> int:
